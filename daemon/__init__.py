@@ -1,0 +1,1 @@
+"""aftertune.daemon: the long-running worker, its settings, CLI, ingest loop and servers."""

@@ -1,0 +1,1 @@
+"""aftertune.store: everything durable (record schema, example store, registry, bundles). Never imports torch."""

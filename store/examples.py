@@ -1,0 +1,271 @@
+"""The example store: every accepted feedback record, durable in SQLite (WAL mode).
+
+Idempotent on record id, so at-least-once delivery from the stream gives exactly-once
+effects. ``seq`` is a monotonic insertion counter: a model version remembers the highest
+``seq`` it has seen, and "new data since the champion" is every train example above it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aftertune.store.records import Record
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS examples (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT    NOT NULL UNIQUE,
+    task        TEXT    NOT NULL,
+    instruction TEXT    NOT NULL,
+    input       TEXT    NOT NULL,
+    output      TEXT    NOT NULL,
+    split       TEXT    NOT NULL CHECK (split IN ('train', 'test')),
+    pinned      INTEGER NOT NULL,
+    weight      REAL    NOT NULL,
+    source      TEXT    NOT NULL,
+    meta        TEXT    NOT NULL,
+    added_at    REAL    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS examples_split_task ON examples (split, task, seq);
+"""
+
+_COLUMNS = (
+    "seq, id, task, instruction, input, output, split, pinned, weight, source, meta, added_at"
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One stored record, as the learner sees it."""
+
+    seq: int
+    id: str
+    task: str
+    instruction: str
+    input: str
+    output: str
+    split: str
+    pinned: bool = False
+    weight: float = 1.0
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    added_at: float = 0.0
+
+
+def _example(row: sqlite3.Row | tuple[Any, ...]) -> Example:
+    seq, id_, task, instr, inp, out, split, pinned, weight, source, meta, added = row
+    return Example(
+        seq=seq,
+        id=id_,
+        task=task,
+        instruction=instr,
+        input=inp,
+        output=out,
+        split=split,
+        pinned=bool(pinned),
+        weight=weight,
+        source=source,
+        meta=json.loads(meta),
+        added_at=added,
+    )
+
+
+class ExampleStore:
+    """SQLite-backed store of examples; safe to share between threads of one process."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: an acknowledged stream entry must survive power loss, not just a process crash.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(SCHEMA)
+
+    @classmethod
+    def in_state_dir(cls, state_dir: Path | str) -> ExampleStore:
+        return cls(Path(state_dir) / "examples.sqlite3")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> ExampleStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def add(self, records: Sequence[Record]) -> int:
+        """Insert records in one transaction; return how many were new (duplicates are skipped)."""
+        if not records:
+            return 0
+        now = time.time()
+        rows = [
+            (
+                r.id,
+                r.task,
+                r.instruction,
+                r.input,
+                r.output,
+                r.split.value,
+                int(r.pinned),
+                r.weight,
+                r.source,
+                json.dumps(r.meta, ensure_ascii=False, sort_keys=True),
+                now,
+            )
+            for r in records
+        ]
+        with self._transaction() as db:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO examples (id, task, instruction, input, output, split,"
+                " pinned, weight, source, meta, added_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            return db.total_changes - before
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, tuple(params)).fetchall()
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{task: {"train": n, "test": n}} for every task with at least one example."""
+        out: dict[str, dict[str, int]] = {}
+        for task, split, n in self._query(
+            "SELECT task, split, COUNT(*) FROM examples GROUP BY task, split ORDER BY task"
+        ):
+            out.setdefault(task, {"train": 0, "test": 0})[split] = n
+        return out
+
+    def total(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM examples")[0][0])
+
+    def max_seq(self) -> int:
+        """The highest seq stored so far (0 when empty): a watermark for "data seen"."""
+        return int(self._query("SELECT COALESCE(MAX(seq), 0) FROM examples")[0][0])
+
+    def tasks(self, max_seq: int | None = None) -> list[str]:
+        sql = "SELECT DISTINCT task FROM examples"
+        params: tuple[int, ...] = ()
+        if max_seq is not None:
+            sql, params = sql + " WHERE seq <= ?", (max_seq,)
+        return [t for (t,) in self._query(sql + " ORDER BY task", params)]
+
+    def count_train_after(self, seq: int) -> int:
+        """How many train examples arrived after watermark ``seq``."""
+        rows = self._query("SELECT COUNT(*) FROM examples WHERE split='train' AND seq > ?", (seq,))
+        return int(rows[0][0])
+
+    def train_after(self, seq: int, until: int | None = None) -> list[Example]:
+        """Train examples with ``seq < x.seq <= until`` in arrival order (new data for a cycle)."""
+        until = self.max_seq() if until is None else until
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM examples WHERE split='train' AND seq > ? AND seq <= ?"
+            " ORDER BY seq",
+            (seq, until),
+        )
+        return [_example(r) for r in rows]
+
+    def held_out(
+        self, task: str | None = None, after: int = 0, until: int | None = None
+    ) -> list[Example]:
+        """Test examples (optionally of one task) with ``after < seq <= until``, in seq order."""
+        sql = f"SELECT {_COLUMNS} FROM examples WHERE split='test' AND seq > ?"
+        params: list[Any] = [after]
+        if until is not None:
+            sql += " AND seq <= ?"
+            params.append(until)
+        if task is not None:
+            sql += " AND task = ?"
+            params.append(task)
+        return [_example(r) for r in self._query(sql + " ORDER BY seq", params)]
+
+    def get(self, ids: Sequence[str]) -> list[Example]:
+        if not ids:
+            return []
+        out: list[Example] = []
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = self._query(f"SELECT {_COLUMNS} FROM examples WHERE id IN ({marks})", chunk)
+            out.extend(_example(r) for r in rows)
+        return out
+
+    def replay_sample(self, n: int, seed: int, until: int | None = None) -> list[Example]:
+        """A seeded, task-balanced sample of ``n`` train examples with ``seq <= until``.
+
+        Each task gets an equal share (a task with fewer examples gives its unused share to
+        the others); within a task, reservoir sampling (Algorithm R) over the stored rows
+        keeps memory at O(n) however large the store grows.
+        """
+        if n <= 0:
+            return []
+        until = self.max_seq() if until is None else until
+        sizes = dict(
+            self._query(
+                "SELECT task, COUNT(*) FROM examples WHERE split='train' AND seq <= ?"
+                " GROUP BY task ORDER BY task",
+                (until,),
+            )
+        )
+        quota = _balanced_quota(sizes, n)
+        rng = random.Random(seed)
+        chosen: list[str] = []
+        for task in sorted(quota):
+            reservoir: list[str] = []
+            k = quota[task]
+            with self._lock:
+                cursor = self._db.execute(
+                    "SELECT id FROM examples WHERE split='train' AND task=? AND seq <= ?"
+                    " ORDER BY seq",
+                    (task, until),
+                )
+                for i, (id_,) in enumerate(cursor):
+                    if i < k:
+                        reservoir.append(id_)
+                    else:
+                        j = rng.randint(0, i)
+                        if j < k:
+                            reservoir[j] = id_
+            chosen.extend(reservoir)
+        by_id = {e.id: e for e in self.get(chosen)}
+        return [by_id[i] for i in chosen]
+
+
+def _balanced_quota(sizes: dict[str, int], n: int) -> dict[str, int]:
+    """Split ``n`` over tasks as evenly as their sizes allow (water-filling)."""
+    quota = {task: 0 for task in sizes}
+    remaining = min(n, sum(sizes.values()))
+    open_tasks = sorted(t for t, size in sizes.items() if size > 0)
+    while remaining > 0 and open_tasks:
+        share, extra = divmod(remaining, len(open_tasks))
+        for i, task in enumerate(open_tasks):
+            give = min(share + (1 if i < extra else 0), sizes[task] - quota[task])
+            quota[task] += give
+            remaining -= give
+        open_tasks = [t for t in open_tasks if quota[t] < sizes[t]]
+    return quota
