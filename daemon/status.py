@@ -1,0 +1,56 @@
+"""What `aftertune status` reports: the stream, the store, the champion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from aftertune.daemon.settings import Settings
+from aftertune.store.examples import ExampleStore
+
+
+def stream_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
+    cfg = settings.redis
+    length = int(client.xlen(cfg.stream))
+    dead = int(client.xlen(cfg.dead_letter_stream))
+    pending = 0
+    lag: int | None = None
+    try:
+        pending = int(client.xpending(cfg.stream, cfg.group)["pending"])
+        for group in client.xinfo_groups(cfg.stream):
+            if group["name"] in (cfg.group, cfg.group.encode()):
+                lag = group.get("lag")
+    except redis.ResponseError:  # no stream or no group yet: nothing was ever read
+        lag = length
+    return {"length": length, "pending": pending, "unread": lag, "dead": dead}
+
+
+def gather_status(client: redis.Redis, store: ExampleStore, settings: Settings) -> dict[str, Any]:
+    return {
+        "stream": stream_status(client, settings),
+        "examples": store.counts(),
+        "champion": None,
+    }
+
+
+def render_status(status: dict[str, Any]) -> str:
+    s = status["stream"]
+    unread = "?" if s["unread"] is None else s["unread"]
+    lines = [
+        f"stream: {s['length']} entries, {unread} unread, {s['pending']} pending, "
+        f"{s['dead']} dead-lettered",
+    ]
+    examples = status["examples"]
+    if examples:
+        lines.append(f"examples: {sum(c['train'] + c['test'] for c in examples.values())}")
+        width = max(len(t) for t in examples)
+        for task, c in examples.items():
+            lines.append(f"  {task:<{width}}  train {c['train']:>7}  test {c['test']:>6}")
+    else:
+        lines.append("examples: none yet")
+    champion = status["champion"]
+    lines.append(
+        "champion: " + ("none (the base model)" if champion is None else f"v{champion['version']}")
+    )
+    return "\n".join(lines)
