@@ -1,0 +1,309 @@
+"""EWC for LoRA: a diagonal Fisher of the champion over the weights the adapter changes.
+
+The Fisher is the empirical one, defined exactly as avalanche's ``EWCPlugin`` computes its
+importances: the squared gradient of each *minibatch's* mean loss, averaged over minibatches
+(with ``batch_size=1`` that is the per-sample empirical Fisher). Only the base ``weight`` of
+every targeted Linear module gets a gradient, so memory is one fp32 copy of those weights,
+never of the whole model.
+
+Penalty = λ/2 · Σ F ⊙ ΔW², ΔW = scaling · B @ A (the adapter's delta, zero for a fresh
+adapter). Note avalanche adds λ·Σ F ⊙ Δ² without the 1/2: our λ is twice its ``ewc_lambda``.
+
+Online EWC keeps one Fisher across cycles: F ← decay·F_old + F_new. The file also keeps
+F_old and the champion it was computed for, so a rejected cycle (same champion again)
+replaces its own contribution instead of counting the champion twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from aftertune.learners.data import ExampleLike, collate, encode_examples, pad_id, response_loss
+from aftertune.learners.errors import FisherMismatch
+
+log = logging.getLogger(__name__)
+
+FORMAT = "aftertune-online-fisher/1"
+
+
+@dataclass(frozen=True)
+class EwcSpec:
+    """How strongly the adapter is held near the champion on weights that mattered before."""
+
+    lam: float = 1.0
+    decay: float = 0.9  # online EWC gamma: weight of the Fisher carried from past champions
+    fisher_samples: int = 256  # replay examples the Fisher is estimated on
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.lam >= 0:
+            raise ValueError(f"EWC lam must be >= 0, got {self.lam}")
+        if not 0 <= self.decay <= 1:
+            raise ValueError(f"EWC decay must be in [0, 1], got {self.decay}")
+        if self.fisher_samples < 1:
+            raise ValueError(f"EWC fisher_samples must be >= 1, got {self.fisher_samples}")
+
+
+def matches_target(name: str, target_modules: Sequence[str]) -> bool:
+    """peft's rule for a list of names: the module name equals one or ends with ``.<name>``."""
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def target_weights(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Parameter]:
+    """``{module_name.weight: weight}`` of every Linear module the adapter targets."""
+    found = {
+        f"{name}.weight": module.weight
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and matches_target(name, target_modules)
+    }
+    if not found:
+        raise FisherMismatch(
+            f"no Linear module of the model matches target_modules={list(target_modules)};"
+            " check the LoRA target module names against model.named_modules()"
+        )
+    return found
+
+
+def mean_squared_grads(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    params: dict[str, nn.Parameter],
+) -> dict[str, torch.Tensor]:
+    """avalanche's importance: Σ over minibatches of grad(mean batch loss)², / number of batches.
+
+    Only ``params`` get gradients while this runs; ``requires_grad`` and ``.grad`` of every
+    parameter are restored afterwards. Results are fp32 on CPU.
+    """
+    saved = {id(p): (p.requires_grad, p.grad) for p in model.parameters()}
+    wanted = {id(p) for p in params.values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+        p.grad = None
+    sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+    n_batches = 0
+    was_training = model.training
+    model.eval()  # as avalanche: no dropout noise in the importances
+    try:
+        for batch in batches:
+            loss = loss_fn(model, batch)
+            loss.backward()
+            for k, p in params.items():
+                if p.grad is not None:
+                    sums[k] += p.grad.detach().float().pow(2)
+                    p.grad = None
+            n_batches += 1
+    finally:
+        model.train(was_training)
+        for p in model.parameters():
+            p.requires_grad_(saved[id(p)][0])
+            p.grad = saved[id(p)][1]
+    if n_batches == 0:
+        raise ValueError("cannot estimate a Fisher from zero batches")
+    return {k: (s / n_batches).cpu() for k, s in sums.items()}
+
+
+def estimate_fisher(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[ExampleLike],
+    target_modules: Sequence[str],
+    *,
+    batch_size: int = 1,
+    max_length: int = 256,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of ``model`` on ``examples`` over the targeted Linear weights.
+
+    Keys are module names + ``.weight`` as in the plain (not peft-wrapped) model; the loss is
+    the training loss (response tokens only, example weights applied).
+    """
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    encoded, _ = encode_examples(tokenizer, examples, max_length=max_length, what="Fisher examples")
+    pad = pad_id(tokenizer)
+    batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
+
+    def loss_fn(m: nn.Module, chunk: Any) -> torch.Tensor:
+        b = {k: v.to(dev) for k, v in collate(chunk, pad).items()}
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return response_loss(logits, b["labels"], b["weights"])
+
+    return mean_squared_grads(model, batches, loss_fn, target_weights(model, target_modules))
+
+
+def ewc_penalty(peft_model: nn.Module, fisher: dict[str, torch.Tensor], lam: float) -> torch.Tensor:
+    """λ/2 · Σ F ⊙ (scaling · B @ A)² over every LoRA layer of the active adapter.
+
+    Fisher keys are the plain model's names; peft's ``base_model.model.`` prefix is stripped.
+    Move the Fisher to the model's device once, before the loop: ``.to`` is then free here.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    total: torch.Tensor | None = None
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        key = _plain_name(name) + ".weight"
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            if key not in fisher:
+                raise FisherMismatch(
+                    f"the Fisher has no entry for {key!r}, which the adapter targets; it was"
+                    " estimated for other target modules. Delete the Fisher file to start anew."
+                )
+            a = module.lora_A[adapter].weight
+            b = module.lora_B[adapter].weight
+            delta = (b.float() @ a.float()) * module.scaling[adapter]
+            if getattr(module, "fan_in_fan_out", False):
+                delta = delta.T
+            f = fisher[key]
+            if f.shape != delta.shape:
+                raise FisherMismatch(
+                    f"Fisher entry {key!r} has shape {tuple(f.shape)} but the weight has"
+                    f" {tuple(delta.shape)}: it belongs to another base model. Delete the file."
+                )
+            term = (f.to(delta.device) * delta.pow(2)).sum()
+            total = term if total is None else total + term
+    if total is None:
+        raise FisherMismatch("the model has no LoRA layer: ewc_penalty needs the peft model")
+    return 0.5 * lam * total
+
+
+def _plain_name(peft_name: str) -> str:
+    for prefix in ("base_model.model.", "base_model."):
+        if peft_name.startswith(prefix):
+            return peft_name[len(prefix) :]
+    return peft_name
+
+
+def weights_fingerprint(weights: dict[str, nn.Parameter]) -> str:
+    """sha256 of the named weights' bytes: tells one champion from another."""
+    h = hashlib.sha256()
+    for key in sorted(weights):
+        t = weights[key].detach().to("cpu", torch.float32).contiguous()
+        h.update(key.encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_fisher(path: Path) -> dict[str, torch.Tensor]:
+    """The online Fisher stored at ``path`` (fp32, CPU)."""
+    return _read(path)[0]
+
+
+def fisher_champion(path: Path) -> str | None:
+    """The champion fingerprint the stored Fisher last added, or None if there is no file."""
+    return _read(path)[2].get("champion") if Path(path).exists() else None
+
+
+def update_online_fisher(
+    path: Path,
+    new_fisher: dict[str, torch.Tensor],
+    decay: float,
+    *,
+    champion: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """F ← decay·F_old + F_new, saved atomically at ``path``; returns the new F.
+
+    ``champion`` identifies the model ``new_fisher`` was estimated on. When it equals the one
+    stored (the last cycle was rejected), F_old stays the Fisher from before that champion.
+    """
+    path = Path(path)
+    prior: dict[str, torch.Tensor] = {}
+    cycles = 0
+    if path.exists():
+        total, stored_prior, meta = _read(path)
+        same = champion is not None and meta.get("champion") == champion
+        prior = stored_prior if same else total
+        cycles = int(meta.get("cycles", 0)) - (1 if same else 0)
+    for key, f in new_fisher.items():
+        if key in prior and prior[key].shape != f.shape:
+            raise FisherMismatch(
+                f"stored Fisher {path} has {key!r} with shape {tuple(prior[key].shape)}, the new"
+                f" one {tuple(f.shape)}: the base model changed. Delete {path} to start anew."
+            )
+    dropped = sorted(set(prior) - set(new_fisher))
+    if dropped:
+        log.warning(
+            "online Fisher drops %d entries no longer targeted, e.g. %s", len(dropped), dropped[0]
+        )
+    total = {
+        k: (decay * prior[k] + f.float().cpu()) if k in prior else f.float().cpu()
+        for k, f in new_fisher.items()
+    }
+    tensors = {f"total/{k}": v.contiguous() for k, v in total.items()}
+    tensors.update({f"prior/{k}": prior[k].contiguous() for k in new_fisher if k in prior})
+    meta = {
+        "format": FORMAT,
+        "champion": champion or "",
+        "cycles": str(cycles + 1),
+        "decay": str(decay),
+    }
+    _atomic_save(tensors, path, meta)
+    return total
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+    total: dict[str, torch.Tensor] = {}
+    prior: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise FisherMismatch(
+                f"{path} is not an aftertune online Fisher (format {meta.get('format')!r})"
+            )
+        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            kind, _, name = key.partition("/")
+            (total if kind == "total" else prior)[name] = f.get_tensor(key)
+    return total, prior, dict(meta)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def timed_fisher(
+    fn: Callable[[], dict[str, torch.Tensor]],
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Run a Fisher estimate and return it with its wall time in seconds."""
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+__all__ = [
+    "EwcSpec",
+    "estimate_fisher",
+    "ewc_penalty",
+    "fisher_champion",
+    "load_fisher",
+    "mean_squared_grads",
+    "target_weights",
+    "update_online_fisher",
+    "weights_fingerprint",
+]

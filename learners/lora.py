@@ -1,0 +1,120 @@
+"""The LoRA adapter: its settings, attaching a fresh one, saving it in PEFT format, detaching it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+# Every Linear layer of a Llama-like block (attention and MLP): for small models LoRA on all
+# of them learns clearly more than on q/v only, at little cost.
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA settings; ``alpha`` defaults to ``2 * r`` (scaling = alpha / r = 2)."""
+
+    r: int = 16
+    alpha: int | None = None
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = LLAMA_LINEAR
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRA r must be a positive int, got {self.r!r}")
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", 2 * self.r)
+        elif isinstance(self.alpha, bool) or not isinstance(self.alpha, int) or self.alpha < 1:
+            raise ValueError(f"LoRA alpha must be a positive int, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, str):
+            raise ValueError("LoRA target_modules must be a sequence of names, not one string")
+        modules = tuple(self.target_modules)
+        if not modules or not all(isinstance(m, str) and m for m in modules):
+            raise ValueError(f"LoRA target_modules must be non-empty names, got {modules!r}")
+        object.__setattr__(self, "target_modules", modules)
+
+    @property
+    def scaling(self) -> float:
+        return float(self.alpha or 2 * self.r) / self.r
+
+
+def attach_fresh_adapter(model: nn.Module, spec: LoraSpec) -> nn.Module:
+    """Wrap ``model`` with a new, zero-delta LoRA adapter (peft; B starts at zero).
+
+    Uses the global torch RNG for A's init: seed it first for a reproducible adapter.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha or 2 * spec.r,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def detach_adapter(peft_model: nn.Module, requires_grad: dict[str, bool]) -> nn.Module:
+    """Remove the adapter without merging; restore the base parameters' ``requires_grad``."""
+    base = peft_model.unload()  # type: ignore[operator]
+    for name, p in base.named_parameters():
+        p.requires_grad_(requires_grad.get(name, p.requires_grad))
+    # peft leaves its config on the base model; a later get_peft_model must start clean.
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in vars(base):
+            delattr(base, attr)
+    return base
+
+
+def save_adapter(peft_model: nn.Module, out_dir: Path) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``out_dir`` atomically."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[operator]
+        fsync_tree(tmp)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root`` and the directories holding them."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move directory ``src`` to ``dst``; an existing ``dst`` is swapped out, then removed."""
+    old: Path | None = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fd = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
