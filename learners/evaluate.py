@@ -1,0 +1,316 @@
+"""Evaluation: how well a model answers each task's held-out examples.
+
+Per task: exact match (normalised) and the valid-answer share for label tasks, SQuAD-style
+token F1 for free text, and for every task the mean negative log-likelihood of the
+reference answer per response token (teacher-forced). NLL moves before accuracy does, so
+the gate and the forgetting benchmarks watch it even where a tiny model never gets the
+answer right.
+
+Generation is greedy and batched with left padding; explicit position ids make a padded
+batch compute exactly what each example computes alone (tests check batched == unbatched).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from aftertune.learners.prompt import DEFAULT_PROMPT, PromptTemplate
+from aftertune.store.examples import Example
+
+TaskKindName = Literal["label", "text"]
+
+DEFAULT_MAX_LENGTH = 512  # tokens of prompt + answer; byte-level, so ~500 characters
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One task's scores. accuracy/token_f1/valid are shares in [0, 1]; nll is nats per token."""
+
+    task: str
+    kind: TaskKindName
+    n: int
+    accuracy: float | None
+    token_f1: float | None
+    nll: float
+    valid: float | None
+
+    @property
+    def score(self) -> float:
+        """The headline figure in [0, 1]: accuracy for label tasks, token F1 for free text."""
+        value = self.accuracy if self.kind == "label" else self.token_f1
+        return 0.0 if value is None else value
+
+
+# --- text normalisation and metrics -------------------------------------------------------
+
+_SPACES = re.compile(r"\s+")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize(text: str) -> str:
+    """Exact-match normalisation: strip, casefold, collapse runs of whitespace."""
+    return _SPACES.sub(" ", text.strip().casefold())
+
+
+def _squad_tokens(text: str) -> list[str]:
+    # SQuAD's normalize_answer: lower case, no punctuation, no articles, single spaces.
+    text = text.casefold().translate(_PUNCT)
+    return _ARTICLES.sub(" ", text).split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token F1 (bag of tokens); two empty answers agree (SQuAD v2 rule)."""
+    pred, ref = _squad_tokens(prediction), _squad_tokens(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def task_kind(
+    train_outputs: Sequence[str], max_labels: int = 20
+) -> tuple[TaskKindName, set[str] | None]:
+    """Decide label vs free-text from a task's outputs; return the label set for label tasks.
+
+    A label task has few distinct answers and each comes back often: at most ``max_labels``
+    distinct outputs that make up at most half of the examples (so every label repeats, on
+    average, at least twice). Short free-text answers seen once each stay "text".
+    """
+    outputs = [o.strip() for o in train_outputs]
+    distinct = set(outputs)
+    if outputs and len(distinct) <= max_labels and 2 * len(distinct) <= len(outputs):
+        return "label", distinct
+    return "text", None
+
+
+# --- model side -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    prompt: list[int]
+    answer: list[int]  # reference answer tokens, EOS included when the tokenizer has one
+
+
+def _encode(
+    tokenizer: Any, example: Example, template: PromptTemplate, max_length: int, room: int
+) -> _Encoded:
+    # Tokenised as the recipe's data.encode_example does (prompt with special tokens, answer
+    # without, then EOS), so the NLL here is the training loss on the same tokens.
+    prompt = list(tokenizer.encode(template.render(example.instruction, example.input)))
+    answer = list(tokenizer.encode(example.output, add_special_tokens=False))
+    if tokenizer.eos_token_id is not None:
+        answer.append(int(tokenizer.eos_token_id))
+    answer = answer[: max(1, max_length // 2)]
+    # `room` reserves space for what follows the prompt (the answer, or generated tokens).
+    keep = max(1, max_length - max(room, len(answer)))
+    return _Encoded(prompt=_cut_middle(prompt, keep), answer=answer)
+
+
+def _cut_middle(ids: list[int], keep: int) -> list[int]:
+    """Shorten to ``keep`` ids by dropping the middle: the head holds the instruction, the tail
+    the end of the input and the ``Response:`` marker (same rule as the training data)."""
+    if len(ids) <= keep:
+        return ids
+    head = keep // 2
+    return ids[:head] + ids[len(ids) - (keep - head) :]
+
+
+def _left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: str | torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad token rows; return input ids, attention mask and matching position ids."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _answer_nll(
+    model: Any, batch: Sequence[_Encoded], pad_id: int, device: str | torch.device
+) -> tuple[float, int]:
+    """Summed NLL of the reference answers (teacher-forced) and how many tokens it covers."""
+    rows = [e.prompt + e.answer for e in batch]
+    ids, mask, positions = _left_pad(rows, pad_id, device)
+    longest = max(len(e.answer) for e in batch)
+    # Left padding puts every answer at the end of its row: the logits of the last
+    # `longest + 1` positions are all we need, which keeps a large vocabulary cheap.
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=longest + 1
+    )
+    logprobs = torch.log_softmax(out.logits[:, :-1, :].float(), dim=-1)  # predicts next token
+    targets = ids[:, -longest:]
+    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (batch, longest)
+    lengths = torch.tensor([len(e.answer) for e in batch], device=picked.device)
+    keep = torch.arange(longest, device=picked.device).unsqueeze(0) >= (longest - lengths)[:, None]
+    # where, not multiply: fully padded query rows can hold NaN, and NaN * 0 is NaN.
+    total = torch.where(keep, picked, torch.zeros_like(picked)).sum()
+    return float(-total), int(keep.sum())
+
+
+def _generate(
+    model: Any,
+    tokenizer: Any,
+    batch: Sequence[_Encoded],
+    pad_id: int,
+    max_new_tokens: int,
+    device: str | torch.device,
+) -> list[str]:
+    """Greedy answers for a batch of prompts, cut at EOS and at the first newline."""
+    ids, mask, _ = _left_pad([e.prompt for e in batch], pad_id, device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    answers = []
+    for row in out[:, ids.shape[1] :].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        # The template separates fields by newlines: a newline ends the answer.
+        answers.append(text.split("\n", 1)[0])
+    return answers
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+@torch.no_grad()
+def predict(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 16,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    device: str | torch.device = "cpu",
+    template: PromptTemplate = DEFAULT_PROMPT,
+) -> tuple[list[str], float, int]:
+    """Greedy answers (in input order), summed reference NLL and the token count it covers."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit:
+        max_length = min(max_length, int(limit))
+    pad_id = _pad_id(tokenizer)
+    encoded = [_encode(tokenizer, ex, template, max_length, max_new_tokens) for ex in examples]
+    # Similar lengths together: less padding, fewer wasted FLOPs; order restored below.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].prompt))
+    answers: list[str] = [""] * len(encoded)
+    nll_sum, tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = [encoded[i] for i in idx]
+            s, t = _answer_nll(model, batch, pad_id, device)
+            nll_sum, tokens = nll_sum + s, tokens + t
+            for i, text in zip(
+                idx, _generate(model, tokenizer, batch, pad_id, max_new_tokens, device), strict=True
+            ):
+                answers[i] = text
+    finally:
+        model.train(was_training)
+    return answers, nll_sum, tokens
+
+
+def score_task(
+    task: str,
+    examples: Sequence[Example],
+    answers: Sequence[str],
+    nll_sum: float,
+    tokens: int,
+    label_set: set[str] | None,
+) -> TaskScore:
+    """Turn predictions into a TaskScore; ``label_set`` None means a free-text task."""
+    n = len(examples)
+    nll = nll_sum / tokens if tokens else float("nan")
+    if label_set is None:
+        f1 = sum(token_f1(a, ex.output) for a, ex in zip(answers, examples, strict=True))
+        return TaskScore(task, "text", n, None, f1 / n if n else 0.0, nll, None)
+    labels = {normalize(label) for label in label_set}
+    hits = sum(
+        normalize(a) == normalize(ex.output) for a, ex in zip(answers, examples, strict=True)
+    )
+    valid = sum(normalize(a) in labels for a in answers)
+    return TaskScore(task, "label", n, hits / n if n else 0.0, None, nll, valid / n if n else 0.0)
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    examples_by_task: Mapping[str, Sequence[Example]],
+    *,
+    labels: Mapping[str, set[str] | None] | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int = 16,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    device: str | torch.device = "cpu",
+    template: PromptTemplate = DEFAULT_PROMPT,
+) -> dict[str, TaskScore]:
+    """Score ``model`` on every task's examples (the model must already sit on ``device``).
+
+    ``labels`` gives each task's label set (None: free text). A task missing from it is
+    classified by :func:`task_kind` on the evaluated examples' own outputs; pass the label
+    sets learned from train data where held-out sets are small.
+    """
+    scores: dict[str, TaskScore] = {}
+    for task in sorted(examples_by_task):
+        examples = list(examples_by_task[task])
+        if labels is not None and task in labels:
+            label_set = labels[task]
+        else:
+            label_set = task_kind([ex.output for ex in examples])[1]
+        answers, nll_sum, tokens = predict(
+            model,
+            tokenizer,
+            examples,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            max_length=max_length,
+            device=device,
+            template=template,
+        )
+        scores[task] = score_task(task, examples, answers, nll_sum, tokens, label_set)
+    return scores
+
+
+def score_dict(score: TaskScore) -> dict[str, float | int]:
+    """A TaskScore as the JSON object ``aftertune eval --json`` prints for one task."""
+    out: dict[str, float | int] = {}
+    if score.kind == "label":
+        out["accuracy"] = score.accuracy if score.accuracy is not None else 0.0
+    else:
+        out["token_f1"] = score.token_f1 if score.token_f1 is not None else 0.0
+    out["nll"] = score.nll
+    out["n"] = score.n
+    if score.valid is not None:
+        out["valid"] = score.valid
+    return out
