@@ -128,7 +128,9 @@ class RedisServer:
                 time.sleep(0.02)
         finally:
             client.close()
-        log.info("embedded redis-server started (pid %d, %s)", self._proc.pid, self.url)
+        log.info(
+            "embedded redis-server started (pid %d, %s, %s)", self._proc.pid, args[0], self.url
+        )
         return self
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aftertune.store.errors import RecordError
+from aftertune.store.records import Split, content_id, parse_record
+
+VALID = {"task": "sentiment", "instruction": "Classify.", "input": "great film", "output": "POS"}
+
+
+def _parse(obj: object) -> object:
+    return parse_record(json.dumps(obj).encode())
+
+
+def test_valid_record_gets_content_id_and_auto_split() -> None:
+    record = parse_record(json.dumps(VALID).encode())
+    assert record.id == content_id("sentiment", "Classify.", "great film", "POS")
+    assert record.split in (Split.TRAIN, Split.TEST)
+    assert record.pinned is False
+    again = parse_record(json.dumps(dict(reversed(list(VALID.items())))).encode())
+    assert again.id == record.id and again.split == record.split
+
+
+def test_producer_id_and_pinned_split_are_kept() -> None:
+    record = _parse({**VALID, "id": "golden-1", "split": "test", "weight": 2, "meta": {"a": [1]}})
+    assert record.id == "golden-1"
+    assert record.split is Split.TEST and record.pinned
+    assert record.weight == 2.0 and record.meta == {"a": [1]}
+
+
+def test_auto_split_sends_about_ten_percent_to_test() -> None:
+    splits = [_parse({**VALID, "input": f"x{i}"}).split for i in range(5000)]
+    share = splits.count(Split.TEST) / len(splits)
+    assert 0.08 < share < 0.12
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        (b"not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b"\xff\xfe{}", "not valid UTF-8"),
+        (
+            json.dumps({k: v for k, v in VALID.items() if k != "output"}).encode(),
+            "'output' is missing",
+        ),
+        (json.dumps({**VALID, "instruction": "  "}).encode(), "'instruction': must not be empty"),
+        (json.dumps({**VALID, "task": 7}).encode(), "'task'"),
+        (json.dumps({**VALID, "input": None}).encode(), "'input'"),
+        (json.dumps({**VALID, "split": "dev"}).encode(), "must be one of auto, train, test"),
+        (json.dumps({**VALID, "weight": -1}).encode(), "'weight'"),
+        (json.dumps({**VALID, "weight": "1"}).encode(), "'weight': must be a number"),
+        (json.dumps({**VALID, "task": "two words"}).encode(), "whitespace"),
+        (
+            json.dumps({**VALID, "colour": "red"}).encode(),
+            "'colour' is not part of the wire format",
+        ),
+        (
+            json.dumps(
+                {**VALID, "meta": {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {}}}}}}}}}}
+            ).encode(),
+            "nest",
+        ),
+        (b'{"task": "t", "instruction": "\\ud800", "output": "o"}', "surrogate"),
+        (b"[" * 50_000 + b"]" * 50_000, "limit"),
+    ],
+)
+def test_invalid_records_name_the_problem(payload: bytes, fragment: str) -> None:
+    with pytest.raises(RecordError) as info:
+        parse_record(payload, max_bytes=64 * 1024)
+    assert fragment in info.value.reason
+
+
+def test_oversize_record_is_rejected_before_parsing() -> None:
+    big = json.dumps({**VALID, "input": "x" * 70_000}).encode()
+    with pytest.raises(RecordError, match="the limit is 65536 bytes"):
+        parse_record(big)
+    assert parse_record(big, max_bytes=len(big)).input == "x" * 70_000
+
+
+def test_deep_nesting_within_size_limit_is_rejected_not_crashing() -> None:
+    with pytest.raises(RecordError, match="nests too deeply"):
+        parse_record(b"[" * 30_000 + b"]" * 30_000, max_bytes=10**6)

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from aftertune.store.examples import ExampleStore, _balanced_quota
+from aftertune.store.records import Record, record_from_obj
+
+
+def _records(task: str, n: int, split: str = "train", start: int = 0) -> list[Record]:
+    return [
+        record_from_obj(
+            {
+                "task": task,
+                "instruction": "Echo.",
+                "input": f"{task}-{i}",
+                "output": str(i),
+                "split": split,
+            }
+        )
+        for i in range(start, start + n)
+    ]
+
+
+def test_add_is_idempotent_and_counts(tmp_path: Path) -> None:
+    with ExampleStore.in_state_dir(tmp_path) as store:
+        assert store.add(_records("a", 10)) == 10
+        assert store.add(_records("a", 10)) == 0  # redelivery
+        assert store.add(_records("a", 12)) == 2
+        store.add(_records("b", 3, split="test"))
+        assert store.counts() == {"a": {"train": 12, "test": 0}, "b": {"train": 0, "test": 3}}
+        assert store.total() == 15
+    with ExampleStore.in_state_dir(tmp_path) as reopened:  # durable
+        assert reopened.total() == 15
+
+
+def test_train_after_watermark_and_held_out(tmp_path: Path) -> None:
+    with ExampleStore.in_state_dir(tmp_path) as store:
+        store.add(_records("a", 5))
+        mark = store.max_seq()
+        store.add(_records("b", 4))
+        store.add(_records("b", 2, split="test", start=100))
+        new = store.train_after(mark)
+        assert [e.task for e in new] == ["b"] * 4
+        assert store.count_train_after(mark) == 4
+        assert [e.input for e in store.held_out("b")] == ["b-100", "b-101"]
+        assert store.held_out(after=store.max_seq()) == []
+        assert store.tasks(max_seq=mark) == ["a"]
+
+
+def test_replay_sample_is_seeded_and_task_balanced(tmp_path: Path) -> None:
+    with ExampleStore.in_state_dir(tmp_path) as store:
+        store.add(_records("big", 500))
+        store.add(_records("mid", 60))
+        store.add(_records("small", 5))
+        sample = store.replay_sample(90, seed=7)
+        assert len(sample) == 90 and len({e.id for e in sample}) == 90
+        assert Counter(e.task for e in sample) == {"big": 43, "mid": 42, "small": 5}
+        assert [e.id for e in store.replay_sample(90, seed=7)] == [e.id for e in sample]
+        assert [e.id for e in store.replay_sample(90, seed=8)] != [e.id for e in sample]
+        mark = store.max_seq()
+        store.add(_records("late", 50))
+        assert {e.task for e in store.replay_sample(30, seed=1, until=mark)} <= {
+            "big",
+            "mid",
+            "small",
+        }
+        assert len(store.replay_sample(10_000, seed=1)) == 615
+
+
+def test_balanced_quota_water_fills() -> None:
+    assert _balanced_quota({"a": 100, "b": 1, "c": 0}, 10) == {"a": 9, "b": 1, "c": 0}
+    assert _balanced_quota({"a": 3, "b": 3}, 10) == {"a": 3, "b": 3}
+    assert _balanced_quota({"a": 10, "b": 10, "c": 10}, 7) == {"a": 3, "b": 2, "c": 2}
