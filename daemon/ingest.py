@@ -35,7 +35,7 @@ class IngestConfig:
     dead_letter_stream: str
     group: str
     consumer: str
-    batch_size: int = 500
+    batch_size: int = 1000
     block_ms: int = 1000
     claim_idle_ms: int = 60_000
     claim_interval_s: float = 30.0

@@ -55,7 +55,7 @@ class RedisSettings(_Section):
 
 class IngestSettings(_Section):
     max_record_bytes: int = Field(default=64 * 1024, gt=0, le=64 * 1024 * 1024)
-    batch_size: int = Field(default=500, gt=0, le=100_000)
+    batch_size: int = Field(default=1000, gt=0, le=100_000)
     block_ms: int = Field(default=1000, ge=0, description="how long one read waits for entries")
     claim_idle_ms: int = Field(
         default=60_000, ge=0, description="pending this long = its consumer is presumed dead"

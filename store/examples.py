@@ -134,7 +134,7 @@ class ExampleStore:
                 int(r.pinned),
                 r.weight,
                 r.source,
-                json.dumps(r.meta, ensure_ascii=False, sort_keys=True),
+                json.dumps(r.meta, ensure_ascii=False, sort_keys=True) if r.meta else "{}",
                 now,
             )
             for r in records
