@@ -17,3 +17,7 @@ class RecordError(StoreError, ValueError):
 
 class StoreCorrupt(StoreError):
     """The state directory holds something this version cannot read."""
+
+
+class RegistryError(StoreError):
+    """A registry operation was refused; the message says why."""
