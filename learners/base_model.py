@@ -1,0 +1,113 @@
+"""Which base model aftertune adapts, and how it is found, loaded and fingerprinted.
+
+`model.base` is either a local Hugging Face causal-LM directory or `embedded:tiny`, the small
+byte-level Llama shipped inside this package (see `learners/embedded/tiny/BUILD.md` and
+`aftertune.learners.pretrain`, which rebuilds it). Nothing here ever contacts the hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aftertune.learners.errors import BaseModelError
+
+if TYPE_CHECKING:  # torch and transformers stay out of light import paths
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_TINY = "embedded:tiny"
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+_EMBEDDED = {EMBEDDED_TINY: EMBEDDED_DIR / "tiny"}
+# Files whose bytes decide what the model computes; sha256 covers these, not docs or configs.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def resolve_base(spec: str | Path) -> Path:
+    """The directory of base model `spec`: `embedded:tiny` or a local HF causal-LM directory."""
+    if isinstance(spec, str) and spec.startswith("embedded:"):
+        if spec not in _EMBEDDED:
+            raise BaseModelError(
+                f"unknown embedded base model {spec!r}; available: {', '.join(sorted(_EMBEDDED))}"
+            )
+        path = _EMBEDDED[spec]
+        if not (path / "config.json").is_file():
+            raise BaseModelError(
+                f"embedded base model {spec!r} is missing from {path}; reinstall aftertune "
+                "or rebuild it with `aftertune base build`"
+            )
+        return path
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise BaseModelError(
+            f"base model directory {str(path)!r} does not exist; set model.base to a local "
+            f"Hugging Face model directory or to {EMBEDDED_TINY!r}"
+        )
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise BaseModelError(
+            f"{str(path)!r} is not a Hugging Face model directory (no config.json); "
+            "save the model with save_pretrained() or point model.base elsewhere"
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"cannot read {str(config_path)!r}: {exc}") from exc
+    architectures = config.get("architectures") or []
+    if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
+        raise BaseModelError(
+            f"{str(path)!r} holds {', '.join(architectures)}, not a causal language model "
+            "(expected an architecture ending in ForCausalLM)"
+        )
+    if not _weight_files(path):
+        raise BaseModelError(f"{str(path)!r} has no weight files (*.safetensors or *.bin)")
+    return path
+
+
+def load_base(
+    spec: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the base model (default `embedded:tiny`) in eval mode, with a pad token set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_base(EMBEDDED_TINY if spec is None else spec)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"cannot load base model from {str(path)!r}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        # Many causal LMs ship without a pad token; EOS is the conventional stand-in and is
+        # masked out of losses by the attention mask anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    model.eval()
+    logger.info("loaded base model %s (%d parameters)", path, model.num_parameters())
+    return model, tokenizer
+
+
+def base_sha256(spec: str | Path) -> str:
+    """sha256 over the weight files of the base model, in sorted name order, for lineage."""
+    path = resolve_base(spec)
+    digest = hashlib.sha256()
+    for file in _weight_files(path):
+        # The name goes in too, so renaming or splitting shards changes the fingerprint.
+        digest.update(file.name.encode("utf-8") + b"\0")
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))

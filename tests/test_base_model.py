@@ -1,0 +1,146 @@
+"""The embedded base model: tokenizer round-trips, loading, generation, and that it learned."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from aftertune.learners import curriculum
+from aftertune.learners.base_model import (
+    EMBEDDED_TINY,
+    base_sha256,
+    load_base,
+    resolve_base,
+)
+from aftertune.learners.errors import BaseModelError, LearnerError
+from aftertune.learners.pretrain import curriculum_accuracy, greedy_answers
+
+TEXTS = [
+    "plain ascii, with punctuation: a , b . c ? !",
+    "  leading and trailing spaces  ",
+    "tabs\tand\nnew\nlines\n\n  indented\r\n",
+    "你好，世界！学习中文。",
+    "mixed 混合 text ✓ émoji 🙂 and ß",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_base(EMBEDDED_TINY), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    return load_base(EMBEDDED_TINY)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenizer_round_trips_any_utf8(tokenizer: PreTrainedTokenizerBase, text: str) -> None:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # One token per UTF-8 byte: nothing is merged, nothing is lost or normalised.
+    assert len(ids) == len(text.encode("utf-8"))
+    assert tokenizer.decode(ids) == text
+
+
+def test_tokenizer_adds_no_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
+    # HF and onnxruntime-genai must tokenise prompts identically; neither adds BOS.
+    assert (
+        tokenizer("Input: x")["input_ids"]
+        == tokenizer("Input: x", add_special_tokens=False)["input_ids"]
+    )
+    assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 2
+
+
+def test_embedded_model_loads_with_auto_classes() -> None:
+    path = resolve_base(EMBEDDED_TINY)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    assert model.config.model_type == "llama"
+    assert model.config.max_position_embeddings == 512
+    assert model.num_parameters() <= 1_500_000
+    assert (path / "model.safetensors").stat().st_size <= 8 * 1024 * 1024
+
+
+def test_load_base_defaults_to_embedded_in_eval_mode(tiny) -> None:
+    model, tok = tiny
+    assert not model.training
+    assert tok.pad_token_id is not None
+    assert model.config.pad_token_id == tok.pad_token_id
+
+
+def test_greedy_generation_is_deterministic_and_stops_at_eos(tiny) -> None:
+    model, tok = tiny
+    prompt = curriculum.sample(random.Random(7), "first_char").prompt
+    enc = tok(prompt, return_tensors="pt")
+    runs = [
+        model.generate(**enc, max_new_tokens=40, do_sample=False)[0, enc["input_ids"].shape[1] :]
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0], runs[1])
+    assert runs[0][-1].item() == tok.eos_token_id
+    assert len(runs[0]) <= 5  # a one-character answer, then EOS
+
+
+def test_embedded_model_answers_curriculum_far_above_chance(tiny) -> None:
+    model, tok = tiny
+    # A held-out draw with a seed the build never used for evaluation.
+    examples = curriculum.held_out(seed=12345, per_task=8)
+    accuracy = curriculum_accuracy(model, tok, examples)
+    mean = sum(accuracy.values()) / len(accuracy)
+    # Chance is ~0.5 on yes/no tasks and far lower on open answers; a random model scores ~0.
+    assert mean >= 0.6, accuracy
+    yes_no = [accuracy[t] for t in ("starts_vowel", "has_digit", "is_upper")]
+    assert min(yes_no) >= 0.7, accuracy
+
+
+def test_answers_are_short_and_well_formed(tiny) -> None:
+    model, tok = tiny
+    examples = curriculum.held_out(seed=99, per_task=2)
+    answers = greedy_answers(model, tok, [e.prompt for e in examples], max_new_tokens=40)
+    # The base learned to answer briefly; no answer runs into a new "Instruction:" block.
+    assert all("Instruction:" not in a and len(a) < 30 for a in answers), answers
+
+
+def test_resolve_base_rejects_missing_dir(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(BaseModelError, match="does not exist"):
+        resolve_base(missing)
+    with pytest.raises(LearnerError, match="unknown embedded"):
+        resolve_base("embedded:huge")
+
+
+def test_resolve_base_rejects_dir_without_model(tmp_path: Path) -> None:
+    with pytest.raises(BaseModelError, match=r"no config\.json"):
+        resolve_base(tmp_path)
+    (tmp_path / "config.json").write_text('{"architectures": ["BertForMaskedLM"]}')
+    with pytest.raises(BaseModelError, match="not a causal language model"):
+        resolve_base(tmp_path)
+
+
+def test_local_directory_loads_and_hashes_like_embedded(tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(resolve_base(EMBEDDED_TINY), copy)
+    assert resolve_base(str(copy)) == copy
+    model, _ = load_base(copy)
+    assert model.config.model_type == "llama"
+    assert base_sha256(copy) == base_sha256(EMBEDDED_TINY)
+
+
+def test_base_sha256_is_stable_and_tracks_weights(tmp_path: Path) -> None:
+    first = base_sha256(EMBEDDED_TINY)
+    assert first == base_sha256(EMBEDDED_TINY)
+    assert len(first) == 64
+    copy = tmp_path / "copy"
+    shutil.copytree(resolve_base(EMBEDDED_TINY), copy)
+    (copy / "README.md").write_text("docs do not change the fingerprint")
+    assert base_sha256(copy) == first
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert base_sha256(copy) != first
