@@ -72,6 +72,58 @@ class ModelSettings(_Section):
     )
 
 
+class LoraSettings(_Section):
+    r: int = Field(default=16, ge=1)
+    alpha: int | None = Field(default=None, ge=1, description="default 2 * r")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        min_length=1,
+    )
+
+
+class TrainSettings(_Section):
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    max_steps: int | None = Field(default=None, ge=1, description="unset: `epochs` passes")
+    epochs: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    seed: int = 0
+    max_length: int = Field(default=256, ge=8, description="tokens per example")
+    checkpoint_every: int = Field(default=25, ge=0, description="optimizer steps; 0 = never")
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda[:n]")
+    progress: bool = True
+
+
+class ReplaySettings(_Section):
+    enabled: bool = True
+    ratio: float = Field(default=1.0, ge=0, le=64, description="replayed per new example")
+    cap: int = Field(default=2000, ge=0, description="most replay examples in one cycle")
+
+
+class EwcSettings(_Section):
+    enabled: bool = True
+    lam: float = Field(default=1.0, ge=0)
+    decay: float = Field(default=0.9, ge=0, le=1, description="online EWC: old Fisher weight")
+    fisher_samples: int = Field(default=256, ge=1)
+
+
+class EvalSettings(_Section):
+    batch_size: int = Field(default=32, ge=1)
+    max_new_tokens: int = Field(default=16, ge=1)
+
+
 class Settings(BaseSettings):
     """The root of aftertune's configuration."""
 
@@ -85,6 +137,11 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    replay: ReplaySettings = Field(default_factory=ReplaySettings)
+    ewc: EwcSettings = Field(default_factory=EwcSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -204,6 +204,10 @@ class ExampleStore:
             params.append(task)
         return [_example(r) for r in self._query(sql + " ORDER BY seq", params)]
 
+    def outputs(self, task: str) -> list[str]:
+        """Every stored output of ``task`` (train and test): what a label set is judged on."""
+        return [o for (o,) in self._query("SELECT output FROM examples WHERE task = ?", (task,))]
+
     def get(self, ids: Sequence[str]) -> list[Example]:
         if not ids:
             return []

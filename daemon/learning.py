@@ -1,0 +1,97 @@
+"""Settings → the learners' plain specs, and the train / eval commands built on them.
+
+Imports torch (through learners): only the commands that learn load this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aftertune.daemon.settings import Settings
+from aftertune.learners.cycle import CandidateReport, evaluate_version, train_candidate
+from aftertune.learners.evaluate import score_dict
+from aftertune.learners.ewc import EwcSpec
+from aftertune.learners.lora import LoraSpec
+from aftertune.learners.recipe import TrainSpec
+from aftertune.learners.replay import ReplaySpec
+from aftertune.store.examples import ExampleStore
+from aftertune.store.registry import Registry
+
+
+def lora_spec(settings: Settings) -> LoraSpec:
+    s = settings.lora
+    return LoraSpec(r=s.r, alpha=s.alpha, dropout=s.dropout, target_modules=tuple(s.target_modules))
+
+
+def train_spec(settings: Settings) -> TrainSpec:
+    s = settings.train
+    return TrainSpec(
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        warmup_steps=s.warmup_steps,
+        max_steps=s.max_steps,
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        grad_accum=s.grad_accum,
+        max_grad_norm=s.max_grad_norm,
+        seed=s.seed,
+        max_length=s.max_length,
+        checkpoint_every=s.checkpoint_every,
+        device=s.device,
+        progress=s.progress,
+    )
+
+
+def replay_spec(settings: Settings) -> ReplaySpec:
+    s = settings.replay
+    return ReplaySpec(ratio=s.ratio, cap=s.cap, enabled=s.enabled)
+
+
+def ewc_spec(settings: Settings) -> EwcSpec:
+    s = settings.ewc
+    return EwcSpec(lam=s.lam, decay=s.decay, fisher_samples=s.fisher_samples, enabled=s.enabled)
+
+
+def run_train(settings: Settings, actor: str) -> CandidateReport:
+    with (
+        ExampleStore.in_state_dir(settings.state_dir) as store,
+        Registry(settings.state_dir) as registry,
+    ):
+        return train_candidate(
+            store,
+            registry,
+            settings.state_dir,
+            base=settings.model.base,
+            lora=lora_spec(settings),
+            train=train_spec(settings),
+            replay=replay_spec(settings),
+            ewc=ewc_spec(settings),
+            actor=actor,
+        )
+
+
+def run_eval(settings: Settings, candidate: int | None) -> dict[str, Any]:
+    """{"<task>": {...}} for the champion; with a candidate {"champion": ..., "candidate": ...}."""
+    with (
+        ExampleStore.in_state_dir(settings.state_dir) as store,
+        Registry(settings.state_dir) as registry,
+    ):
+        kwargs = {
+            "base": settings.model.base,
+            "batch_size": settings.eval.batch_size,
+            "max_new_tokens": settings.eval.max_new_tokens,
+            "max_length": settings.train.max_length,
+        }
+        champion = evaluate_version(
+            store, registry, settings.state_dir, version=registry.champion(), **kwargs
+        )
+        champion_json = {t: score_dict(s) for t, s in champion.items()}
+        if candidate is None:
+            return champion_json
+        scores = evaluate_version(
+            store, registry, settings.state_dir, version=registry.get(candidate), **kwargs
+        )
+        return {
+            "champion": champion_json,
+            "candidate": {t: score_dict(s) for t, s in scores.items()},
+        }
