@@ -58,8 +58,8 @@ def run_cli(
     )
 
 
-def cli_json(*args: str, env: dict[str, str] | None = None) -> Any:
-    done = run_cli(*args, env=env)
+def cli_json(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> Any:
+    done = run_cli(*args, env=env, timeout=timeout)
     if done.returncode != 0:
         raise AssertionError(f"aftertune {' '.join(args)} failed: {done.stderr}")
     return json.loads(done.stdout)
