@@ -60,18 +60,7 @@ class TruncationCount:
     examples: int = 0
     prompt: int = 0
     response: int = 0
-
-    @property
-    def truncated(self) -> int:
-        """Examples with anything cut (an example with both cuts counts once)."""
-        return max(self.prompt, self.response)
-
-
-class TokenizerLike(Protocol):
-    eos_token_id: int | None
-    pad_token_id: int | None
-
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    truncated: int = 0  # examples with anything cut (both cuts count once)
 
 
 def _eos_id(tokenizer: Any) -> int:
@@ -152,6 +141,7 @@ def encode_examples(
         examples=len(encoded),
         prompt=sum(e.prompt_truncated for e in encoded),
         response=sum(e.response_truncated for e in encoded),
+        truncated=sum(e.prompt_truncated or e.response_truncated for e in encoded),
     )
     if count.response:
         log.warning(

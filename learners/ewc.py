@@ -201,6 +201,60 @@ def weights_fingerprint(weights: dict[str, nn.Parameter]) -> str:
     return h.hexdigest()
 
 
+def fisher_for_cycle(
+    model: nn.Module,
+    tokenizer: Any,
+    pool: Sequence[ExampleLike],
+    spec: EwcSpec | None,
+    *,
+    target_modules: Sequence[str],
+    max_length: int,
+    fisher_path: Path | None,
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor] | None, float]:
+    """The Fisher this cycle penalises with (None: no EWC), and the seconds it took.
+
+    Estimated on ``pool`` (replay data: the past tasks) at the champion ``model``, folded into
+    the online Fisher at ``fisher_path`` when given; reused as is when the champion has not
+    changed since the stored one (the last cycle was rejected).
+    """
+    if spec is None or not spec.enabled or spec.lam == 0:
+        return None, 0.0
+    started = time.perf_counter()
+    stored = Path(fisher_path) if fisher_path is not None and Path(fisher_path).exists() else None
+    champion = weights_fingerprint(target_weights(model, target_modules))
+    if stored is not None and fisher_champion(stored) == champion:
+        log.info("champion unchanged since the stored Fisher; reusing %s", stored)
+        return load_fisher(stored), time.perf_counter() - started
+    if not pool:
+        if stored is not None:
+            # No past data to measure on, but the carried Fisher still protects older tasks.
+            log.warning(
+                "no replay examples to estimate the Fisher on; using the stored one decayed"
+            )
+            old = load_fisher(stored)
+            return {k: v * spec.decay for k, v in old.items()}, time.perf_counter() - started
+        log.info("no replay examples and no stored Fisher: EWC is off this cycle")
+        return None, 0.0
+    # An even stride over the pool keeps every task in the sample when it is capped.
+    stride = max(1, len(pool) // spec.fisher_samples)
+    samples = list(pool[::stride])[: spec.fisher_samples]
+    fisher = estimate_fisher(
+        model,
+        tokenizer,
+        samples,
+        target_modules,
+        batch_size=1,
+        max_length=max_length,
+        device=device,
+    )
+    if fisher_path is not None:
+        fisher = update_online_fisher(fisher_path, fisher, spec.decay, champion=champion)
+    seconds = time.perf_counter() - started
+    log.info("Fisher over %d weights from %d examples in %.1fs", len(fisher), len(samples), seconds)
+    return fisher, seconds
+
+
 def load_fisher(path: Path) -> dict[str, torch.Tensor]:
     """The online Fisher stored at ``path`` (fp32, CPU)."""
     return _read(path)[0]
@@ -287,20 +341,12 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, s
         raise
 
 
-def timed_fisher(
-    fn: Callable[[], dict[str, torch.Tensor]],
-) -> tuple[dict[str, torch.Tensor], float]:
-    """Run a Fisher estimate and return it with its wall time in seconds."""
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
 __all__ = [
     "EwcSpec",
     "estimate_fisher",
     "ewc_penalty",
     "fisher_champion",
+    "fisher_for_cycle",
     "load_fisher",
     "mean_squared_grads",
     "target_weights",

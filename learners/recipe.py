@@ -1,11 +1,12 @@
 """The LoRA recipe: one cycle's fresh adapter on the champion, the loop written out.
 
-setup (encode data, Fisher, attach adapter, optimizer, resume) → train (steps of
-``grad_accum`` micro-batches, each mixing new and replayed examples, + EWC penalty) →
-save (adapter in PEFT format, atomically) → cleanup (adapter removed, base untouched).
+torchtune-style: ``LoraRecipe`` does setup (data, Fisher, fresh adapter, optimizer, resume)
+→ train (optimizer steps of ``grad_accum`` micro-batches, each mixing new and replayed
+examples, plus the EWC term once per step) → save_checkpoint / save_adapter → cleanup
+(adapter removed, base untouched). ``train_adapter`` is the entry point others call.
 
-The data stream is a pure function of (seed, epoch), so the data position in a checkpoint
-is just the step count: resume recomputes the plan and skips what was consumed.
+The data stream is a pure function of (seed, epoch), so a checkpoint's data position is
+its step count: resume recomputes the plan and skips what was consumed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,17 +37,8 @@ from aftertune.learners.data import (
     pad_id,
     response_loss,
 )
-from aftertune.learners.errors import CheckpointError, LearnerError
-from aftertune.learners.ewc import (
-    EwcSpec,
-    estimate_fisher,
-    ewc_penalty,
-    fisher_champion,
-    load_fisher,
-    target_weights,
-    update_online_fisher,
-    weights_fingerprint,
-)
+from aftertune.learners.errors import CheckpointError, LearnerError, TrainingInterrupted
+from aftertune.learners.ewc import EwcSpec, ewc_penalty, fisher_for_cycle
 from aftertune.learners.lora import (
     LoraSpec,
     attach_fresh_adapter,
@@ -75,20 +67,18 @@ class TrainSpec:
     grad_accum: int = 1
     max_grad_norm: float = 1.0  # 0 disables clipping
     seed: int = 0
-    max_length: int = 256  # tokens (bytes for the embedded model) per example
-    checkpoint_every: int = 0  # steps; 0 disables checkpoints
+    max_length: int = 256  # tokens per example (bytes, for the embedded model)
+    checkpoint_every: int = 0  # optimizer steps; 0: no checkpoints
     device: str = "auto"  # "auto": CUDA when present (bf16 autocast), else CPU fp32
     progress: bool = True
-    schedule: str = "cosine"  # decay after warmup: "cosine" or "linear", down to 0
+    schedule: str = "cosine"  # decay after warmup, to 0: "cosine" or "linear"
     template: PromptTemplate = field(default=DEFAULT_PROMPT)
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("weight_decay and warmup_steps must be >= 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         for name in ("epochs", "batch_size", "grad_accum", "max_length"):
@@ -109,15 +99,27 @@ class TrainResult:
     adapter_dir: Path
     steps: int
     new_examples: int
-    replay_examples: int  # distinct replay examples the cycle could draw from
-    loss_first: float  # mean data loss (no EWC term) of the first step
-    loss_last: float  # ... of the last step
-    tokens_per_s: float  # non-pad tokens through forward+backward per second of training
+    replay_examples: int  # distinct replay examples the cycle drew from (after the cap)
+    loss_first: float  # data loss (no EWC term) of the first optimizer step
+    loss_last: float  # ... of the last one
+    tokens_per_s: float  # non-pad tokens through forward + backward per training second
     fisher_seconds: float
     train_seconds: float
-    truncated: int  # examples (new + replay) with prompt or response cut
+    truncated: int  # examples (new + replay) with their prompt or response cut
     resumed_from_step: int = 0
     ewc_penalty_last: float = 0.0
+
+
+@dataclass
+class _Position:
+    """What a checkpoint carries besides tensors: where the loop is and what it measured."""
+
+    step: int = 0
+    loss_first: float = float("nan")
+    loss_last: float = float("nan")
+    tokens: int = 0
+    seconds: float = 0.0
+    penalty: float = 0.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -149,229 +151,228 @@ def train_adapter(
     fisher_path: Path | None,
     out_dir: Path,
     checkpoint_dir: Path | None = None,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> TrainResult:
     """Train a fresh LoRA adapter on ``model`` (the champion) and save it to ``out_dir``.
 
-    The model is moved to the training device and returned to its caller clean: the adapter is
-    removed (not merged) and no base weight changes. With ``checkpoint_dir`` a crashed run
-    resumes from its last checkpoint and reaches the same adapter.
+    The model is moved to the training device and handed back clean: the adapter is removed
+    (not merged), no base weight changes. With ``checkpoint_dir`` a crashed run resumes from
+    its last checkpoint and reaches the same adapter. ``should_stop(step)`` is asked after
+    every step; True checkpoints (when a directory is set) and raises ``TrainingInterrupted``.
     """
     if not new:
         raise LearnerError("train_adapter needs at least one new example; nothing to learn")
-    device = resolve_device(train.device)
-    model.to(device)
-    amp = device.type == "cuda"
-
-    # --- setup: data
-    pool = [replay[i] for i in cap_pool(replay, replay_spec, train.seed)]
-    new_enc, new_cut = encode_examples(
-        tokenizer, new, max_length=train.max_length, template=train.template, what="new examples"
-    )
-    pool_enc, pool_cut = encode_examples(
-        tokenizer,
-        pool,
-        max_length=train.max_length,
-        template=train.template,
-        what="replay examples",
-    )
-    plans: dict[int, list[list[Encoded]]] = {}
-
-    def epoch_batches(epoch: int) -> list[list[Encoded]]:
-        if epoch not in plans:
-            mixed = mix_batches(
-                new, pool, replay_spec, batch_size=train.batch_size, seed=train.seed, epoch=epoch
-            )
-            plans[epoch] = [
-                [new_enc[i] for i in b.new] + [pool_enc[j] for j in b.replay] for b in mixed
-            ]
-        return plans[epoch]
-
-    micro_per_epoch = len(epoch_batches(0))
-    total_steps = train.max_steps or math.ceil(train.epochs * micro_per_epoch / train.grad_accum)
-
-    # --- setup: Fisher of the champion (before the adapter exists, so names are the plain ones)
-    fisher, fisher_seconds = _fisher_for_cycle(
-        model, tokenizer, pool, train, lora, ewc, fisher_path, device
-    )
-    if fisher is not None:
-        fisher = {k: v.to(device) for k, v in fisher.items()}
-
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    recipe = LoraRecipe(model, tokenizer, train=train, lora=lora, replay_spec=replay_spec, ewc=ewc)
+    device = recipe.device
+    # Seeding inside fork_rng: A's init and dropout are reproducible, the caller's RNG untouched.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(train.seed)  # A's init and dropout: reproducible, caller's RNG untouched
-        peft_model = attach_fresh_adapter(model, lora)
         try:
-            result = _train(
-                peft_model, tokenizer, epoch_batches, micro_per_epoch, total_steps, train, lora,
-                replay_spec, ewc, fisher, device, amp, checkpoint_dir,
-                run_id=_run_id(new, pool, train, lora, replay_spec, ewc),
-            )  # fmt: skip
-            save_adapter(peft_model, out_dir)
+            recipe.setup(new, replay, fisher_path=fisher_path, checkpoint_dir=checkpoint_dir)
+            recipe.train(should_stop)
+            save_adapter(recipe.peft_model, out_dir)
         finally:
-            detach_adapter(peft_model, requires_grad)
+            recipe.cleanup()
     if checkpoint_dir is not None:
-        clear_checkpoints(checkpoint_dir)  # the adapter is saved; nothing left to resume
-    steps, loss_first, loss_last, tokens, seconds, resumed, penalty_last = result
-    return TrainResult(
-        adapter_dir=Path(out_dir),
-        steps=steps,
-        new_examples=len(new),
-        replay_examples=len(pool),
-        loss_first=loss_first,
-        loss_last=loss_last,
-        tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
-        fisher_seconds=fisher_seconds,
-        train_seconds=seconds,
-        truncated=new_cut.truncated + pool_cut.truncated,
-        resumed_from_step=resumed,
-        ewc_penalty_last=penalty_last,
-    )
+        clear_checkpoints(checkpoint_dir)  # the adapter is saved: nothing left to resume
+    return recipe.result(Path(out_dir))
 
 
-def _train(
-    peft_model: nn.Module,
-    tokenizer: Any,
-    epoch_batches: Any,
-    micro_per_epoch: int,
-    total_steps: int,
-    train: TrainSpec,
-    lora: LoraSpec,
-    replay_spec: ReplaySpec,
-    ewc: EwcSpec | None,
-    fisher: dict[str, torch.Tensor] | None,
-    device: torch.device,
-    amp: bool,
-    checkpoint_dir: Path | None,
-    run_id: str,
-) -> tuple[int, float, float, int, float, int, float]:
-    """The loop. Returns (steps, loss_first, loss_last, tokens, seconds, resumed_from, penalty)."""
-    params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(params.values(), lr=train.lr, weight_decay=train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(
-            s, warmup=train.warmup_steps, total=total_steps, schedule=train.schedule
-        ),
-    )
-    step, loss_first, tokens, seconds = 0, float("nan"), 0, 0.0
-    if checkpoint_dir is not None:
-        state = load_checkpoint(checkpoint_dir, run_id, params, optimizer, scheduler, device)
-        if state is not None:
-            step, loss_first = state["step"], state["loss_first"]
-            tokens, seconds = state["tokens"], state["seconds"]
+class LoraRecipe:
+    """One cycle's training. Holds plain arguments, never a settings object."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        train: TrainSpec,
+        lora: LoraSpec,
+        replay_spec: ReplaySpec,
+        ewc: EwcSpec | None,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.spec, self.lora, self.replay_spec, self.ewc = train, lora, replay_spec, ewc
+        self.device = resolve_device(train.device)
+        self.amp = self.device.type == "cuda"  # bf16 autocast on CUDA; fp32 on CPU
+        self.pos = _Position()
+        self.resumed_from = 0
+        self.fisher: dict[str, torch.Tensor] | None = None
+        self.fisher_seconds = 0.0
+        self.peft_model: nn.Module | None = None
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        self._plans: dict[int, list[list[Encoded]]] = {}
+
+    # --- setup
+
+    def setup(
+        self,
+        new: Sequence[ExampleLike],
+        replay: Sequence[ExampleLike],
+        *,
+        fisher_path: Path | None,
+        checkpoint_dir: Path | None,
+    ) -> None:
+        spec = self.spec
+        self.model.to(self.device)
+        self.new = new
+        self.pool = [replay[i] for i in cap_pool(replay, self.replay_spec, spec.seed)]
+        kw: dict[str, Any] = {"max_length": spec.max_length, "template": spec.template}
+        self.new_enc, new_cut = encode_examples(self.tokenizer, new, what="new examples", **kw)
+        self.pool_enc, pool_cut = encode_examples(
+            self.tokenizer, self.pool, what="replay examples", **kw
+        )
+        self.truncated = new_cut.truncated + pool_cut.truncated
+        self.micro_per_epoch = len(self._epoch(0))
+        self.total_steps = spec.max_steps or math.ceil(
+            spec.epochs * self.micro_per_epoch / spec.grad_accum
+        )
+        # The Fisher is taken on the champion before the adapter exists (plain module names).
+        self.fisher, self.fisher_seconds = fisher_for_cycle(
+            self.model, self.tokenizer, self.pool, self.ewc,
+            target_modules=self.lora.target_modules, max_length=spec.max_length,
+            fisher_path=fisher_path, device=self.device,
+        )  # fmt: skip
+        if self.fisher is not None:
+            self.fisher = {k: v.to(self.device) for k, v in self.fisher.items()}
+
+        torch.manual_seed(spec.seed)
+        self.peft_model = attach_fresh_adapter(self.model, self.lora)
+        self.params = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(
+            self.params.values(), lr=spec.lr, weight_decay=spec.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(
+                s, warmup=spec.warmup_steps, total=self.total_steps, schedule=spec.schedule
+            ),
+        )
+        self.checkpoint_dir = checkpoint_dir
+        self.run_id = _run_id(new, self.pool, spec, self.lora, self.replay_spec, self.ewc)
+        if checkpoint_dir is not None and self.load_checkpoint(checkpoint_dir):
+            self.resumed_from = self.pos.step
             log.info(
-                "resuming cycle training at step %d/%d from %s", step, total_steps, checkpoint_dir
+                "resuming at step %d/%d from %s", self.pos.step, self.total_steps, checkpoint_dir
             )
-    resumed_from = step
-    pad = pad_id(tokenizer)
-    lam = ewc.lam if ewc is not None and ewc.enabled else 0.0
-    penalty_fisher = fisher if lam > 0 else None
-    loss_last, penalty_value = float("nan"), 0.0
-    stream = _micro_batches(epoch_batches, micro_per_epoch, train, start=step * train.grad_accum)
-    bar = tqdm(
-        total=total_steps, initial=step, disable=not train.progress, desc="adapter", unit="step"
-    )
-    peft_model.train()
-    while step < total_steps:
-        group = [b for _, (_, b) in zip(range(train.grad_accum), stream, strict=False)]
-        if not group:
-            break  # epochs exhausted (only with max_steps=None and rounding)
-        started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for chunk in group:
-            batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = peft_model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
-            loss = response_loss(logits, batch["labels"], batch["weights"]) / len(group)
-            loss.backward()
-            step_loss += loss.item()
-            tokens += int(batch["attention_mask"].sum())
-        if penalty_fisher is not None:
-            penalty = ewc_penalty(peft_model, penalty_fisher, lam)
-            penalty.backward()  # once per optimizer step, whatever grad_accum is
-            penalty_value = penalty.item()
-        if train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params.values(), train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        seconds += time.perf_counter() - started
-        loss_first = step_loss if math.isnan(loss_first) else loss_first
-        loss_last = step_loss
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", ewc=f"{penalty_value:.2e}", refresh=False)
-        if (
-            checkpoint_dir is not None
-            and train.checkpoint_every
-            and step % train.checkpoint_every == 0
-        ):
-            save_checkpoint(
-                checkpoint_dir, run_id, params, optimizer, scheduler, device,
-                {"step": step, "loss_first": loss_first, "tokens": tokens, "seconds": seconds},
+
+    def _epoch(self, epoch: int) -> list[list[Encoded]]:
+        """The micro-batches of one epoch (computed once, then cached)."""
+        if epoch not in self._plans:
+            mixed = mix_batches(
+                self.new, self.pool, self.replay_spec,
+                batch_size=self.spec.batch_size, seed=self.spec.seed, epoch=epoch,
             )  # fmt: skip
-    bar.close()
-    return step, loss_first, loss_last, tokens, seconds, resumed_from, penalty_value
+            self._plans[epoch] = [
+                [self.new_enc[i] for i in b.new] + [self.pool_enc[j] for j in b.replay]
+                for b in mixed
+            ]
+        return self._plans[epoch]
 
+    def _micro_batches(self, start: int) -> Iterator[list[Encoded]]:
+        """Micro-batches from stream position ``start`` on; endless when ``max_steps`` is set."""
+        epoch, index = divmod(start, self.micro_per_epoch)
+        while self.spec.max_steps is not None or epoch < self.spec.epochs:
+            yield from self._epoch(epoch)[index:]
+            epoch, index = epoch + 1, 0
 
-def _micro_batches(
-    epoch_batches: Any, micro_per_epoch: int, train: TrainSpec, *, start: int
-) -> Iterator[tuple[int, list[Encoded]]]:
-    """Micro-batches from position ``start`` on; endless when ``max_steps`` is set."""
-    epoch, index = divmod(start, micro_per_epoch)
-    while train.max_steps is not None or epoch < train.epochs:
-        batches = epoch_batches(epoch)
-        for i in range(index, len(batches)):
-            yield epoch, batches[i]
-        epoch, index = epoch + 1, 0
+    # --- train
 
+    def train(self, should_stop: Callable[[int], bool] | None = None) -> None:
+        spec, pos, model = self.spec, self.pos, self.peft_model
+        if model is None:
+            raise LearnerError("LoraRecipe.train() called before setup()")
+        pad = pad_id(self.tokenizer)
+        lam = self.ewc.lam if self.ewc is not None and self.ewc.enabled else 0.0
+        stream = self._micro_batches(pos.step * spec.grad_accum)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=pos.step,
+            disable=not spec.progress,
+            desc="adapter",
+            unit="step",
+        )
+        model.train()
+        while pos.step < self.total_steps:
+            group = [b for _, b in zip(range(spec.grad_accum), stream, strict=False)]
+            if not group:
+                break  # the epochs ran out (max_steps=None)
+            started = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for chunk in group:
+                batch = {k: v.to(self.device) for k, v in collate(chunk, pad).items()}
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+                loss = response_loss(logits, batch["labels"], batch["weights"]) / len(group)
+                loss.backward()
+                step_loss += loss.item()
+                pos.tokens += int(batch["attention_mask"].sum())
+            if self.fisher is not None and lam > 0:
+                penalty = ewc_penalty(model, self.fisher, lam)
+                penalty.backward()  # once per optimizer step, whatever grad_accum is
+                pos.penalty = penalty.item()
+            if spec.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params.values(), spec.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            pos.step += 1
+            pos.seconds += time.perf_counter() - started
+            pos.loss_first = step_loss if math.isnan(pos.loss_first) else pos.loss_first
+            pos.loss_last = step_loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", ewc=f"{pos.penalty:.2e}", refresh=False)
+            every = spec.checkpoint_every
+            if self.checkpoint_dir is not None and every and pos.step % every == 0:
+                self.save_checkpoint(self.checkpoint_dir)
+            if should_stop is not None and should_stop(pos.step) and pos.step < self.total_steps:
+                if self.checkpoint_dir is not None:
+                    self.save_checkpoint(self.checkpoint_dir)
+                bar.close()
+                raise TrainingInterrupted(pos.step, self.checkpoint_dir)
+        bar.close()
 
-def _fisher_for_cycle(
-    model: nn.Module,
-    tokenizer: Any,
-    pool: Sequence[ExampleLike],
-    train: TrainSpec,
-    lora: LoraSpec,
-    ewc: EwcSpec | None,
-    fisher_path: Path | None,
-    device: torch.device,
-) -> tuple[dict[str, torch.Tensor] | None, float]:
-    """The (online) Fisher to penalise with, and the seconds spent on it."""
-    if ewc is None or not ewc.enabled or ewc.lam == 0:
-        return None, 0.0
-    started = time.perf_counter()
-    champion = weights_fingerprint(target_weights(model, lora.target_modules))
-    if (
-        fisher_path is not None
-        and fisher_path.exists()
-        and fisher_champion(fisher_path) == champion
-    ):
-        log.info("champion unchanged since the stored Fisher; reusing %s", fisher_path)
-        return load_fisher(fisher_path), time.perf_counter() - started
-    if not pool:
-        if fisher_path is not None and fisher_path.exists():
-            # No past data to measure on, but the carried Fisher still protects older tasks.
-            log.warning(
-                "no replay examples to estimate the Fisher on; using the stored one decayed"
-            )
-            old = load_fisher(fisher_path)
-            return {k: v * ewc.decay for k, v in old.items()}, time.perf_counter() - started
-        log.info("no replay examples and no stored Fisher: EWC is off this cycle")
-        return None, 0.0
-    # Every pool example is a candidate; a seeded pick keeps tasks mixed when capped.
-    step = max(1, len(pool) // ewc.fisher_samples)
-    samples = list(pool[::step])[: ewc.fisher_samples]
-    fresh = estimate_fisher(
-        model, tokenizer, samples, lora.target_modules, batch_size=1,
-        max_length=train.max_length, device=device,
-    )  # fmt: skip
-    if fisher_path is not None:
-        fresh = update_online_fisher(fisher_path, fresh, ewc.decay, champion=champion)
-    seconds = time.perf_counter() - started
-    log.info("Fisher over %d weights from %d examples in %.1fs", len(fresh), len(samples), seconds)
-    return fresh, seconds
+    # --- save, cleanup
+
+    def save_checkpoint(self, checkpoint_dir: Path) -> Path:
+        return save_checkpoint(
+            checkpoint_dir, self.run_id, self.params, self.optimizer, self.scheduler,
+            self.device, asdict(self.pos),
+        )  # fmt: skip
+
+    def load_checkpoint(self, checkpoint_dir: Path) -> bool:
+        state = load_checkpoint(
+            checkpoint_dir, self.run_id, self.params, self.optimizer, self.scheduler, self.device
+        )
+        if state is None:
+            return False
+        self.pos = _Position(**state)
+        return True
+
+    def cleanup(self) -> None:
+        """Remove the adapter (unmerged) and restore the base parameters' flags."""
+        if self.peft_model is not None:
+            detach_adapter(self.peft_model, self._requires_grad)
+            self.peft_model = None
+        self.fisher = None
+
+    def result(self, adapter_dir: Path) -> TrainResult:
+        pos = self.pos
+        return TrainResult(
+            adapter_dir=adapter_dir,
+            steps=pos.step,
+            new_examples=len(self.new),
+            replay_examples=len(self.pool),
+            loss_first=pos.loss_first,
+            loss_last=pos.loss_last,
+            tokens_per_s=pos.tokens / pos.seconds if pos.seconds > 0 else 0.0,
+            fisher_seconds=self.fisher_seconds,
+            train_seconds=pos.seconds,
+            truncated=self.truncated,
+            resumed_from_step=self.resumed_from,
+            ewc_penalty_last=pos.penalty,
+        )
 
 
 def _run_id(
@@ -383,30 +384,19 @@ def _run_id(
     ewc: EwcSpec | None,
 ) -> str:
     """What a checkpoint must match to be resumed: the data and every setting that shapes it."""
-    h = hashlib.sha256()
     settings = asdict(train)
     for volatile in ("progress", "checkpoint_every", "device"):
         settings.pop(volatile)
     settings["template"] = [train.template.with_input, train.template.without_input]
-    blob = {
-        "train": settings,
-        "lora": asdict(lora),
-        "replay": asdict(replay_spec),
-        "ewc": asdict(ewc) if ewc else None,
-    }
-    h.update(json.dumps(blob, sort_keys=True).encode())
+    blob = {"train": settings, "lora": asdict(lora), "replay": asdict(replay_spec)}
+    blob["ewc"] = asdict(ewc) if ewc else None
+    h = hashlib.sha256(json.dumps(blob, sort_keys=True).encode())
     for group in (new, pool):
         h.update(b"\x00group")
         for ex in group:
-            for part in (
-                ex.task,
-                ex.instruction,
-                ex.input,
-                ex.output,
-                str(getattr(ex, "weight", 1.0)),
-            ):
-                h.update(part.encode())
-                h.update(b"\x1f")
+            weight = str(getattr(ex, "weight", 1.0))
+            for part in (ex.task, ex.instruction, ex.input, ex.output, weight):
+                h.update(part.encode() + b"\x1f")
     return h.hexdigest()
 
 

@@ -6,9 +6,11 @@ merging); the embedded pretrained base is used where learning quality matters.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -81,3 +83,15 @@ def copy_task(n: int, task: str = "copy", seed: int = 0) -> list[Ex]:
 
 def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(autouse=True)
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: for models this small, threads only fight over the shared cores.
+
+    Import it into a test module to apply it there (autouse fixtures follow their module).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,153 @@
+"""EWC: Fisher over targeted weights only, the penalty's algebra, online decay across cycles."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from learner_fixtures import byte_tokenizer, copy_task, single_thread, tiny_llama  # noqa: F401 (autouse)
+
+from aftertune.learners.data import collate, encode_examples, response_loss
+from aftertune.learners.errors import FisherMismatch
+from aftertune.learners.ewc import (
+    EwcSpec,
+    estimate_fisher,
+    ewc_penalty,
+    fisher_champion,
+    load_fisher,
+    mean_squared_grads,
+    update_online_fisher,
+)
+from aftertune.learners.lora import LoraSpec, attach_fresh_adapter
+
+TARGETS = LoraSpec().target_modules
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def fisher(tok) -> dict[str, torch.Tensor]:
+    return estimate_fisher(tiny_llama(), tok, copy_task(6), TARGETS, batch_size=2, max_length=64)
+
+
+def test_fisher_covers_exactly_the_targeted_linear_weights(tok, fisher) -> None:
+    model = tiny_llama()
+    expected = {
+        f"{name}.weight"
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS
+    }
+    assert set(fisher) == expected and len(expected) == 2 * 7
+    assert not any("embed" in k or "norm" in k or "lm_head" in k for k in fisher)
+    params = dict(model.named_parameters())
+    for key, f in fisher.items():
+        assert f.shape == params[key].shape and f.dtype == torch.float32
+        assert (f >= 0).all() and f.sum() > 0
+    only_q = estimate_fisher(model, tok, copy_task(2), ("q_proj",), max_length=64)
+    assert set(only_q) == {
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+    }
+    # The model is left as found: no grads kept, requires_grad unchanged.
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_fisher_is_mean_over_minibatches_of_squared_batch_gradients(tok, fisher) -> None:
+    model = tiny_llama()
+    encoded, _ = encode_examples(tok, copy_task(6), max_length=64)
+    key = "model.layers.1.mlp.down_proj.weight"
+    weight = dict(model.named_parameters())[key]
+    expected = torch.zeros_like(weight)
+    for start in (0, 2, 4):
+        batch = collate(encoded[start : start + 2], tok.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        (grad,) = torch.autograd.grad(
+            response_loss(logits, batch["labels"], batch["weights"]), weight
+        )
+        expected += grad.pow(2)
+    torch.testing.assert_close(fisher[key], expected / 3, rtol=1e-5, atol=1e-10)
+
+
+def test_penalty_is_zero_for_a_fresh_adapter_and_matches_brute_force(fisher) -> None:
+    spec = LoraSpec(r=4, alpha=12)
+    torch.manual_seed(0)
+    model = attach_fresh_adapter(tiny_llama(), spec)
+    assert ewc_penalty(model, fisher, lam=3.0).item() == 0.0  # B starts at zero
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    penalty = ewc_penalty(model, fisher, lam=3.0)
+    # Brute force: merge a copy and take ΔW from the weights themselves.
+    merged = copy.deepcopy(model).merge_and_unload().state_dict()
+    plain = tiny_llama().state_dict()
+    brute = sum((fisher[k] * (merged[k] - plain[k]).pow(2)).sum() for k in fisher)
+    torch.testing.assert_close(penalty, 1.5 * brute, rtol=1e-4, atol=0)
+    # Its gradient reaches the adapter only.
+    penalty.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+
+
+def test_penalty_refuses_a_fisher_for_other_targets(tok) -> None:
+    only_q = estimate_fisher(tiny_llama(), tok, copy_task(2), ("q_proj",), max_length=64)
+    model = attach_fresh_adapter(tiny_llama(), LoraSpec())
+    with pytest.raises(FisherMismatch, match="no entry"):
+        ewc_penalty(model, only_q, lam=1.0)
+
+
+def test_online_fisher_decays_and_counts_a_rejected_champion_once(tmp_path) -> None:
+    path = tmp_path / "fisher.safetensors"
+    f1, f2, f3 = ({"w": torch.full((2, 3), v)} for v in (1.0, 10.0, 100.0))
+    torch.testing.assert_close(update_online_fisher(path, f1, 0.5, champion="c1")["w"], f1["w"])
+    total = update_online_fisher(path, f2, 0.5, champion="c2")
+    torch.testing.assert_close(total["w"], torch.full((2, 3), 0.5 * 1 + 10))
+    # The c2 cycle was rejected: the next one is on c2 again and replaces c2's contribution.
+    total = update_online_fisher(path, f3, 0.5, champion="c2")
+    torch.testing.assert_close(total["w"], torch.full((2, 3), 0.5 * 1 + 100))
+    torch.testing.assert_close(load_fisher(path)["w"], total["w"])
+    assert fisher_champion(path) == "c2"
+    total = update_online_fisher(path, f1, 0.5, champion="c3")
+    torch.testing.assert_close(total["w"], torch.full((2, 3), 0.5 * (0.5 * 1 + 100) + 1))
+    assert [p.name for p in tmp_path.iterdir()] == ["fisher.safetensors"]  # no temp files left
+    with pytest.raises(FisherMismatch, match="base model changed"):
+        update_online_fisher(path, {"w": torch.ones(4)}, 0.5, champion="c4")
+
+
+def test_spec_validation() -> None:
+    with pytest.raises(ValueError, match="decay"):
+        EwcSpec(decay=1.5)
+    with pytest.raises(ValueError, match="lam"):
+        EwcSpec(lam=-1)
+    with pytest.raises(ValueError, match="fisher_samples"):
+        EwcSpec(fisher_samples=0)
+
+
+@pytest.mark.avalanche
+def test_importances_match_avalanche_ewc_plugin() -> None:
+    """Reference: avalanche-lib's EWCPlugin.compute_importances (run in .venv-avalanche)."""
+    ewc_mod = pytest.importorskip("avalanche.training.plugins.ewc")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    data = TensorDataset(
+        torch.randn(10, 5), torch.randint(0, 3, (10,)), torch.zeros(10, dtype=torch.long)
+    )
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    theirs = ewc_mod.EWCPlugin(ewc_lambda=1.0).compute_importances(
+        model, criterion, optimizer, data, "cpu", 4, 0
+    )
+    ours = mean_squared_grads(
+        model,
+        DataLoader(data, batch_size=4),
+        lambda m, b: criterion(m(b[0]), b[1]),
+        dict(model.named_parameters()),
+    )
+    for key, imp in theirs.items():
+        torch.testing.assert_close(ours[key], imp.data, rtol=1e-6, atol=1e-12)

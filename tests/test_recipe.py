@@ -1,0 +1,217 @@
+"""The LoRA recipe end to end on a tiny real Llama with real peft: learning, resume, hygiene."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from learner_fixtures import byte_tokenizer, copy_task, single_thread, state_copy, tiny_llama  # noqa: F401 (autouse)
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from aftertune.learners.base_model import EMBEDDED_TINY, load_base
+from aftertune.learners.data import collate, encode_examples, response_loss
+from aftertune.learners.errors import LearnerError, TrainingInterrupted
+from aftertune.learners.ewc import ewc_penalty, load_fisher
+from aftertune.learners.recipe import (
+    EwcSpec,
+    LoraSpec,
+    ReplaySpec,
+    TrainSpec,
+    lr_factor,
+    train_adapter,
+)
+
+NEW = copy_task(24, task="copy", seed=0)
+OLD = copy_task(24, task="old", seed=1)
+LORA = LoraSpec(r=4, dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def spec(**kw) -> TrainSpec:
+    base = {"lr": 5e-3, "warmup_steps": 2, "batch_size": 4, "max_steps": 12, "progress": False}
+    return TrainSpec(**{**base, **kw})
+
+
+def run(model, tok, tmp: Path, name: str, **kw) -> object:
+    args = {
+        "train": spec(),
+        "lora": LORA,
+        "replay_spec": ReplaySpec(ratio=1.0),
+        "ewc": EwcSpec(lam=5.0, fisher_samples=8),
+        "fisher_path": tmp / f"{name}-fisher.safetensors",
+        "out_dir": tmp / name,
+    }
+    return train_adapter(model, tok, NEW, OLD, **{**args, **kw})
+
+
+def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def data_loss(model, tok, examples) -> float:
+    encoded, _ = encode_examples(tok, examples, max_length=64)
+    batch = collate(encoded, tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return response_loss(logits, batch["labels"]).item()
+
+
+def test_resumed_training_reaches_the_same_adapter(tok, tmp_path) -> None:
+    """20 steps straight == 10 steps, crash, resume to 20 (grad accum, dropout, replay, EWC)."""
+    train = spec(max_steps=20, grad_accum=2, checkpoint_every=5)
+    straight = run(tiny_llama(), tok, tmp_path, "straight", train=train)
+
+    def crash(step: int) -> bool:
+        if step == 12:  # after the step-10 checkpoint: steps 11-12 are lost and redone
+            raise RuntimeError("simulated crash")
+        return False
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(
+            tiny_llama(),
+            tok,
+            tmp_path,
+            "resumed",
+            train=train,
+            checkpoint_dir=ckpt,
+            should_stop=crash,
+        )
+    assert [p.name for p in ckpt.iterdir()] == ["step-00000010"]
+    assert not (tmp_path / "resumed").exists()
+
+    resumed = run(tiny_llama(), tok, tmp_path, "resumed", train=train, checkpoint_dir=ckpt)
+    assert resumed.resumed_from_step == 10 and resumed.steps == straight.steps == 20
+    a, b = adapter_tensors(straight.adapter_dir), adapter_tensors(resumed.adapter_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert resumed.loss_first == straight.loss_first and resumed.loss_last == straight.loss_last
+    assert list(ckpt.iterdir()) == []  # a finished cycle leaves nothing to resume
+
+
+def test_warm_stop_checkpoints_and_raises(tok, tmp_path) -> None:
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(TrainingInterrupted) as info:
+        run(tiny_llama(), tok, tmp_path, "a", checkpoint_dir=ckpt, should_stop=lambda s: s == 3)
+    assert info.value.step == 3 and (ckpt / "step-00000003" / "state.json").is_file()
+    state = json.loads((ckpt / "step-00000003" / "state.json").read_text())
+    assert state["state"]["step"] == 3
+    assert {p.name for p in (ckpt / "step-00000003").iterdir()} == {
+        "adapter.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json",
+    }  # fmt: skip
+
+
+def test_checkpoint_of_another_run_is_not_resumed(tok, tmp_path, caplog) -> None:
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(TrainingInterrupted):
+        run(tiny_llama(), tok, tmp_path, "a", checkpoint_dir=ckpt, should_stop=lambda s: s == 3)
+    with caplog.at_level(logging.WARNING, logger="aftertune.learners.recipe"):
+        result = run(tiny_llama(), tok, tmp_path, "b", train=spec(seed=1), checkpoint_dir=ckpt)
+    assert result.resumed_from_step == 0 and result.steps == 12
+    assert any("another run" in r.getMessage() for r in caplog.records)
+
+
+def test_training_lowers_the_loss_and_leaves_the_base_untouched(tmp_path) -> None:
+    # LoRA on a random base learns next to nothing (DESIGN.md): learning needs the pretrained one.
+    model, tok = load_base(EMBEDDED_TINY)
+    before = state_copy(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    loss_before = data_loss(model, tok, NEW)
+    result = run(
+        model, tok, tmp_path, "learn",
+        train=spec(lr=1e-2, max_steps=None, epochs=10, batch_size=8),
+        lora=LoraSpec(r=8), replay_spec=ReplaySpec(enabled=False), ewc=None,
+    )  # fmt: skip
+    assert result.steps == 30 and result.new_examples == 24 and result.replay_examples == 0
+    assert result.loss_last < 0.6 * result.loss_first
+    assert result.tokens_per_s > 0 and result.train_seconds > 0 and result.fisher_seconds == 0
+    # The base model comes back exactly as it was: same weights, flags, no LoRA modules.
+    after = state_copy(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not any("lora" in n for n, _ in model.named_modules())
+    # The saved adapter is a valid PEFT adapter and carries what was learned.
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16
+    assert set(config["target_modules"]) == set(LoraSpec().target_modules)
+    tuned = PeftModel.from_pretrained(model, str(result.adapter_dir))
+    assert data_loss(tuned, tok, NEW) < 0.6 * loss_before
+
+
+def test_same_seed_same_adapter_and_caller_rng_untouched(tok, tmp_path) -> None:
+    models = tiny_llama(), tiny_llama()
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = run(models[0], tok, tmp_path, "a", train=spec(max_steps=4))
+    assert torch.equal(torch.rand(1), expected_next)
+    b = run(models[1], tok, tmp_path, "b", train=spec(max_steps=4))
+    ta, tb = adapter_tensors(a.adapter_dir), adapter_tensors(b.adapter_dir)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_ewc_holds_the_adapter_closer_to_the_champion(tok, tmp_path) -> None:
+    free = run(tiny_llama(), tok, tmp_path, "free", train=spec(max_steps=10), ewc=EwcSpec(lam=0.0))
+    held = run(tiny_llama(), tok, tmp_path, "held", train=spec(max_steps=10), ewc=EwcSpec(lam=1e4))
+    assert free.ewc_penalty_last == 0.0 and held.ewc_penalty_last > 0 and held.fisher_seconds > 0
+    fisher = load_fisher(tmp_path / "held-fisher.safetensors")
+
+    def fisher_weighted_change(adapter_dir: Path) -> float:
+        """Σ F ⊙ ΔW²: how far the adapter moves the weights that mattered to the old task."""
+        return ewc_penalty(
+            PeftModel.from_pretrained(tiny_llama(), str(adapter_dir)), fisher, 2.0
+        ).item()
+
+    assert fisher_weighted_change(held.adapter_dir) < 0.5 * fisher_weighted_change(free.adapter_dir)
+
+
+def test_truncation_is_reported(tok, tmp_path) -> None:
+    result = run(tiny_llama(), tok, tmp_path, "t", train=spec(max_steps=1, max_length=30))
+    assert result.truncated == len(NEW) + len(OLD)  # every prompt is longer than 15 bytes
+
+
+def test_bad_input_raises() -> None:
+    with pytest.raises(LearnerError, match="at least one new example"):
+        train_adapter(
+            tiny_llama(), byte_tokenizer(), [], OLD, train=spec(), lora=LORA,
+            replay_spec=ReplaySpec(), ewc=None, fisher_path=None, out_dir=Path("unused"),
+        )  # fmt: skip
+    for bad in (
+        {"r": 0},
+        {"alpha": 0},
+        {"dropout": 1.0},
+        {"target_modules": ()},
+        {"target_modules": "q_proj"},
+    ):
+        with pytest.raises(ValueError):
+            LoraSpec(**bad)
+    assert LoraSpec(r=8).alpha == 16 and LoraSpec(target_modules=["q_proj"]).target_modules == (
+        "q_proj",
+    )
+    for bad in (
+        {"lr": 0},
+        {"batch_size": 0},
+        {"max_steps": 0},
+        {"schedule": "step"},
+        {"device": "tpu"},
+    ):
+        with pytest.raises(ValueError):
+            TrainSpec(**bad)
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
+    f = [lr_factor(s, warmup=4, total=20, schedule="cosine") for s in range(21)]
+    assert f[0] < f[1] < f[2] < f[3] < f[4] == 1.0
+    assert all(a >= b for a, b in itertools.pairwise(f[4:])) and f[20] == pytest.approx(0)
+    assert lr_factor(12, warmup=4, total=20, schedule="linear") == pytest.approx(0.5)
