@@ -226,9 +226,10 @@ class LoraRecipe:
         self.total_steps = spec.max_steps or math.ceil(
             spec.epochs * self.micro_per_epoch / spec.grad_accum
         )
-        # The Fisher is taken on the champion before the adapter exists (plain module names).
+        # The Fisher is taken on the champion before the adapter exists (plain module names),
+        # on past examples whether or not they are also replayed in batches.
         self.fisher, self.fisher_seconds = fisher_for_cycle(
-            self.model, self.tokenizer, self.pool, self.ewc,
+            self.model, self.tokenizer, replay, self.ewc,
             target_modules=self.lora.target_modules, max_length=spec.max_length,
             fisher_path=fisher_path, device=self.device,
         )  # fmt: skip
