@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 
+from aftertune.daemon.cli_models import register_model_commands
 from aftertune.daemon.errors import DaemonError, RedisUnavailable
 from aftertune.daemon.settings import Settings, load_settings
 from aftertune.learners.errors import LearnerError
@@ -88,33 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="requeue every dead letter")
     p.set_defaults(func=cmd_dlq_requeue)
 
-    p = sub.add_parser(
-        "train",
-        parents=[common],
-        help="train one candidate on the train examples added since the champion was made",
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser(
-        "eval", parents=[common], help="score the champion (and a candidate) on held-out data"
-    )
-    p.add_argument("--candidate", type=int, default=None, metavar="VERSION", help="also score it")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_eval)
-
-    base = sub.add_parser("base", parents=[common], help="the embedded base model")
-    base_sub = base.add_subparsers(dest="base_command", metavar="ACTION", required=True)
-    p = base_sub.add_parser(
-        "build",
-        parents=[common],
-        help="pretrain the embedded tiny base from scratch (reproduces the shipped weights)",
-    )
-    p.add_argument("--out", type=Path, required=True, help="directory to write the model to")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: as shipped)")
-    p.add_argument("--seed", type=int, default=None, help="seed (default: as shipped)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.set_defaults(func=cmd_base_build)
+    register_model_commands(sub, common)
     return parser
 
 
@@ -191,9 +166,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.daemon.status import gather_status, render_status
+    from aftertune.store.registry import Registry
 
-    with _redis(settings) as client, _open_store(settings) as store:
-        status = gather_status(client, store, settings)
+    with (
+        _redis(settings) as client,
+        _open_store(settings) as store,
+        Registry(settings.state_dir) as registry,
+    ):
+        status = gather_status(client, store, registry, settings)
     print(json.dumps(status, indent=2) if args.json else render_status(status))
     return 0
 
@@ -226,64 +206,6 @@ def cmd_dlq_requeue(args: argparse.Namespace, settings: Settings) -> int:
         print(problem, file=sys.stderr)
     print(f"requeued {done} entries onto {cfg.stream}")
     return 1 if problems else 0
-
-
-def _actor() -> str:
-    import getpass
-
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
-
-
-def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    from aftertune.daemon.learning import run_train
-
-    report = run_train(settings, actor=_actor())
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-        return 0
-    print(
-        f"candidate v{report.candidate}: {report.new_examples} new + {report.replay_examples} "
-        f"replayed examples, {report.steps} steps, loss {report.loss_first:.3f} -> "
-        f"{report.loss_last:.3f}, {report.tokens_per_s:,.0f} tokens/s, "
-        f"train {report.train_seconds:.1f}s, Fisher {report.fisher_seconds:.1f}s"
-    )
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
-    from aftertune.daemon.learning import run_eval
-
-    result = run_eval(settings, args.candidate)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    tables = result if args.candidate is not None else {"champion": result}
-    for who, scores in tables.items():
-        print(f"{who}:")
-        if not scores:
-            print("  no held-out examples yet")
-        for task, score in scores.items():
-            metric = "accuracy" if "accuracy" in score else "token_f1"
-            print(
-                f"  {task:<24} {metric} {100 * score[metric]:6.1f}  nll {score['nll']:.3f}  n {score['n']}"
-            )
-    return 0
-
-
-def cmd_base_build(args: argparse.Namespace, settings: Settings) -> int:
-    from aftertune.learners import pretrain
-
-    kwargs: dict[str, Any] = {"device": args.device}
-    if args.steps is not None:
-        kwargs["steps"] = args.steps
-    if args.seed is not None:
-        kwargs["seed"] = args.seed
-    report = pretrain.build_embedded_base(args.out, **{**pretrain.SHIPPED_BUILD, **kwargs})
-    print(json.dumps(report.to_json() if hasattr(report, "to_json") else vars(report), indent=2))
-    return 0
 
 
 def _offline_and_quiet() -> None:

@@ -11,7 +11,9 @@ from aftertune.daemon.settings import Settings
 from aftertune.learners.cycle import CandidateReport, evaluate_version, train_candidate
 from aftertune.learners.evaluate import score_dict
 from aftertune.learners.ewc import EwcSpec
+from aftertune.learners.gate import GateRules, MetricRules
 from aftertune.learners.lora import LoraSpec
+from aftertune.learners.promotion import CycleResult, EvalSpec, run_cycle
 from aftertune.learners.recipe import TrainSpec
 from aftertune.learners.replay import ReplaySpec
 from aftertune.store.examples import ExampleStore
@@ -50,6 +52,49 @@ def replay_spec(settings: Settings) -> ReplaySpec:
 def ewc_spec(settings: Settings) -> EwcSpec:
     s = settings.ewc
     return EwcSpec(lam=s.lam, decay=s.decay, fisher_samples=s.fisher_samples, enabled=s.enabled)
+
+
+def gate_rules(settings: Settings) -> GateRules:
+    g = settings.gate
+    return GateRules(
+        default=MetricRules(floor=g.floor, max_drop=g.max_drop, max_drop_rel=g.max_drop_rel),
+        per_task={
+            task: MetricRules(floor=t.floor, max_drop=t.max_drop, max_drop_rel=t.max_drop_rel)
+            for task, t in g.tasks.items()
+        },
+        min_gain=g.min_gain,
+        min_nll_gain=g.min_nll_gain,
+        require_approval=g.require_approval,
+    )
+
+
+def eval_spec(settings: Settings) -> EvalSpec:
+    return EvalSpec(
+        batch_size=settings.eval.batch_size,
+        max_new_tokens=settings.eval.max_new_tokens,
+        max_length=settings.train.max_length,
+        max_per_task=settings.gate.max_per_task,
+    )
+
+
+def run_cycle_once(settings: Settings, actor: str) -> CycleResult:
+    with (
+        ExampleStore.in_state_dir(settings.state_dir) as store,
+        Registry(settings.state_dir) as registry,
+    ):
+        return run_cycle(
+            store,
+            registry,
+            settings.state_dir,
+            base=settings.model.base,
+            lora=lora_spec(settings),
+            train=train_spec(settings),
+            replay=replay_spec(settings),
+            ewc=ewc_spec(settings),
+            rules=gate_rules(settings),
+            eval_spec=eval_spec(settings),
+            actor=actor,
+        )
 
 
 def run_train(settings: Settings, actor: str) -> CandidateReport:

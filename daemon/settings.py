@@ -124,6 +124,37 @@ class EvalSettings(_Section):
     max_new_tokens: int = Field(default=16, ge=1)
 
 
+GATE_METRICS = ("accuracy", "token_f1", "valid", "nll")
+
+
+class TaskGateSettings(_Section):
+    """Per-task overrides of the gate's thresholds (metric -> value)."""
+
+    floor: dict[str, float] = Field(default_factory=dict, description="ceiling for nll")
+    max_drop: dict[str, float] = Field(default_factory=dict)
+    max_drop_rel: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("floor", "max_drop", "max_drop_rel")
+    @classmethod
+    def _metrics(cls, value: dict[str, float]) -> dict[str, float]:
+        for metric in value:
+            if metric not in GATE_METRICS:
+                raise ValueError(f"unknown metric {metric!r}; known: {', '.join(GATE_METRICS)}")
+        return value
+
+
+class GateSettings(TaskGateSettings):
+    max_drop: dict[str, float] = Field(
+        default_factory=lambda: {"accuracy": 0.05, "token_f1": 0.05, "nll": 0.25}
+    )
+    max_drop_rel: dict[str, float] = Field(default_factory=lambda: {"nll": 0.25})
+    min_gain: float = Field(default=0.0, description="headline score gain on new held-out data")
+    min_nll_gain: float = Field(default=0.01, description="NLL improvement on new held-out data")
+    require_approval: bool = False
+    max_per_task: int = Field(default=200, ge=1, description="held-out examples per task and suite")
+    tasks: dict[str, TaskGateSettings] = Field(default_factory=dict)
+
+
 class Settings(BaseSettings):
     """The root of aftertune's configuration."""
 
@@ -142,6 +173,7 @@ class Settings(BaseSettings):
     replay: ReplaySettings = Field(default_factory=ReplaySettings)
     ewc: EwcSettings = Field(default_factory=EwcSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -8,6 +8,7 @@ import redis
 
 from aftertune.daemon.settings import Settings
 from aftertune.store.examples import ExampleStore
+from aftertune.store.registry import Registry
 
 
 def stream_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
@@ -26,11 +27,24 @@ def stream_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
     return {"length": length, "pending": pending, "unread": lag, "dead": dead}
 
 
-def gather_status(client: redis.Redis, store: ExampleStore, settings: Settings) -> dict[str, Any]:
+def champion_status(registry: Registry) -> dict[str, Any] | None:
+    champion = registry.champion()
+    if champion is None:
+        return None
+    return {
+        "version": champion.version,
+        "promoted_at": registry.promoted_at(champion.version),
+        "metrics": {task: m.get("challenger", {}) for task, m in champion.metrics.items()},
+    }
+
+
+def gather_status(
+    client: redis.Redis, store: ExampleStore, registry: Registry, settings: Settings
+) -> dict[str, Any]:
     return {
         "stream": stream_status(client, settings),
         "examples": store.counts(),
-        "champion": None,
+        "champion": champion_status(registry),
     }
 
 

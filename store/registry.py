@@ -62,6 +62,19 @@ class VersionState(str, Enum):
     RETIRED = "retired"
 
 
+# Which state may follow which. RETIRED -> PROMOTED is a rollback.
+TRANSITIONS: dict[VersionState, frozenset[VersionState]] = {
+    VersionState.CANDIDATE: frozenset({VersionState.EVALUATING, VersionState.REJECTED}),
+    VersionState.EVALUATING: frozenset(
+        {VersionState.PROMOTED, VersionState.REJECTED, VersionState.AWAITING_APPROVAL}
+    ),
+    VersionState.AWAITING_APPROVAL: frozenset({VersionState.PROMOTED, VersionState.REJECTED}),
+    VersionState.PROMOTED: frozenset({VersionState.RETIRED}),
+    VersionState.RETIRED: frozenset({VersionState.PROMOTED}),
+    VersionState.REJECTED: frozenset(),
+}
+
+
 @dataclass(frozen=True)
 class Version:
     version: int
@@ -246,6 +259,102 @@ class Registry:
             out.append(current)
             version = current.parent
         return list(reversed(out))
+
+    def _state(self, db: sqlite3.Connection, version: int) -> VersionState:
+        row = db.execute("SELECT state FROM versions WHERE version = ?", (version,)).fetchone()
+        if row is None:
+            raise RegistryError(f"no model version {version}; `aftertune models` lists them")
+        return VersionState(row[0])
+
+    def _move(
+        self,
+        db: sqlite3.Connection,
+        version: int,
+        to: VersionState,
+        actor: str,
+        reason: str,
+        *,
+        gate: dict[str, Any] | None = None,
+    ) -> None:
+        current = self._state(db, version)
+        if to not in TRANSITIONS[current]:
+            allowed = ", ".join(sorted(s.value for s in TRANSITIONS[current])) or "none"
+            raise RegistryError(
+                f"version {version} is {current.value}; it cannot become {to.value} "
+                f"(allowed from {current.value}: {allowed})"
+            )
+        sql = "UPDATE versions SET state = ?, updated_at = ?"
+        params: list[Any] = [to.value, time.time()]
+        if gate is not None:
+            sql += ", gate = ?"
+            params.append(json.dumps(gate, sort_keys=True))
+        db.execute(sql + " WHERE version = ?", (*params, version))
+        self._audit(db, version, current, to, actor, reason)
+
+    def transition(
+        self,
+        version: int,
+        to: VersionState,
+        *,
+        actor: str,
+        reason: str,
+        gate: dict[str, Any] | None = None,
+    ) -> Version:
+        """Move ``version`` to state ``to`` (not PROMOTED: use promote or rollback)."""
+        if to is VersionState.PROMOTED:
+            raise RegistryError("use promote() or rollback() to make a version champion")
+        with self._transaction() as db:
+            self._move(db, version, to, actor, reason, gate=gate)
+        return self.get(version)
+
+    def promote(
+        self, version: int, *, actor: str, reason: str, gate: dict[str, Any] | None = None
+    ) -> Version:
+        """Make ``version`` the champion; the old champion retires. One transaction."""
+        with self._transaction() as db:
+            self._move(db, version, VersionState.PROMOTED, actor, reason, gate=gate)
+            self._switch_champion(db, version, actor, f"superseded by v{version}")
+        return self.get(version)
+
+    def rollback(self, version: int, *, actor: str, reason: str = "") -> Version:
+        """Move the champion alias back to ``version``, a retired former champion."""
+        with self._transaction() as db:
+            state = self._state(db, version)
+            if state is not VersionState.RETIRED:
+                raise RegistryError(
+                    f"version {version} is {state.value}; only a retired former champion "
+                    "can be rolled back to"
+                )
+            why = reason or f"rollback to v{version}"
+            self._move(db, version, VersionState.PROMOTED, actor, why)
+            self._switch_champion(db, version, actor, f"rolled back to v{version}")
+        return self.get(version)
+
+    def _switch_champion(self, db: sqlite3.Connection, version: int, actor: str, why: str) -> None:
+        row = db.execute("SELECT version FROM aliases WHERE name = 'champion'").fetchone()
+        if row is not None and int(row[0]) != version:
+            self._move(db, int(row[0]), VersionState.RETIRED, actor, why)
+        db.execute(
+            "INSERT INTO aliases (name, version) VALUES ('champion', ?)"
+            " ON CONFLICT(name) DO UPDATE SET version = excluded.version",
+            (version,),
+        )
+
+    def in_state(self, state: VersionState) -> list[Version]:
+        with self._lock:
+            rows = self._db.execute(
+                self._SELECT + " WHERE state = ? ORDER BY version", (state.value,)
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def promoted_at(self, version: int) -> float | None:
+        """When ``version`` last became champion (None if it never did)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MAX(at) FROM audit WHERE version = ? AND to_state = ?",
+                (version, VersionState.PROMOTED.value),
+            ).fetchone()
+        return row[0] if row else None
 
     def set_metrics(self, version: int, metrics: dict[str, Any]) -> None:
         with self._transaction() as db:

@@ -1,0 +1,231 @@
+"""CLI commands about models: train, eval, cycle, models, rollback, approve, reject, base.
+
+Commands that learn import torch lazily, inside the command; the registry commands stay light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from aftertune.daemon.settings import Settings
+
+
+def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the model commands to the top-level subparsers."""
+    p = sub.add_parser(
+        "train",
+        parents=[common],
+        help="train one candidate on the train examples added since the champion was made",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval", parents=[common], help="score the champion (and a candidate) on held-out data"
+    )
+    p.add_argument("--candidate", type=int, default=None, metavar="VERSION", help="also score it")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_eval)
+
+    base = sub.add_parser("base", parents=[common], help="the embedded base model")
+    base_sub = base.add_subparsers(dest="base_command", metavar="ACTION", required=True)
+    p = base_sub.add_parser(
+        "build",
+        parents=[common],
+        help="pretrain the embedded tiny base from scratch (reproduces the shipped weights)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="directory to write the model to")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: as shipped)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: as shipped)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=cmd_base_build)
+
+    p = sub.add_parser(
+        "cycle",
+        parents=[common],
+        help="one learning cycle: train (or resume) a challenger, evaluate, gate, decide",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_cycle)
+
+    p = sub.add_parser("models", parents=[common], help="model versions, states, key metrics")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "rollback", parents=[common], help="make a retired former champion the champion again"
+    )
+    p.add_argument("version", type=int, help="version to roll back to")
+    p.add_argument("--why", default="", help="reason, kept in the audit log")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("approve", parents=[common], help="promote a version awaiting approval")
+    p.add_argument("version", type=int)
+    p.add_argument("--why", default="approved by hand", help="reason, kept in the audit log")
+    p.set_defaults(func=cmd_approve)
+
+    p = sub.add_parser("reject", parents=[common], help="reject a version awaiting approval")
+    p.add_argument("version", type=int)
+    p.add_argument("--why", required=True, help="reason, kept in the audit log")
+    p.set_defaults(func=cmd_reject)
+
+
+def _actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.daemon.learning import run_train
+
+    report = run_train(settings, actor=_actor())
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    print(
+        f"candidate v{report.candidate}: {report.new_examples} new + {report.replay_examples} "
+        f"replayed examples, {report.steps} steps, loss {report.loss_first:.3f} -> "
+        f"{report.loss_last:.3f}, {report.tokens_per_s:,.0f} tokens/s, "
+        f"train {report.train_seconds:.1f}s, Fisher {report.fisher_seconds:.1f}s"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.daemon.learning import run_eval
+
+    result = run_eval(settings, args.candidate)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    tables = result if args.candidate is not None else {"champion": result}
+    for who, scores in tables.items():
+        print(f"{who}:")
+        if not scores:
+            print("  no held-out examples yet")
+        for task, score in scores.items():
+            metric = "accuracy" if "accuracy" in score else "token_f1"
+            print(
+                f"  {task:<24} {metric} {100 * score[metric]:6.1f}  nll {score['nll']:.3f}  n {score['n']}"
+            )
+    return 0
+
+
+def cmd_base_build(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.learners import pretrain
+
+    kwargs: dict[str, Any] = {"device": args.device}
+    if args.steps is not None:
+        kwargs["steps"] = args.steps
+    if args.seed is not None:
+        kwargs["seed"] = args.seed
+    report = pretrain.build_embedded_base(args.out, **{**pretrain.SHIPPED_BUILD, **kwargs})
+    print(json.dumps(report.to_json() if hasattr(report, "to_json") else vars(report), indent=2))
+    return 0
+
+
+def cmd_cycle(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.daemon.learning import run_cycle_once
+
+    result = run_cycle_once(settings, actor=_actor())
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    print(f"v{result.version}: {result.decision.value}")
+    for reason in result.reasons:
+        print(f"  - {reason}")
+    for task, m in result.metrics.items():
+        old, new = m["champion"], m["challenger"]
+        metric = "accuracy" if "accuracy" in new else "token_f1"
+        print(
+            f"  {task:<24} {metric} {100 * old[metric]:6.1f} -> {100 * new[metric]:6.1f}"
+            f"   nll {old['nll']:.3f} -> {new['nll']:.3f}   n {new['n']}"
+        )
+    return 0
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    parts = []
+    for task, m in sorted(metrics.items()):
+        new = m.get("challenger", {})
+        metric = "accuracy" if "accuracy" in new else "token_f1"
+        if metric in new:
+            parts.append(f"{task} {100 * new[metric]:.0f}")
+    return ", ".join(parts)
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.store.registry import Registry
+
+    with Registry(settings.state_dir) as registry:
+        champion = registry.champion()
+        rows = [
+            {
+                "version": v.version,
+                "state": v.state.value,
+                "champion": champion is not None and v.version == champion.version,
+                "parent": v.parent,
+                "created_at": v.created_at,
+                "trained_on": v.lineage.get("trained_on", {}).get("count_by_task", {}),
+                "metrics": v.metrics,
+                "reasons": v.gate.get("reasons", []),
+            }
+            for v in registry.versions()
+        ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no model versions yet; the base model serves")
+    for row in rows:
+        mark = "*" if row["champion"] else " "
+        made = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created_at"]))
+        print(f"{mark} v{row['version']:<4} {row['state']:<18} {made}  {_headline(row['metrics'])}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.store.registry import Registry
+
+    with Registry(settings.state_dir) as registry:
+        version = registry.rollback(args.version, actor=_actor(), reason=args.why)
+    print(f"v{version.version} is the champion again")
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.store.registry import Registry, VersionState
+
+    with Registry(settings.state_dir) as registry:
+        if registry.get(args.version).state is not VersionState.AWAITING_APPROVAL:
+            state = registry.get(args.version).state.value
+            raise_refused(f"v{args.version} is {state}, not awaiting approval; nothing to approve")
+        registry.promote(args.version, actor=_actor(), reason=args.why)
+    print(f"v{args.version} approved and promoted to champion")
+    return 0
+
+
+def cmd_reject(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.store.registry import Registry, VersionState
+
+    with Registry(settings.state_dir) as registry:
+        if registry.get(args.version).state is not VersionState.AWAITING_APPROVAL:
+            state = registry.get(args.version).state.value
+            raise_refused(f"v{args.version} is {state}, not awaiting approval; nothing to reject")
+        registry.transition(args.version, VersionState.REJECTED, actor=_actor(), reason=args.why)
+    print(f"v{args.version} rejected")
+    return 0
+
+
+def raise_refused(message: str) -> None:
+    from aftertune.daemon.errors import DaemonError
+
+    raise DaemonError(message)

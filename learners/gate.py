@@ -1,0 +1,314 @@
+"""The regression gate: may the challenger replace the champion? Decided per task, with reasons.
+
+Rules in the style of TFX/TFMA model validation:
+
+- value thresholds: an absolute floor per metric (a ceiling for NLL, where lower is better);
+- change thresholds against the champion: the largest allowed drop, absolute and relative;
+- a minimum gain on the tasks that got new data; a task the champion has no score for
+  yet is held to its value thresholds only.
+
+Two suites stay apart. *Regression* uses the held-out records that already existed when
+the champion was made; *gain* uses the held-out records that arrived with this cycle's
+data, so a poisoned batch cannot vouch for itself. Pure logic, no torch: the same inputs
+always give the same decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+# Metrics the gate knows, and which way is better.
+HIGHER_IS_BETTER = {"accuracy": True, "token_f1": True, "valid": True, "nll": False}
+PRIMARY = ("accuracy", "token_f1")  # a task's headline score: whichever it has
+
+Scores = Mapping[str, float]  # metric -> value for one task on one suite
+
+
+class Decision(str, Enum):
+    PROMOTED = "promoted"
+    REJECTED = "rejected"
+    AWAITING_APPROVAL = "awaiting_approval"
+
+
+class Suite(str, Enum):
+    REGRESSION = "regression"
+    GAIN = "gain"
+
+
+@dataclass(frozen=True)
+class MetricRules:
+    """Thresholds per metric name; a metric absent from a mapping is not checked by it."""
+
+    floor: Mapping[str, float] = field(default_factory=dict)  # ceiling for nll
+    max_drop: Mapping[str, float] = field(default_factory=dict)  # absolute, vs champion
+    max_drop_rel: Mapping[str, float] = field(default_factory=dict)  # fraction of champion
+
+    def __post_init__(self) -> None:
+        for name, table in (
+            ("floor", self.floor),
+            ("max_drop", self.max_drop),
+            ("max_drop_rel", self.max_drop_rel),
+        ):
+            for metric, value in table.items():
+                if metric not in HIGHER_IS_BETTER:
+                    known = ", ".join(sorted(HIGHER_IS_BETTER))
+                    raise ValueError(f"gate {name}: unknown metric {metric!r} (known: {known})")
+                if name != "floor" and value < 0:
+                    raise ValueError(f"gate {name}.{metric} must be >= 0, got {value}")
+
+    def merged(self, override: MetricRules) -> MetricRules:
+        return MetricRules(
+            floor={**self.floor, **override.floor},
+            max_drop={**self.max_drop, **override.max_drop},
+            max_drop_rel={**self.max_drop_rel, **override.max_drop_rel},
+        )
+
+
+@dataclass(frozen=True)
+class GateRules:
+    default: MetricRules = field(
+        default_factory=lambda: MetricRules(
+            max_drop={"accuracy": 0.05, "token_f1": 0.05, "nll": 0.25},
+            max_drop_rel={"nll": 0.25},
+        )
+    )
+    per_task: Mapping[str, MetricRules] = field(default_factory=dict)
+    min_gain: float = 0.0  # headline score, challenger - champion, on the gain suite
+    min_nll_gain: float = 0.01  # nats per token the challenger must improve on the gain suite
+    require_approval: bool = False
+
+    def for_task(self, task: str) -> MetricRules:
+        override = self.per_task.get(task)
+        return self.default if override is None else self.default.merged(override)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One rule applied to one task and metric. ``passed`` None = could not be judged."""
+
+    task: str
+    suite: Suite
+    metric: str
+    rule: str
+    champion: float | None
+    challenger: float | None
+    threshold: float | None
+    passed: bool
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["suite"] = self.suite.value
+        return out
+
+
+@dataclass(frozen=True)
+class GateReport:
+    decision: Decision
+    checks: list[Check]
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why: every failed check, or (when it passed) that every check held."""
+        if self.failures:
+            return [c.message for c in self.failures]
+        return [f"all {len(self.checks)} checks passed"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "decision": self.decision.value,
+            "reasons": self.reasons,
+            "checks": [c.to_json() for c in self.checks],
+        }
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _value_checks(task: str, suite: Suite, challenger: Scores, rules: MetricRules) -> list[Check]:
+    out = []
+    for metric, bound in sorted(rules.floor.items()):
+        if metric not in challenger:
+            continue  # a floor for accuracy says nothing about a free-text task
+        value = challenger[metric]
+        higher = HIGHER_IS_BETTER[metric]
+        ok = value >= bound if higher else value <= bound
+        word = "floor" if higher else "ceiling"
+        out.append(
+            Check(
+                task,
+                suite,
+                metric,
+                f"value_{word}",
+                None,
+                value,
+                bound,
+                ok,
+                f"{task}: {metric} {_fmt(value)} {'meets' if ok else 'breaks'} the {word} {bound:g} ({suite.value})",
+            )
+        )
+    return out
+
+
+def _change_checks(
+    task: str, champion: Scores, challenger: Scores, rules: MetricRules
+) -> list[Check]:
+    out = []
+    suite = Suite.REGRESSION
+    for metric in sorted(set(rules.max_drop) | set(rules.max_drop_rel)):
+        if metric not in champion:
+            continue
+        old = champion[metric]
+        if metric not in challenger:
+            out.append(
+                Check(
+                    task,
+                    suite,
+                    metric,
+                    "metric_present",
+                    old,
+                    None,
+                    None,
+                    False,
+                    f"{task}: challenger has no {metric} (champion {_fmt(old)})",
+                )
+            )
+            continue
+        new = challenger[metric]
+        drop = (old - new) if HIGHER_IS_BETTER[metric] else (new - old)
+        if metric in rules.max_drop:
+            limit = rules.max_drop[metric]
+            ok = drop <= limit + 1e-12
+            out.append(
+                Check(
+                    task,
+                    suite,
+                    metric,
+                    "max_drop",
+                    old,
+                    new,
+                    limit,
+                    ok,
+                    f"{task}: {metric} {_fmt(old)} -> {_fmt(new)}, a drop of {drop:.4g} "
+                    f"({'within' if ok else 'over'} the allowed {limit:g})",
+                )
+            )
+        if metric in rules.max_drop_rel and old != 0:
+            limit = rules.max_drop_rel[metric]
+            rel = drop / abs(old)
+            ok = rel <= limit + 1e-12
+            out.append(
+                Check(
+                    task,
+                    suite,
+                    metric,
+                    "max_drop_rel",
+                    old,
+                    new,
+                    limit,
+                    ok,
+                    f"{task}: {metric} {_fmt(old)} -> {_fmt(new)}, a relative drop of "
+                    f"{100 * rel:.1f}% ({'within' if ok else 'over'} the allowed {100 * limit:g}%)",
+                )
+            )
+    return out
+
+
+def _gain_checks(
+    task: str, champion: Scores | None, challenger: Scores, rules: GateRules
+) -> list[Check]:
+    if champion is None:
+        return []  # no champion score yet: value thresholds only
+    out = []
+    suite = Suite.GAIN
+    primary = next((m for m in PRIMARY if m in challenger and m in champion), None)
+    if primary is not None:
+        gain = challenger[primary] - champion[primary]
+        ok = gain >= rules.min_gain - 1e-12
+        out.append(
+            Check(
+                task,
+                suite,
+                primary,
+                "min_gain",
+                champion[primary],
+                challenger[primary],
+                rules.min_gain,
+                ok,
+                f"{task}: {primary} on new held-out data {_fmt(champion[primary])} -> "
+                f"{_fmt(challenger[primary])}, gain {gain:+.4g} (minimum {rules.min_gain:g})",
+            )
+        )
+    if "nll" in challenger and "nll" in champion:
+        gain = champion["nll"] - challenger["nll"]
+        ok = gain >= rules.min_nll_gain - 1e-12
+        out.append(
+            Check(
+                task,
+                suite,
+                "nll",
+                "min_nll_gain",
+                champion["nll"],
+                challenger["nll"],
+                rules.min_nll_gain,
+                ok,
+                f"{task}: nll on new held-out data {_fmt(champion['nll'])} -> "
+                f"{_fmt(challenger['nll'])}, improvement {gain:+.4g} (minimum {rules.min_nll_gain:g})",
+            )
+        )
+    return out
+
+
+def judge(
+    regression: Mapping[str, tuple[Scores | None, Scores | None]],
+    gain: Mapping[str, tuple[Scores | None, Scores | None]],
+    new_data_tasks: set[str],
+    rules: GateRules,
+) -> GateReport:
+    """Decide. Each suite maps task -> (champion scores, challenger scores); a side is None
+    when that model was not scored on it (no held-out examples in that suite).
+    """
+    checks: list[Check] = []
+    for task in sorted(regression):
+        champion, challenger = regression[task]
+        if challenger is None:
+            continue  # no old held-out examples for this task: nothing to regress on
+        task_rules = rules.for_task(task)
+        checks += _value_checks(task, Suite.REGRESSION, challenger, task_rules)
+        if champion is not None:
+            checks += _change_checks(task, champion, challenger, task_rules)
+    for task in sorted(new_data_tasks):
+        champion, challenger = gain.get(task, (None, None))
+        if challenger is None:
+            checks.append(
+                Check(
+                    task,
+                    Suite.GAIN,
+                    "n",
+                    "held_out_present",
+                    None,
+                    None,
+                    None,
+                    False,
+                    f"{task}: no held-out examples arrived with the new data, so the gain "
+                    "cannot be measured; push more records or some with split: test",
+                )
+            )
+            continue
+        checks += _value_checks(task, Suite.GAIN, challenger, rules.for_task(task))
+        checks += _gain_checks(task, champion, challenger, rules)
+    if any(not c.passed for c in checks):
+        decision = Decision.REJECTED
+    elif rules.require_approval:
+        decision = Decision.AWAITING_APPROVAL
+    else:
+        decision = Decision.PROMOTED
+    return GateReport(decision, checks)
