@@ -23,6 +23,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
@@ -45,15 +46,17 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 BYTE_OFFSET = 3  # byte b has token id b + 3
 VOCAB_SIZE = BYTE_OFFSET + 256
 MAX_POSITIONS = 512
+_WARMUP = 100  # steps of linear learning-rate warmup
+_CALIBRATE = 40  # step at which a time budget measures speed and fixes the step count
 
 
 @dataclass(frozen=True)
 class TinyArchitecture:
-    """Shape of the embedded model: ~1.1M parameters, so LoRA steps on 2 CPU cores stay fast."""
+    """Shape of the embedded model: ~0.92M parameters, so LoRA steps on 2 CPU cores stay fast."""
 
     hidden_size: int = 128
     intermediate_size: int = 384
-    num_hidden_layers: int = 5
+    num_hidden_layers: int = 4
     num_attention_heads: int = 4
 
 
@@ -136,20 +139,23 @@ def tiny_config(arch: TinyArchitecture = TinyArchitecture()) -> LlamaConfig:
     )
 
 
-def collate(
-    examples: list[Example], tokenizer: PreTrainedTokenizerBase
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode(text: str) -> list[int]:
+    """Token ids of `text` under `byte_tokenizer()`, computed directly (the tokenizer is 25x slower)."""
+    return [b + BYTE_OFFSET for b in text.encode("utf-8")]
+
+
+def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask, labels); labels cover response + EOS only."""
-    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
-    answers = tokenizer([e.output for e in examples], add_special_tokens=False)["input_ids"]
-    seqs = [p + a + [EOS_ID] for p, a in zip(prompts, answers, strict=True)]
+    prompts = [encode(e.prompt) for e in examples]
+    seqs = [p + encode(e.output) + [EOS_ID] for p, e in zip(prompts, examples, strict=True)]
     width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    ids = np.full((len(seqs), width), PAD_ID, dtype=np.int64)
+    labels = np.full((len(seqs), width), -100, dtype=np.int64)
     for row, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
-        ids[row, : len(s)] = torch.tensor(s)
-        labels[row, len(p) : len(s)] = ids[row, len(p) : len(s)]
-    return ids, (ids != PAD_ID).long(), labels
+        ids[row, : len(s)] = s
+        labels[row, len(p) : len(s)] = s[len(p) :]
+    ids_t = torch.from_numpy(ids)
+    return ids_t, (ids_t != PAD_ID).long(), torch.from_numpy(labels)
 
 
 @torch.no_grad()
@@ -216,9 +222,14 @@ def build_embedded_base(
     batch_size: int = 64,
     learning_rate: float = 3e-3,
     eval_per_task: int = 50,
+    time_budget_s: float | None = None,
     progress: bool = True,
 ) -> BuildReport:
-    """Pretrain the embedded tiny model from scratch and write it to `out_dir` atomically."""
+    """Pretrain the embedded tiny model from scratch and write it to `out_dir` atomically.
+
+    With `time_budget_s`, the step count is cut (once, early) to fit the budget; the report
+    records the steps actually run, which reproduce the same weights without a budget.
+    """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
     out_dir = Path(out_dir)
@@ -236,13 +247,25 @@ def build_embedded_base(
         betas=(0.9, 0.95),
     )
     data = curriculum.stream(seed)
-    warmup = min(200, steps // 10 + 1)
+    # Fixed warmup, so a time budget can settle the step count (at step _CALIBRATE) without
+    # changing any learning rate already used: `--steps N` then reproduces the run exactly.
+    warmup = min(_WARMUP, steps)
     started = time.monotonic()
     ema_loss = float("nan")
     model.train()
     bar = tqdm(range(steps), desc="pretrain", disable=not progress, mininterval=2.0)
     for step in bar:
-        ids, mask, labels = collate(list(itertools.islice(data, batch_size)), tokenizer)
+        if time_budget_s is not None and step == _CALIBRATE:
+            per_step = (time.monotonic() - started) / step
+            affordable = step + int((time_budget_s - (time.monotonic() - started)) / per_step)
+            steps = min(steps, max(_WARMUP, affordable))
+            bar.total = steps
+            logger.info(
+                "time budget %.0f s: %.2f s/step, training %d steps", time_budget_s, per_step, steps
+            )
+        if step >= steps:
+            break
+        ids, mask, labels = collate(list(itertools.islice(data, batch_size)))
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, learning_rate, warmup)
         loss = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev)).loss
@@ -261,8 +284,10 @@ def build_embedded_base(
     report = BuildReport(
         out_dir=str(out_dir),
         command=(
-            f"python -m aftertune.learners.pretrain --out {out_dir} --steps {steps} --seed {seed}"
-            f" --device {device} --batch-size {batch_size} --lr {learning_rate}"
+            f"python -m aftertune.learners.pretrain --out {_display_path(out_dir)}"
+            f" --steps {steps} --seed {seed} --device {device} --batch-size {batch_size} --lr {learning_rate}"
+            # CPU float sums depend on the thread count; record it so the rebuild is bit-exact.
+            + (f" --threads {torch.get_num_threads()}" if dev.type == "cpu" else "")
         ),
         seed=seed,
         steps=steps,
@@ -277,6 +302,14 @@ def build_embedded_base(
     _write_model_dir(out_dir, model.to("cpu"), tokenizer, report)
     logger.info("wrote %s: mean curriculum accuracy %.3f", out_dir, report.mean_accuracy)
     return report
+
+
+def _display_path(path: Path) -> str:
+    """`path` relative to the working directory when inside it, so BUILD.md is portable."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _write_model_dir(
@@ -348,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-per-task", type=int, default=50)
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds; cuts --steps")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -361,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         learning_rate=args.lr,
         eval_per_task=args.eval_per_task,
+        time_budget_s=args.time_budget,
     )
     print(render_build_md(report))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from aftertune.learners.base_model import (
     resolve_base,
 )
 from aftertune.learners.errors import BaseModelError, LearnerError
-from aftertune.learners.pretrain import curriculum_accuracy, greedy_answers
+from aftertune.learners.pretrain import curriculum_accuracy, encode, greedy_answers
 
 TEXTS = [
     "plain ascii, with punctuation: a , b . c ? !",
@@ -46,6 +48,8 @@ def test_tokenizer_round_trips_any_utf8(tokenizer: PreTrainedTokenizerBase, text
     # One token per UTF-8 byte: nothing is merged, nothing is lost or normalised.
     assert len(ids) == len(text.encode("utf-8"))
     assert tokenizer.decode(ids) == text
+    # Pretraining encodes bytes directly for speed; it must agree with the shipped tokenizer.
+    assert ids == encode(text)
 
 
 def test_tokenizer_adds_no_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -144,3 +148,34 @@ def test_base_sha256_is_stable_and_tracks_weights(tmp_path: Path) -> None:
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert base_sha256(copy) != first
+
+
+@pytest.mark.slow
+def test_onnxruntime_genai_builder_converts_and_matches_torch_greedy(tiny, tmp_path: Path) -> None:
+    og = pytest.importorskip("onnxruntime_genai")
+    out = tmp_path / "onnx"
+    subprocess.run(
+        [sys.executable, "-m", "onnxruntime_genai.models.builder"]
+        + ["-i", str(resolve_base(EMBEDDED_TINY)), "-o", str(out), "-p", "fp32", "-e", "cpu"],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    model, tok = tiny
+    onnx_model = og.Model(str(out))
+    onnx_tok = og.Tokenizer(onnx_model)
+    for text in TEXTS[:5]:
+        assert list(onnx_tok.encode(text)) == tok(text)["input_ids"]
+    examples = [curriculum.sample(random.Random(s)) for s in range(4)]
+    expected = greedy_answers(model, tok, [e.prompt for e in examples], batch_size=1)
+    for example, want in zip(examples, expected, strict=True):
+        params = og.GeneratorParams(onnx_model)
+        params.set_search_options(max_length=512, do_sample=False)
+        generator = og.Generator(onnx_model, params)
+        generator.append_tokens(onnx_tok.encode(example.prompt))
+        tokens: list[int] = []
+        while not generator.is_done() and len(tokens) < 32:
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        got = onnx_tok.decode([t for t in tokens if t != tok.eos_token_id])
+        assert got == want, example
