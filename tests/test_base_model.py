@@ -154,9 +154,19 @@ def test_base_sha256_is_stable_and_tracks_weights(tmp_path: Path) -> None:
 def test_onnxruntime_genai_builder_converts_and_matches_torch_greedy(tiny, tmp_path: Path) -> None:
     og = pytest.importorskip("onnxruntime_genai")
     out = tmp_path / "onnx"
+    builder = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
     subprocess.run(
-        [sys.executable, "-m", "onnxruntime_genai.models.builder"]
-        + ["-i", str(resolve_base(EMBEDDED_TINY)), "-o", str(out), "-p", "fp32", "-e", "cpu"],
+        [
+            *builder,
+            "-i",
+            str(resolve_base(EMBEDDED_TINY)),
+            "-o",
+            str(out),
+            "-p",
+            "fp32",
+            "-e",
+            "cpu",
+        ],
         check=True,
         capture_output=True,
         timeout=300,
