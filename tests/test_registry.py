@@ -62,3 +62,43 @@ def test_orphan_from_a_crash_is_replaced_and_bad_input_refused(tmp_path: Path) -
             )
         with pytest.raises(RegistryError, match="no model version 9"):
             reg.get(9)
+
+
+def _register(reg: Registry, tmp: Path, name: str, parent: int | None) -> int:
+    return reg.register_candidate(
+        _adapter(tmp, name), parent=parent, data_seq=1, training={}, lineage={}
+    ).version
+
+
+def test_promotion_retires_the_old_champion_and_rollback_restores_it(tmp_path: Path) -> None:
+    with Registry(tmp_path / "state") as reg:
+        v1 = _register(reg, tmp_path, "a", None)
+        reg.transition(v1, VersionState.EVALUATING, actor="daemon", reason="gate")
+        reg.promote(v1, actor="daemon", reason="passed", gate={"decision": "promoted"})
+        v2 = _register(reg, tmp_path, "b", v1)
+        reg.transition(v2, VersionState.EVALUATING, actor="daemon", reason="gate")
+        reg.promote(v2, actor="daemon", reason="passed")
+        assert reg.champion().version == v2
+        assert reg.get(v1).state is VersionState.RETIRED
+        reg.rollback(v1, actor="cli:ops", reason="v2 misbehaves")
+        assert reg.champion().version == v1
+        assert reg.get(v2).state is VersionState.RETIRED
+        assert reg.get(v1).gate == {"decision": "promoted"}
+        assert [v.version for v in reg.in_state(VersionState.PROMOTED)] == [v1]
+        last = reg.audit_log()[-2:]
+        assert {(e.version, e.to_state, e.actor) for e in last} == {
+            (v1, "promoted", "cli:ops"),
+            (v2, "retired", "cli:ops"),
+        }
+
+
+def test_invalid_transitions_are_refused_with_a_clear_message(tmp_path: Path) -> None:
+    with Registry(tmp_path / "state") as reg:
+        v1 = _register(reg, tmp_path, "a", None)
+        reg.transition(v1, VersionState.REJECTED, actor="daemon", reason="bad")
+        with pytest.raises(RegistryError, match="version 1 is rejected; it cannot become promoted"):
+            reg.promote(v1, actor="cli", reason="approve")
+        with pytest.raises(RegistryError, match="only a retired former champion"):
+            reg.rollback(v1, actor="cli")
+        assert reg.champion() is None
+        assert [e.to_state for e in reg.audit_log(v1)] == ["candidate", "rejected"]

@@ -1,0 +1,76 @@
+"""Gate rules: value and change thresholds, minimum gain, the edge cases."""
+
+from __future__ import annotations
+
+from aftertune.learners.gate import Decision, GateRules, MetricRules, judge
+
+RULES = GateRules(
+    default=MetricRules(
+        max_drop={"accuracy": 0.05, "nll": 0.25}, max_drop_rel={"nll": 0.25}, floor={}
+    ),
+    min_gain=0.0,
+    min_nll_gain=0.01,
+)
+OLD = {"accuracy": 0.80, "nll": 1.0, "n": 50}
+
+
+def test_equal_scores_pass_regression() -> None:
+    report = judge({"a": (OLD, dict(OLD))}, {}, set(), RULES)
+    assert report.decision is Decision.PROMOTED
+    assert all(c.passed for c in report.checks) and report.checks
+
+
+def test_drop_over_threshold_is_rejected_naming_task_metric_and_values() -> None:
+    report = judge({"a": (OLD, {**OLD, "accuracy": 0.70})}, {}, set(), RULES)
+    assert report.decision is Decision.REJECTED
+    (failure,) = report.failures
+    assert (failure.task, failure.metric, failure.rule) == ("a", "accuracy", "max_drop")
+    assert "0.8 -> 0.7" in failure.message and "over the allowed 0.05" in failure.message
+
+
+def test_nll_rise_is_a_drop_and_checked_relatively() -> None:
+    report = judge({"a": (OLD, {**OLD, "nll": 1.2})}, {}, set(), RULES)
+    assert report.decision is Decision.PROMOTED  # +0.2 abs and +20 % rel: within
+    report = judge({"a": (OLD, {**OLD, "nll": 1.3})}, {}, set(), RULES)
+    assert {c.rule for c in report.failures} == {"max_drop", "max_drop_rel"}
+
+
+def test_missing_metric_on_the_challenger_fails() -> None:
+    report = judge({"a": (OLD, {"nll": 1.0, "n": 50})}, {}, set(), RULES)
+    assert report.decision is Decision.REJECTED
+    assert report.failures[0].rule == "metric_present"
+
+
+def test_new_data_task_without_held_out_examples_is_reported_not_passed() -> None:
+    report = judge({}, {}, {"fresh"}, RULES)
+    assert report.decision is Decision.REJECTED
+    assert "fresh: no held-out examples" in report.reasons[0]
+
+
+def test_new_task_without_champion_score_is_held_to_floors_only() -> None:
+    low = {"accuracy": 0.30, "nll": 3.0, "n": 20}
+    assert judge({}, {"fresh": (None, low)}, {"fresh"}, RULES).decision is Decision.PROMOTED
+    floored = GateRules(default=MetricRules(floor={"accuracy": 0.5}))
+    report = judge({}, {"fresh": (None, low)}, {"fresh"}, floored)
+    assert report.decision is Decision.REJECTED
+    assert report.failures[0].rule == "value_floor"
+
+
+def test_gain_on_new_data_is_required_for_known_tasks() -> None:
+    same = judge({}, {"a": (OLD, dict(OLD))}, {"a"}, RULES)
+    assert same.decision is Decision.REJECTED  # no NLL improvement
+    assert same.failures[0].rule == "min_nll_gain"
+    better = judge({}, {"a": (OLD, {**OLD, "accuracy": 0.9, "nll": 0.5})}, {"a"}, RULES)
+    assert better.decision is Decision.PROMOTED
+
+
+def test_per_task_override_and_approval_and_determinism() -> None:
+    loose = GateRules(
+        default=RULES.default,
+        per_task={"noisy": MetricRules(max_drop={"accuracy": 0.5})},
+        require_approval=True,
+    )
+    inputs = ({"noisy": (OLD, {**OLD, "accuracy": 0.4})}, {}, set(), loose)
+    report = judge(*inputs)
+    assert report.decision is Decision.AWAITING_APPROVAL
+    assert judge(*inputs).to_json() == report.to_json()
