@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -62,9 +62,9 @@ def matches_target(name: str, target_modules: Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def target_weights(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Parameter]:
+def target_weights(model: nn.Module, target_modules: Sequence[str]) -> dict[str, torch.Tensor]:
     """``{module_name.weight: weight}`` of every Linear module the adapter targets."""
-    found = {
+    found: dict[str, torch.Tensor] = {
         f"{name}.weight": module.weight
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and matches_target(name, target_modules)
@@ -81,7 +81,7 @@ def mean_squared_grads(
     model: nn.Module,
     batches: Iterable[Any],
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-    params: dict[str, nn.Parameter],
+    params: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """avalanche's importance: Σ over minibatches of grad(mean batch loss)², / number of batches.
 
@@ -101,10 +101,10 @@ def mean_squared_grads(
         for batch in batches:
             loss = loss_fn(model, batch)
             loss.backward()
-            for k, p in params.items():
-                if p.grad is not None:
-                    sums[k] += p.grad.detach().float().pow(2)
-                    p.grad = None
+            for k, w in params.items():
+                if w.grad is not None:
+                    sums[k] += w.grad.detach().float().pow(2)
+                    w.grad = None
             n_batches += 1
     finally:
         model.train(was_training)
@@ -166,8 +166,8 @@ def ewc_penalty(peft_model: nn.Module, fisher: dict[str, torch.Tensor], lam: flo
                     f"the Fisher has no entry for {key!r}, which the adapter targets; it was"
                     " estimated for other target modules. Delete the Fisher file to start anew."
                 )
-            a = module.lora_A[adapter].weight
-            b = module.lora_B[adapter].weight
+            a = cast(torch.Tensor, module.lora_A[adapter].weight)
+            b = cast(torch.Tensor, module.lora_B[adapter].weight)
             delta = (b.float() @ a.float()) * module.scaling[adapter]
             if getattr(module, "fan_in_fan_out", False):
                 delta = delta.T
@@ -191,7 +191,7 @@ def _plain_name(peft_name: str) -> str:
     return peft_name
 
 
-def weights_fingerprint(weights: dict[str, nn.Parameter]) -> str:
+def weights_fingerprint(weights: dict[str, torch.Tensor]) -> str:
     """sha256 of the named weights' bytes: tells one champion from another."""
     h = hashlib.sha256()
     for key in sorted(weights):

@@ -389,7 +389,7 @@ def _run_id(
     for volatile in ("progress", "checkpoint_every", "device"):
         settings.pop(volatile)
     settings["template"] = [train.template.with_input, train.template.without_input]
-    blob = {"train": settings, "lora": asdict(lora), "replay": asdict(replay_spec)}
+    blob: dict[str, Any] = {"train": settings, "lora": asdict(lora), "replay": asdict(replay_spec)}
     blob["ewc"] = asdict(ewc) if ewc else None
     h = hashlib.sha256(json.dumps(blob, sort_keys=True).encode())
     for group in (new, pool):
