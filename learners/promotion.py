@@ -23,6 +23,7 @@ from aftertune.learners.lora import LoraSpec
 from aftertune.learners.recipe import TrainSpec
 from aftertune.learners.replay import ReplaySpec
 from aftertune.store.examples import Example, ExampleStore
+from aftertune.store.failpoints import failpoint
 from aftertune.store.registry import Registry, Version, VersionState
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ def run_cycle(
         timings["train_s"] = time.monotonic() - t0
         trained = report.to_json()
         challenger = registry.get(report.candidate)
+        failpoint("cycle.after_train")
     else:
         log.info("resuming the cycle of v%d (%s)", challenger.version, challenger.state.value)
     if challenger.state is VersionState.CANDIDATE:
@@ -185,6 +187,7 @@ def run_cycle(
     labels = label_sets(store, sorted({t for s in suites.values() for t in s}))
     model, tokenizer = champion_model(registry, base, state_dir, champion)
     champion_scores = _score(model, tokenizer, suites, labels, eval_spec)
+    failpoint("cycle.during_eval")
     del model
     model, tokenizer = champion_model(registry, base, state_dir, challenger)
     challenger_scores = _score(model, tokenizer, suites, labels, eval_spec)

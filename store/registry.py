@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from aftertune.store.errors import RegistryError
+from aftertune.store.failpoints import failpoint
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -313,6 +314,7 @@ class Registry:
         """Make ``version`` the champion; the old champion retires. One transaction."""
         with self._transaction() as db:
             self._move(db, version, VersionState.PROMOTED, actor, reason, gate=gate)
+            failpoint("registry.promote")  # mid-transaction: SQLite must roll it all back
             self._switch_champion(db, version, actor, f"superseded by v{version}")
         return self.get(version)
 

@@ -1,0 +1,136 @@
+"""Whole cycles through the CLI: a clean batch is promoted, a poisoned one rejected; a cycle
+killed (-9) after training, during evaluation and inside promotion is completed by a re-run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import cli_json, run_cli, write_jsonl
+
+from aftertune.store.registry import TRANSITIONS, Registry, VersionState
+
+pytestmark = pytest.mark.slow
+
+
+def _parity(n: int, seed: int, flip: bool = False) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        number = rng.randrange(100_000)
+        even = number % 2 == 0
+        rows.append(
+            {
+                "task": "parity",
+                "instruction": "Is the number even or odd?",
+                "input": str(number),
+                "output": "even" if even != flip else "odd",
+            }
+        )
+    return rows
+
+
+def _ingest(env: dict[str, str], path: Path, rows: list[dict[str, str]]) -> None:
+    write_jsonl(path, rows)
+    assert run_cli("push", str(path), env=env).returncode == 0
+    assert run_cli("serve", "--burst", env=env).returncode == 0
+
+
+def _audit_is_consistent(state: Path) -> None:
+    with Registry(state) as registry:
+        promoted = registry.in_state(VersionState.PROMOTED)
+        champion = registry.champion()
+        assert champion is not None and [v.version for v in promoted] == [champion.version]
+        for version in registry.versions():
+            log = registry.audit_log(version.version)
+            assert log[0].from_state is None and log[0].to_state == "candidate"
+            for before, after in itertools.pairwise(log):
+                assert after.from_state == before.to_state
+                assert VersionState(after.to_state) in TRANSITIONS[VersionState(before.to_state)]
+            assert log[-1].to_state == version.state.value
+
+
+def test_crash_at_each_step_then_clean_promotion_then_poison_rejected(
+    redis_url: str, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    env = {
+        "AFTERTUNE_REDIS__URL": redis_url,
+        "AFTERTUNE_STATE_DIR": str(state),
+        "AFTERTUNE_TRAIN__MAX_STEPS": "60",
+        "AFTERTUNE_TRAIN__PROGRESS": "false",
+    }
+    _ingest(env, tmp_path / "clean.jsonl", _parity(300, seed=1))
+
+    for point in ("cycle.after_train", "cycle.during_eval", "registry.promote"):
+        crashed = run_cli("cycle", "--json", env={**env, "AFTERTUNE_FAILPOINT": point}, timeout=900)
+        assert crashed.returncode == -signal.SIGKILL, (point, crashed.stderr)
+        with Registry(state) as registry:
+            assert registry.champion() is None  # nothing half-promoted
+            assert len(registry.versions()) == 1  # the trained candidate is kept and reused
+
+    first = cli_json("cycle", "--json", env=env, timeout=900)
+    assert first["decision"] == "promoted", first["reasons"]
+    assert first["version"] == 1 and first["trained"] is None  # resumed, not retrained
+    assert cli_json("status", "--json", env=env)["champion"]["version"] == 1
+    _audit_is_consistent(state)
+
+    # Labels flipped for a task the champion knows: the regression suite must catch it.
+    _ingest(env, tmp_path / "poison.jsonl", _parity(300, seed=2, flip=True))
+    second = cli_json("cycle", "--json", env=env, timeout=900)
+    assert second["decision"] == "rejected"
+    assert any(reason.startswith("parity:") for reason in second["reasons"]), second["reasons"]
+    status = cli_json("status", "--json", env=env)
+    assert status["champion"]["version"] == 1
+    models = cli_json("models", "--json", env=env)
+    assert [(m["version"], m["state"], m["champion"]) for m in models] == [
+        (1, "promoted", True),
+        (2, "rejected", False),
+    ]
+    _audit_is_consistent(state)
+    refused = run_cli("approve", "2", env=env)
+    assert refused.returncode == 1 and "v2 is rejected, not awaiting approval" in refused.stderr
+
+
+def _fake_adapter(tmp: Path, name: str) -> Path:
+    path = tmp / name
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"r": 2}))
+    return path
+
+
+def test_rollback_approve_reject_through_the_cli(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {"AFTERTUNE_STATE_DIR": str(state)}
+    with Registry(state) as registry:
+        for n, parent in ((1, None), (2, 1), (3, 2), (4, 2)):
+            v = registry.register_candidate(
+                _fake_adapter(tmp_path, f"a{n}"), parent=parent, data_seq=n, training={}, lineage={}
+            )
+            registry.transition(v.version, VersionState.EVALUATING, actor="daemon", reason="gate")
+            if n <= 2:
+                registry.promote(v.version, actor="daemon", reason="passed")
+            else:
+                registry.transition(
+                    v.version, VersionState.AWAITING_APPROVAL, actor="daemon", reason="passed"
+                )
+    assert run_cli("approve", "3", "--why", "looks good", env=env).returncode == 0
+    done = run_cli("reject", "4", "--why", "too risky", env=env)
+    assert done.returncode == 0, done.stderr
+    assert run_cli("rollback", "2", env=env).returncode == 0
+    with Registry(state) as registry:
+        assert registry.champion().version == 2
+        assert registry.get(3).state is VersionState.RETIRED
+        assert registry.get(4).state is VersionState.REJECTED
+        assert registry.audit_log(4)[-1].reason == "too risky"
+        approval = [e for e in registry.audit_log(3) if e.to_state == "promoted"]
+        assert approval[0].actor.startswith("cli") and approval[0].reason == "looks good"
+    again = run_cli("reject", "4", "--why", "x", env=env)
+    assert again.returncode == 1 and "not awaiting approval" in again.stderr
+    missing = run_cli("rollback", "9", env=env)
+    assert missing.returncode == 1 and "no model version 9" in missing.stderr
