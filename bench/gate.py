@@ -1,0 +1,136 @@
+"""Gate benchmark: clean cycles should be promoted, poisoned cycles rejected.
+
+    .venv/bin/python bench/gate.py --data DIR [--tasks t1,t2,...] [--k 4] [--train N]
+        [--steps S] [--poison flip|shuffle|both] [--json FILE]
+
+A champion first learns the first task. Then, alternately, a clean batch (the next task, or
+more data of a known one once all are known) and a poisoned batch (a known task's labels
+flipped to another label, or shuffled) arrive, and one full cycle (train → evaluate → gate)
+runs for each, with the default gate thresholds. Prints the promotion rate of clean cycles
+and the rejection rate of poisoned ones. Targets: 100 % of poisoned cycles rejected and
+≥ 95 % of clean cycles promoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from aftertune.learners.ewc import EwcSpec
+from aftertune.learners.gate import Decision, GateRules
+from aftertune.learners.lora import LoraSpec
+from aftertune.learners.promotion import EvalSpec, run_cycle
+from aftertune.learners.recipe import TrainSpec
+from aftertune.learners.replay import ReplaySpec
+from aftertune.store.examples import ExampleStore
+from aftertune.store.records import record_from_obj
+from aftertune.store.registry import Registry
+
+
+def _rows(data: Path, task: str, split: str, start: int, n: int) -> list[dict[str, Any]]:
+    lines = (data / f"{task}.{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines[start : start + n]]
+
+
+def _poison(rows: list[dict[str, Any]], how: str, rng: random.Random) -> list[dict[str, Any]]:
+    labels = sorted({r["output"] for r in rows})
+    outputs = [r["output"] for r in rows]
+    if how == "shuffle":
+        rng.shuffle(outputs)
+    else:  # flip: every answer becomes a different label (the next one, cyclically)
+        outputs = [labels[(labels.index(o) + 1) % len(labels)] for o in outputs]
+    return [{**r, "output": o} for r, o in zip(rows, outputs, strict=True)]
+
+
+def _push(store: ExampleStore, rows: list[dict[str, Any]]) -> None:
+    # Held-out records arrive with the batch (split auto ≈ 10 %) so the gain suite is real.
+    store.add(
+        [
+            record_from_obj({k: r[k] for k in ("task", "instruction", "input", "output")})
+            for r in rows
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--tasks", default="parity,vowel_end,last_digit,last_letter")
+    parser.add_argument("--k", type=int, default=4, help="clean and poisoned cycles each")
+    parser.add_argument("--train", type=int, default=300, help="records per batch")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per cycle")
+    parser.add_argument("--poison", choices=["flip", "shuffle", "both"], default="both")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    tasks = args.tasks.split(",")
+    rng = random.Random(0)
+    specs = {
+        "base": "embedded:tiny",
+        "lora": LoraSpec(),
+        "train": TrainSpec(max_steps=args.steps, progress=False),
+        "replay": ReplaySpec(),
+        "ewc": EwcSpec(),
+        "rules": GateRules(),
+        "eval_spec": EvalSpec(),
+    }
+    results: list[dict[str, Any]] = []
+    offsets = dict.fromkeys(tasks, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp)
+        with ExampleStore.in_state_dir(state) as store, Registry(state) as registry:
+
+            def cycle(kind: str, task: str) -> None:
+                t0 = time.monotonic()
+                result = run_cycle(store, registry, state, **specs)  # type: ignore[arg-type]
+                row = {
+                    "kind": kind,
+                    "task": task,
+                    "version": result.version,
+                    "decision": result.decision.value,
+                    "reasons": result.reasons if result.decision is Decision.REJECTED else [],
+                    "seconds": round(time.monotonic() - t0, 1),
+                }
+                results.append(row)
+                print(json.dumps(row), flush=True)
+
+            def clean(task: str) -> None:
+                _push(store, _rows(args.data, task, "train", offsets[task], args.train))
+                offsets[task] += args.train
+                cycle("clean" if results else "setup", task)
+
+            clean(tasks[0])
+            known = [tasks[0]]
+            pending = tasks[1:]
+            modes = ["flip", "shuffle"] if args.poison == "both" else [args.poison]
+            for i in range(args.k):
+                task = pending.pop(0) if pending else known[i % len(known)]
+                clean(task)
+                if task not in known and results[-1]["decision"] == "promoted":
+                    known.append(task)
+                victim = known[i % len(known)]
+                how = modes[i % len(modes)]
+                rows = _rows(args.data, victim, "train", offsets[victim], args.train)
+                offsets[victim] += args.train
+                _push(store, _poison(rows, how, rng))
+                cycle(f"poisoned-{how}", victim)
+    clean_runs = [r for r in results if r["kind"] == "clean"]
+    poisoned = [r for r in results if r["kind"].startswith("poisoned")]
+    promoted = sum(r["decision"] == "promoted" for r in clean_runs)
+    rejected = sum(r["decision"] == "rejected" for r in poisoned)
+    print(
+        f"clean cycles promoted   : {promoted}/{len(clean_runs)} ({100 * promoted / max(1, len(clean_runs)):.0f} %)"
+    )
+    print(
+        f"poisoned cycles rejected: {rejected}/{len(poisoned)} ({100 * rejected / max(1, len(poisoned)):.0f} %)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"cycles": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
