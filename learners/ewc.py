@@ -2,7 +2,9 @@
 
 The Fisher is the empirical one, defined exactly as avalanche's ``EWCPlugin`` computes its
 importances: the squared gradient of each *minibatch's* mean loss, averaged over minibatches
-(with ``batch_size=1`` that is the per-sample empirical Fisher). Only the base ``weight`` of
+(with ``batch_size=1`` that is the per-sample empirical Fisher, which the learning cycle
+uses; ``estimate_fisher_per_sample`` computes it several examples per backward pass, ~2x
+faster on the embedded model). Only the base ``weight`` of
 every targeted Linear module gets a gradient, so memory is one fp32 copy of those weights,
 never of the whole model.
 
@@ -62,10 +64,10 @@ def matches_target(name: str, target_modules: Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def target_weights(model: nn.Module, target_modules: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``{module_name.weight: weight}`` of every Linear module the adapter targets."""
-    found: dict[str, torch.Tensor] = {
-        f"{name}.weight": module.weight
+def target_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
+    """``{module_name: module}`` of every Linear module the adapter targets."""
+    found = {
+        name: module
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and matches_target(name, target_modules)
     }
@@ -75,6 +77,11 @@ def target_weights(model: nn.Module, target_modules: Sequence[str]) -> dict[str,
             " check the LoRA target module names against model.named_modules()"
         )
     return found
+
+
+def target_weights(model: nn.Module, target_modules: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``{module_name.weight: weight}`` of every Linear module the adapter targets."""
+    return {f"{n}.weight": m.weight for n, m in target_linears(model, target_modules).items()}
 
 
 def mean_squared_grads(
@@ -143,6 +150,68 @@ def estimate_fisher(
         return response_loss(logits, b["labels"], b["weights"])
 
     return mean_squared_grads(model, batches, loss_fn, target_weights(model, target_modules))
+
+
+def estimate_fisher_per_sample(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[ExampleLike],
+    target_modules: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_length: int = 256,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """``estimate_fisher(batch_size=1)``, computed ``batch_size`` examples per backward pass.
+
+    For a Linear layer the gradient of example i's loss is Σ_t g_it ⊗ x_it (g: gradient at the
+    layer's output, x: its input). Examples in a right-padded causal batch never see each
+    other, so one backward of Σ_i L_i yields every g_i; hooks square each example's gradient
+    before the batch sum would mix them.
+    """
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    encoded, _ = encode_examples(tokenizer, examples, max_length=max_length, what="Fisher examples")
+    if not encoded:
+        raise ValueError("cannot estimate a Fisher from zero examples")
+    modules = target_linears(model, target_modules)
+    weights = {f"{name}.weight": module.weight for name, module in modules.items()}
+    sums = {k: torch.zeros_like(w, dtype=torch.float32) for k, w in weights.items()}
+    pad = pad_id(tokenizer)
+    inputs: dict[str, torch.Tensor] = {}
+
+    def capture(name: str) -> Callable[..., None]:
+        def forward_hook(
+            module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor
+        ) -> None:
+            inputs[name] = args[0].detach()
+
+            def backward_hook(grad: torch.Tensor) -> None:
+                per_example = torch.einsum("bto,bti->boi", grad.float(), inputs.pop(name).float())
+                sums[f"{name}.weight"] += per_example.pow(2).sum(0)
+
+            out.register_hook(backward_hook)
+
+        return forward_hook
+
+    def loss_fn(m: nn.Module, chunk: Any) -> torch.Tensor:
+        b = {k: v.to(dev) for k, v in collate(chunk, pad).items()}
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        # Σ_i of each example's own loss (its weight cancels alone, as with batch_size=1).
+        return sum(
+            (response_loss(logits[i : i + 1], b["labels"][i : i + 1]) for i in range(len(chunk))),
+            torch.zeros((), device=dev),
+        )
+
+    handles = [module.register_forward_hook(capture(name)) for name, module in modules.items()]
+    try:
+        batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
+        mean_squared_grads(model, batches, loss_fn, weights)  # drives the passes; hooks collect
+    finally:
+        for handle in handles:
+            handle.remove()
+        inputs.clear()
+    return {k: (s / len(encoded)).cpu() for k, s in sums.items()}
 
 
 def ewc_penalty(peft_model: nn.Module, fisher: dict[str, torch.Tensor], lam: float) -> torch.Tensor:
@@ -239,12 +308,11 @@ def fisher_for_cycle(
     # An even stride over the pool keeps every task in the sample when it is capped.
     stride = max(1, len(pool) // spec.fisher_samples)
     samples = list(pool[::stride])[: spec.fisher_samples]
-    fisher = estimate_fisher(
+    fisher = estimate_fisher_per_sample(
         model,
         tokenizer,
         samples,
         target_modules,
-        batch_size=1,
         max_length=max_length,
         device=device,
     )
@@ -344,6 +412,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, s
 __all__ = [
     "EwcSpec",
     "estimate_fisher",
+    "estimate_fisher_per_sample",
     "ewc_penalty",
     "fisher_champion",
     "fisher_for_cycle",

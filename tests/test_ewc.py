@@ -6,13 +6,14 @@ import copy
 
 import pytest
 import torch
-from learner_fixtures import byte_tokenizer, copy_task, single_thread, tiny_llama  # noqa: F401 (autouse)
+from learner_fixtures import Ex, byte_tokenizer, copy_task, single_thread, tiny_llama  # noqa: F401 (autouse)
 
 from aftertune.learners.data import collate, encode_examples, response_loss
 from aftertune.learners.errors import FisherMismatch
 from aftertune.learners.ewc import (
     EwcSpec,
     estimate_fisher,
+    estimate_fisher_per_sample,
     ewc_penalty,
     fisher_champion,
     load_fisher,
@@ -70,6 +71,17 @@ def test_fisher_is_mean_over_minibatches_of_squared_batch_gradients(tok, fisher)
         )
         expected += grad.pow(2)
     torch.testing.assert_close(fisher[key], expected / 3, rtol=1e-5, atol=1e-10)
+
+
+def test_batched_per_sample_fisher_equals_batch_size_one(tok) -> None:
+    model = tiny_llama()
+    examples = [*copy_task(5), Ex("t", "longer instruction", "xy" * 9, "ok")]  # mixed lengths
+    one = estimate_fisher(model, tok, examples, TARGETS, batch_size=1, max_length=64)
+    batched = estimate_fisher_per_sample(model, tok, examples, TARGETS, batch_size=4, max_length=64)
+    assert one.keys() == batched.keys()
+    for key in one:
+        torch.testing.assert_close(batched[key], one[key], rtol=1e-4, atol=1e-10)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
 def test_penalty_is_zero_for_a_fresh_adapter_and_matches_brute_force(fisher) -> None:
