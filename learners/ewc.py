@@ -4,9 +4,8 @@ The Fisher is the empirical one, defined exactly as avalanche's ``EWCPlugin`` co
 importances: the squared gradient of each *minibatch's* mean loss, averaged over minibatches
 (with ``batch_size=1`` that is the per-sample empirical Fisher, which the learning cycle
 uses; ``estimate_fisher_per_sample`` computes it several examples per backward pass, ~2x
-faster on the embedded model). Only the base ``weight`` of
-every targeted Linear module gets a gradient, so memory is one fp32 copy of those weights,
-never of the whole model.
+faster on the embedded model). Only the base ``weight`` of every targeted Linear module
+gets a gradient, so memory is one fp32 copy of those weights, never of the whole model.
 
 Penalty = λ/2 · Σ F ⊙ ΔW², ΔW = scaling · B @ A (the adapter's delta, zero for a fresh
 adapter). Note avalanche adds λ·Σ F ⊙ Δ² without the 1/2: our λ is twice its ``ewc_lambda``.
