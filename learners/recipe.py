@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -44,6 +43,7 @@ from aftertune.learners.lora import (
     attach_fresh_adapter,
     detach_adapter,
     fsync_tree,
+    replace_dir,
     save_adapter,
 )
 from aftertune.learners.prompt import DEFAULT_PROMPT, PromptTemplate
@@ -257,8 +257,9 @@ class LoraRecipe:
             )
 
     def _epoch(self, epoch: int) -> list[list[Encoded]]:
-        """The micro-batches of one epoch (computed once, then cached)."""
+        """The micro-batches of one epoch (the current epoch's plan is kept)."""
         if epoch not in self._plans:
+            self._plans.clear()
             mixed = mix_batches(
                 self.new, self.pool, self.replay_spec,
                 batch_size=self.spec.batch_size, seed=self.spec.seed, epoch=epoch,
@@ -328,7 +329,7 @@ class LoraRecipe:
             if self.checkpoint_dir is not None and every and pos.step % every == 0:
                 self.save_checkpoint(self.checkpoint_dir)
             if should_stop is not None and should_stop(pos.step) and pos.step < self.total_steps:
-                if self.checkpoint_dir is not None:
+                if self.checkpoint_dir is not None and not (every and pos.step % every == 0):
                     self.save_checkpoint(self.checkpoint_dir)
                 bar.close()
                 raise TrainingInterrupted(pos.step, self.checkpoint_dir)
@@ -447,8 +448,7 @@ def save_checkpoint(
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
         fsync_tree(tmp)
         final = checkpoint_dir / f"step-{state['step']:08d}"
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
