@@ -1,0 +1,433 @@
+"""Continual-learning benchmark: naive / replay / EWC / replay+EWC / joint on a task sequence.
+
+Every strategy starts from the same base and gets the same budget. A sequential strategy
+trains one fresh LoRA adapter per task on the current champion, merges it (the champion
+chain the daemon builds), then evaluates on every task's test set, which fills row i of the
+accuracy matrix R (R[i][j] = score on task j after training task i; points 0-100: accuracy
+for label tasks, token F1 x 100 for free text). "joint" trains once on the union with the
+whole sequence's step budget: the upper bound the others are measured against.
+
+    python bench/continual.py --data /tmp/learnable --tasks parity,vowel_end,last_digit,last_letter \\
+        --strategies naive,replay,ewc,replay+ewc,joint --json /tmp/continual.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aftertune.learners.evaluate import TaskScore, evaluate, task_kind
+from aftertune.learners.forgetting import continual_metrics
+from aftertune.store.examples import Example, ExampleStore
+from aftertune.store.records import record_from_obj
+
+log = logging.getLogger("bench.continual")
+
+STRATEGIES = ("naive", "replay", "ewc", "replay+ewc", "joint")
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A task sequence with its train/test examples and label sets (None: free text)."""
+
+    tasks: tuple[str, ...]
+    train: dict[str, list[Example]]
+    test: dict[str, list[Example]]
+    labels: dict[str, set[str] | None]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The knobs every strategy shares (one budget for all)."""
+
+    steps: int = 200  # optimizer steps per task (joint: steps x number of tasks)
+    lr: float = 2e-3
+    r: int = 16
+    batch_size: int = 16
+    replay_ratio: float = 1.0
+    replay_cap: int = 2000
+    ewc_lambda: float = 1000.0
+    ewc_decay: float = 0.9
+    fisher_samples: int = 64
+    max_length: int = 256
+    seed: int = 0
+    eval_batch_size: int = 64
+    max_new_tokens: int = 8
+
+
+@dataclass
+class StrategyResult:
+    name: str
+    matrix: list[list[float]] = field(default_factory=list)  # points
+    valid: list[list[float | None]] = field(default_factory=list)  # points, label tasks only
+    nll: list[list[float]] = field(default_factory=list)  # nats per answer token
+    base: dict[str, float] = field(default_factory=dict)  # score of the untouched base, points
+    base_nll: dict[str, float] = field(default_factory=dict)
+    tokens: float = 0.0  # tokens trained on, all cycles
+    train_seconds: float = 0.0
+    fisher_seconds: float = 0.0
+    cycle_seconds: float = 0.0  # train_adapter + merge, all cycles
+    eval_seconds: float = 0.0
+    steps: int = 0
+
+    def summary(self, n_tasks: int) -> dict[str, Any]:
+        sequential = len(self.matrix) == n_tasks
+        metrics = continual_metrics(self.matrix) if sequential else None
+        last = self.matrix[-1]
+        old = range(n_tasks - 1) if sequential else range(0)
+        return {
+            "matrix": self.matrix,
+            "aa": metrics.aa if metrics else sum(last) / len(last),
+            # BWT needs one row per task: undefined for joint (one training, one row).
+            "bwt": metrics.bwt if metrics else None,
+            "forgetting": list(metrics.forgetting) if metrics else None,
+            "valid": self.valid,
+            "nll": self.nll,
+            "valid_old": _mean([self.valid[-1][j] for j in old]),
+            "valid_old_min": _min(
+                [self.valid[i][j] for i in range(len(self.valid)) for j in old if j < i]
+            ),
+            "nll_increase_old": _mean([self.nll[-1][j] - self.nll[j][j] for j in old]),
+            "base_score": self.base,
+            "base_nll": self.base_nll,
+            "tokens_per_s": self.tokens / self.train_seconds if self.train_seconds else 0.0,
+            "fisher_share": self.fisher_seconds / self.cycle_seconds if self.cycle_seconds else 0.0,
+            "fisher_seconds": self.fisher_seconds,
+            "cycle_seconds": self.cycle_seconds,
+            "eval_seconds": self.eval_seconds,
+            "steps": self.steps,
+        }
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else None
+
+
+def _min(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return min(kept) if kept else None
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def _read_examples(path: Path, split: str, limit: int | None) -> list[Example]:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found; generate it with bench/tasks.py --out {path.parent}"
+        )
+    out: list[Example] = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            record = record_from_obj({**row, "split": split})
+            out.append(
+                Example(
+                    seq=len(out) + 1,
+                    id=record.id,
+                    task=record.task,
+                    instruction=record.instruction,
+                    input=record.input,
+                    output=record.output,
+                    split=split,
+                )
+            )
+            if limit is not None and len(out) >= limit:
+                break  # the files are already shuffled: a prefix is a fair sample
+    return out
+
+
+def load_suite(data: Path, tasks: list[str], max_train: int | None, max_test: int | None) -> Suite:
+    """Read ``<task>.train.jsonl`` / ``.test.jsonl``; label sets from manifest.json or train data."""
+    manifest: dict[str, Any] = {}
+    if (data / "manifest.json").exists():
+        manifest = json.loads((data / "manifest.json").read_text(encoding="utf-8"))
+    train = {t: _read_examples(data / f"{t}.train.jsonl", "train", max_train) for t in tasks}
+    test = {t: _read_examples(data / f"{t}.test.jsonl", "test", max_test) for t in tasks}
+    labels: dict[str, set[str] | None] = {}
+    for t in tasks:
+        listed = manifest.get(t, {}).get("labels")
+        if listed:
+            labels[t] = set(listed)
+        else:
+            # Full train file, not the capped prefix: the label set must not depend on --max-train.
+            outputs = [e.output for e in _read_examples(data / f"{t}.train.jsonl", "train", None)]
+            labels[t] = task_kind(outputs)[1]
+    return Suite(tuple(tasks), train, test, labels)
+
+
+# --- one strategy ----------------------------------------------------------------------------
+
+
+def _specs(cfg: BenchConfig, *, steps: int, replay: bool, ewc: bool, seed: int) -> dict[str, Any]:
+    from aftertune.learners.ewc import EwcSpec
+    from aftertune.learners.lora import LoraSpec
+    from aftertune.learners.recipe import TrainSpec
+    from aftertune.learners.replay import ReplaySpec
+
+    return {
+        "train": TrainSpec(
+            lr=cfg.lr,
+            max_steps=steps,
+            batch_size=cfg.batch_size,
+            seed=seed,
+            max_length=cfg.max_length,
+            device="cpu",
+            progress=False,
+        ),
+        "lora": LoraSpec(r=cfg.r),
+        "replay_spec": ReplaySpec(ratio=cfg.replay_ratio, cap=cfg.replay_cap, enabled=replay),
+        "ewc": EwcSpec(
+            lam=cfg.ewc_lambda, decay=cfg.ewc_decay, fisher_samples=cfg.fisher_samples, enabled=ewc
+        ),
+    }
+
+
+def _train_and_merge(
+    model: Any,
+    tokenizer: Any,
+    new: list[Example],
+    past: list[Example],
+    specs: dict[str, Any],
+    workdir: Path,
+    cycle: int,
+    result: StrategyResult,
+) -> Any:
+    """One cycle: a fresh adapter on the champion, merged in; timings go into ``result``."""
+    from peft import PeftModel
+
+    from aftertune.learners.recipe import train_adapter
+
+    start = time.perf_counter()
+    trained = train_adapter(
+        model, tokenizer, new, past, **specs,
+        fisher_path=workdir / "fisher.safetensors",
+        out_dir=workdir / f"adapter-{cycle}",
+    )  # fmt: skip
+    merged = PeftModel.from_pretrained(model, str(trained.adapter_dir)).merge_and_unload()
+    # peft leaves its config on the unwrapped model; the next cycle's fresh adapter must not
+    # find it (same cleanup as lora.detach_adapter).
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in vars(merged):  # instance attributes only; the class may define defaults
+            delattr(merged, attr)
+    result.cycle_seconds += time.perf_counter() - start
+    result.train_seconds += trained.train_seconds
+    result.fisher_seconds += trained.fisher_seconds
+    result.tokens += trained.tokens_per_s * trained.train_seconds
+    result.steps += trained.steps
+    log.info(
+        "%s cycle %d: %d steps, loss %.3f -> %.3f, %.0f tok/s, fisher %.1fs, train %.1fs",
+        result.name, cycle, trained.steps, trained.loss_first, trained.loss_last,
+        trained.tokens_per_s, trained.fisher_seconds, trained.train_seconds,
+    )  # fmt: skip
+    return merged
+
+
+def _prime_fisher(
+    model: Any,
+    tokenizer: Any,
+    past: list[Example],
+    cfg: BenchConfig,
+    fisher_path: Path,
+    result: StrategyResult,
+) -> None:
+    """EWC without replay: estimate the champion's Fisher on stored past examples ourselves.
+
+    The recipe estimates the Fisher on its capped replay pool, which is empty when replay is
+    disabled; with the online Fisher file already holding this champion, it reuses ours.
+    """
+    from aftertune.learners.ewc import (
+        estimate_fisher,
+        target_weights,
+        update_online_fisher,
+        weights_fingerprint,
+    )
+    from aftertune.learners.lora import LoraSpec
+
+    targets = LoraSpec(r=cfg.r).target_modules
+    start = time.perf_counter()
+    stride = max(1, len(past) // cfg.fisher_samples)
+    samples = past[::stride][: cfg.fisher_samples]
+    fresh = estimate_fisher(
+        model, tokenizer, samples, targets, batch_size=1, max_length=cfg.max_length
+    )
+    champion = weights_fingerprint(target_weights(model, targets))
+    update_online_fisher(fisher_path, fresh, cfg.ewc_decay, champion=champion)
+    seconds = time.perf_counter() - start
+    result.fisher_seconds += seconds
+    result.cycle_seconds += seconds
+
+
+def _record_row(
+    result: StrategyResult, scores: dict[str, TaskScore], tasks: tuple[str, ...]
+) -> None:
+    result.matrix.append([100 * scores[t].score for t in tasks])
+    result.valid.append([None if scores[t].valid is None else 100 * scores[t].valid for t in tasks])
+    result.nll.append([scores[t].nll for t in tasks])
+
+
+def run_strategy(
+    name: str, suite: Suite, cfg: BenchConfig, base: str, workdir: Path
+) -> StrategyResult:
+    """Train ``name`` over the suite from a freshly loaded base; evaluate after every task."""
+    import torch
+
+    from aftertune.learners.base_model import load_base
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_base(base)
+    result = StrategyResult(name)
+
+    def run_eval() -> dict[str, TaskScore]:
+        start = time.perf_counter()
+        scores = evaluate(
+            model, tokenizer, suite.test, labels=suite.labels, batch_size=cfg.eval_batch_size,
+            max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
+        )  # fmt: skip
+        result.eval_seconds += time.perf_counter() - start
+        return scores
+
+    base_scores = run_eval()
+    result.base = {t: 100 * s.score for t, s in base_scores.items()}
+    result.base_nll = {t: s.nll for t, s in base_scores.items()}
+
+    if name == "joint":
+        union = [ex for t in suite.tasks for ex in suite.train[t]]
+        specs = _specs(
+            cfg, steps=cfg.steps * len(suite.tasks), replay=False, ewc=False, seed=cfg.seed
+        )
+        model = _train_and_merge(model, tokenizer, union, [], specs, workdir, 0, result)
+        _record_row(result, run_eval(), suite.tasks)
+        return result
+
+    replay, ewc = name in ("replay", "replay+ewc"), name in ("ewc", "replay+ewc")
+    # The past lives in a real example store, sampled task-balanced as the daemon does it.
+    with ExampleStore(workdir / "examples.sqlite3") as store:
+        for i, task in enumerate(suite.tasks):
+            # EWC-only still needs past examples: the Fisher is estimated on them.
+            past = store.replay_sample(cfg.replay_cap, seed=cfg.seed + i) if replay or ewc else []
+            specs = _specs(
+                cfg, steps=cfg.steps, replay=replay, ewc=ewc and bool(past), seed=cfg.seed + i
+            )
+            if ewc and not replay and past:
+                _prime_fisher(model, tokenizer, past, cfg, workdir / "fisher.safetensors", result)
+            model = _train_and_merge(
+                model, tokenizer, suite.train[task], past, specs, workdir, i, result
+            )
+            store.add([
+                record_from_obj({"task": e.task, "instruction": e.instruction, "input": e.input,
+                                 "output": e.output, "split": "train"})
+                for e in suite.train[task]
+            ])  # fmt: skip
+            _record_row(result, run_eval(), suite.tasks)
+            log.info(
+                "%s after %s: %s", name, task, " ".join(f"{v:5.1f}" for v in result.matrix[-1])
+            )
+    return result
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str = "6.1f") -> str:
+    return "     -" if value is None else format(value, spec)
+
+
+def print_report(suite: Suite, results: dict[str, dict[str, Any]], cfg: BenchConfig) -> None:
+    tasks = suite.tasks
+    print(f"\ntasks: {', '.join(tasks)}; {cfg.steps} steps/task, lr {cfg.lr}, r {cfg.r}, "
+          f"replay ratio {cfg.replay_ratio}, EWC lambda {cfg.ewc_lambda}")  # fmt: skip
+    for name, res in results.items():
+        print(f"\n[{name}] R[i][j] (points; rows: after training task i)")
+        print("  after        " + " ".join(f"{t[:10]:>10}" for t in tasks))
+        print("  base         " + " ".join(f"{res['base_score'][t]:10.1f}" for t in tasks))
+        rows = tasks if len(res["matrix"]) == len(tasks) else ("union",)
+        for label, row in zip(rows, res["matrix"], strict=True):
+            print(f"  {label[:12]:<12} " + " ".join(f"{v:10.1f}" for v in row))
+    print("\nstrategy      AA     BWT  valid_old  dNLL_old  tok/s  fisher%  cycle_s  eval_s")
+    for name, res in results.items():
+        print(
+            f"{name:<11} {res['aa']:6.1f} {_fmt(res['bwt'])} {_fmt(res['valid_old'], '10.1f')}"
+            f" {_fmt(res['nll_increase_old'], '9.3f')} {res['tokens_per_s']:6.0f}"
+            f" {100 * res['fisher_share']:7.1f}% {res['cycle_seconds']:8.1f} {res['eval_seconds']:7.1f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = BenchConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="folder of <task>.train/.test.jsonl")
+    p.add_argument("--tasks", required=True, help="comma-separated, in training order")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--base", default="embedded:tiny", help="embedded:tiny or a local HF model dir")
+    p.add_argument("--max-train", type=int, default=None, help="train examples per task")
+    p.add_argument("--max-test", type=int, default=None, help="test examples per task")
+    p.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per task")
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--r", type=int, default=defaults.r, help="LoRA rank")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--replay-ratio", type=float, default=defaults.replay_ratio)
+    p.add_argument("--ewc-lambda", type=float, default=defaults.ewc_lambda)
+    p.add_argument("--fisher-samples", type=int, default=defaults.fisher_samples)
+    p.add_argument("--max-length", type=int, default=defaults.max_length)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads; 1 unless the machine is otherwise idle (oversubscribed"
+        " OpenMP threads spin and ran ~10x slower on a loaded 2-core box)",
+    )  # fmt: skip
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown:
+        print(
+            f"error: unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}",
+            file=sys.stderr,
+        )
+        return 2
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    cfg = BenchConfig(
+        steps=args.steps, lr=args.lr, r=args.r, batch_size=args.batch_size,
+        replay_ratio=args.replay_ratio, ewc_lambda=args.ewc_lambda,
+        fisher_samples=args.fisher_samples, max_length=args.max_length, seed=args.seed,
+    )  # fmt: skip
+    try:
+        suite = load_suite(args.data, tasks, args.max_train, args.max_test)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    for name in strategies:
+        with tempfile.TemporaryDirectory(prefix=f"continual-{name.replace('+', '_')}-") as tmp:
+            results[name] = run_strategy(name, suite, cfg, args.base, Path(tmp)).summary(len(tasks))
+    wall = time.perf_counter() - started
+    print_report(suite, results, cfg)
+    print(f"\nwall time: {wall:.0f} s")
+    if args.json:
+        payload = {"tasks": list(tasks), "config": asdict(cfg), "wall_seconds": wall, "threads": args.threads,
+                   "strategies": results}  # fmt: skip
+        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
