@@ -1,4 +1,4 @@
-"""CLI commands about models: train, eval, cycle, models, rollback, approve, reject, base.
+"""CLI commands about models: train, eval, cycle, models, report, rollback, approve, reject, base.
 
 Commands that learn import torch lazily, inside the command; the registry commands stay light.
 """
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,15 @@ def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("models", parents=[common], help="model versions, states, key metrics")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "report",
+        parents=[common],
+        help="an HTML page: gate checks, task x version heatmap, per-task charts, lineage, audit",
+    )
+    p.add_argument("version", type=int, nargs="?", default=None, help="version (default: latest)")
+    p.add_argument("--html", type=Path, required=True, metavar="FILE", help="page to write")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "rollback", parents=[common], help="make a retired former champion the champion again"
@@ -189,6 +200,30 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         mark = "*" if row["champion"] else " "
         made = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created_at"]))
         print(f"{mark} v{row['version']:<4} {row['state']:<18} {made}  {_headline(row['metrics'])}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.daemon.report import render_report
+    from aftertune.store.registry import Registry
+
+    with Registry(settings.state_dir) as registry:
+        page = render_report(registry, args.version)
+    target: Path = args.html
+    if not target.parent.is_dir():
+        raise_refused(f"cannot write {target}: the directory {target.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(page)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is meant to be shared
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    print(target)
     return 0
 
 
