@@ -119,6 +119,11 @@ class GateReport:
         """Why: every failed check, or (when it passed) that every check held."""
         if self.failures:
             return [c.message for c in self.failures]
+        if not self.checks:
+            return [
+                "no rule applied: every task is new to the champion and no value "
+                "thresholds (gate.floor) are set"
+            ]
         return [f"all {len(self.checks)} checks passed"]
 
     def to_json(self) -> dict[str, Any]:
