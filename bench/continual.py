@@ -61,6 +61,7 @@ class BenchConfig:
     seed: int = 0
     eval_batch_size: int = 64
     max_new_tokens: int = 8
+    device: str = "cpu"  # "cuda" trains with bf16 autocast (the recipe's choice): not CPU-identical
 
 
 @dataclass
@@ -183,7 +184,7 @@ def _specs(cfg: BenchConfig, *, steps: int, replay: bool, ewc: bool, seed: int) 
             batch_size=cfg.batch_size,
             seed=seed,
             max_length=cfg.max_length,
-            device="cpu",
+            device=cfg.device,
             progress=False,
         ),
         "lora": LoraSpec(r=cfg.r),
@@ -286,14 +287,14 @@ def run_strategy(
     from aftertune.learners.base_model import load_base
 
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_base(base)
+    model, tokenizer = load_base(base, device=cfg.device)
     result = StrategyResult(name)
 
     def run_eval() -> dict[str, TaskScore]:
         start = time.perf_counter()
         scores = evaluate(
             model, tokenizer, suite.test, labels=suite.labels, batch_size=cfg.eval_batch_size,
-            max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
+            max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length, device=cfg.device,
         )  # fmt: skip
         result.eval_seconds += time.perf_counter() - start
         return scores
@@ -382,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fisher-samples", type=int, default=defaults.fisher_samples)
     p.add_argument("--max-length", type=int, default=defaults.max_length)
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--device", default=defaults.device, help="cpu or cuda")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument(
         "--threads", type=int, default=1,
@@ -404,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps, lr=args.lr, r=args.r, batch_size=args.batch_size,
         replay_ratio=args.replay_ratio, ewc_lambda=args.ewc_lambda,
         fisher_samples=args.fisher_samples, max_length=args.max_length, seed=args.seed,
+        device=args.device,
     )  # fmt: skip
     try:
         suite = load_suite(args.data, tasks, args.max_train, args.max_test)

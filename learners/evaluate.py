@@ -277,7 +277,8 @@ def evaluate(
 ) -> dict[str, TaskScore]:
     """Score ``model`` on every task's examples (the model must already sit on ``device``).
 
-    ``labels`` gives each task's label set (None: free text). A task missing from it is
+    ``max_new_tokens`` bounds free-text answers; a label task generates just enough tokens
+    for its longest label plus EOS. ``labels`` gives each task's label set (None: free text). A task missing from it is
     classified by :func:`task_kind` on the evaluated examples' own outputs; pass the label
     sets learned from train data where held-out sets are small.
     """
@@ -288,12 +289,17 @@ def evaluate(
             label_set = labels[task]
         else:
             label_set = task_kind([ex.output for ex in examples])[1]
+        budget = max_new_tokens
+        if label_set:
+            # Enough for the longest label and EOS: a longer answer cannot be a label, and a
+            # label longer than max_new_tokens ("Science or Technology") must not be cut.
+            budget = 1 + max(len(tokenizer.encode(x, add_special_tokens=False)) for x in label_set)
         answers, nll_sum, tokens = predict(
             model,
             tokenizer,
             examples,
             batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=budget,
             max_length=max_length,
             device=device,
             template=template,

@@ -58,7 +58,7 @@ def backward_transfer(matrix: Sequence[Sequence[float]]) -> float:
     per_task = forgetting_per_task(matrix)
     if not per_task:
         return 0.0
-    return -sum(per_task) / len(per_task)
+    return 0.0 - sum(per_task) / len(per_task)  # 0.0 - x: no "-0.0" in reports
 
 
 def continual_metrics(matrix: Sequence[Sequence[float]]) -> ContinualMetrics:
