@@ -48,13 +48,13 @@ class Suite:
 class BenchConfig:
     """The knobs every strategy shares (one budget for all)."""
 
-    steps: int = 200  # optimizer steps per task (joint: steps x number of tasks)
+    steps: int = 150  # optimizer steps per task (joint: steps x number of tasks)
     lr: float = 2e-3
     r: int = 16
-    batch_size: int = 16
+    batch_size: int = 8
     replay_ratio: float = 1.0
     replay_cap: int = 2000
-    ewc_lambda: float = 1000.0
+    ewc_lambda: float = 1e5  # our λ/2·ΣFΔW² convention (avalanche ewc_lambda = λ/2)
     ewc_decay: float = 0.9
     fisher_samples: int = 64
     max_length: int = 256
@@ -228,8 +228,8 @@ def _train_and_merge(
     result.tokens += trained.tokens_per_s * trained.train_seconds
     result.steps += trained.steps
     log.info(
-        "%s cycle %d: %d steps, loss %.3f -> %.3f, %.0f tok/s, fisher %.1fs, train %.1fs",
-        result.name, cycle, trained.steps, trained.loss_first, trained.loss_last,
+        "%s cycle %d: %d steps, loss %.3f -> %.3f, ewc %.3g, %.0f tok/s, fisher %.1fs, train %.1fs",
+        result.name, cycle, trained.steps, trained.loss_first, trained.loss_last, trained.ewc_penalty_last,
         trained.tokens_per_s, trained.fisher_seconds, trained.train_seconds,
     )  # fmt: skip
     return merged
@@ -365,6 +365,29 @@ def print_report(suite: Suite, results: dict[str, dict[str, Any]], cfg: BenchCon
         )
 
 
+def markdown_report(payload: dict[str, Any]) -> str:
+    """The results as Markdown tables (for docs/benchmarks.md)."""
+    tasks = payload["tasks"]
+    lines = ["| strategy | AA | BWT | valid (old tasks, final) | min valid (old tasks) | ΔNLL (old tasks) | tokens/s | Fisher share |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, res in payload["strategies"].items():
+        cells = [_fmt(res["aa"], ".1f"), _fmt(res["bwt"], ".1f"), _fmt(res["valid_old"], ".1f"),
+                 _fmt(res["valid_old_min"], ".1f"), _fmt(res["nll_increase_old"], ".3f"),
+                 f"{res['tokens_per_s']:.0f}", f"{100 * res['fisher_share']:.1f} %"]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(c.strip() for c in cells) + " |")
+    for name, res in payload["strategies"].items():
+        lines += ["", f"R for **{name}** (points; row = after training that task):", ""]
+        lines += ["| after \\ on | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        lines.append(
+            "| (base) | " + " | ".join(f"{res['base_score'][t]:.1f}" for t in tasks) + " |"
+        )
+        rows = tasks if len(res["matrix"]) == len(tasks) else ["all (joint)"]
+        for label, row, nll in zip(rows, res["matrix"], res["nll"], strict=True):
+            cells = [f"{v:.1f} ({n:.2f})" for v, n in zip(row, nll, strict=True)]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     defaults = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -385,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=defaults.device, help="cpu or cuda")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--markdown", type=Path, default=None, help="write Markdown tables here")
     p.add_argument(
         "--threads", type=int, default=1,
         help="torch intra-op threads; 1 unless the machine is otherwise idle (oversubscribed"
@@ -425,10 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     print_report(suite, results, cfg)
     print(f"\nwall time: {wall:.0f} s")
+    payload = {"tasks": list(tasks), "config": asdict(cfg), "wall_seconds": wall,
+               "threads": args.threads, "strategies": results}  # fmt: skip
     if args.json:
-        payload = {"tasks": list(tasks), "config": asdict(cfg), "wall_seconds": wall, "threads": args.threads,
-                   "strategies": results}  # fmt: skip
         args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    if args.markdown:
+        args.markdown.write_text(markdown_report(payload), encoding="utf-8")
     return 0
 
 
