@@ -5,8 +5,8 @@ model can learn with a LoRA adapter in a few hundred steps. The embedded base mo
 pretraining curriculum (learners/curriculum.py) deliberately leaves the "core" features out
 (parity, last digit, ends-with-a-vowel, last letter), so the suite starts from what the
 base does not know. "alt" is a second family of the same kind (a character feature mapped
-to a short answer) with different features, instructions and label words, for checks on
-tasks a run has never seen.
+to a short answer) with different features, instructions and label words, none of them in
+the curriculum either, for checks on tasks a run has never seen.
 
 Train and test inputs are disjoint; label tasks are exactly balanced per split. Files use
 the shared datasets' line format ``{"task", "instruction", "input", "output"}``.
@@ -101,9 +101,9 @@ def _double_end(rng: random.Random, label: str | None) -> tuple[str, str]:
     return word, str(label)
 
 
-def _penultimate(rng: random.Random, label: str | None) -> tuple[str, str]:
+def _last_two(rng: random.Random, label: str | None) -> tuple[str, str]:
     word = _word(rng)
-    return word, word[-2]
+    return word, word[-2:]
 
 
 def _ends_consonant(rng: random.Random, label: str | None) -> tuple[str, str]:
@@ -135,7 +135,7 @@ FAMILIES: dict[str, tuple[SyntheticTask, ...]] = {
             ("same", "different"),
             _double_end,
         ),
-        SyntheticTask("penultimate", "Give the second-to-last letter.", None, _penultimate),
+        SyntheticTask("last_two", "Write the last two letters of the word.", None, _last_two),
         SyntheticTask(
             "end_kind",
             "Does the word end in a vowel or a consonant?",
