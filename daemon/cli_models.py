@@ -44,6 +44,9 @@ def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: as shipped)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: as shipped)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (the shipped build used 1)"
+    )
     p.set_defaults(func=cmd_base_build)
 
     p = sub.add_parser(
@@ -131,15 +134,18 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_base_build(args: argparse.Namespace, settings: Settings) -> int:
+    import torch
+
     from aftertune.learners import pretrain
 
-    kwargs: dict[str, Any] = {"device": args.device}
+    build = dict(pretrain.SHIPPED_BUILD)
     if args.steps is not None:
-        kwargs["steps"] = args.steps
+        build["steps"] = args.steps
     if args.seed is not None:
-        kwargs["seed"] = args.seed
-    report = pretrain.build_embedded_base(args.out, **{**pretrain.SHIPPED_BUILD, **kwargs})
-    print(json.dumps(report.to_json() if hasattr(report, "to_json") else vars(report), indent=2))
+        build["seed"] = args.seed
+    torch.set_num_threads(args.threads)
+    report = pretrain.build_embedded_base(args.out, device=args.device, **build)
+    print(pretrain.render_build_md(report))
     return 0
 
 
