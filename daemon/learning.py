@@ -64,6 +64,7 @@ def gate_rules(settings: Settings) -> GateRules:
         },
         min_gain=g.min_gain,
         min_nll_gain=g.min_nll_gain,
+        noise_z=g.noise_z,
         require_approval=g.require_approval,
     )
 

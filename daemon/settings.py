@@ -150,6 +150,9 @@ class GateSettings(TaskGateSettings):
     max_drop_rel: dict[str, float] = Field(default_factory=lambda: {"nll": 0.25})
     min_gain: float = Field(default=0.0, description="headline score gain on new held-out data")
     min_nll_gain: float = Field(default=0.01, description="NLL improvement on new held-out data")
+    noise_z: float = Field(
+        default=1.0, ge=0, description="max_drop of accuracy is at least this many std errors"
+    )
     require_approval: bool = False
     max_per_task: int = Field(default=200, ge=1, description="held-out examples per task and suite")
     tasks: dict[str, TaskGateSettings] = Field(default_factory=dict)

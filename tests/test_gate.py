@@ -10,6 +10,7 @@ RULES = GateRules(
     ),
     min_gain=0.0,
     min_nll_gain=0.01,
+    noise_z=0.0,
 )
 OLD = {"accuracy": 0.80, "nll": 1.0, "n": 50}
 
@@ -74,3 +75,15 @@ def test_per_task_override_and_approval_and_determinism() -> None:
     report = judge(*inputs)
     assert report.decision is Decision.AWAITING_APPROVAL
     assert judge(*inputs).to_json() == report.to_json()
+
+
+def test_small_held_out_sets_widen_the_allowed_drop_by_sampling_noise() -> None:
+    noisy = GateRules(default=RULES.default, noise_z=1.0)
+    few = {"accuracy": 0.80, "nll": 1.0, "n": 20}  # one answer = 5 points
+    report = judge({"a": (few, {**few, "accuracy": 0.72})}, {}, set(), noisy)
+    assert report.decision is Decision.PROMOTED
+    assert "widened from 0.05 for n=20" in report.checks[0].message
+    poisoned = judge({"a": (few, {**few, "accuracy": 0.45})}, {}, set(), noisy)
+    assert poisoned.decision is Decision.REJECTED
+    many = {**few, "n": 5000}
+    assert judge({"a": (many, {**many, "accuracy": 0.72})}, {}, set(), noisy).failures
