@@ -17,7 +17,6 @@ from aftertune.learners.ewc import (
     ewc_penalty,
     fisher_champion,
     load_fisher,
-    mean_squared_grads,
     update_online_fisher,
 )
 from aftertune.learners.lora import LoraSpec, attach_fresh_adapter
@@ -137,29 +136,3 @@ def test_spec_validation() -> None:
         EwcSpec(lam=-1)
     with pytest.raises(ValueError, match="fisher_samples"):
         EwcSpec(fisher_samples=0)
-
-
-@pytest.mark.avalanche
-def test_importances_match_avalanche_ewc_plugin() -> None:
-    """Reference: avalanche-lib's EWCPlugin.compute_importances (run in .venv-avalanche)."""
-    ewc_mod = pytest.importorskip("avalanche.training.plugins.ewc")
-    from torch.utils.data import DataLoader, TensorDataset
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    data = TensorDataset(
-        torch.randn(10, 5), torch.randint(0, 3, (10,)), torch.zeros(10, dtype=torch.long)
-    )
-    criterion = torch.nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    theirs = ewc_mod.EWCPlugin(ewc_lambda=1.0).compute_importances(
-        model, criterion, optimizer, data, "cpu", 4, 0
-    )
-    ours = mean_squared_grads(
-        model,
-        DataLoader(data, batch_size=4),
-        lambda m, b: criterion(m(b[0]), b[1]),
-        dict(model.named_parameters()),
-    )
-    for key, imp in theirs.items():
-        torch.testing.assert_close(ours[key], imp.data, rtol=1e-6, atol=1e-12)
