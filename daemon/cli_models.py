@@ -261,7 +261,15 @@ def cmd_reject(args: argparse.Namespace, settings: Settings) -> int:
         if registry.get(args.version).state is not VersionState.AWAITING_APPROVAL:
             state = registry.get(args.version).state.value
             raise_refused(f"v{args.version} is {state}, not awaiting approval; nothing to reject")
-        registry.transition(args.version, VersionState.REJECTED, actor=_actor(), reason=args.why)
+        version = registry.transition(
+            args.version, VersionState.REJECTED, actor=_actor(), reason=args.why
+        )
+    seq_range = version.lineage.get("trained_on", {}).get("seq_range")
+    if seq_range:  # the rejected batch is set aside, as when the gate rejects it
+        from aftertune.store.examples import ExampleStore
+
+        with ExampleStore.in_state_dir(settings.state_dir) as store:
+            store.quarantine(int(seq_range[0]), int(seq_range[1]), args.version)
     print(f"v{args.version} rejected")
     return 0
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from aftertune.learners.cycle import champion_model, label_sets, train_candidate
+from aftertune.learners.errors import LearnerError
 from aftertune.learners.evaluate import TaskScore, evaluate, score_dict
 from aftertune.learners.ewc import EwcSpec
 from aftertune.learners.gate import Decision, GateReport, GateRules, judge
@@ -28,7 +29,11 @@ from aftertune.store.registry import Registry, Version, VersionState
 
 log = logging.getLogger(__name__)
 
-Suites = dict[str, dict[str, list[Example]]]  # suite -> task -> held-out examples
+Suites = dict[str, dict[str, list[Example]]]
+
+
+class CycleBlocked(LearnerError):
+    """A cycle cannot start now (a version awaits a human decision)."""  # suite -> task -> held-out examples
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,12 @@ def run_cycle(
 ) -> CycleResult:
     """Train → evaluate → gate → promote, reject or wait for approval. Resumable."""
     timings: dict[str, float] = {}
+    waiting = registry.in_state(VersionState.AWAITING_APPROVAL)
+    if waiting:
+        raise CycleBlocked(
+            f"v{waiting[0].version} awaits approval; run `aftertune approve {waiting[0].version}` "
+            f"or `aftertune reject {waiting[0].version} --why ...` before the next cycle"
+        )
     champion = registry.champion()
     challenger = _pick_challenger(registry, champion, actor)
     trained = None
@@ -222,6 +233,10 @@ def run_cycle(
             gate=gate_json,
         )  # fmt: skip
     else:
+        # Set the batch aside before the decision is final, so a crash in between re-runs
+        # to the same end. Waiting for held-out data is not a verdict on the data itself.
+        if any(c.rule != "held_out_present" for c in gate.failures):
+            store.quarantine(champion_seq, challenger.data_seq, challenger.version)
         registry.transition(
             challenger.version, VersionState.REJECTED, actor=actor, reason=why, gate=gate_json
         )

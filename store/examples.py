@@ -3,6 +3,10 @@
 Idempotent on record id, so at-least-once delivery from the stream gives exactly-once
 effects. ``seq`` is a monotonic insertion counter: a model version remembers the highest
 ``seq`` it has seen, and "new data since the champion" is every train example above it.
+
+A batch whose challenger the gate rejected is *quarantined* (``quarantined_by`` = that
+version): kept for inspection, but no later cycle trains, replays or evaluates on it, so
+one poisoned batch cannot keep failing every cycle after it.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ CREATE TABLE IF NOT EXISTS examples (
     weight      REAL    NOT NULL,
     source      TEXT    NOT NULL,
     meta        TEXT    NOT NULL,
-    added_at    REAL    NOT NULL
+    added_at    REAL    NOT NULL,
+    quarantined_by INTEGER
 );
 CREATE INDEX IF NOT EXISTS examples_split_task ON examples (split, task, seq);
 """
 
+_LIVE = " AND quarantined_by IS NULL"
 _COLUMNS = (
     "seq, id, task, instruction, input, output, split, pinned, weight, source, meta, added_at"
 )
@@ -92,6 +98,9 @@ class ExampleStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(examples)")}
+        if "quarantined_by" not in columns:  # a store made before quarantine existed
+            self._db.execute("ALTER TABLE examples ADD COLUMN quarantined_by INTEGER")
 
     @classmethod
     def in_state_dir(cls, state_dir: Path | str) -> ExampleStore:
@@ -177,7 +186,9 @@ class ExampleStore:
 
     def count_train_after(self, seq: int) -> int:
         """How many train examples arrived after watermark ``seq``."""
-        rows = self._query("SELECT COUNT(*) FROM examples WHERE split='train' AND seq > ?", (seq,))
+        rows = self._query(
+            "SELECT COUNT(*) FROM examples WHERE split='train' AND seq > ?" + _LIVE, (seq,)
+        )
         return int(rows[0][0])
 
     def train_after(self, seq: int, until: int | None = None) -> list[Example]:
@@ -185,7 +196,8 @@ class ExampleStore:
         until = self.max_seq() if until is None else until
         rows = self._query(
             f"SELECT {_COLUMNS} FROM examples WHERE split='train' AND seq > ? AND seq <= ?"
-            " ORDER BY seq",
+            + _LIVE
+            + " ORDER BY seq",
             (seq, until),
         )
         return [_example(r) for r in rows]
@@ -194,7 +206,7 @@ class ExampleStore:
         self, task: str | None = None, after: int = 0, until: int | None = None
     ) -> list[Example]:
         """Test examples (optionally of one task) with ``after < seq <= until``, in seq order."""
-        sql = f"SELECT {_COLUMNS} FROM examples WHERE split='test' AND seq > ?"
+        sql = f"SELECT {_COLUMNS} FROM examples WHERE split='test' AND seq > ?" + _LIVE
         params: list[Any] = [after]
         if until is not None:
             sql += " AND seq <= ?"
@@ -203,6 +215,23 @@ class ExampleStore:
             sql += " AND task = ?"
             params.append(task)
         return [_example(r) for r in self._query(sql + " ORDER BY seq", params)]
+
+    def quarantine(self, after: int, until: int, version: int) -> int:
+        """Set aside the examples with ``after < seq <= until`` (rejected with ``version``)."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE examples SET quarantined_by = ? WHERE seq > ? AND seq <= ?" + _LIVE,
+                (version, after, until),
+            )
+            return cursor.rowcount
+
+    def quarantined(self) -> dict[int, int]:
+        """{version: examples it quarantined}."""
+        rows = self._query(
+            "SELECT quarantined_by, COUNT(*) FROM examples WHERE quarantined_by IS NOT NULL"
+            " GROUP BY quarantined_by"
+        )
+        return {int(v): int(n) for v, n in rows}
 
     def outputs(self, task: str) -> list[str]:
         """Every stored output of ``task`` (train and test): what a label set is judged on."""
@@ -232,7 +261,8 @@ class ExampleStore:
         sizes = dict(
             self._query(
                 "SELECT task, COUNT(*) FROM examples WHERE split='train' AND seq <= ?"
-                " GROUP BY task ORDER BY task",
+                + _LIVE
+                + " GROUP BY task ORDER BY task",
                 (until,),
             )
         )
@@ -245,7 +275,8 @@ class ExampleStore:
             with self._lock:
                 cursor = self._db.execute(
                     "SELECT id FROM examples WHERE split='train' AND task=? AND seq <= ?"
-                    " ORDER BY seq",
+                    + _LIVE
+                    + " ORDER BY seq",
                     (task, until),
                 )
                 for i, (id_,) in enumerate(cursor):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import cli_json, run_cli, write_jsonl
 
+from aftertune.store.examples import ExampleStore
 from aftertune.store.registry import TRANSITIONS, Registry, VersionState
 
 pytestmark = pytest.mark.slow
@@ -87,6 +88,11 @@ def test_crash_at_each_step_then_clean_promotion_then_poison_rejected(
     assert any(reason.startswith("parity:") for reason in second["reasons"]), second["reasons"]
     status = cli_json("status", "--json", env=env)
     assert status["champion"]["version"] == 1
+    with ExampleStore.in_state_dir(state) as store, Registry(state) as registry:
+        watermark = registry.get(1).data_seq
+        # The poisoned batch is set aside: no later cycle trains or judges on it.
+        assert store.quarantined() == {2: store.max_seq() - watermark}
+        assert store.count_train_after(watermark) == 0
     models = cli_json("models", "--json", env=env)
     assert [(m["version"], m["state"], m["champion"]) for m in models] == [
         (1, "promoted", True),

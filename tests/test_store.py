@@ -72,3 +72,18 @@ def test_balanced_quota_water_fills() -> None:
     assert _balanced_quota({"a": 100, "b": 1, "c": 0}, 10) == {"a": 9, "b": 1, "c": 0}
     assert _balanced_quota({"a": 3, "b": 3}, 10) == {"a": 3, "b": 3}
     assert _balanced_quota({"a": 10, "b": 10, "c": 10}, 7) == {"a": 3, "b": 2, "c": 2}
+
+
+def test_quarantined_batches_are_neither_trained_replayed_nor_evaluated(tmp_path: Path) -> None:
+    with ExampleStore.in_state_dir(tmp_path) as store:
+        store.add(_records("a", 20) + _records("a", 5, split="test", start=100))
+        mark = store.max_seq()
+        store.add(_records("a", 10, start=200) + _records("a", 3, split="test", start=300))
+        assert store.quarantine(mark, store.max_seq(), version=2) == 13
+        assert store.quarantine(mark, store.max_seq(), version=3) == 0  # already set aside
+        assert store.quarantined() == {2: 13}
+        assert store.train_after(0) == store.train_after(0, until=mark)
+        assert store.count_train_after(mark) == 0
+        assert len(store.held_out("a")) == 5
+        assert all(e.seq <= mark for e in store.replay_sample(100, seed=0))
+        assert store.total() == 38  # kept for inspection
