@@ -74,6 +74,10 @@ def load_base(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base model (default `embedded:tiny`) in eval mode, with a pad token set."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # Loading a 1M-parameter model needs no progress bar, and our logs say what was loaded.
+    hf_logging.disable_progress_bar()
 
     path = resolve_base(EMBEDDED_TINY if spec is None else spec)
     kwargs: dict[str, Any] = {"local_files_only": True}
