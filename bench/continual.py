@@ -48,13 +48,13 @@ class Suite:
 class BenchConfig:
     """The knobs every strategy shares (one budget for all)."""
 
-    steps: int = 150  # optimizer steps per task (joint: steps x number of tasks)
-    lr: float = 2e-3
+    steps: int = 200  # optimizer steps per task (joint: steps x number of tasks)
+    lr: float = 4e-3
     r: int = 16
     batch_size: int = 8
     replay_ratio: float = 1.0
     replay_cap: int = 2000
-    ewc_lambda: float = 1e5  # our λ/2·ΣFΔW² convention (avalanche ewc_lambda = λ/2)
+    ewc_lambda: float = 1e3  # our λ/2·ΣFΔW² convention (avalanche ewc_lambda = λ/2)
     ewc_decay: float = 0.9
     fisher_samples: int = 64
     max_length: int = 256
