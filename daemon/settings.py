@@ -91,10 +91,12 @@ class LoraSettings(_Section):
 
 
 class TrainSettings(_Section):
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=4e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=10, ge=0)
-    max_steps: int | None = Field(default=None, ge=1, description="unset: `epochs` passes")
+    max_steps: int | None = Field(
+        default=200, ge=1, description="optimizer steps per cycle; unset: `epochs` passes"
+    )
     epochs: int = Field(default=3, ge=1)
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)
@@ -114,9 +116,9 @@ class ReplaySettings(_Section):
 
 class EwcSettings(_Section):
     enabled: bool = True
-    lam: float = Field(default=1.0, ge=0)
+    lam: float = Field(default=1e3, ge=0, description="penalty weight (λ/2 · Σ F ΔW²)")
     decay: float = Field(default=0.9, ge=0, le=1, description="online EWC: old Fisher weight")
-    fisher_samples: int = Field(default=256, ge=1)
+    fisher_samples: int = Field(default=64, ge=1)
 
 
 class EvalSettings(_Section):
