@@ -65,6 +65,7 @@ def gate_rules(settings: Settings) -> GateRules:
         min_gain=g.min_gain,
         min_nll_gain=g.min_nll_gain,
         noise_z=g.noise_z,
+        max_nll_rise_same_task=g.max_nll_rise_same_task,
         require_approval=g.require_approval,
     )
 

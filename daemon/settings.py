@@ -155,6 +155,9 @@ class GateSettings(TaskGateSettings):
     noise_z: float = Field(
         default=1.0, ge=0, description="max_drop of accuracy is at least this many std errors"
     )
+    max_nll_rise_same_task: float = Field(
+        default=0.02, ge=0, description="new data of a task may raise nll on its old held-out by"
+    )
     require_approval: bool = False
     max_per_task: int = Field(default=200, ge=1, description="held-out examples per task and suite")
     tasks: dict[str, TaskGateSettings] = Field(default_factory=dict)

@@ -80,6 +80,7 @@ class GateRules:
     min_gain: float = 0.0  # headline score, challenger - champion, on the gain suite
     min_nll_gain: float = 0.01  # nats per token the challenger must improve on the gain suite
     noise_z: float = 1.0  # max_drop of a proportion is at least this many standard errors
+    max_nll_rise_same_task: float = 0.02  # nats; a task's new data vs its own old held-out
     require_approval: bool = False
 
     def for_task(self, task: str) -> MetricRules:
@@ -292,6 +293,37 @@ def _gain_checks(
     return out
 
 
+def _consistency_check(
+    task: str, champion: Scores | None, challenger: Scores | None, rules: GateRules
+) -> list[Check]:
+    """New data for a task must not make the task's own old held-out set worse.
+
+    Clean data of a task improves (or keeps) the reference NLL on that task's earlier
+    held-out records; mislabelled data raises it, even when the model is too small to
+    move accuracy and even when it "improves" on the batch's own poisoned held-out part.
+    """
+    if champion is None or challenger is None or "nll" not in champion or "nll" not in challenger:
+        return []
+    rise = challenger["nll"] - champion["nll"]
+    limit = rules.max_nll_rise_same_task
+    ok = rise <= limit + 1e-12
+    return [
+        Check(
+            task,
+            Suite.REGRESSION,
+            "nll",
+            "same_task_consistency",
+            champion["nll"],
+            challenger["nll"],
+            limit,
+            ok,
+            f"{task}: new data for this task moved nll on its earlier held-out records "
+            f"{_fmt(champion['nll'])} -> {_fmt(challenger['nll'])} ({rise:+.4g}; "
+            f"{'within' if ok else 'over'} the allowed rise {limit:g})",
+        )
+    ]
+
+
 def judge(
     regression: Mapping[str, tuple[Scores | None, Scores | None]],
     gain: Mapping[str, tuple[Scores | None, Scores | None]],
@@ -310,6 +342,8 @@ def judge(
         checks += _value_checks(task, Suite.REGRESSION, challenger, task_rules)
         if champion is not None:
             checks += _change_checks(task, champion, challenger, task_rules, rules.noise_z)
+    for task in sorted(new_data_tasks & set(regression)):
+        checks += _consistency_check(task, *regression[task], rules)
     for task in sorted(new_data_tasks):
         champion, challenger = gain.get(task, (None, None))
         if challenger is None:

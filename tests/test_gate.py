@@ -87,3 +87,16 @@ def test_small_held_out_sets_widen_the_allowed_drop_by_sampling_noise() -> None:
     assert poisoned.decision is Decision.REJECTED
     many = {**few, "n": 5000}
     assert judge({"a": (many, {**many, "accuracy": 0.72})}, {}, set(), noisy).failures
+
+
+def test_new_data_must_not_worsen_the_same_tasks_old_held_out() -> None:
+    # A flipped batch "improves" on its own poisoned held-out part but raises the reference
+    # NLL on the task's earlier held-out records: rejected, naming the task.
+    regression = {"a": (OLD, {**OLD, "nll": 1.05})}
+    gain = {"a": (OLD, {**OLD, "nll": 0.8})}
+    report = judge(regression, gain, {"a"}, RULES)
+    assert report.decision is Decision.REJECTED
+    assert [c.rule for c in report.failures] == ["same_task_consistency"]
+    assert report.reasons[0].startswith("a: new data for this task moved nll")
+    clean = judge({"a": (OLD, {**OLD, "nll": 0.95})}, gain, {"a"}, RULES)
+    assert clean.decision is Decision.PROMOTED
