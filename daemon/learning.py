@@ -66,6 +66,7 @@ def gate_rules(settings: Settings) -> GateRules:
         min_nll_gain=g.min_nll_gain,
         noise_z=g.noise_z,
         max_nll_rise_same_task=g.max_nll_rise_same_task,
+        max_conflict_share=g.max_conflict_share,
         require_approval=g.require_approval,
     )
 

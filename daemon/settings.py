@@ -158,6 +158,9 @@ class GateSettings(TaskGateSettings):
     max_nll_rise_same_task: float = Field(
         default=0.02, ge=0, description="new data of a task may raise nll on its old held-out by"
     )
+    max_conflict_share: float = Field(
+        default=0.05, ge=0, le=1, description="new records contradicting a stored label"
+    )
     require_approval: bool = False
     max_per_task: int = Field(default=200, ge=1, description="held-out examples per task and suite")
     tasks: dict[str, TaskGateSettings] = Field(default_factory=dict)

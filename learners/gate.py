@@ -81,6 +81,7 @@ class GateRules:
     min_nll_gain: float = 0.01  # nats per token the challenger must improve on the gain suite
     noise_z: float = 1.0  # max_drop of a proportion is at least this many standard errors
     max_nll_rise_same_task: float = 0.02  # nats; a task's new data vs its own old held-out
+    max_conflict_share: float = 0.05  # new records that contradict an older record's label
     require_approval: bool = False
 
     def for_task(self, task: str) -> MetricRules:
@@ -324,11 +325,30 @@ def _consistency_check(
     ]
 
 
+def _conflict_check(task: str, new: int, conflicting: int, rules: GateRules) -> Check:
+    share = conflicting / new if new else 0.0
+    ok = share <= rules.max_conflict_share + 1e-12
+    return Check(
+        task,
+        Suite.GAIN,
+        "conflicts",
+        "max_conflict_share",
+        None,
+        share,
+        rules.max_conflict_share,
+        ok,
+        f"{task}: {conflicting} of {new} new records give another answer to an input already "
+        f"stored ({100 * share:.1f}%; {'within' if ok else 'over'} the allowed "
+        f"{100 * rules.max_conflict_share:g}%): relabelled data",
+    )
+
+
 def judge(
     regression: Mapping[str, tuple[Scores | None, Scores | None]],
     gain: Mapping[str, tuple[Scores | None, Scores | None]],
     new_data_tasks: set[str],
     rules: GateRules,
+    conflicts: Mapping[str, tuple[int, int]] | None = None,
 ) -> GateReport:
     """Decide. Each suite maps task -> (champion scores, challenger scores); a side is None
     when that model was not scored on it (no held-out examples in that suite).
@@ -342,6 +362,9 @@ def judge(
         checks += _value_checks(task, Suite.REGRESSION, challenger, task_rules)
         if champion is not None:
             checks += _change_checks(task, champion, challenger, task_rules, rules.noise_z)
+    for task, (new, conflicting) in sorted((conflicts or {}).items()):
+        if conflicting:
+            checks.append(_conflict_check(task, new, conflicting, rules))
     for task in sorted(new_data_tasks & set(regression)):
         checks += _consistency_check(task, *regression[task], rules)
     for task in sorted(new_data_tasks):

@@ -220,7 +220,8 @@ def run_cycle(
         for t, s in challenger_scores["gain"].items()
     }
     new_tasks = set(challenger.lineage.get("trained_on", {}).get("count_by_task", {}))
-    gate = judge(regression, gain, new_tasks, rules)
+    conflicts = store.conflicts(champion_seq, challenger.data_seq)
+    gate = judge(regression, gain, new_tasks, rules, conflicts)
     metrics = _metrics(champion_scores, challenger_scores)
     registry.set_metrics(challenger.version, metrics)
     gate_json = gate.to_json()

@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS examples (
     quarantined_by INTEGER
 );
 CREATE INDEX IF NOT EXISTS examples_split_task ON examples (split, task, seq);
+CREATE INDEX IF NOT EXISTS examples_task_input ON examples (task, input);
 """
 
 _LIVE = " AND quarantined_by IS NULL"
@@ -224,6 +225,23 @@ class ExampleStore:
                 (version, after, until),
             )
             return cursor.rowcount
+
+    def conflicts(self, after: int, until: int) -> dict[str, tuple[int, int]]:
+        """{task: (new records, new records contradicting an older one)} for seq in (after, until].
+
+        A contradiction is an earlier live record of the same task, instruction and input
+        with another output: what a relabelled (shuffled, flipped) copy of old data looks
+        like, whatever a model can or cannot learn from it.
+        """
+        rows = self._query(
+            "SELECT n.task, COUNT(*), SUM(EXISTS (SELECT 1 FROM examples o WHERE"
+            " o.task = n.task AND o.input = n.input AND o.instruction = n.instruction"
+            " AND o.output != n.output AND o.seq <= ? AND o.quarantined_by IS NULL))"
+            " FROM examples n WHERE n.seq > ? AND n.seq <= ? AND n.quarantined_by IS NULL"
+            " GROUP BY n.task",
+            (after, after, until),
+        )
+        return {task: (int(n), int(bad or 0)) for task, n, bad in rows}
 
     def quarantined(self) -> dict[int, int]:
         """{version: examples it quarantined}."""

@@ -100,3 +100,15 @@ def test_new_data_must_not_worsen_the_same_tasks_old_held_out() -> None:
     assert report.reasons[0].startswith("a: new data for this task moved nll")
     clean = judge({"a": (OLD, {**OLD, "nll": 0.95})}, gain, {"a"}, RULES)
     assert clean.decision is Decision.PROMOTED
+
+
+def test_relabelled_copies_of_stored_inputs_are_rejected_whatever_the_metrics() -> None:
+    good = {"a": (OLD, {**OLD, "nll": 0.9})}
+    report = judge(good, good, {"a"}, RULES, conflicts={"a": (100, 48)})
+    assert report.decision is Decision.REJECTED
+    assert report.reasons == [
+        "a: 48 of 100 new records give another answer to an input already stored "
+        "(48.0%; over the allowed 5%): relabelled data"
+    ]
+    fine = judge(good, good, {"a"}, RULES, conflicts={"a": (100, 2)})
+    assert fine.decision is Decision.PROMOTED

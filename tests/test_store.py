@@ -87,3 +87,16 @@ def test_quarantined_batches_are_neither_trained_replayed_nor_evaluated(tmp_path
         assert len(store.held_out("a")) == 5
         assert all(e.seq <= mark for e in store.replay_sample(100, seed=0))
         assert store.total() == 38  # kept for inspection
+
+
+def test_conflicts_count_new_records_that_relabel_stored_inputs(tmp_path: Path) -> None:
+    with ExampleStore.in_state_dir(tmp_path) as store:
+        store.add(_records("a", 10))
+        mark = store.max_seq()
+        relabelled = [
+            record_from_obj({"task": "a", "instruction": "Echo.", "input": f"a-{i}", "output": "x"})
+            for i in range(4)
+        ]
+        store.add(relabelled + _records("a", 6, start=50) + _records("b", 3))
+        assert store.conflicts(mark, store.max_seq()) == {"a": (10, 4), "b": (3, 0)}
+        assert store.conflicts(0, mark) == {"a": (10, 0)}
