@@ -16,13 +16,14 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aftertune.store.records import Record
+from aftertune.store.sqlite_db import connect, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS examples (
@@ -93,12 +94,7 @@ class ExampleStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: an acknowledged stream entry must survive power loss, not just a process crash.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(SCHEMA)
+        self._db = connect(self.path, SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(examples)")}
         if "quarantined_by" not in columns:  # a store made before quarantine existed
             self._db.execute("ALTER TABLE examples ADD COLUMN quarantined_by INTEGER")
@@ -117,16 +113,8 @@ class ExampleStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db, self._lock)
 
     def add(self, records: Sequence[Record]) -> int:
         """Insert records in one transaction; return how many were new (duplicates are skipped)."""

@@ -15,8 +15,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 from aftertune.store.errors import RegistryError
 from aftertune.store.failpoints import failpoint
+from aftertune.store.sqlite_db import connect, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -109,13 +109,7 @@ class Registry:
         self.adapters_dir = self.state_dir / "adapters"
         self.adapters_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(
-            self.state_dir / "registry.sqlite3", check_same_thread=False, isolation_level=None
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(SCHEMA)
+        self._db = connect(self.state_dir / "registry.sqlite3", SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -127,16 +121,8 @@ class Registry:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db, self._lock)
 
     def adapter_dir(self, version: int) -> Path:
         return self.adapters_dir / f"v{version}"
