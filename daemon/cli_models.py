@@ -242,34 +242,39 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _awaiting(registry: Any, version: int, verb: str) -> Any:
+    """The version, refused unless it awaits a human decision."""
+    from aftertune.store.registry import VersionState
+
+    found = registry.get(version)
+    if found.state is not VersionState.AWAITING_APPROVAL:
+        raise_refused(
+            f"v{version} is {found.state.value}, not awaiting approval; nothing to {verb}"
+        )
+    return found
+
+
 def cmd_approve(args: argparse.Namespace, settings: Settings) -> int:
-    from aftertune.store.registry import Registry, VersionState
+    from aftertune.store.registry import Registry
 
     with Registry(settings.state_dir) as registry:
-        if registry.get(args.version).state is not VersionState.AWAITING_APPROVAL:
-            state = registry.get(args.version).state.value
-            raise_refused(f"v{args.version} is {state}, not awaiting approval; nothing to approve")
+        _awaiting(registry, args.version, "approve")
         registry.promote(args.version, actor=_actor(), reason=args.why)
     print(f"v{args.version} approved and promoted to champion")
     return 0
 
 
 def cmd_reject(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.store.examples import ExampleStore
     from aftertune.store.registry import Registry, VersionState
 
     with Registry(settings.state_dir) as registry:
-        if registry.get(args.version).state is not VersionState.AWAITING_APPROVAL:
-            state = registry.get(args.version).state.value
-            raise_refused(f"v{args.version} is {state}, not awaiting approval; nothing to reject")
-        version = registry.transition(
-            args.version, VersionState.REJECTED, actor=_actor(), reason=args.why
-        )
-    seq_range = version.lineage.get("trained_on", {}).get("seq_range")
-    if seq_range:  # the rejected batch is set aside, as when the gate rejects it
-        from aftertune.store.examples import ExampleStore
-
-        with ExampleStore.in_state_dir(settings.state_dir) as store:
-            store.quarantine(int(seq_range[0]), int(seq_range[1]), args.version)
+        version = _awaiting(registry, args.version, "reject")
+        seq_range = version.lineage.get("trained_on", {}).get("seq_range")
+        if seq_range:  # set the batch aside first, as the gate does, then decide
+            with ExampleStore.in_state_dir(settings.state_dir) as store:
+                store.quarantine(int(seq_range[0]), int(seq_range[1]), args.version)
+        registry.transition(args.version, VersionState.REJECTED, actor=_actor(), reason=args.why)
     print(f"v{args.version} rejected")
     return 0
 

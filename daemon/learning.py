@@ -5,6 +5,8 @@ Imports torch (through learners): only the commands that learn load this module.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from aftertune.daemon.settings import Settings
@@ -80,20 +82,33 @@ def eval_spec(settings: Settings) -> EvalSpec:
     )
 
 
-def run_cycle_once(settings: Settings, actor: str) -> CycleResult:
+@contextmanager
+def _state(settings: Settings) -> Iterator[tuple[ExampleStore, Registry]]:
     with (
         ExampleStore.in_state_dir(settings.state_dir) as store,
         Registry(settings.state_dir) as registry,
     ):
+        yield store, registry
+
+
+def _learning(settings: Settings) -> dict[str, Any]:
+    """What training needs, as plain arguments (the learners never see Settings)."""
+    return {
+        "base": settings.model.base,
+        "lora": lora_spec(settings),
+        "train": train_spec(settings),
+        "replay": replay_spec(settings),
+        "ewc": ewc_spec(settings),
+    }
+
+
+def run_cycle_once(settings: Settings, actor: str) -> CycleResult:
+    with _state(settings) as (store, registry):
         return run_cycle(
             store,
             registry,
             settings.state_dir,
-            base=settings.model.base,
-            lora=lora_spec(settings),
-            train=train_spec(settings),
-            replay=replay_spec(settings),
-            ewc=ewc_spec(settings),
+            **_learning(settings),
             rules=gate_rules(settings),
             eval_spec=eval_spec(settings),
             actor=actor,
@@ -101,29 +116,15 @@ def run_cycle_once(settings: Settings, actor: str) -> CycleResult:
 
 
 def run_train(settings: Settings, actor: str) -> CandidateReport:
-    with (
-        ExampleStore.in_state_dir(settings.state_dir) as store,
-        Registry(settings.state_dir) as registry,
-    ):
+    with _state(settings) as (store, registry):
         return train_candidate(
-            store,
-            registry,
-            settings.state_dir,
-            base=settings.model.base,
-            lora=lora_spec(settings),
-            train=train_spec(settings),
-            replay=replay_spec(settings),
-            ewc=ewc_spec(settings),
-            actor=actor,
+            store, registry, settings.state_dir, **_learning(settings), actor=actor
         )
 
 
 def run_eval(settings: Settings, candidate: int | None) -> dict[str, Any]:
     """{"<task>": {...}} for the champion; with a candidate {"champion": ..., "candidate": ...}."""
-    with (
-        ExampleStore.in_state_dir(settings.state_dir) as store,
-        Registry(settings.state_dir) as registry,
-    ):
+    with _state(settings) as (store, registry):
         kwargs = {
             "base": settings.model.base,
             "batch_size": settings.eval.batch_size,
