@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 
+from aftertune.daemon.cli_bundles import register_bundle_commands
 from aftertune.daemon.cli_models import register_model_commands
 from aftertune.daemon.errors import DaemonError, RedisUnavailable
 from aftertune.daemon.settings import Settings, load_settings
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dlq_requeue)
 
     register_model_commands(sub, common)
+    register_bundle_commands(sub, common)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -153,10 +154,14 @@ def cmd_cycle(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.daemon.learning import run_cycle_once
 
     result = run_cycle_once(settings, actor=_actor())
+    if result.bundle is not None:
+        _announce(settings, result.bundle)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
     print(f"v{result.version}: {result.decision.value}")
+    if result.bundle is not None:
+        print(f"  published {result.bundle.path} (manifest sha256 {result.bundle.manifest_sha256})")
     for reason in result.reasons:
         print(f"  - {reason}")
     for task, m in result.metrics.items():
@@ -233,12 +238,32 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from aftertune.store.registry import Registry
+def _announce(settings: Settings, bundle: Any) -> None:
+    """Send the promotion event; if Redis is unreachable the daemon sends it at its start."""
+    import redis
 
-    with Registry(settings.state_dir) as registry:
-        version = registry.rollback(args.version, actor=_actor(), reason=args.why)
-    print(f"v{version.version} is the champion again")
+    from aftertune.daemon.announce import announce
+    from aftertune.daemon.embedded_redis import redis_connection
+
+    try:
+        with redis_connection(settings.redis.url, settings.state_dir) as client:
+            announce(client, settings.redis.promotions_stream, bundle)
+    except (redis.RedisError, OSError) as exc:
+        print(
+            f"warning: v{bundle.version} is published but its promotion event was not sent "
+            f"({exc}); the daemon sends it when it starts",
+            file=sys.stderr,
+        )
+
+
+def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.daemon.learning import rollback
+
+    bundle = rollback(settings, args.version, actor=_actor(), why=args.why)
+    print(f"v{args.version} is the champion again")
+    if bundle is not None:
+        _announce(settings, bundle)
+        print(f"  {bundle.path} is latest again")
     return 0
 
 
@@ -255,12 +280,16 @@ def _awaiting(registry: Any, version: int, verb: str) -> Any:
 
 
 def cmd_approve(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.daemon.learning import approve
     from aftertune.store.registry import Registry
 
     with Registry(settings.state_dir) as registry:
         _awaiting(registry, args.version, "approve")
-        registry.promote(args.version, actor=_actor(), reason=args.why)
+    bundle = approve(settings, args.version, actor=_actor(), why=args.why)
     print(f"v{args.version} approved and promoted to champion")
+    if bundle is not None:
+        _announce(settings, bundle)
+        print(f"  published {bundle.path}")
     return 0
 
 

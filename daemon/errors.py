@@ -21,3 +21,7 @@ class RedisUnavailable(DaemonError):
 
 class EmbeddedRedisError(DaemonError):
     """The embedded Redis server could not be started."""
+
+
+class ServerError(DaemonError):
+    """The HTTP server could not start (most often: its port is taken)."""

@@ -11,15 +11,19 @@ from typing import Any
 
 from aftertune.daemon.settings import Settings
 from aftertune.learners.cycle import CandidateReport, evaluate_version, train_candidate
+from aftertune.learners.errors import LearnerError
 from aftertune.learners.evaluate import score_dict
 from aftertune.learners.ewc import EwcSpec
+from aftertune.learners.export import ExportSpec
 from aftertune.learners.gate import GateRules, MetricRules
 from aftertune.learners.lora import LoraSpec
 from aftertune.learners.promotion import CycleResult, EvalSpec, run_cycle
+from aftertune.learners.publication import promote_and_publish, sync_latest
 from aftertune.learners.recipe import TrainSpec
 from aftertune.learners.replay import ReplaySpec
+from aftertune.store.bundle import Published
 from aftertune.store.examples import ExampleStore
-from aftertune.store.registry import Registry
+from aftertune.store.registry import Registry, VersionState
 
 
 def lora_spec(settings: Settings) -> LoraSpec:
@@ -82,6 +86,22 @@ def eval_spec(settings: Settings) -> EvalSpec:
     )
 
 
+def export_spec(settings: Settings) -> ExportSpec | None:
+    """None when export is disabled (promotions then publish nothing)."""
+    s = settings.export
+    if not s.enabled:
+        return None
+    return ExportSpec(
+        method=s.method,
+        precision=s.precision,
+        target=s.target,
+        parity_prompts=s.parity_prompts,
+        parity_max_new_tokens=s.parity_max_new_tokens,
+        min_token_agreement=s.min_token_agreement,
+        logits_atol=s.logits_atol,
+    )
+
+
 @contextmanager
 def _state(settings: Settings) -> Iterator[tuple[ExampleStore, Registry]]:
     with (
@@ -111,8 +131,38 @@ def run_cycle_once(settings: Settings, actor: str) -> CycleResult:
             **_learning(settings),
             rules=gate_rules(settings),
             eval_spec=eval_spec(settings),
+            export=export_spec(settings),
+            keep_bundles=settings.export.keep,
             actor=actor,
         )
+
+
+def approve(settings: Settings, version: int, actor: str, why: str) -> Published | None:
+    """Promote a version awaiting approval: export + parity first, as a gate pass does."""
+    with _state(settings) as (store, registry):
+        found = registry.get(version)
+        if found.state is not VersionState.AWAITING_APPROVAL:
+            raise LearnerError(
+                f"v{version} is {found.state.value}, not awaiting approval; nothing to approve"
+            )
+        return promote_and_publish(
+            store, registry, settings.state_dir, found, base=settings.model.base,
+            spec=export_spec(settings), keep=settings.export.keep, actor=actor,
+            reason=why or "approved", gate=found.gate or None,
+        )  # fmt: skip
+
+
+def rollback(settings: Settings, version: int, actor: str, why: str) -> Published | None:
+    """Move the champion back to ``version`` and republish its bundle as latest."""
+    with _state(settings) as (store, registry):
+        registry.rollback(version, actor=actor, reason=why)
+        spec = export_spec(settings)
+        if spec is None:
+            return None
+        return sync_latest(
+            store, registry, settings.state_dir, base=settings.model.base, spec=spec,
+            keep=settings.export.keep,
+        )  # fmt: skip
 
 
 def run_train(settings: Settings, actor: str) -> CandidateReport:

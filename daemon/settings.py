@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from aftertune.daemon.errors import SettingsError
@@ -166,6 +166,55 @@ class GateSettings(TaskGateSettings):
     tasks: dict[str, TaskGateSettings] = Field(default_factory=dict)
 
 
+class ExportSettings(_Section):
+    """Champion → ONNX bundle, parity-checked before it is published."""
+
+    enabled: bool = True
+    method: Literal["auto", "genai", "torch"] = Field(
+        default="auto",
+        description="auto: onnxruntime-genai builder, torch.onnx fallback; or force one",
+    )
+    precision: Literal["fp32", "int8", "int4"] = "fp32"
+    target: Literal["cpu", "cuda"] = "cpu"
+    parity_prompts: int = Field(default=32, ge=1, description="regression prompts compared")
+    parity_max_new_tokens: int = Field(default=16, ge=1)
+    min_token_agreement: float = Field(
+        default=0.95, ge=0, le=1, description="int8/int4: greedy tokens equal to PyTorch"
+    )
+    logits_atol: float = Field(default=1e-3, gt=0, description="fp32 max |Δ logit| allowed")
+    keep: int = Field(default=5, ge=1, description="published bundles kept (latest included)")
+
+
+class ServerSettings(_Section):
+    """The read-only HTTP server: health, metrics and bundle downloads."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8760, ge=0, le=65535, description="0 = any free port")
+    token: SecretStr | None = Field(
+        default=None, description="bearer token required on /v1 and /metrics when set"
+    )
+
+
+class CycleSettings(_Section):
+    """When the daemon starts a learning cycle."""
+
+    enabled: bool = Field(default=True, description="false: this daemon only ingests")
+    min_new_examples: int = Field(
+        default=200, ge=1, description="start a cycle once this many new train examples wait"
+    )
+    interval_s: float = Field(
+        default=3600.0, gt=0, description="also start one this often when any example waits"
+    )
+    check_every_s: float = Field(default=5.0, gt=0, description="how often the schedule looks")
+    lock_ttl_s: float = Field(
+        default=60.0, gt=1, description="trainer lock in Redis; renewed while a cycle runs"
+    )
+    shutdown_timeout_s: float = Field(
+        default=30.0, gt=0, description="warm stop: how long a cycle may take to checkpoint"
+    )
+
+
 class Settings(BaseSettings):
     """The root of aftertune's configuration."""
 
@@ -185,6 +234,9 @@ class Settings(BaseSettings):
     ewc: EwcSettings = Field(default_factory=EwcSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    cycle: CycleSettings = Field(default_factory=CycleSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -31,3 +31,7 @@ class TrainingInterrupted(LearnerError):
         super().__init__(f"training stopped at step {step}{where}")
         self.step = step
         self.checkpoint_dir = checkpoint_dir
+
+
+class ExportError(LearnerError):
+    """Export or its parity check failed; the message is the candidate's rejection reason."""

@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from aftertune.learners.cycle import champion_model, label_sets, train_candidate
-from aftertune.learners.errors import LearnerError
+from aftertune.learners.errors import ExportError, LearnerError
 from aftertune.learners.evaluate import TaskScore, evaluate, score_dict
 from aftertune.learners.ewc import EwcSpec
+from aftertune.learners.export import ExportSpec
 from aftertune.learners.gate import Decision, GateReport, GateRules, judge
 from aftertune.learners.lora import LoraSpec
+from aftertune.learners.publication import promote_and_publish, sync_latest
 from aftertune.learners.recipe import TrainSpec
 from aftertune.learners.replay import ReplaySpec
+from aftertune.store.bundle import Published
 from aftertune.store.examples import Example, ExampleStore
 from aftertune.store.failpoints import failpoint
 from aftertune.store.registry import Registry, Version, VersionState
@@ -53,6 +56,7 @@ class CycleResult:
     report: GateReport
     timings: dict[str, float] = field(default_factory=dict)
     trained: dict[str, Any] | None = None  # the training report when this run trained
+    bundle: Published | None = None  # the bundle published as latest with a promotion
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +67,13 @@ class CycleResult:
             "checks": [c.to_json() for c in self.report.checks],
             "timings": self.timings,
             "trained": self.trained,
+            "bundle": None
+            if self.bundle is None
+            else {
+                "version": self.bundle.version,
+                "path": str(self.bundle.path),
+                "manifest_sha256": self.bundle.manifest_sha256,
+            },
         }
 
 
@@ -161,11 +172,19 @@ def run_cycle(
     ewc: EwcSpec,
     rules: GateRules,
     eval_spec: EvalSpec,
+    export: ExportSpec | None = None,
+    keep_bundles: int = 5,
     actor: str = "daemon",
     should_stop: Callable[[int], bool] | None = None,
 ) -> CycleResult:
-    """Train → evaluate → gate → promote, reject or wait for approval. Resumable."""
+    """Train → evaluate → gate → export + promote + publish, reject or wait. Resumable.
+
+    With ``export`` set, a promotion also publishes the parity-checked bundle as latest;
+    a failed export or parity check rejects the challenger instead.
+    """
     timings: dict[str, float] = {}
+    if export is not None:  # finish what a crash between promotion and publication left
+        sync_latest(store, registry, state_dir, base=base, spec=export, keep=keep_bundles)
     waiting = registry.in_state(VersionState.AWAITING_APPROVAL)
     if waiting:
         raise CycleBlocked(
@@ -226,8 +245,17 @@ def run_cycle(
     registry.set_metrics(challenger.version, metrics)
     gate_json = gate.to_json()
     why = "; ".join(gate.reasons)
+    decision, reasons, bundle = gate.decision, list(gate.reasons), None
     if gate.decision is Decision.PROMOTED:
-        registry.promote(challenger.version, actor=actor, reason=why, gate=gate_json)
+        t0 = time.monotonic()
+        try:
+            bundle = promote_and_publish(
+                store, registry, state_dir, challenger, base=base, spec=export,
+                keep=keep_bundles, actor=actor, reason=why, gate=gate_json,
+            )  # fmt: skip
+        except ExportError as exc:
+            decision, reasons, why = Decision.REJECTED, [f"export: {exc}"], f"export: {exc}"
+        timings["publish_s"] = time.monotonic() - t0
     elif gate.decision is Decision.AWAITING_APPROVAL:
         registry.transition(
             challenger.version, VersionState.AWAITING_APPROVAL, actor=actor, reason=why,
@@ -241,7 +269,7 @@ def run_cycle(
         registry.transition(
             challenger.version, VersionState.REJECTED, actor=actor, reason=why, gate=gate_json
         )
-    log.info("v%d %s: %s", challenger.version, gate.decision.value, why)
+    log.info("v%d %s: %s", challenger.version, decision.value, why)
     return CycleResult(
-        challenger.version, gate.decision, gate.reasons, metrics, gate, timings, trained
+        challenger.version, decision, reasons, metrics, gate, timings, trained, bundle
     )

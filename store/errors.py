@@ -21,3 +21,7 @@ class StoreCorrupt(StoreError):
 
 class RegistryError(StoreError):
     """A registry operation was refused; the message says why."""
+
+
+class BundleError(StoreError):
+    """A bundle is incomplete, tampered with or unknown; the message names the file."""

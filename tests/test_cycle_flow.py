@@ -112,7 +112,8 @@ def _fake_adapter(tmp: Path, name: str) -> Path:
 
 def test_rollback_approve_reject_through_the_cli(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    env = {"AFTERTUNE_STATE_DIR": str(state)}
+    # Fake adapters cannot be exported; publication has its own tests (test_publication.py).
+    env = {"AFTERTUNE_STATE_DIR": str(state), "AFTERTUNE_EXPORT__ENABLED": "false"}
     with Registry(state) as registry:
         for n, parent in ((1, None), (2, 1), (3, 2), (4, 2)):
             v = registry.register_candidate(

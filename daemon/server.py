@@ -1,0 +1,288 @@
+"""The daemon's read-only HTTP server: health, readiness, metrics and bundle downloads.
+
+    GET /healthz                              liveness, no token
+    GET /readyz                               200 once ``ready()`` holds, else 503; no token
+    GET /metrics                              Prometheus text exposition
+    GET /v1/models                            published bundles, ascending, and which is latest
+    GET /v1/models/latest                     the latest bundle's manifest
+    GET /v1/models/{version}/manifest         manifest.json as on disk; ETag = its sha256
+    GET /v1/models/{version}/files/{path}     one file the manifest lists; ETag, Range, HEAD
+
+``{version}`` is ``3``, ``v3`` or ``latest``. With a token, /v1 and /metrics need
+``Authorization: Bearer <token>``. Only files a manifest lists are served, and only from
+inside their bundle directory. uvicorn runs in a thread of its own; the daemon's main
+thread keeps the signals.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import prometheus_client
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel
+
+from aftertune.daemon.errors import ServerError
+from aftertune.store.bundle import (
+    LATEST,
+    MANIFEST,
+    Published,
+    latest_version,
+    parse_version,
+    published,
+    published_versions,
+    safe_relpath,
+    version_dir_name,
+)
+from aftertune.store.errors import BundleError
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 10.0
+
+
+class ModelSummary(BaseModel):
+    version: int
+    manifest_sha256: str
+    created_at: str | None
+    format: str | None
+    precision: str | None
+
+
+class ModelList(BaseModel):
+    latest: int | None
+    models: list[ModelSummary]
+
+
+class LatestModel(BaseModel):
+    version: int
+    manifest_sha256: str
+    manifest: dict[str, Any]
+
+
+def _find(bundles_dir: Path, version: str) -> Published:
+    """The published bundle a URL names ('3', 'v3' or 'latest'), or the HTTP error to answer."""
+    if version == LATEST:
+        number = latest_version(bundles_dir)
+        if number is None:
+            raise HTTPException(404, "no model is published yet")
+    else:
+        try:
+            number = parse_version(version)
+        except BundleError as exc:
+            raise HTTPException(400, str(exc)) from None
+    if not (bundles_dir / version_dir_name(number) / MANIFEST).is_file():
+        raise HTTPException(
+            404, f"model v{number} is not published; GET /v1/models lists those that are"
+        )
+    try:
+        return published(bundles_dir, number)
+    except BundleError as exc:
+        # The bundle is there but its manifest does not read: our fault, not the caller's.
+        raise HTTPException(500, f"bundle v{number} is damaged: {exc}") from None
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """If-None-Match names ``etag`` (weak comparison, as RFC 9110 asks for this header)."""
+    if if_none_match is None:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in tags or etag in tags
+
+
+def _bearer_check(token: str | None) -> Callable[[Request], None]:
+    expected = None if token is None else token.encode()
+
+    def check(request: Request) -> None:
+        if expected is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # Headers arrive latin-1 decoded; encoding back gives the bytes the client sent.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("latin-1", "replace"), expected
+        ):
+            raise HTTPException(
+                401,
+                "missing or wrong bearer token: send 'Authorization: Bearer <server.token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return check
+
+
+def build_app(
+    bundles_dir: Path,
+    *,
+    token: str | None,
+    ready: Callable[[], bool],
+    metrics: prometheus_client.CollectorRegistry,
+) -> FastAPI:
+    """The read-only app over ``bundles_dir``; ``token`` guards /v1 and /metrics when set."""
+    if token == "":
+        # An empty token would leave the server open while the operator believes it guarded.
+        raise ValueError("token must not be empty; leave it unset to serve without one")
+    bundles_dir = Path(bundles_dir)
+    app = FastAPI(title="aftertune", docs_url=None, redoc_url=None, openapi_url=None)
+    auth = Depends(_bearer_check(token))
+    v1 = APIRouter(prefix="/v1", dependencies=[auth])
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        if ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready"}, status_code=503)
+
+    @app.get("/metrics", dependencies=[auth])
+    def metrics_text() -> Response:
+        return Response(
+            prometheus_client.generate_latest(metrics),
+            media_type=prometheus_client.CONTENT_TYPE_LATEST,
+        )
+
+    @v1.get("/models")
+    def list_models() -> ModelList:
+        models = []
+        for version in published_versions(bundles_dir):
+            try:
+                bundle = published(bundles_dir, version)
+            except (BundleError, OSError) as exc:
+                log.warning("not listing bundle v%d: %s", version, exc)
+                continue
+            m = bundle.manifest
+            models.append(
+                ModelSummary(
+                    version=bundle.version,
+                    manifest_sha256=bundle.manifest_sha256,
+                    created_at=m.get("created_at"),
+                    format=m.get("format"),
+                    precision=m.get("precision"),
+                )
+            )
+        return ModelList(latest=latest_version(bundles_dir), models=models)
+
+    @v1.get("/models/latest")
+    def latest_model() -> LatestModel:
+        bundle = _find(bundles_dir, LATEST)
+        return LatestModel(
+            version=bundle.version,
+            manifest_sha256=bundle.manifest_sha256,
+            manifest=bundle.manifest,
+        )
+
+    @v1.get("/models/{version}/manifest")
+    def manifest(version: str, request: Request) -> Response:
+        bundle = _find(bundles_dir, version)
+        etag = f'"{bundle.manifest_sha256}"'
+        if _etag_matches(request.headers.get("if-none-match"), etag):
+            return Response(status_code=304, headers={"ETag": etag})
+        body = (bundle.path / MANIFEST).read_bytes()
+        return Response(body, media_type="application/json", headers={"ETag": etag})
+
+    @v1.api_route("/models/{version}/files/{path:path}", methods=["GET", "HEAD"])
+    def bundle_file(version: str, path: str, request: Request) -> Response:
+        try:
+            rel = safe_relpath(path)
+        except BundleError as exc:
+            raise HTTPException(400, str(exc)) from None
+        bundle = _find(bundles_dir, version)
+        entry = bundle.manifest["files"].get(rel)
+        root = bundle.path.resolve()
+        real = (root / rel).resolve()
+        # A listed file that is a symlink out of the bundle is refused like an unlisted one.
+        if entry is None or not real.is_relative_to(root) or not real.is_file():
+            raise HTTPException(
+                404, f"{rel!r} is not a file of bundle v{bundle.version}; its manifest lists them"
+            )
+        etag = f'"{entry["sha256"]}"'
+        if _etag_matches(request.headers.get("if-none-match"), etag):
+            return Response(status_code=304, headers={"ETag": etag})
+        # FileResponse streams in chunks and answers Range (206, 416) and HEAD itself.
+        return FileResponse(real, stat_result=real.stat(), headers={"ETag": etag})
+
+    app.include_router(v1)
+    return app
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a ServerError that names it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ServerError(f"cannot listen on {host}:{port}: {exc}; check server.host") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ServerError(
+            f"cannot listen on {host}:{port}: {exc.strerror}; another process may hold the "
+            "port: stop it or set server.port to a free one"
+        ) from None
+    return sock
+
+
+class HttpServer:
+    """uvicorn serving ``app`` in a daemon thread; the caller's thread keeps the signals."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        self.host = host
+        self._port = port
+        # log_config=None: the daemon configured logging already. lifespan off: the app has none.
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The port actually bound once started (port 0 picks a free one); before, the one asked."""
+        return self._port
+
+    def start(self) -> None:
+        """Bind, run uvicorn in a thread and return once it accepts connections."""
+        sock = _listen(self.host, self._port)
+        self._port = sock.getsockname()[1]
+        # uvicorn installs signal handlers only on the main thread; this one is not.
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="http-server", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self._server.should_exit = True
+                sock.close()
+                raise ServerError(
+                    f"the HTTP server on {self.host}:{self._port} did not start; see the log above"
+                )
+            time.sleep(0.01)
+        log.info("serving HTTP on %s:%d", self.host, self._port)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Finish requests in flight (up to ``timeout`` seconds), then close."""
+        if self._thread is None:
+            return
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._server.force_exit = True
+            self._thread.join(1.0)
+        if self._thread.is_alive():
+            log.warning("the HTTP server thread did not stop within %.1f s", timeout + 1.0)
+        self._thread = None

@@ -1,0 +1,177 @@
+"""Promotion and publication as one step to the outside world.
+
+Order, chosen so that a crash anywhere leaves nothing half-visible:
+
+1. export the challenger into ``bundles/.staging-vN-*`` and check parity against PyTorch
+   (failure → the challenger is rejected with that reason, the champion never moves);
+2. rename the staging dir to ``bundles/vN`` (whole, verified, not yet ``latest``);
+3. promote in the registry (one SQLite transaction moves the ``champion`` alias);
+4. swap the ``latest`` symlink to ``vN``.
+
+``sync_latest`` repairs a crash between 3 and 4 (or a rollback): it points ``latest`` at the
+champion's bundle, exporting it again when it was pruned or never made.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from aftertune.learners.champion import adapter_sha256, build_champion
+from aftertune.learners.errors import ExportError
+from aftertune.learners.export import ExportSpec, export_bundle
+from aftertune.learners.prompt import render_prompt
+from aftertune.store.bundle import (
+    Published,
+    clean_staging,
+    install,
+    latest_version,
+    new_staging_dir,
+    prune,
+    published,
+    set_latest,
+    version_dir_name,
+)
+from aftertune.store.examples import Example, ExampleStore
+from aftertune.store.failpoints import failpoint
+from aftertune.store.registry import Registry, Version, VersionState
+
+log = logging.getLogger(__name__)
+
+BUNDLE_NAME = "aftertune"
+
+
+def bundles_dir(state_dir: Path) -> Path:
+    return Path(state_dir) / "bundles"
+
+
+def parity_prompts(store: ExampleStore, until: int, limit: int) -> list[str]:
+    """Regression prompts: held-out records up to ``until``, round-robin over tasks."""
+    by_task: dict[str, list[Example]] = {}
+    for ex in store.held_out(until=until):
+        by_task.setdefault(ex.task, []).append(ex)
+    out: list[str] = []
+    queues = [iter(v) for _, v in sorted(by_task.items())]
+    while queues and len(out) < limit:
+        for it in list(queues):
+            ex = next(it, None)
+            if ex is None:
+                queues.remove(it)
+            elif len(out) < limit:
+                out.append(render_prompt(ex.instruction, ex.input))
+    return out
+
+
+def stage_bundle(
+    store: ExampleStore,
+    registry: Registry,
+    state_dir: Path,
+    version: Version,
+    *,
+    base: str,
+    spec: ExportSpec,
+) -> Path:
+    """Export ``version`` (base + its adapter chain merged) into ``bundles/vN``, unpublished."""
+    chain = registry.chain(version.version)
+    model_dir = build_champion(base, [v.adapter_dir for v in chain], Path(state_dir) / "champions")
+    staging = new_staging_dir(bundles_dir(state_dir), version.version)
+    try:
+        failpoint("export.staging")
+        fields: dict[str, Any] = {
+            "name": BUNDLE_NAME,
+            "version": version.version,
+            "base_sha256": version.lineage.get("base_sha256"),
+            "adapters": [
+                *version.lineage.get("adapters", []),
+                {"version": version.version, "sha256": adapter_sha256(version.adapter_dir)},
+            ],
+            "lineage": {k: version.lineage.get(k) for k in ("base", "parent", "trained_on")},
+            "metrics": version.metrics,
+        }
+        prompts = parity_prompts(store, version.data_seq, spec.parity_prompts)
+        result = export_bundle(model_dir, staging, spec, prompts, fields)
+        log.info(
+            "v%d exported (%s, %s) in %.1fs; parity %s",
+            version.version,
+            result.manifest["format"],
+            spec.precision,
+            result.seconds["export_s"],
+            result.manifest["parity"],
+        )
+        return install(staging, bundles_dir(state_dir), version.version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def promote_and_publish(
+    store: ExampleStore,
+    registry: Registry,
+    state_dir: Path,
+    version: Version,
+    *,
+    base: str,
+    spec: ExportSpec | None,
+    keep: int,
+    actor: str,
+    reason: str,
+    gate: dict[str, Any] | None = None,
+) -> Published | None:
+    """Export + parity, then promote, then publish. ExportError: rejected, champion kept.
+
+    With ``spec=None`` (export disabled) it only promotes and returns None.
+    """
+    if spec is not None:
+        try:
+            stage_bundle(store, registry, state_dir, version, base=base, spec=spec)
+        except ExportError as exc:
+            registry.transition(
+                version.version,
+                VersionState.REJECTED,
+                actor=actor,
+                reason=f"export: {exc}",
+                gate=gate,
+            )
+            raise
+    registry.promote(version.version, actor=actor, reason=reason, gate=gate)
+    failpoint("publish.before_latest")
+    if spec is None:
+        return None
+    return _point_latest(state_dir, version.version, keep)
+
+
+def _point_latest(state_dir: Path, version: int, keep: int) -> Published:
+    root = bundles_dir(state_dir)
+    set_latest(root, version)
+    removed = prune(root, keep)
+    if removed:
+        log.info("pruned bundles %s (export.keep = %d)", [f"v{v}" for v in removed], keep)
+    return published(root, version)
+
+
+def sync_latest(
+    store: ExampleStore,
+    registry: Registry,
+    state_dir: Path,
+    *,
+    base: str,
+    spec: ExportSpec,
+    keep: int,
+) -> Published | None:
+    """Make ``latest`` the champion's bundle (after a crash or a rollback). None: no champion.
+
+    Returns the bundle when ``latest`` had to move, None when it already pointed right.
+    """
+    root = bundles_dir(state_dir)
+    leftovers = clean_staging(root)
+    if leftovers:
+        log.info("removed what interrupted exports left: %s", ", ".join(leftovers))
+    champion = registry.champion()
+    if champion is None or latest_version(root) == champion.version:
+        return None
+    if not (root / version_dir_name(champion.version) / "manifest.json").is_file():
+        log.info("champion v%d has no bundle; exporting it", champion.version)
+        stage_bundle(store, registry, state_dir, champion, base=base, spec=spec)
+    return _point_latest(state_dir, champion.version, keep)
