@@ -67,7 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser("serve", parents=[common], help="run the daemon: ingest until SIGTERM")
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run the daemon: ingest, learn on schedule, serve bundles, until SIGTERM",
+        description="Ingest feedback continuously; start a learning cycle when "
+        "cycle.min_new_examples new examples wait (or every cycle.interval_s when any do) "
+        "while holding the Redis trainer lock; serve /healthz, /readyz, /metrics and bundles "
+        "on server.host:server.port. SIGTERM/SIGINT: warm stop (the cycle checkpoints), a "
+        "second one: cold stop. SIGHUP: reload gate and cycle settings. Speaks sd_notify "
+        "(READY, WATCHDOG, STATUS, STOPPING) when systemd sets NOTIFY_SOCKET.",
+    )
     p.add_argument(
         "--burst",
         action="store_true",
@@ -163,7 +173,17 @@ def cmd_push(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.daemon.runtime import serve
 
-    return serve(settings, burst=args.burst)
+    return serve(
+        settings,
+        burst=args.burst,
+        config=getattr(args, "config", None) or _env_config(),
+        overrides=_overrides(args),
+    )
+
+
+def _env_config() -> Path | None:
+    value = os.environ.get("AFTERTUNE_CONFIG")
+    return Path(value) if value else None
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:

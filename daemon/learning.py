@@ -5,7 +5,7 @@ Imports torch (through learners): only the commands that learn load this module.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -122,7 +122,9 @@ def _learning(settings: Settings) -> dict[str, Any]:
     }
 
 
-def run_cycle_once(settings: Settings, actor: str) -> CycleResult:
+def run_cycle_once(
+    settings: Settings, actor: str, should_stop: Callable[[int], bool] | None = None
+) -> CycleResult:
     with _state(settings) as (store, registry):
         return run_cycle(
             store,
@@ -134,6 +136,7 @@ def run_cycle_once(settings: Settings, actor: str) -> CycleResult:
             export=export_spec(settings),
             keep_bundles=settings.export.keep,
             actor=actor,
+            should_stop=should_stop,
         )
 
 
@@ -194,3 +197,25 @@ def run_eval(settings: Settings, candidate: int | None) -> dict[str, Any]:
             "champion": champion_json,
             "candidate": {t: score_dict(s) for t, s in scores.items()},
         }
+
+
+def recover_publication(settings: Settings) -> Published | None:
+    """At start: drop leftovers of an interrupted export, point latest at the champion."""
+    spec = export_spec(settings)
+    if spec is None:
+        return None
+    with _state(settings) as (store, registry):
+        return sync_latest(
+            store, registry, settings.state_dir, base=settings.model.base, spec=spec,
+            keep=settings.export.keep,
+        )  # fmt: skip
+
+
+def interrupted_versions(settings: Settings) -> list[int]:
+    """Versions a crash left between training and a decision (the next cycle resumes them)."""
+    with Registry(settings.state_dir) as registry:
+        return [
+            v.version
+            for state in (VersionState.CANDIDATE, VersionState.EVALUATING)
+            for v in registry.in_state(state)
+        ]

@@ -31,3 +31,5 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # APScheduler logs every job run at INFO (every few seconds here): keep its warnings only.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)

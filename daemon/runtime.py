@@ -1,16 +1,43 @@
-"""Assemble the daemon from settings: Redis (embedded or not), store, ingestor, worker."""
+"""Assemble the daemon from settings: Redis, store, HTTP server, scheduler, ingest loop.
+
+``serve`` brings the parts up in order, tells systemd READY=1 once Redis, the store and the
+server are up, runs the worker loop in the main thread (it owns the signals), and takes the
+parts down in reverse on the way out: STOPPING=1, the cycle asked to checkpoint and given
+``cycle.shutdown_timeout_s``, the server stopped, the embedded Redis stopped.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import redis
 
 from aftertune.daemon.embedded_redis import redis_connection
-from aftertune.daemon.ingest import IngestConfig, Ingestor
-from aftertune.daemon.settings import Settings
-from aftertune.daemon.worker import Worker
+from aftertune.daemon.errors import SettingsError
+from aftertune.daemon.ingest import IngestConfig, Ingestor, IngestStats
+from aftertune.daemon.metrics import DaemonMetrics
+from aftertune.daemon.notify import Heartbeat, Notifier, WatchdogPinger
+from aftertune.daemon.settings import Settings, load_settings
+from aftertune.daemon.worker import StopMode, Worker
+from aftertune.store.bundle import write_atomic
 from aftertune.store.examples import ExampleStore
+from aftertune.store.registry import Registry
+
+if TYPE_CHECKING:
+    from aftertune.daemon.scheduler import CycleScheduler
+    from aftertune.daemon.server import HttpServer
 
 log = logging.getLogger(__name__)
+
+STATUS_FILE = "daemon.json"  # what `aftertune status` shows about a running daemon
+STATUS_EVERY_S = 2.0
+RELOADABLE = ("gate", "cycle", "log_level")
 
 
 def ingest_config(settings: Settings) -> IngestConfig:
@@ -30,16 +57,190 @@ def ingest_config(settings: Settings) -> IngestConfig:
     )
 
 
-def serve(settings: Settings, *, burst: bool = False) -> int:
+class Daemon:
+    """The parts around the worker loop: what its heartbeat and SIGHUP do."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        store: ExampleStore,
+        config: Path | None,
+        overrides: dict[str, Any] | None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.store = store
+        self.config = config
+        self.overrides = overrides
+        self.metrics = DaemonMetrics()
+        self.ready = threading.Event()  # /readyz: Redis, store and server are up
+        self.notifier = Notifier.from_env()
+        self.alive = Heartbeat(max_age_s=max(10.0, 3 * settings.ingest.block_ms / 1000))
+        self.server: HttpServer | None = None
+        self.scheduler: CycleScheduler | None = None
+        self._next_status = 0.0
+        self._status_line = ""
+
+    def start_server(self) -> None:
+        from aftertune.daemon.server import HttpServer, build_app
+
+        s = self.settings.server
+        app = build_app(
+            self.settings.state_dir / "bundles",
+            token=s.token.get_secret_value() if s.token else None,
+            ready=self.ready.is_set,
+            metrics=self.metrics.registry,
+        )
+        self.server = HttpServer(app, s.host, s.port)
+        self.server.start()
+        log.info("http server on http://%s:%d", s.host, self.server.port)
+
+    def start_scheduler(self) -> None:
+        from aftertune.daemon.scheduler import CycleScheduler
+
+        self.scheduler = CycleScheduler(lambda: self.settings, self.client, self.metrics)
+        self.scheduler.start()
+
+    # Called by the worker loop after every poll (main thread).
+    def heartbeat(self, stats: IngestStats) -> None:
+        self.alive.beat()
+        self.metrics.count_ingest(stats)
+        now = time.monotonic()
+        if now < self._next_status:
+            return
+        self._next_status = now + STATUS_EVERY_S
+        line, snapshot = self._snapshot()
+        if line != self._status_line:
+            self.notifier.status(line)
+            self._status_line = line
+        write_atomic(
+            self.settings.state_dir / STATUS_FILE,
+            json.dumps(snapshot, indent=1).encode(),
+        )
+
+    def _snapshot(self) -> tuple[str, dict[str, Any]]:
+        counts = self.store.counts()
+        examples = sum(c["train"] + c["test"] for c in counts.values())
+        self.metrics.examples.labels("train").set(sum(c["train"] for c in counts.values()))
+        self.metrics.examples.labels("test").set(sum(c["test"] for c in counts.values()))
+        with Registry(self.settings.state_dir) as registry:
+            champion = registry.champion()
+        self.metrics.champion_version.set(champion.version if champion else 0)
+        try:
+            pending = int(
+                self.client.xpending(self.settings.redis.stream, self.settings.redis.group)[
+                    "pending"
+                ]
+            )
+            self.metrics.pending.set(pending)
+        except redis.RedisError:
+            pending = -1
+        cycle: dict[str, Any] = {}
+        state = "ingesting"
+        if self.scheduler is not None:
+            p = self.scheduler.progress
+            cycle = {"running": p.running, "reason": p.reason, "step": p.step,
+                     "total_steps": p.total_steps, "state": p.describe(),
+                     "started_at": p.started}  # fmt: skip
+            if p.running:
+                state = f"ingesting; cycle {p.describe()}"
+        who = f"v{champion.version}" if champion else "base"
+        line = f"{state}; {examples} examples; champion {who}"
+        snapshot = {
+            "pid": os.getpid(),
+            "status": line,
+            "updated_at": time.time(),
+            "server": f"http://{self.settings.server.host}:{self.server.port}"
+            if self.server
+            else None,
+            "pending": pending,
+            "cycle": cycle,
+        }
+        return line, snapshot
+
+    # Called by the worker loop after SIGHUP (main thread).
+    def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            fresh = load_settings(self.config, self.overrides)
+        except SettingsError as exc:
+            log.error("reload refused, settings unchanged: %s", exc)
+            self.notifier.ready()
+            return
+        changed = [
+            f"{section}: {old} -> {new}"
+            for section in RELOADABLE
+            if (old := _dump(getattr(self.settings, section)))
+            != (new := _dump(getattr(fresh, section)))
+        ]
+        ignored = [
+            name for name in type(fresh).model_fields
+            if name not in RELOADABLE and _dump(getattr(fresh, name)) != _dump(getattr(self.settings, name))
+        ]  # fmt: skip
+        self.settings = self.settings.model_copy(
+            update={section: getattr(fresh, section) for section in RELOADABLE}
+        )
+        logging.getLogger().setLevel(self.settings.log_level)
+        if self.scheduler is not None:
+            self.scheduler.reschedule(self.settings.cycle)
+        log.info("reloaded settings: %s", "; ".join(changed) if changed else "nothing changed")
+        if ignored:
+            log.warning("these settings need a restart to change: %s", ", ".join(ignored))
+        self.notifier.ready()
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
+def serve(
+    settings: Settings,
+    *,
+    burst: bool = False,
+    config: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> int:
     """Run the daemon until SIGTERM/SIGINT (or, with burst, until drained). Returns exit code."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     with (
         redis_connection(settings.redis.url, settings.state_dir) as client,
         ExampleStore.in_state_dir(settings.state_dir) as store,
     ):
-        worker = Worker(Ingestor(client, store, ingest_config(settings)))
+        daemon = Daemon(settings, client, store, config, overrides)
+        worker = Worker(
+            Ingestor(client, store, ingest_config(settings)),
+            heartbeat=daemon.heartbeat,
+            reload=daemon.reload,
+        )
         worker.install_signal_handlers()
-        totals = worker.work(burst=burst)
+        pinger = None
+        try:
+            if not burst:
+                if settings.server.enabled:
+                    daemon.start_server()
+                if settings.cycle.enabled:
+                    daemon.start_scheduler()
+                daemon.ready.set()
+                daemon.metrics.ready.set(1)
+                daemon.notifier.ready()
+                interval = daemon.notifier.watchdog_interval_s
+                if interval is not None:
+                    pinger = WatchdogPinger(daemon.notifier, interval / 2, daemon.alive.is_recent)
+                    pinger.start()
+            totals = worker.work(burst=burst)
+        finally:
+            daemon.notifier.stopping()
+            daemon.ready.clear()
+            daemon.metrics.ready.set(0)
+            if daemon.scheduler is not None:
+                cold = worker.stop_mode is StopMode.COLD
+                daemon.scheduler.stop(0.0 if cold else settings.cycle.shutdown_timeout_s)
+            if daemon.server is not None:
+                daemon.server.stop()
+            if pinger is not None:
+                pinger.stop()
+            (settings.state_dir / STATUS_FILE).unlink(missing_ok=True)
         if burst:
             print(
                 f"ingested {totals.read} entries: {totals.stored} stored, "

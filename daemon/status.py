@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import redis
@@ -38,6 +40,17 @@ def champion_status(registry: Registry) -> dict[str, Any] | None:
     }
 
 
+def daemon_status(settings: Settings) -> dict[str, Any] | None:
+    """What a running daemon last wrote to ``state_dir/daemon.json`` (None: none runs)."""
+    path = settings.state_dir / "daemon.json"
+    try:
+        found = json.loads(path.read_text())
+        os.kill(int(found["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def gather_status(
     client: redis.Redis, store: ExampleStore, registry: Registry, settings: Settings
 ) -> dict[str, Any]:
@@ -45,6 +58,7 @@ def gather_status(
         "stream": stream_status(client, settings),
         "examples": store.counts(),
         "champion": champion_status(registry),
+        "daemon": daemon_status(settings),
     }
 
 
@@ -67,4 +81,14 @@ def render_status(status: dict[str, Any]) -> str:
     lines.append(
         "champion: " + ("none (the base model)" if champion is None else f"v{champion['version']}")
     )
+    daemon = status.get("daemon")
+    if daemon is None:
+        lines.append("daemon: not running")
+    else:
+        lines.append(f"daemon: pid {daemon['pid']}, {daemon['status']}")
+        cycle = daemon.get("cycle") or {}
+        if cycle.get("running"):
+            lines.append(f"  cycle ({cycle['reason']}): {cycle['state']}")
+        if daemon.get("server"):
+            lines.append(f"  serving {daemon['server']}")
     return "\n".join(lines)

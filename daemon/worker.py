@@ -1,7 +1,7 @@
 """The long-running worker: ingest feedback until told to stop.
 
-The loop reads top to bottom (rq style): stop check → poll → heartbeat. Signal handlers
-only set flags. Redis outages are waited out with capped exponential backoff and one log
+The loop reads top to bottom (rq style): stop check → reload check → poll → heartbeat.
+Signal handlers only set flags: SIGTERM/SIGINT stop (warm, then cold), SIGHUP reloads. Redis outages are waited out with capped exponential backoff and one log
 line per outage; nothing is acknowledged that was not stored.
 """
 
@@ -52,11 +52,14 @@ class Worker:
         self,
         ingestor: Ingestor,
         *,
-        heartbeat: Callable[[], None] = lambda: None,
+        heartbeat: Callable[[IngestStats], None] = lambda stats: None,
+        reload: Callable[[], None] = lambda: None,
         backoff: Backoff | None = None,
     ) -> None:
         self.ingestor = ingestor
-        self.heartbeat = heartbeat
+        self.heartbeat = heartbeat  # after every poll, with what it ingested
+        self.reload = reload
+        self.reload_requested = False
         self.backoff = backoff or Backoff()
         self.stop_mode = StopMode.NONE
         self._wake = threading.Event()
@@ -66,9 +69,14 @@ class Worker:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_reload_signal)
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         self.request_stop()
+
+    def _on_reload_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.reload_requested = True
+        self._wake.set()
 
     def request_stop(self) -> None:
         self.stop_mode = StopMode.WARM if self.stop_mode is StopMode.NONE else StopMode.COLD
@@ -87,13 +95,18 @@ class Worker:
             if max_polls is not None and polls >= max_polls:
                 break
             polls += 1
+            if self.reload_requested:
+                self.reload_requested = False
+                self.reload()
+            stats = IngestStats()
             try:
                 if burst:
-                    self.ingestor.drain(should_stop=lambda: self.stopping)
+                    stats = self.ingestor.drain(should_stop=lambda: self.stopping)
                     if not self.stopping:
+                        self.heartbeat(stats)
                         break
                 else:
-                    self.ingestor.poll()
+                    stats = self.ingestor.poll()
                 self._redis_back()
             except REDIS_DOWN as exc:
                 self._redis_down(exc)
@@ -105,7 +118,7 @@ class Worker:
                     self._ensure_group()
                     continue
                 raise
-            self.heartbeat()
+            self.heartbeat(stats)
         totals = self.ingestor.totals
         log.info(
             "worker stopped: %d read, %d stored, %d duplicates, %d dead-lettered",

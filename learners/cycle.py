@@ -68,6 +68,18 @@ def champion_model(
     )
 
 
+def _interrupted_window(state_dir: Path, parent: int | None) -> int | None:
+    """``until`` of a training run left with checkpoints on this champion, if any."""
+    found = []
+    for work in (Path(state_dir) / "work").glob(f"train-p{parent or 0}-s*"):
+        if (work / "checkpoints").is_dir() and any((work / "checkpoints").iterdir()):
+            try:
+                found.append(int(work.name.rsplit("-s", 1)[1]))
+            except ValueError:
+                continue
+    return max(found) if found else None
+
+
 def train_candidate(
     store: ExampleStore,
     registry: Registry,
@@ -84,7 +96,10 @@ def train_candidate(
     """Train one candidate on the data that arrived since the champion; register it."""
     champion = registry.champion()
     watermark = champion.data_seq if champion is not None else 0
-    until = store.max_seq()
+    parent = champion.version if champion is not None else None
+    # A run interrupted on this champion resumes on its own data window, even when more
+    # records arrived since; they wait for the next cycle.
+    until = _interrupted_window(state_dir, parent) or store.max_seq()
     new = store.train_after(watermark, until)
     if not new:
         made = f"v{champion.version}" if champion is not None else "the base model"
@@ -95,7 +110,6 @@ def train_candidate(
     wanted = max(replay.cap if replay.enabled else 0, ewc.fisher_samples if ewc.enabled else 0)
     past = store.replay_sample(wanted, seed=train.seed, until=watermark) if watermark else []
     model, tokenizer = champion_model(registry, base, state_dir, champion)
-    parent = champion.version if champion is not None else None
     work = state_dir / "work" / f"train-p{parent or 0}-s{until}"
     result = train_adapter(
         model,

@@ -1,0 +1,87 @@
+"""Prometheus metrics of one daemon, served on ``/metrics`` by the HTTP server.
+
+Counters move where things happen (ingest loop, cycle thread); gauges that describe the
+state (examples, pending, champion) are refreshed by the loop's heartbeat, so a scrape never
+touches Redis or SQLite from the server's thread.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from aftertune.daemon.ingest import IngestStats
+
+
+class DaemonMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ingested = Counter(
+            "aftertune_records_ingested", "Stream entries stored as new examples", registry=r
+        )
+        self.duplicates = Counter(
+            "aftertune_records_duplicate", "Stream entries already in the store", registry=r
+        )
+        self.dead_lettered = Counter(
+            "aftertune_records_dead_lettered", "Stream entries rejected to the DLQ", registry=r
+        )
+        self.pending = Gauge(
+            "aftertune_stream_pending", "Entries read by the group but not yet acked", registry=r
+        )
+        self.examples = Gauge("aftertune_examples", "Examples in the store", ["split"], registry=r)
+        self.waiting = Gauge(
+            "aftertune_examples_waiting", "Train examples newer than the champion", registry=r
+        )
+        self.cycles = Counter(
+            "aftertune_cycles", "Learning cycles by outcome", ["outcome"], registry=r
+        )
+        self.cycle_seconds = Histogram(
+            "aftertune_cycle_duration_seconds",
+            "Wall time of a learning cycle",
+            buckets=(5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+            registry=r,
+        )
+        self.cycle_progress = Gauge(
+            "aftertune_cycle_progress_ratio", "Training progress of the running cycle", registry=r
+        )
+        self.train_tokens_per_s = Gauge(
+            "aftertune_train_tokens_per_second", "Training throughput of the last cycle", registry=r
+        )
+        self.export_seconds = Gauge(
+            "aftertune_export_duration_seconds", "Export + parity + publish of the last promotion",
+            registry=r,
+        )  # fmt: skip
+        self.champion_version = Gauge(
+            "aftertune_champion_version", "Registry version of the champion (0 = base)", registry=r
+        )
+        self.gate_metric = Gauge(
+            "aftertune_gate_metric",
+            "Held-out scores of the last judged challenger",
+            ["task", "metric", "model"],
+            registry=r,
+        )
+        self.ready = Gauge("aftertune_ready", "1 once Redis, store and server are up", registry=r)
+
+    def count_ingest(self, stats: IngestStats) -> None:
+        self.ingested.inc(stats.stored)
+        self.duplicates.inc(stats.duplicates)
+        self.dead_lettered.inc(stats.dead)
+
+    def record_cycle(self, outcome: str, seconds: float, result: Any | None = None) -> None:
+        """``result``: a CycleResult (its training report and per-task metrics), if any."""
+        self.cycles.labels(outcome).inc()
+        self.cycle_seconds.observe(seconds)
+        self.cycle_progress.set(0)
+        if result is None:
+            return
+        if result.trained:
+            self.train_tokens_per_s.set(float(result.trained.get("tokens_per_s", 0.0)))
+        if "publish_s" in result.timings:
+            self.export_seconds.set(result.timings["publish_s"])
+        for task, entry in result.metrics.items():
+            for model in ("champion", "challenger"):
+                for metric, value in entry.get(model, {}).items():
+                    if metric != "n":
+                        self.gate_metric.labels(task, metric, model).set(float(value))

@@ -1,0 +1,221 @@
+"""When to learn: APScheduler looks at the store; one cycle at a time runs in its own thread.
+
+Two jobs decide (APScheduler 3, background thread, UTC):
+
+* ``threshold`` every ``cycle.check_every_s``: start when ``cycle.min_new_examples`` new
+  train examples wait (newer than the champion and than the last attempt that did not
+  promote, so a failing batch is not retrained in a tight loop);
+* ``interval`` every ``cycle.interval_s``: start when any example waits.
+
+A cycle starts only while this daemon holds the Redis trainer lock, and runs in a daemon
+thread so ingest, the HTTP server and watchdog pings never wait for it. A warm stop asks the
+training loop to checkpoint and stop at its next step; a cycle killed outright resumes at the
+next start (training from its checkpoint, a left challenger re-evaluated).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from aftertune.daemon.announce import announce, announce_if_missed
+from aftertune.daemon.metrics import DaemonMetrics
+from aftertune.daemon.settings import CycleSettings, Settings
+from aftertune.daemon.trainer_lock import TrainerLock
+from aftertune.learners.cycle import NothingToTrain
+from aftertune.learners.errors import LearnerError, TrainingInterrupted
+from aftertune.learners.promotion import CycleBlocked
+from aftertune.store.bundle import Published
+from aftertune.store.examples import ExampleStore
+from aftertune.store.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CycleProgress:
+    running: bool = False
+    reason: str = ""
+    started: float = 0.0
+    step: int = 0
+    total_steps: int | None = None
+    last_outcome: str = ""
+
+    def describe(self) -> str:
+        if not self.running:
+            return f"last cycle {self.last_outcome}" if self.last_outcome else "no cycle yet"
+        if self.total_steps and self.step < self.total_steps:
+            return f"training {100 * self.step // self.total_steps}%"
+        return "evaluating and publishing" if self.step else "preparing"
+
+
+class CycleScheduler:
+    def __init__(
+        self,
+        settings: Callable[[], Settings],
+        client: redis.Redis,
+        metrics: DaemonMetrics,
+    ) -> None:
+        self._settings = settings  # read at every decision: SIGHUP reloads take effect
+        self._client = client
+        self._metrics = metrics
+        self._lock = TrainerLock(client, settings().cycle.lock_ttl_s)
+        self._guard = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._attempted_seq = 0  # max seq seen by the last cycle that did not promote
+        self.progress = CycleProgress()
+        self._scheduler = BackgroundScheduler(timezone="UTC")
+
+    # --- lifecycle
+
+    def start(self) -> None:
+        import aftertune.daemon.learning  # noqa: F401  torch loads now, not inside a job
+
+        self._schedule(self._settings().cycle)
+        self._scheduler.start()
+        self._begin("start-up")  # recover publication; resume an interrupted cycle
+
+    def _schedule(self, cycle: CycleSettings) -> None:
+        for job, seconds, check in (
+            ("threshold", cycle.check_every_s, self._check_threshold),
+            ("interval", cycle.interval_s, self._check_interval),
+        ):
+            self._scheduler.add_job(
+                check, IntervalTrigger(seconds=seconds), id=job, replace_existing=True,
+                max_instances=1, coalesce=True,
+            )  # fmt: skip
+
+    def reschedule(self, cycle: CycleSettings) -> None:
+        """Apply new ``cycle.*`` timings (SIGHUP)."""
+        self._schedule(cycle)
+
+    def stop(self, timeout_s: float) -> bool:
+        """Stop deciding; ask a running cycle to stop at a checkpoint. True if none is left."""
+        self._stop.set()
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+            if thread.is_alive():
+                log.warning("cycle still running after %.0fs; it resumes at next start", timeout_s)
+                return False
+        return True
+
+    # --- decisions
+
+    def waiting(self) -> tuple[int, int]:
+        """(train examples newer than the champion, of those newer than the last attempt)."""
+        settings = self._settings()
+        with (
+            ExampleStore.in_state_dir(settings.state_dir) as store,
+            Registry(settings.state_dir) as registry,
+        ):
+            champion = registry.champion()
+            watermark = champion.data_seq if champion is not None else 0
+            return (
+                store.count_train_after(watermark),
+                store.count_train_after(max(watermark, self._attempted_seq)),
+            )
+
+    def _check_threshold(self) -> None:
+        fresh = self.waiting()[1]
+        if fresh >= self._settings().cycle.min_new_examples:
+            self._begin(f"{fresh} new examples")
+
+    def _check_interval(self) -> None:
+        if self.waiting()[0] > 0:
+            self._begin("interval")
+
+    def _begin(self, reason: str) -> None:
+        with self._guard:
+            if self._stop.is_set() or (self._thread is not None and self._thread.is_alive()):
+                return
+            if not self._lock.acquire():
+                log.debug("another daemon holds the trainer lock; not starting a cycle")
+                return
+            self.progress = CycleProgress(running=True, reason=reason, started=time.time())
+            self._thread = threading.Thread(
+                target=self._run, args=(reason,), name="cycle", daemon=True
+            )
+            self._thread.start()
+
+    # --- the cycle thread
+
+    def _should_stop(self, step: int) -> bool:
+        self.progress.step = step
+        if self.progress.total_steps:
+            self._metrics.cycle_progress.set(step / self.progress.total_steps)
+        return self._stop.is_set() or self._lock.lost.is_set()
+
+    def _run(self, reason: str) -> None:
+        from aftertune.daemon.learning import (
+            interrupted_versions,
+            recover_publication,
+            run_cycle_once,
+        )
+
+        settings = self._settings()
+        t0 = time.monotonic()
+        outcome, result = "failed", None
+        try:
+            bundle = recover_publication(settings)
+            if bundle is not None:
+                self._announce(settings, bundle)
+            announce_if_missed(
+                self._client, settings.redis.promotions_stream, settings.state_dir / "bundles"
+            )
+            if reason == "start-up":
+                interrupted = bool(interrupted_versions(settings)) or _has_checkpoints(settings)
+                if not interrupted and self.waiting()[1] < settings.cycle.min_new_examples:
+                    outcome = "skipped"
+                    return
+            log.info("cycle starting (%s)", reason)
+            self._attempted_seq = max(self._attempted_seq, self._max_seq(settings))
+            self.progress.total_steps = settings.train.max_steps
+            result = run_cycle_once(settings, actor="daemon", should_stop=self._should_stop)
+            outcome = result.decision.value
+            if result.bundle is not None:
+                self._announce(settings, result.bundle)
+            if outcome == "promoted":
+                self._attempted_seq = 0
+        except TrainingInterrupted as exc:
+            outcome = "interrupted"
+            log.info("cycle interrupted: %s", exc)
+        except (NothingToTrain, CycleBlocked) as exc:
+            outcome = "skipped"
+            log.info("no cycle: %s", exc)
+        except LearnerError as exc:
+            log.error("cycle failed: %s", exc)
+        except Exception:
+            log.exception("cycle failed unexpectedly; the daemon keeps ingesting")
+        finally:
+            self._lock.release()
+            self.progress.running = False
+            self.progress.last_outcome = outcome
+            if outcome != "skipped":
+                self._metrics.record_cycle(outcome, time.monotonic() - t0, result)
+
+    def _max_seq(self, settings: Settings) -> int:
+        with ExampleStore.in_state_dir(settings.state_dir) as store:
+            return store.max_seq()
+
+    def _announce(self, settings: Settings, bundle: Published) -> None:
+        try:
+            announce(self._client, settings.redis.promotions_stream, bundle)
+        except redis.RedisError as exc:
+            log.warning(
+                "promotion event for v%d not sent (%s); retried at start", bundle.version, exc
+            )
+
+
+def _has_checkpoints(settings: Settings) -> bool:
+    return any((settings.state_dir / "work").glob("train-*/checkpoints/*"))
