@@ -1,0 +1,106 @@
+"""The shipped systemd unit, GPU drop-in and example config are valid as shipped.
+
+systemd-analyze checks the unit the way systemd will read it; without it (no systemd on the
+machine) those tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aftertune.daemon.settings import Settings, load_settings
+
+SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
+SHIPPED_BIN = "/opt/aftertune/.venv/bin/aftertune"
+MAX_EXPOSURE = 2.0
+# "#key = value" and "#[table]" are optional settings shown commented out; "# " is prose.
+OPTIONAL_SETTING = re.compile(r"^#(\[[\w.-]+\]|\w+ = .*)$", re.MULTILINE)
+
+
+def test_example_config_loads() -> None:
+    settings = load_settings(SYSTEMD / "aftertune.toml")
+    assert settings.state_dir == Path("/var/lib/aftertune")
+    assert settings.log_format == "json"
+
+
+def test_example_config_optional_settings_are_real_settings(tmp_path: Path) -> None:
+    text = (SYSTEMD / "aftertune.toml").read_text()
+    assert len(OPTIONAL_SETTING.findall(text)) >= 5
+    uncommented = tmp_path / "all.toml"
+    uncommented.write_text(OPTIONAL_SETTING.sub(r"\1", text))
+    settings = load_settings(uncommented)
+    assert settings.redis.url is not None
+    assert settings.gate.tasks  # the per-task example parsed as a task override
+
+
+def test_example_config_values_match_the_defaults_it_claims() -> None:
+    """The file says its values are the defaults unless a comment says otherwise."""
+    shipped = load_settings(SYSTEMD / "aftertune.toml").model_dump()
+    defaults = Settings().model_dump()
+    for values in (shipped, defaults):  # the departures its comments document
+        del values["state_dir"], values["log_format"], values["train"]["progress"]
+    assert shipped == defaults
+
+
+def systemd_analyze() -> str:
+    path = shutil.which("systemd-analyze")
+    if path is None:
+        pytest.skip("systemd-analyze not on PATH (no systemd here); unit files not checked")
+    return path
+
+
+def unit_copy(tmp_path: Path, *, gpu: bool) -> Path:
+    """The unit with ExecStart on this checkout's entry point (verify checks it exists)."""
+    text = (SYSTEMD / "aftertune.service").read_text()
+    assert f"ExecStart={SHIPPED_BIN} serve" in text
+    entry_point = Path(sys.executable).with_name("aftertune")
+    assert entry_point.exists(), "the aftertune entry point is not installed in this venv"
+    unit = tmp_path / "aftertune.service"
+    unit.write_text(text.replace(SHIPPED_BIN, str(entry_point)))
+    if gpu:
+        dropins = tmp_path / "aftertune.service.d"
+        dropins.mkdir()
+        shutil.copy(SYSTEMD / "gpu.conf", dropins / "gpu.conf")
+    return unit
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["base", "gpu-drop-in"])
+def test_unit_verifies_cleanly(tmp_path: Path, gpu: bool) -> None:
+    analyze = systemd_analyze()
+    unit = unit_copy(tmp_path, gpu=gpu)
+    done = subprocess.run(
+        [analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    # Unknown keys and bad values are only warnings ("FILE:LINE: ..., ignoring."), rc 0.
+    markers = ("Unknown", "ignoring", "aftertune.service", "gpu.conf")
+    assert [line for line in out.splitlines() if any(m in line for m in markers)] == []
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["base", "gpu-drop-in"])
+def test_unit_exposure_is_low(tmp_path: Path, gpu: bool) -> None:
+    analyze = systemd_analyze()
+    version = subprocess.run([analyze, "--version"], capture_output=True, text=True, timeout=30)
+    found = re.search(r"systemd (\d+)", version.stdout)
+    if found is None or int(found.group(1)) < 250:
+        pytest.skip("systemd-analyze security --offline needs systemd >= 250")
+    unit = unit_copy(tmp_path, gpu=gpu)
+    done = subprocess.run(
+        [analyze, "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    out = done.stdout + done.stderr
+    exposure = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
+    assert exposure is not None, out
+    assert float(exposure.group(1)) <= MAX_EXPOSURE, out
+    if gpu:  # the drop-in was read: the NVIDIA device groups are in the ACL
+        assert "char-nvidia-uvm" in out
