@@ -40,7 +40,7 @@ $(AVSTAMP): pyproject.toml
 $(AVENV): $(AVSTAMP)
 
 run: $(VENV)
-	$(BIN)/aftertune serve
+	$(BIN)/aftertune demo
 
 lint: $(VENV)
 	$(BIN)/ruff check .

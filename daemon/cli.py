@@ -85,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="the whole loop on embedded defaults in a few minutes (what `make run` runs)",
+        description="Start the daemon (embedded Redis, shipped tiny base) in STATE_DIR/demo "
+        "(wiped first), push feedback for two tasks, then a third, then a poisoned batch; "
+        "wait for two promotions and a rejection; pull the latest bundle over HTTP and answer "
+        "with ONNX Runtime; print a summary and the HTML report's path; stop the daemon.",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for each step (default 300)"
+    )
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("status", parents=[common], help="stream, store and champion at a glance")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
@@ -184,6 +198,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def _env_config() -> Path | None:
     value = os.environ.get("AFTERTUNE_CONFIG")
     return Path(value) if value else None
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.daemon.demo import run_demo
+
+    return run_demo(settings, timeout_s=args.timeout)
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:

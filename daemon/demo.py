@@ -1,0 +1,220 @@
+"""``aftertune demo``: the whole loop on embedded defaults, in a few minutes, then a summary.
+
+It starts the real daemon (``aftertune serve``: embedded Redis, the shipped tiny base, the HTTP
+server) in a fresh state dir, pushes feedback for two learnable tasks, then a third task,
+then a poisoned batch (parity with flipped labels), and waits for each decision: two
+promotions and a rejection. It pulls the latest bundle over HTTP, answers a few prompts with
+ONNX Runtime, prints versions, decisions with reasons, per-task scores and timings, writes
+the HTML report, and stops the daemon (SIGTERM), leaving no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from importlib import resources
+from typing import Any
+
+from aftertune.daemon.embedded_redis import free_port, redis_connection
+from aftertune.daemon.errors import DaemonError
+from aftertune.daemon.producer import Producer
+from aftertune.daemon.settings import Settings
+from aftertune.store.registry import Registry, Version, VersionState
+
+DECIDED = (VersionState.PROMOTED, VersionState.REJECTED, VersionState.RETIRED)
+# Steps: (what the user sees, files to push, poisoned?)
+STEPS = (
+    ("feedback for two new tasks: parity, vowel_end", ("parity", "vowel_end"), False),
+    ("a third task: last_digit", ("last_digit",), False),
+    ("a poisoned batch: parity with flipped labels", (), True),
+)
+PROMPTS = (  # (task, instruction, input, the right answer)
+    ("parity", "Is the number even or odd?", "4172", "even"),
+    ("parity", "Is the number even or odd?", "93", "odd"),
+    ("vowel_end", "Does the word end with a vowel? Answer yes or no.", "banana", "yes"),
+    ("vowel_end", "Does the word end with a vowel? Answer yes or no.", "market", "no"),
+    ("last_digit", "What is the last digit of the number?", "8306", "6"),
+)
+
+
+def _rows(task: str) -> list[dict[str, Any]]:
+    rows = []
+    data = resources.files("aftertune.daemon") / "demo_data"
+    for split in ("train", "test"):
+        text = (data / f"{task}.{split}.jsonl").read_text(encoding="utf-8")
+        rows += [{**json.loads(line), "split": split} for line in text.splitlines() if line]
+    return rows
+
+
+def _poison(n: int = 300, seed: int = 99) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        number = rng.randrange(10**6, 10**7)  # longer than every shipped input: fresh
+        rows.append(
+            {
+                "task": "parity",
+                "instruction": "Is the number even or odd?",
+                "input": str(number),
+                "output": "odd" if number % 2 == 0 else "even",
+                "split": "test" if i % 10 == 0 else "train",
+                "source": "demo-poison",
+            }
+        )
+    return rows
+
+
+class Demo:
+    def __init__(self, settings: Settings, timeout_s: float) -> None:
+        self.state = settings.state_dir.resolve() / "demo"
+        self.port = free_port()
+        self.timeout_s = timeout_s
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.t0 = time.monotonic()
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", flush=True)
+
+    def start_daemon(self) -> None:
+        shutil.rmtree(self.state, ignore_errors=True)
+        self.state.mkdir(parents=True)
+        env = {
+            **os.environ,
+            "AFTERTUNE_STATE_DIR": str(self.state),
+            "AFTERTUNE_SERVER__PORT": str(self.port),
+            "AFTERTUNE_CYCLE__MIN_NEW_EXAMPLES": "200",
+            "AFTERTUNE_CYCLE__CHECK_EVERY_S": "1",
+            "AFTERTUNE_TRAIN__PROGRESS": "false",
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        }
+        env.pop("AFTERTUNE_REDIS__URL", None)  # the demo runs on the embedded Redis
+        log = open(self.state / "daemon.log", "wb")  # noqa: SIM115  closed with the process
+        self.daemon = subprocess.Popen(
+            [sys.executable, "-m", "aftertune.daemon.cli", "serve", "--log-level", "INFO"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self._wait(self._ready, "the daemon to be ready")
+        self.say(f"daemon up (pid {self.daemon.pid}), serving http://127.0.0.1:{self.port}")
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def _wait(self, done: Any, what: str) -> Any:
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if self.daemon is not None and self.daemon.poll() is not None:
+                raise DaemonError(
+                    f"the daemon exited ({self.daemon.returncode}) while waiting for {what}; "
+                    f"see {self.state / 'daemon.log'}"
+                )
+            found = done()
+            if found:
+                return found
+            time.sleep(0.5)
+        raise DaemonError(f"timed out after {self.timeout_s:.0f}s waiting for {what}")
+
+    def push(self, rows: list[dict[str, Any]]) -> None:
+        with redis_connection(None, self.state) as client:
+            Producer(client=client).push(rows)
+
+    def decided(self, version: int) -> Version | None:
+        with Registry(self.state) as registry:
+            versions = {v.version: v for v in registry.versions()}
+        found = versions.get(version)
+        return found if found is not None and found.state in DECIDED else None
+
+    def stop_daemon(self) -> None:
+        if self.daemon is None or self.daemon.poll() is not None:
+            return
+        self.daemon.send_signal(signal.SIGTERM)
+        try:
+            self.daemon.wait(60)
+        except subprocess.TimeoutExpired:
+            self.daemon.kill()
+            self.daemon.wait()
+
+
+def run_demo(settings: Settings, *, timeout_s: float = 300.0) -> int:
+    """Run the demo; returns 0 when it saw two promotions, a rejection and answers."""
+    demo = Demo(settings, timeout_s)
+    timings: dict[int, float] = {}
+    try:
+        demo.start_daemon()
+        for number, (what, tasks, poisoned) in enumerate(STEPS, start=1):
+            rows = _poison() if poisoned else [r for t in tasks for r in _rows(t)]
+            demo.say(f"push {len(rows)} records: {what}")
+            started = time.monotonic()
+            demo.push(rows)
+            version = demo._wait(lambda n=number: demo.decided(n), f"the decision on v{number}")
+            timings[number] = time.monotonic() - started
+            demo.say(
+                f"v{number} {version.state.value}: {'; '.join(version.gate.get('reasons', []))}"
+            )
+        answers = _pull_and_answer(demo)
+        outcomes = _summary(demo, timings, answers)
+    finally:
+        demo.stop_daemon()
+        demo.say("daemon stopped")
+    expected = ["promoted", "promoted", "rejected"]
+    if outcomes != expected:
+        print(f"unexpected decisions {outcomes}, expected {expected}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _pull_and_answer(demo: Demo) -> list[tuple[str, str, str, str]]:
+    from aftertune.daemon.pull import HttpSource, pull
+    from aftertune.store.bundle import Bundle
+
+    pulled = pull(HttpSource(f"http://127.0.0.1:{demo.port}"), demo.state / "consumer")
+    demo.say(f"pulled v{pulled.version} over HTTP: {pulled.bytes} bytes, every sha256 verified")
+    bundle = Bundle.open(demo.state / "consumer" / "current")
+    return [
+        (task, text, bundle.generate(instruction=instruction, input=text, max_new_tokens=8), want)
+        for task, instruction, text, want in PROMPTS
+    ]
+
+
+def _summary(
+    demo: Demo, timings: dict[int, float], answers: list[tuple[str, str, str, str]]
+) -> list[str]:
+    """Print the table; returns each version's decision, in order."""
+    from aftertune.daemon.report import render_report
+
+    with Registry(demo.state) as registry:
+        versions = registry.versions()
+        champion = registry.champion()
+        page = render_report(registry, None)
+    report = demo.state / "report.html"
+    report.write_text(page, encoding="utf-8")
+    print("\nversion  decision   cycle   per-task accuracy (challenger on held-out)")
+    for v in versions:
+        scores = ", ".join(
+            f"{task} {100 * m['challenger'].get('accuracy', 0):.0f}%"
+            for task, m in sorted(v.metrics.items())
+        )
+        mark = "*" if champion is not None and v.version == champion.version else " "
+        decision = "promoted" if v.state is VersionState.RETIRED else v.state.value
+        print(f"{mark} v{v.version:<6} {decision:<10} {timings.get(v.version, 0):5.0f}s   {scores}")
+        for reason in v.gate.get("reasons", [])[:3]:
+            print(f"            - {reason}")
+    print("\nanswers from the pulled bundle (ONNX Runtime, no torch):")
+    for task, text, answer, want in answers:
+        mark = "right" if answer.strip() == want else f"wrong, expected {want!r}"
+        print(f"  {task:<11} {text!r:<10} -> {answer!r:<8} {mark}")
+    print(f"\nHTML report: {report}")
+    print(f"state dir:   {demo.state} (daemon log: {demo.state / 'daemon.log'})")
+    return ["promoted" if v.state is VersionState.RETIRED else v.state.value for v in versions]
