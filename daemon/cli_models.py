@@ -153,9 +153,10 @@ def cmd_base_build(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_cycle(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.daemon.learning import run_cycle_once
 
-    result = run_cycle_once(settings, actor=_actor())
-    if result.bundle is not None:
-        _announce(settings, result.bundle)
+    try:
+        result = run_cycle_once(settings, actor=_actor())
+    finally:  # also a bundle this run repaired as latest before it stopped
+        _announce(settings)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
@@ -238,20 +239,26 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _announce(settings: Settings, bundle: Any) -> None:
-    """Send the promotion event; if Redis is unreachable the daemon sends it at its start."""
+def _announce(settings: Settings) -> None:
+    """Send the promotion event of ``latest`` unless the stream's newest event names it.
+
+    If Redis is unreachable the daemon sends it when it starts.
+    """
     import redis
 
-    from aftertune.daemon.announce import announce
+    from aftertune.daemon.announce import announce_if_missed
     from aftertune.daemon.embedded_redis import redis_connection
 
+    bundles = settings.state_dir / "bundles"
+    if not bundles.is_dir():
+        return
     try:
         with redis_connection(settings.redis.url, settings.state_dir) as client:
-            announce(client, settings.redis.promotions_stream, bundle)
+            announce_if_missed(client, settings.redis.promotions_stream, bundles)
     except (redis.RedisError, OSError) as exc:
         print(
-            f"warning: v{bundle.version} is published but its promotion event was not sent "
-            f"({exc}); the daemon sends it when it starts",
+            f"warning: the promotion event of the latest bundle was not sent ({exc}); "
+            "the daemon sends it when it starts",
             file=sys.stderr,
         )
 
@@ -262,7 +269,7 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
     bundle = rollback(settings, args.version, actor=_actor(), why=args.why)
     print(f"v{args.version} is the champion again")
     if bundle is not None:
-        _announce(settings, bundle)
+        _announce(settings)
         print(f"  {bundle.path} is latest again")
     return 0
 
@@ -288,7 +295,7 @@ def cmd_approve(args: argparse.Namespace, settings: Settings) -> int:
     bundle = approve(settings, args.version, actor=_actor(), why=args.why)
     print(f"v{args.version} approved and promoted to champion")
     if bundle is not None:
-        _announce(settings, bundle)
+        _announce(settings)
         print(f"  published {bundle.path}")
     return 0
 

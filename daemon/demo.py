@@ -72,8 +72,8 @@ def _poison(n: int = 300, seed: int = 99) -> list[dict[str, Any]]:
 
 
 class Demo:
-    def __init__(self, settings: Settings, timeout_s: float) -> None:
-        self.state = settings.state_dir.resolve() / "demo"
+    def __init__(self, settings: Settings, timeout_s: float, name: str = "demo") -> None:
+        self.state = settings.state_dir.resolve() / name
         self.port = free_port()
         self.timeout_s = timeout_s
         self.daemon: subprocess.Popen[bytes] | None = None
@@ -82,7 +82,8 @@ class Demo:
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", flush=True)
 
-    def start_daemon(self) -> None:
+    def start_daemon(self, **settings: str) -> None:
+        """Start ``aftertune serve`` in a wiped state dir; ``settings``: extra AFTERTUNE_* env."""
         shutil.rmtree(self.state, ignore_errors=True)
         self.state.mkdir(parents=True)
         env = {
@@ -93,6 +94,7 @@ class Demo:
             "AFTERTUNE_CYCLE__CHECK_EVERY_S": "1",
             "AFTERTUNE_TRAIN__PROGRESS": "false",
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            **settings,
         }
         env.pop("AFTERTUNE_REDIS__URL", None)  # the demo runs on the embedded Redis
         log = open(self.state / "daemon.log", "wb")  # noqa: SIM115  closed with the process

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 
@@ -215,6 +216,7 @@ def serve(
         )
         worker.install_signal_handlers()
         pinger = None
+        abandoned = False  # a cycle thread still running when we leave
         try:
             if not burst:
                 if settings.server.enabled:
@@ -234,8 +236,11 @@ def serve(
             daemon.ready.clear()
             daemon.metrics.ready.set(0)
             if daemon.scheduler is not None:
-                cold = worker.stop_mode is StopMode.COLD
-                daemon.scheduler.stop(0.0 if cold else settings.cycle.shutdown_timeout_s)
+                # A second SIGTERM (cold stop) may come while we wait: stop waiting then.
+                abandoned = not daemon.scheduler.stop(
+                    settings.cycle.shutdown_timeout_s,
+                    give_up=lambda: worker.stop_mode is StopMode.COLD,
+                )
             if daemon.server is not None:
                 daemon.server.stop()
             if pinger is not None:
@@ -246,4 +251,18 @@ def serve(
                 f"ingested {totals.read} entries: {totals.stored} stored, "
                 f"{totals.duplicates} duplicates, {totals.dead} dead-lettered"
             )
+    if abandoned:
+        _exit_now(0)
     return 0
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit without interpreter shutdown, as a kill would (the cycle resumes at next start).
+
+    A cycle thread left inside torch would see torch's C++ thread pools destroyed under it
+    during shutdown, and the process abort ("terminate called without an active exception").
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -66,7 +66,9 @@ class CycleScheduler:
         self._settings = settings  # read at every decision: SIGHUP reloads take effect
         self._client = client
         self._metrics = metrics
-        self._lock = TrainerLock(client, settings().cycle.lock_ttl_s)
+        self._lock = TrainerLock(
+            client, settings().cycle.lock_ttl_s, owner=settings().redis.consumer
+        )
         self._guard = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,16 +99,26 @@ class CycleScheduler:
         """Apply new ``cycle.*`` timings (SIGHUP)."""
         self._schedule(cycle)
 
-    def stop(self, timeout_s: float) -> bool:
-        """Stop deciding; ask a running cycle to stop at a checkpoint. True if none is left."""
+    def stop(self, timeout_s: float, give_up: Callable[[], bool] = lambda: False) -> bool:
+        """Stop deciding; ask a running cycle to stop at a checkpoint. True if none is left.
+
+        Waits up to ``timeout_s`` for it, and no longer once ``give_up()`` holds (a second
+        SIGTERM arriving during the wait: its handler can only set a flag).
+        """
         self._stop.set()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
         thread = self._thread
         if thread is not None:
-            thread.join(timeout_s)
+            started = time.monotonic()
+            deadline = started + timeout_s
+            while thread.is_alive() and not give_up() and time.monotonic() < deadline:
+                thread.join(min(0.1, max(0.0, deadline - time.monotonic())))
             if thread.is_alive():
-                log.warning("cycle still running after %.0fs; it resumes at next start", timeout_s)
+                log.warning(
+                    "cycle still running after %.1fs; it resumes at next start",
+                    time.monotonic() - started,
+                )
                 return False
         return True
 

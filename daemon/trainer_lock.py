@@ -20,8 +20,13 @@ LOCK_KEY = "aftertune:trainer"
 
 
 class TrainerLock:
-    def __init__(self, client: redis.Redis, ttl_s: float, key: str = LOCK_KEY) -> None:
+    """``owner`` (the daemon's consumer name, unique in the group) is the lock's value, so a
+    daemon restarted after a crash takes back the lock its previous life left instead of
+    waiting out the TTL."""
+
+    def __init__(self, client: redis.Redis, ttl_s: float, owner: str, key: str = LOCK_KEY) -> None:
         self._lock = client.lock(key, timeout=ttl_s, blocking=False, thread_local=False)
+        self.owner = owner.encode()
         self.ttl_s = ttl_s
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -30,8 +35,13 @@ class TrainerLock:
     def acquire(self) -> bool:
         """True when this daemon now holds the lock; False when another one trains."""
         try:
-            got = bool(self._lock.acquire(blocking=False))
-        except redis.RedisError as exc:
+            got = bool(self._lock.acquire(blocking=False, token=self.owner))
+            if not got and self._lock.redis.get(self._lock.name) == self.owner:
+                log.info("taking back the trainer lock an earlier run of this daemon held")
+                self._lock.local.token = self.owner
+                self._lock.reacquire()
+                got = True
+        except (LockError, redis.RedisError) as exc:
             log.warning("cannot take the trainer lock (%s); not training now", exc)
             return False
         if got:

@@ -1,0 +1,140 @@
+"""Promotion and publication through the CLI, with real Redis, real training and real export:
+a cycle killed (-9) inside the export or between promotion and `latest` never leaves a partial
+bundle visible, a re-run finishes the job, and a rollback republishes the old bundle.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from conftest import cli_json, run_cli, write_jsonl
+
+from aftertune.store.bundle import MANIFEST, file_sha256, verify_bundle
+from aftertune.store.registry import Registry, VersionState
+
+pytestmark = pytest.mark.slow
+
+STREAM = "aftertune:promotions"
+
+
+def _parity(n: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        number = rng.randrange(100_000)
+        rows.append(
+            {
+                "task": "parity",
+                "instruction": "Is the number even or odd?",
+                "input": str(number),
+                "output": "even" if number % 2 == 0 else "odd",
+            }
+        )
+    return rows
+
+
+def _ingest(env: dict[str, str], path: Path, rows: list[dict[str, str]]) -> None:
+    write_jsonl(path, rows)
+    assert run_cli("push", str(path), env=env).returncode == 0
+    assert run_cli("serve", "--burst", env=env).returncode == 0
+
+
+def _events(client: redis.Redis) -> list[dict[str, str]]:
+    return [
+        {k.decode(): v.decode() for k, v in fields.items()} for _, fields in client.xrange(STREAM)
+    ]
+
+
+def _latest(bundles: Path) -> str | None:
+    return os.readlink(bundles / "latest") if os.path.lexists(bundles / "latest") else None
+
+
+def _leftovers(bundles: Path) -> list[str]:
+    return sorted(p.name for p in bundles.iterdir() if p.name.startswith("."))
+
+
+def _crash(env: dict[str, str], point: str) -> None:
+    crashed = run_cli("cycle", "--json", env={**env, "AFTERTUNE_FAILPOINT": point}, timeout=900)
+    assert crashed.returncode == -signal.SIGKILL, (point, crashed.stdout, crashed.stderr)
+
+
+def _champion(state: Path) -> int | None:
+    with Registry(state) as registry:
+        champion = registry.champion()
+        return None if champion is None else champion.version
+
+
+def test_crashes_around_publication_never_expose_a_partial_bundle(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    bundles = state / "bundles"
+    env = {
+        "AFTERTUNE_REDIS__URL": redis_url,
+        "AFTERTUNE_STATE_DIR": str(state),
+        "AFTERTUNE_TRAIN__MAX_STEPS": "60",
+        "AFTERTUNE_TRAIN__PROGRESS": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+    _ingest(env, tmp_path / "first.jsonl", _parity(300, seed=1))
+
+    # Killed inside the export: nothing promoted, nothing published, only staging debris.
+    _crash(env, "export.staging")
+    assert _champion(state) is None
+    with Registry(state) as registry:
+        assert registry.get(1).state is VersionState.EVALUATING
+    assert _latest(bundles) is None and not (bundles / "v1").exists()
+    assert [n.split("-")[:2] for n in _leftovers(bundles)] == [[".staging", "v1"]]
+    assert _events(redis_client) == []
+
+    first: dict[str, Any] = cli_json("cycle", "--json", env=env, timeout=900)
+    assert first["decision"] == "promoted", first["reasons"]
+    assert first["version"] == 1 and first["trained"] is None  # resumed, not retrained
+    assert _latest(bundles) == "v1" and _leftovers(bundles) == []
+    manifest = verify_bundle(bundles / "latest")
+    assert manifest["version"] == 1 and manifest["adapters"][-1]["version"] == 1
+    assert manifest["parity"]["prompts"] >= 1
+    assert manifest["parity"]["identical"] == manifest["parity"]["prompts"]
+    v1_sha = file_sha256(bundles / "v1" / MANIFEST)
+    assert first["bundle"] == {
+        "version": 1,
+        "path": str(bundles / "v1"),
+        "manifest_sha256": v1_sha,
+    }
+    events = _events(redis_client)
+    assert [(e["version"], e["manifest_sha256"]) for e in events] == [("1", v1_sha)]
+
+    # Killed after the registry promoted v2 but before `latest` moved: consumers keep v1.
+    _ingest(env, tmp_path / "second.jsonl", _parity(300, seed=3))
+    _crash(env, "publish.before_latest")
+    assert _champion(state) == 2
+    assert _latest(bundles) == "v1"
+    assert verify_bundle(bundles / "latest")["version"] == 1
+    assert verify_bundle(bundles / "v2")["version"] == 2  # whole before it was promoted
+    assert len(_events(redis_client)) == 1  # v2 was never announced as published
+
+    # The next cycle points `latest` at the champion first; there is nothing left to train.
+    again = run_cli("cycle", "--json", env=env, timeout=900)
+    assert again.returncode in (0, 1), again.stderr
+    if again.returncode == 1:
+        assert "no new train examples" in again.stderr, again.stderr
+    assert _latest(bundles) == "v2" and _leftovers(bundles) == []
+    assert verify_bundle(bundles / "latest")["version"] == 2
+    v2_sha = file_sha256(bundles / "v2" / MANIFEST)
+    assert v2_sha != v1_sha
+
+    back = run_cli("rollback", "1", "--why", "v2 answers worse in production", env=env)
+    assert back.returncode == 0, back.stderr
+    assert "v1 is the champion again" in back.stdout
+    assert f"{bundles / 'v1'} is latest again" in back.stdout
+    assert _champion(state) == 1
+    assert _latest(bundles) == "v1"
+    assert verify_bundle(bundles / "latest")["version"] == 1
+    newest = _events(redis_client)[-1]
+    assert (newest["version"], newest["manifest_sha256"]) == ("1", v1_sha)

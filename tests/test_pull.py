@@ -1,0 +1,253 @@
+"""`aftertune pull` and `aftertune generate` through the real CLI, from a state directory and
+over HTTP (a real uvicorn), with a real exported bundle of the embedded tiny base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import prometheus_client
+import pytest
+from conftest import run_cli
+
+from aftertune.daemon.server import HttpServer, build_app
+from aftertune.learners.base_model import EMBEDDED_TINY, resolve_base
+from aftertune.learners.curriculum import sample
+from aftertune.learners.export import ExportSpec, export_bundle
+from aftertune.store.bundle import (
+    MANIFEST,
+    Bundle,
+    file_sha256,
+    install,
+    new_staging_dir,
+    read_manifest,
+    set_latest,
+    verify_bundle,
+    write_manifest,
+)
+
+TOKEN = "s3cret"
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def republish(bundles: Path, version: int) -> Path:
+    """v1's files published again as ``version``: its own manifest, then made latest."""
+    staging = new_staging_dir(bundles, version)
+    for path in (bundles / "v1").iterdir():
+        if path.name != MANIFEST:
+            shutil.copy2(path, staging / path.name)
+    fields = {
+        k: v
+        for k, v in read_manifest(bundles / "v1").items()
+        if k not in ("schema", "created_at", "files")
+    }
+    write_manifest(staging, {**fields, "version": version})
+    final = install(staging, bundles, version)
+    set_latest(bundles, version)
+    return final
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A daemon state dir with the tiny base exported (fp32, genai) and published as v1."""
+    state = tmp_path_factory.mktemp("published") / "state"
+    bundles = state / "bundles"
+    staging = new_staging_dir(bundles, 1)
+    rng = random.Random(11)
+    prompts = [sample(rng).prompt for _ in range(4)]
+    export_bundle(
+        resolve_base(EMBEDDED_TINY),
+        staging,
+        ExportSpec(method="genai", parity_prompts=4),
+        prompts,
+        {"name": "aftertune", "version": 1},
+    )
+    install(staging, bundles, 1)
+    set_latest(bundles, 1)
+    return state
+
+
+@pytest.fixture
+def source(pristine: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the published state dir, free to tamper with."""
+    return Path(shutil.copytree(pristine, tmp_path / "source", symlinks=True))
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    # An empty AFTERTUNE_TOKEN: no token unless a test passes --token.
+    return {"AFTERTUNE_STATE_DIR": str(tmp_path / "consumer-state"), "AFTERTUNE_TOKEN": ""}
+
+
+def _mtimes(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in directory.rglob("*")}
+
+
+def test_pull_installs_current_and_a_second_pull_downloads_nothing(
+    source: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    to = tmp_path / "models"
+    published = source / "bundles" / "v1"
+    done = run_cli("pull", "--from", str(source), "--to", str(to), "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    sizes = sum(e["bytes"] for e in read_manifest(published)["files"].values())
+    assert json.loads(done.stdout) == {
+        "version": 1,
+        "path": str(to / "v1"),
+        "manifest_sha256": file_sha256(published / MANIFEST),
+        "downloaded": True,
+        "bytes": sizes,
+    }
+    assert sorted(os.listdir(to)) == ["current", "v1"]
+    assert os.readlink(to / "current") == "v1"
+    assert (to / "v1" / MANIFEST).read_bytes() == (published / MANIFEST).read_bytes()
+    assert verify_bundle(to / "current")["version"] == 1
+
+    before = _mtimes(to / "v1")
+    again = run_cli("pull", "--from", str(source), "--to", str(to), env=env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("v1 is already current: "), again.stdout
+    assert _mtimes(to / "v1") == before  # nothing was written again
+    assert sorted(os.listdir(to)) == ["current", "v1"]
+
+
+def test_a_damaged_local_copy_is_downloaded_again(
+    source: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    to = tmp_path / "models"
+    assert run_cli("pull", "--from", str(source), "--to", str(to), env=env).returncode == 0
+    flip_byte(to / "v1" / "model.onnx.data")
+    done = run_cli("pull", "--from", str(source), "--to", str(to), env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("v1 verified ("), done.stdout
+    verify_bundle(to / "current")
+
+
+def test_generate_prints_what_the_bundle_answers(
+    source: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    to = tmp_path / "models"
+    assert run_cli("pull", "--from", str(source), "--to", str(to), env=env).returncode == 0
+    bundle = Bundle.open(to / "current")
+    ex = sample(random.Random(5), "copy")
+    want = bundle.generate(ex.prompt)
+    assert want  # an empty answer would make the comparison vacuous
+    done = run_cli("generate", "--bundle", str(to / "current"), "--prompt", ex.prompt, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == want + "\n"
+    by_instruction = run_cli(
+        "generate", "--bundle", str(to / "current"),
+        "--instruction", ex.instruction, "--input", ex.input, env=env,
+    )  # fmt: skip
+    assert by_instruction.stdout == want + "\n", by_instruction.stderr
+    refused = run_cli("generate", "--bundle", str(to / "current"), env=env)
+    assert refused.returncode == 1 and "--instruction (and --input) or --prompt" in refused.stderr
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-1])
+
+
+def _append(path: Path) -> None:
+    with open(path, "ab") as fh:
+        fh.write(b"\0")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (flip_byte, "model.onnx.data: sha256 does not match the manifest"),
+        (_append, "model.onnx.data: more than the manifest's"),
+        (_truncate, "model.onnx.data: {size} bytes arrived, the manifest says"),
+    ],
+)
+def test_damaged_source_fails_a_fresh_pull_naming_the_file(
+    source: Path,
+    tmp_path: Path,
+    env: dict[str, str],
+    damage: Callable[[Path], None],
+    message: str,
+) -> None:
+    target = source / "bundles" / "v1" / "model.onnx.data"
+    size = target.stat().st_size - 1
+    damage(target)
+    to = tmp_path / "models"
+    done = run_cli("pull", "--from", str(source), "--to", str(to), env=env)
+    assert done.returncode == 1
+    assert message.format(size=size) in done.stderr, done.stderr
+    assert os.listdir(to) == []  # no current, no v1, no .pull-* left behind
+
+
+def test_tampered_v2_leaves_current_on_v1(
+    source: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    to = tmp_path / "models"
+    assert run_cli("pull", "--from", str(source), "--to", str(to), env=env).returncode == 0
+    republish(source / "bundles", 2)
+    flip_byte(source / "bundles" / "v2" / "tokenizer.json")
+
+    done = run_cli("pull", "--from", str(source), "--to", str(to), env=env)
+    assert done.returncode == 1
+    assert "tokenizer.json: sha256 does not match the manifest" in done.stderr, done.stderr
+    assert sorted(os.listdir(to)) == ["current", "v1"]  # no v2, no .pull-v2-*
+    assert os.readlink(to / "current") == "v1"
+    assert verify_bundle(to / "current")["version"] == 1
+
+    flip_byte(source / "bundles" / "v2" / "tokenizer.json")  # the same byte back
+    done = run_cli("pull", "--from", str(source), "--to", str(to), env=env)
+    assert done.returncode == 0, done.stderr
+    assert os.readlink(to / "current") == "v2"
+    assert verify_bundle(to / "current")["version"] == 2
+    assert sorted(os.listdir(to)) == ["current", "v1", "v2"]
+
+
+@pytest.fixture
+def server(source: Path) -> Iterator[str]:
+    app = build_app(
+        source / "bundles",
+        token=TOKEN,
+        ready=lambda: True,
+        metrics=prometheus_client.CollectorRegistry(),
+    )
+    http = HttpServer(app, "127.0.0.1", 0)
+    http.start()
+    try:
+        yield f"http://127.0.0.1:{http.port}"
+    finally:
+        http.stop(timeout=5)
+
+
+def test_pull_over_http_needs_the_token_and_checks_every_byte(
+    server: str, source: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    def pull(to: Path, *token: str) -> tuple[int, str, str]:
+        done = run_cli("pull", "--server", server, "--to", str(to), *token, env=env)
+        return done.returncode, done.stdout, done.stderr
+
+    rc, _, err = pull(tmp_path / "anonymous")
+    assert rc == 1 and "HTTP 401" in err and "--token" in err, err
+    rc, _, err = pull(tmp_path / "wrong", "--token", "guess")
+    assert rc == 1 and "HTTP 401" in err, err
+    assert not (tmp_path / "anonymous" / "current").exists()
+
+    to = tmp_path / "models"
+    rc, out, err = pull(to, "--token", TOKEN)
+    assert rc == 0 and out.startswith("v1 verified ("), err
+    assert os.readlink(to / "current") == "v1"
+    assert verify_bundle(to / "current") == read_manifest(source / "bundles" / "v1")
+
+    flip_byte(source / "bundles" / "v1" / "model.onnx.data")  # the server now serves it
+    fresh = tmp_path / "fresh"
+    rc, _, err = pull(fresh, "--token", TOKEN)
+    assert rc == 1 and "model.onnx.data: sha256 does not match the manifest" in err, err
+    assert os.listdir(fresh) == []
