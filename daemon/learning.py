@@ -21,8 +21,8 @@ from aftertune.learners.promotion import CycleResult, EvalSpec, run_cycle
 from aftertune.learners.publication import promote_and_publish, sync_latest
 from aftertune.learners.recipe import TrainSpec
 from aftertune.learners.replay import ReplaySpec
-from aftertune.store.bundle import Published
 from aftertune.store.examples import ExampleStore
+from aftertune.store.publish import Published
 from aftertune.store.registry import Registry, VersionState
 
 

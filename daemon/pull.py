@@ -26,14 +26,13 @@ from aftertune.store.bundle import (
     MANIFEST,
     check_manifest,
     manifest_sha256,
-    point,
-    published,
     safe_relpath,
     verify_bundle,
     version_dir_name,
     write_atomic,
 )
 from aftertune.store.errors import BundleError
+from aftertune.store.publish import point, published
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from aftertune.daemon.trainer_lock import TrainerLock
 from aftertune.learners.cycle import NothingToTrain
 from aftertune.learners.errors import LearnerError, TrainingInterrupted
 from aftertune.learners.promotion import CycleBlocked
-from aftertune.store.bundle import Published
 from aftertune.store.examples import ExampleStore
+from aftertune.store.publish import Published
 from aftertune.store.registry import Registry
 
 log = logging.getLogger(__name__)

@@ -32,18 +32,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel
 
 from aftertune.daemon.errors import ServerError
-from aftertune.store.bundle import (
-    LATEST,
-    MANIFEST,
-    Published,
-    latest_version,
-    parse_version,
-    published,
-    published_versions,
-    safe_relpath,
-    version_dir_name,
-)
+from aftertune.store.bundle import MANIFEST, parse_version, safe_relpath, version_dir_name
 from aftertune.store.errors import BundleError
+from aftertune.store.publish import LATEST, Published, latest_version, published, published_versions
 
 log = logging.getLogger(__name__)
 

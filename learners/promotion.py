@@ -25,9 +25,9 @@ from aftertune.learners.lora import LoraSpec
 from aftertune.learners.publication import promote_and_publish, sync_latest
 from aftertune.learners.recipe import TrainSpec
 from aftertune.learners.replay import ReplaySpec
-from aftertune.store.bundle import Published
 from aftertune.store.examples import Example, ExampleStore
 from aftertune.store.failpoints import failpoint
+from aftertune.store.publish import Published
 from aftertune.store.registry import Registry, Version, VersionState
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,10 @@ from aftertune.learners.champion import adapter_sha256, build_champion
 from aftertune.learners.errors import ExportError
 from aftertune.learners.export import ExportSpec, export_bundle
 from aftertune.learners.prompt import render_prompt
-from aftertune.store.bundle import (
+from aftertune.store.bundle import version_dir_name
+from aftertune.store.examples import Example, ExampleStore
+from aftertune.store.failpoints import failpoint
+from aftertune.store.publish import (
     Published,
     clean_staging,
     install,
@@ -32,10 +35,7 @@ from aftertune.store.bundle import (
     prune,
     published,
     set_latest,
-    version_dir_name,
 )
-from aftertune.store.examples import Example, ExampleStore
-from aftertune.store.failpoints import failpoint
 from aftertune.store.registry import Registry, Version, VersionState
 
 log = logging.getLogger(__name__)

@@ -1,16 +1,11 @@
 """Bundles: what consumers run. An exported model directory plus a checksummed manifest.
 
-Layout of the published side (``state_dir/bundles``)::
+A bundle directory holds ``manifest.json`` = {"schema", "name", "version", ..., "files":
+{"<path>": {"sha256", "bytes"}}} and the model, tokenizer and config files it lists. The
+manifest is written last, so a directory with a manifest that verifies is whole. How
+bundles are published under ``state_dir/bundles`` is in ``publish.py``.
 
-    bundles/
-      v3/                 one published bundle, never modified after its rename
-        manifest.json     {"schema", "name", "version", ..., "files": {"<path>": {"sha256", "bytes"}}}
-        model.onnx ...    model, tokenizer and config files, each listed in the manifest
-      latest -> v3        symlink, swapped with one rename
-      .staging-v4-*/      an export in progress: never served, removed at start-up
-
-``manifest.json`` is written last, so a directory with a manifest that verifies is whole.
-This module never imports torch: consumers pull and run bundles with ONNX Runtime only.
+This module never imports torch: consumers verify and run bundles with ONNX Runtime only.
 """
 
 from __future__ import annotations
@@ -19,10 +14,8 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -30,11 +23,8 @@ from aftertune.store.errors import BundleError
 
 SCHEMA = "aftertune.bundle/1"
 MANIFEST = "manifest.json"
-LATEST = "latest"
-STAGING_PREFIX = ".staging-"
 FORMAT_GENAI = "onnxruntime-genai"  # genai_config.json + model.onnx with KV cache
 FORMAT_LOGITS = "onnx-logits"  # model.onnx: (input_ids, attention_mask) -> logits
-_VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
 def file_sha256(path: Path) -> str:
@@ -79,7 +69,7 @@ def _files(root: Path) -> Iterator[Path]:
             yield path
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -95,7 +85,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_manifest(bundle_dir: Path, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,120 +161,6 @@ def verify_bundle(bundle_dir: Path) -> dict[str, Any]:
     if extra:
         raise BundleError(f"{sorted(extra)[0]}: not listed in the manifest")
     return manifest
-
-
-# --- the published side -----------------------------------------------------------------
-
-
-def published_versions(bundles_dir: Path) -> list[int]:
-    """Versions with a bundle directory under ``bundles_dir``, ascending."""
-    if not Path(bundles_dir).is_dir():
-        return []
-    found = []
-    for entry in Path(bundles_dir).iterdir():
-        m = _VERSION_DIR.match(entry.name)
-        if m and entry.is_dir() and not entry.is_symlink() and (entry / MANIFEST).is_file():
-            found.append(int(m.group(1)))
-    return sorted(found)
-
-
-def latest_version(bundles_dir: Path) -> int | None:
-    link = Path(bundles_dir) / LATEST
-    try:
-        target = os.readlink(link)
-    except (FileNotFoundError, OSError):
-        return None
-    m = _VERSION_DIR.match(target)
-    return int(m.group(1)) if m else None
-
-
-def point(link: Path, target: str) -> None:
-    """Make ``link`` a symlink to ``target`` with one rename: readers see old or new."""
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-    _fsync_dir(link.parent)
-
-
-def new_staging_dir(bundles_dir: Path, version: int) -> Path:
-    bundles_dir.mkdir(parents=True, exist_ok=True)
-    staging = bundles_dir / f"{STAGING_PREFIX}{version_dir_name(version)}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    return staging
-
-
-def clean_staging(bundles_dir: Path) -> list[str]:
-    """Remove what interrupted exports left behind. Returns the names removed."""
-    removed = []
-    if Path(bundles_dir).is_dir():
-        for entry in Path(bundles_dir).iterdir():
-            if entry.name.startswith(STAGING_PREFIX) or ".tmp-" in entry.name:
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-                removed.append(entry.name)
-    return removed
-
-
-def install(staging: Path, bundles_dir: Path, version: int) -> Path:
-    """Rename a verified staging directory to ``v<version>`` (kept if already whole there)."""
-    verify_bundle(staging)
-    final = Path(bundles_dir) / version_dir_name(version)
-    if final.exists():
-        try:
-            verify_bundle(final)
-            shutil.rmtree(staging)
-            return final
-        except BundleError:
-            shutil.rmtree(final)
-    os.replace(staging, final)
-    _fsync_dir(final.parent)
-    return final
-
-
-def set_latest(bundles_dir: Path, version: int) -> None:
-    if not (Path(bundles_dir) / version_dir_name(version) / MANIFEST).is_file():
-        raise BundleError(f"no published bundle v{version} under {bundles_dir}")
-    point(Path(bundles_dir) / LATEST, version_dir_name(version))
-
-
-def prune(bundles_dir: Path, keep: int, protect: set[int] | None = None) -> list[int]:
-    """Delete the oldest bundles beyond ``keep``; never latest or ``protect``."""
-    latest = latest_version(bundles_dir)
-    guarded = (protect or set()) | ({latest} if latest is not None else set())
-    versions = published_versions(bundles_dir)
-    removed = []
-    for version in versions[: max(0, len(versions) - keep)]:
-        if version not in guarded:
-            shutil.rmtree(Path(bundles_dir) / version_dir_name(version), ignore_errors=True)
-            removed.append(version)
-    return removed
-
-
-@dataclass(frozen=True)
-class Published:
-    """One published bundle as a server or a pull source sees it."""
-
-    version: int
-    path: Path
-    manifest: dict[str, Any]
-    manifest_sha256: str
-
-
-def published(bundles_dir: Path, version: int | str) -> Published:
-    """The published bundle ``version`` ('latest', 3 or 'v3'), its manifest read and checked."""
-    if version == LATEST:
-        found = latest_version(bundles_dir)
-        if found is None:
-            raise BundleError(f"nothing published yet under {bundles_dir}")
-        version = found
-    number = parse_version(version)
-    path = Path(bundles_dir) / version_dir_name(number)
-    manifest = read_manifest(path)
-    return Published(number, path, manifest, manifest_sha256(path))
 
 
 # --- the consumer side: run a bundle with ONNX Runtime (no torch) --------------------------

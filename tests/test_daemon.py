@@ -28,7 +28,8 @@ import redis
 from conftest import cli_json, run_cli, write_jsonl
 
 from aftertune.daemon.embedded_redis import free_port
-from aftertune.store.bundle import Bundle, latest_version, published
+from aftertune.store.bundle import Bundle
+from aftertune.store.publish import latest_version, published
 from aftertune.store.registry import Registry, VersionState
 
 pytestmark = pytest.mark.slow

@@ -23,13 +23,11 @@ from aftertune.store.bundle import (
     MANIFEST,
     Bundle,
     file_sha256,
-    install,
-    new_staging_dir,
     read_manifest,
-    set_latest,
     verify_bundle,
     write_manifest,
 )
+from aftertune.store.publish import install, new_staging_dir, set_latest
 
 TOKEN = "s3cret"
 

@@ -19,14 +19,8 @@ import pytest
 
 from aftertune.daemon.errors import ServerError
 from aftertune.daemon.server import HttpServer, build_app
-from aftertune.store.bundle import (
-    MANIFEST,
-    file_sha256,
-    install,
-    new_staging_dir,
-    set_latest,
-    write_manifest,
-)
+from aftertune.store.bundle import MANIFEST, file_sha256, write_manifest
+from aftertune.store.publish import install, new_staging_dir, set_latest
 
 TOKEN = "s3cret-token"
 MODEL_BYTES = 200_000  # larger than one 64 KiB chunk, so downloads stream in several
