@@ -8,6 +8,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -249,3 +251,26 @@ def test_pull_over_http_needs_the_token_and_checks_every_byte(
     rc, _, err = pull(fresh, "--token", TOKEN)
     assert rc == 1 and "model.onnx.data: sha256 does not match the manifest" in err, err
     assert os.listdir(fresh) == []
+
+
+def test_pull_and_generate_never_import_torch(
+    source: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    # A consumer machine needs ONNX Runtime and this package, not torch (style rule 10).
+    to = tmp_path / "models"
+    code = (
+        "import sys\n"
+        "from aftertune.daemon.cli import main\n"
+        f"assert main(['pull', '--from', {str(source)!r}, '--to', {str(to)!r}]) == 0\n"
+        f"assert main(['generate', '--bundle', {str(to / 'current')!r}, '--prompt', 'x']) == 0\n"
+        "print('heavy:', sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("heavy: []"), done.stdout
