@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -70,3 +71,31 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
         for row in rows:
             fh.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
     return path
+
+
+def parity_rows(
+    n: int, seed: int, *, flip: bool = False, high: int = 100_000
+) -> list[dict[str, str]]:
+    """``n`` records of a task the tiny model learns in a few dozen steps; ``flip`` poisons
+    the labels. Inputs are drawn with replacement, so a few may repeat."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        number = rng.randrange(high)
+        even = number % 2 == 0
+        rows.append(
+            {
+                "task": "parity",
+                "instruction": "Is the number even or odd?",
+                "input": str(number),
+                "output": "even" if even != flip else "odd",
+            }
+        )
+    return rows
+
+
+def ingest(env: dict[str, str], path: Path, rows: list[dict[str, str]]) -> None:
+    """Write ``rows`` to ``path``, push them and ingest them (`serve --burst`)."""
+    write_jsonl(path, rows)
+    assert run_cli("push", str(path), env=env).returncode == 0
+    assert run_cli("serve", "--burst", env=env).returncode == 0

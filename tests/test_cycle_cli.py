@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
-from conftest import cli_json, run_cli, write_jsonl
+from conftest import cli_json, parity_rows, run_cli, write_jsonl
 
 from aftertune.store.registry import Registry, VersionState
 
 pytestmark = pytest.mark.slow
-
-
-def _parity_rows(n: int, seed: int) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        number = rng.randrange(10_000)
-        rows.append(
-            {
-                "task": "parity",
-                "instruction": "Is the number even or odd?",
-                "input": str(number),
-                "output": "even" if number % 2 == 0 else "odd",
-            }
-        )
-    return rows
 
 
 def test_train_registers_a_candidate_that_beats_the_base(redis_url: str, tmp_path: Path) -> None:
@@ -42,7 +25,7 @@ def test_train_registers_a_candidate_that_beats_the_base(redis_url: str, tmp_pat
     empty = run_cli("train", env=env, timeout=300)
     assert empty.returncode == 1 and "no new train examples" in empty.stderr
 
-    write_jsonl(tmp_path / "in.jsonl", _parity_rows(400, seed=3))
+    write_jsonl(tmp_path / "in.jsonl", parity_rows(400, seed=3, high=10_000))
     assert run_cli("push", str(tmp_path / "in.jsonl"), env=env).returncode == 0
     assert run_cli("serve", "--burst", env=env).returncode == 0
 

@@ -6,40 +6,16 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 import signal
 from pathlib import Path
 
 import pytest
-from conftest import cli_json, run_cli, write_jsonl
+from conftest import cli_json, ingest, parity_rows, run_cli
 
 from aftertune.store.examples import ExampleStore
 from aftertune.store.registry import TRANSITIONS, Registry, VersionState
 
 pytestmark = pytest.mark.slow
-
-
-def _parity(n: int, seed: int, flip: bool = False) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        number = rng.randrange(100_000)
-        even = number % 2 == 0
-        rows.append(
-            {
-                "task": "parity",
-                "instruction": "Is the number even or odd?",
-                "input": str(number),
-                "output": "even" if even != flip else "odd",
-            }
-        )
-    return rows
-
-
-def _ingest(env: dict[str, str], path: Path, rows: list[dict[str, str]]) -> None:
-    write_jsonl(path, rows)
-    assert run_cli("push", str(path), env=env).returncode == 0
-    assert run_cli("serve", "--burst", env=env).returncode == 0
 
 
 def _audit_is_consistent(state: Path) -> None:
@@ -66,7 +42,7 @@ def test_crash_at_each_step_then_clean_promotion_then_poison_rejected(
         "AFTERTUNE_TRAIN__MAX_STEPS": "60",
         "AFTERTUNE_TRAIN__PROGRESS": "false",
     }
-    _ingest(env, tmp_path / "clean.jsonl", _parity(300, seed=1))
+    ingest(env, tmp_path / "clean.jsonl", parity_rows(300, seed=1))
 
     for point in ("cycle.after_train", "cycle.during_eval", "registry.promote"):
         crashed = run_cli("cycle", "--json", env={**env, "AFTERTUNE_FAILPOINT": point}, timeout=900)
@@ -82,7 +58,7 @@ def test_crash_at_each_step_then_clean_promotion_then_poison_rejected(
     _audit_is_consistent(state)
 
     # Labels flipped for a task the champion knows: the regression suite must catch it.
-    _ingest(env, tmp_path / "poison.jsonl", _parity(300, seed=2, flip=True))
+    ingest(env, tmp_path / "poison.jsonl", parity_rows(300, seed=2, flip=True))
     second = cli_json("cycle", "--json", env=env, timeout=900)
     assert second["decision"] == "rejected"
     assert any(reason.startswith("parity:") for reason in second["reasons"]), second["reasons"]

@@ -6,14 +6,13 @@ bundle visible, a re-run finishes the job, and a rollback republishes the old bu
 from __future__ import annotations
 
 import os
-import random
 import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from conftest import cli_json, run_cli, write_jsonl
+from conftest import cli_json, ingest, parity_rows, run_cli
 
 from aftertune.store.bundle import MANIFEST, file_sha256, verify_bundle
 from aftertune.store.registry import Registry, VersionState
@@ -21,28 +20,6 @@ from aftertune.store.registry import Registry, VersionState
 pytestmark = pytest.mark.slow
 
 STREAM = "aftertune:promotions"
-
-
-def _parity(n: int, seed: int) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        number = rng.randrange(100_000)
-        rows.append(
-            {
-                "task": "parity",
-                "instruction": "Is the number even or odd?",
-                "input": str(number),
-                "output": "even" if number % 2 == 0 else "odd",
-            }
-        )
-    return rows
-
-
-def _ingest(env: dict[str, str], path: Path, rows: list[dict[str, str]]) -> None:
-    write_jsonl(path, rows)
-    assert run_cli("push", str(path), env=env).returncode == 0
-    assert run_cli("serve", "--burst", env=env).returncode == 0
 
 
 def _events(client: redis.Redis) -> list[dict[str, str]]:
@@ -82,7 +59,7 @@ def test_crashes_around_publication_never_expose_a_partial_bundle(
         "AFTERTUNE_TRAIN__PROGRESS": "false",
         "OMP_NUM_THREADS": "1",
     }
-    _ingest(env, tmp_path / "first.jsonl", _parity(300, seed=1))
+    ingest(env, tmp_path / "first.jsonl", parity_rows(300, seed=1))
 
     # Killed inside the export: nothing promoted, nothing published, only staging debris.
     _crash(env, "export.staging")
@@ -111,7 +88,7 @@ def test_crashes_around_publication_never_expose_a_partial_bundle(
     assert [(e["version"], e["manifest_sha256"]) for e in events] == [("1", v1_sha)]
 
     # Killed after the registry promoted v2 but before `latest` moved: consumers keep v1.
-    _ingest(env, tmp_path / "second.jsonl", _parity(300, seed=3))
+    ingest(env, tmp_path / "second.jsonl", parity_rows(300, seed=3))
     _crash(env, "publish.before_latest")
     assert _champion(state) == 2
     assert _latest(bundles) == "v1"
