@@ -53,7 +53,8 @@ def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "cycle",
         parents=[common],
-        help="one learning cycle: train (or resume) a challenger, evaluate, gate, decide",
+        help="one learning cycle: train (or resume) a challenger, evaluate, gate, decide; "
+        "a promotion exports, parity-checks and publishes the bundle",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_cycle)
@@ -72,13 +73,17 @@ def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
-        "rollback", parents=[common], help="make a retired former champion the champion again"
+        "rollback",
+        parents=[common],
+        help="make a retired former champion the champion again and republish its bundle",
     )
     p.add_argument("version", type=int, help="version to roll back to")
     p.add_argument("--why", default="", help="reason, kept in the audit log")
     p.set_defaults(func=cmd_rollback)
 
-    p = sub.add_parser("approve", parents=[common], help="promote a version awaiting approval")
+    p = sub.add_parser(
+        "approve", parents=[common], help="export, promote and publish a version awaiting approval"
+    )
     p.add_argument("version", type=int)
     p.add_argument("--why", default="approved by hand", help="reason, kept in the audit log")
     p.set_defaults(func=cmd_approve)
