@@ -276,8 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StoreError, LearnerError) as exc:
         print(f"aftertune: {exc}", file=sys.stderr)
         return 1
-    except FileNotFoundError as exc:
-        print(f"aftertune: {exc.strerror}: {exc.filename}", file=sys.stderr)
+    except OSError as exc:  # a path that is missing, not a directory, not writable...
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"aftertune: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -274,3 +274,14 @@ def test_pull_and_generate_never_import_torch(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("heavy: []"), done.stdout
+
+
+def test_pull_into_a_file_is_refused_with_a_message(
+    source: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    target = tmp_path / "a-file"
+    target.write_text("not a directory")
+    done = run_cli("pull", "--from", str(source), "--to", str(target), env=env)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"aftertune: File exists: {target}", done.stderr
+    assert target.read_text() == "not a directory"
