@@ -157,15 +157,9 @@ def approve(settings: Settings, version: int, actor: str, why: str) -> Published
 
 def rollback(settings: Settings, version: int, actor: str, why: str) -> Published | None:
     """Move the champion back to ``version`` and republish its bundle as latest."""
-    with _state(settings) as (store, registry):
+    with Registry(settings.state_dir) as registry:
         registry.rollback(version, actor=actor, reason=why)
-        spec = export_spec(settings)
-        if spec is None:
-            return None
-        return sync_latest(
-            store, registry, settings.state_dir, base=settings.model.base, spec=spec,
-            keep=settings.export.keep,
-        )  # fmt: skip
+    return recover_publication(settings)
 
 
 def run_train(settings: Settings, actor: str) -> CandidateReport:
@@ -200,7 +194,8 @@ def run_eval(settings: Settings, candidate: int | None) -> dict[str, Any]:
 
 
 def recover_publication(settings: Settings) -> Published | None:
-    """At start: drop leftovers of an interrupted export, point latest at the champion."""
+    """Point latest at the champion's bundle (exported again if missing) and drop what an
+    interrupted export left. Returns the bundle when latest moved. At start, after rollback."""
     spec = export_spec(settings)
     if spec is None:
         return None

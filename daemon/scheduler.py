@@ -25,7 +25,7 @@ import redis
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from aftertune.daemon.announce import announce, announce_if_missed
+from aftertune.daemon.announce import announce_if_missed
 from aftertune.daemon.metrics import DaemonMetrics
 from aftertune.daemon.settings import CycleSettings, Settings
 from aftertune.daemon.trainer_lock import TrainerLock
@@ -33,7 +33,6 @@ from aftertune.learners.cycle import NothingToTrain
 from aftertune.learners.errors import LearnerError, TrainingInterrupted
 from aftertune.learners.promotion import CycleBlocked
 from aftertune.store.examples import ExampleStore
-from aftertune.store.publish import Published
 from aftertune.store.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -179,12 +178,8 @@ class CycleScheduler:
         t0 = time.monotonic()
         outcome, result = "failed", None
         try:
-            bundle = recover_publication(settings)
-            if bundle is not None:
-                self._announce(settings, bundle)
-            announce_if_missed(
-                self._client, settings.redis.promotions_stream, settings.state_dir / "bundles"
-            )
+            recover_publication(settings)
+            self._announce_latest(settings)
             if reason == "start-up":
                 interrupted = bool(interrupted_versions(settings)) or _has_checkpoints(settings)
                 if not interrupted and self.waiting()[1] < settings.cycle.min_new_examples:
@@ -195,8 +190,7 @@ class CycleScheduler:
             self.progress.total_steps = settings.train.max_steps
             result = run_cycle_once(settings, actor="daemon", should_stop=self._should_stop)
             outcome = result.decision.value
-            if result.bundle is not None:
-                self._announce(settings, result.bundle)
+            self._announce_latest(settings)
             if outcome == "promoted":
                 self._attempted_seq = 0
         except TrainingInterrupted as exc:
@@ -220,13 +214,14 @@ class CycleScheduler:
         with ExampleStore.in_state_dir(settings.state_dir) as store:
             return store.max_seq()
 
-    def _announce(self, settings: Settings, bundle: Published) -> None:
+    def _announce_latest(self, settings: Settings) -> None:
+        """The promotion event of ``latest``, unless the stream's newest event names it."""
         try:
-            announce(self._client, settings.redis.promotions_stream, bundle)
-        except redis.RedisError as exc:
-            log.warning(
-                "promotion event for v%d not sent (%s); retried at start", bundle.version, exc
+            announce_if_missed(
+                self._client, settings.redis.promotions_stream, settings.state_dir / "bundles"
             )
+        except redis.RedisError as exc:
+            log.warning("promotion event not sent (%s); retried before the next cycle", exc)
 
 
 def _has_checkpoints(settings: Settings) -> bool:

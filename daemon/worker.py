@@ -1,8 +1,9 @@
 """The long-running worker: ingest feedback until told to stop.
 
 The loop reads top to bottom (rq style): stop check → reload check → poll → heartbeat.
-Signal handlers only set flags: SIGTERM/SIGINT stop (warm, then cold), SIGHUP reloads. Redis outages are waited out with capped exponential backoff and one log
-line per outage; nothing is acknowledged that was not stored.
+Signal handlers only set flags: SIGTERM/SIGINT stop (warm, then cold), SIGHUP reloads.
+Redis outages are waited out with capped exponential backoff and one log line per outage;
+nothing is acknowledged that was not stored.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from conftest import cli_json, run_cli, write_jsonl
 
 from aftertune.daemon.embedded_redis import free_port
 from aftertune.store.bundle import Bundle
+from aftertune.store.examples import ExampleStore
 from aftertune.store.publish import latest_version, published
 from aftertune.store.registry import Registry, VersionState
 
@@ -420,6 +421,14 @@ def test_watchdog_pings_through_training_and_a_warm_stop_resumes_from_its_checkp
     assert list(state.glob("work/train-*/checkpoints/*")), "no checkpoint left to resume from"
     assert redis_client.exists("aftertune:trainer") == 0  # a warm stop releases the lock
     assert versions(state) == []
+    with ExampleStore.in_state_dir(state) as store:
+        window = store.max_seq()
+    # Records that arrive while the daemon is down (fewer than min_new_examples) must not
+    # change the interrupted run's data window, or it could not resume from its checkpoint.
+    push(env, tmp_path / "late.jsonl", parity(40, seed=9))
+    assert run_cli("serve", "--burst", env=env).returncode == 0
+    with ExampleStore.in_state_dir(state) as store:
+        assert store.max_seq() > window
 
     second = spawn(env)
     assert second.wait_log("resuming at step").startswith(f"resuming at step {step}/400 ")
@@ -427,6 +436,7 @@ def test_watchdog_pings_through_training_and_a_warm_stop_resumes_from_its_checkp
     with Registry(state) as registry:
         assert [(v.version, v.state) for v in registry.versions()] == [(1, VersionState.PROMOTED)]
         report = registry.get(1).training
+        assert registry.get(1).data_seq == window  # the late records wait for the next cycle
     assert (report["resumed_from_step"], report["steps"]) == (step, 400)
     assert not list(state.glob("work/train-*/checkpoints/*"))
     wait_for("v1 published", lambda: latest_version(state / "bundles") == 1, 30, second)

@@ -105,6 +105,9 @@ def test_crashes_around_publication_never_expose_a_partial_bundle(
     assert verify_bundle(bundles / "latest")["version"] == 2
     v2_sha = file_sha256(bundles / "v2" / MANIFEST)
     assert v2_sha != v1_sha
+    # The repaired publication is announced too, by the CLI run that repaired it.
+    newest = _events(redis_client)[-1]
+    assert (newest["version"], newest["manifest_sha256"]) == ("2", v2_sha)
 
     back = run_cli("rollback", "1", "--why", "v2 answers worse in production", env=env)
     assert back.returncode == 0, back.stderr
@@ -115,3 +118,20 @@ def test_crashes_around_publication_never_expose_a_partial_bundle(
     assert verify_bundle(bundles / "latest")["version"] == 1
     newest = _events(redis_client)[-1]
     assert (newest["version"], newest["manifest_sha256"]) == ("1", v1_sha)
+
+    # With approval required the bundle waits; `approve` exports it before it promotes.
+    ingest(env, tmp_path / "third.jsonl", parity_rows(300, seed=4))
+    waiting = cli_json("cycle", "--json", env={**env, "AFTERTUNE_GATE__REQUIRE_APPROVAL": "true"})
+    assert waiting["decision"] == "awaiting_approval", waiting["reasons"]
+    assert waiting["version"] == 3 and waiting["bundle"] is None
+    assert _latest(bundles) == "v1" and not (bundles / "v3").exists()
+    done = run_cli("approve", "3", "--why", "checked by hand", env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"published {bundles / 'v3'}" in done.stdout
+    assert _champion(state) == 3 and _latest(bundles) == "v3"
+    assert verify_bundle(bundles / "latest")["version"] == 3
+    newest = _events(redis_client)[-1]
+    assert (newest["version"], newest["manifest_sha256"]) == (
+        "3",
+        file_sha256(bundles / "v3" / MANIFEST),
+    )
