@@ -48,7 +48,12 @@ class Suite:
 class BenchConfig:
     """The knobs every strategy shares (one budget for all)."""
 
-    steps: int = 200  # optimizer steps per task (joint: steps x number of tasks)
+    # The budget is passes over each task's new examples, as the daemon's ``train.epochs``:
+    # replayed examples ride along in the batches (more compute, not less new data), and
+    # joint makes the same passes over the union. ``steps`` instead fixes optimizer steps per
+    # task (joint: steps x number of tasks), which gives replay half the new data at ratio 1.
+    epochs: int = 3
+    steps: int | None = None
     lr: float = 4e-3
     r: int = 16
     batch_size: int = 8
@@ -171,7 +176,9 @@ def load_suite(data: Path, tasks: list[str], max_train: int | None, max_test: in
 # --- one strategy ----------------------------------------------------------------------------
 
 
-def _specs(cfg: BenchConfig, *, steps: int, replay: bool, ewc: bool, seed: int) -> dict[str, Any]:
+def _specs(
+    cfg: BenchConfig, *, steps: int | None, replay: bool, ewc: bool, seed: int
+) -> dict[str, Any]:
     from aftertune.learners.ewc import EwcSpec
     from aftertune.learners.lora import LoraSpec
     from aftertune.learners.recipe import TrainSpec
@@ -181,6 +188,7 @@ def _specs(cfg: BenchConfig, *, steps: int, replay: bool, ewc: bool, seed: int) 
         "train": TrainSpec(
             lr=cfg.lr,
             max_steps=steps,
+            epochs=cfg.epochs,
             batch_size=cfg.batch_size,
             seed=seed,
             max_length=cfg.max_length,
@@ -305,9 +313,8 @@ def run_strategy(
 
     if name == "joint":
         union = [ex for t in suite.tasks for ex in suite.train[t]]
-        specs = _specs(
-            cfg, steps=cfg.steps * len(suite.tasks), replay=False, ewc=False, seed=cfg.seed
-        )
+        steps = cfg.steps * len(suite.tasks) if cfg.steps else None
+        specs = _specs(cfg, steps=steps, replay=False, ewc=False, seed=cfg.seed)
         model = _train_and_merge(model, tokenizer, union, [], specs, workdir, 0, result)
         _record_row(result, run_eval(), suite.tasks)
         return result
@@ -347,7 +354,8 @@ def _fmt(value: float | None, spec: str = "6.1f") -> str:
 
 def print_report(suite: Suite, results: dict[str, dict[str, Any]], cfg: BenchConfig) -> None:
     tasks = suite.tasks
-    print(f"\ntasks: {', '.join(tasks)}; {cfg.steps} steps/task, lr {cfg.lr}, r {cfg.r}, "
+    budget = f"{cfg.steps} steps/task" if cfg.steps else f"{cfg.epochs} epochs/task"
+    print(f"\ntasks: {', '.join(tasks)}; {budget}, lr {cfg.lr}, r {cfg.r}, "
           f"replay ratio {cfg.replay_ratio}, EWC lambda {cfg.ewc_lambda}")  # fmt: skip
     for name, res in results.items():
         print(f"\n[{name}] R[i][j] (points; rows: after training task i)")
@@ -397,7 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default="embedded:tiny", help="embedded:tiny or a local HF model dir")
     p.add_argument("--max-train", type=int, default=None, help="train examples per task")
     p.add_argument("--max-test", type=int, default=None, help="test examples per task")
-    p.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per task")
+    p.add_argument(
+        "--epochs", type=int, default=defaults.epochs,
+        help="the budget: passes over each task's train examples (replay rides along; joint"
+        " makes as many passes over the union)",
+    )  # fmt: skip
+    p.add_argument(
+        "--steps", type=int, default=None,
+        help="instead of --epochs: optimizer steps per task, every strategy (joint: x tasks)",
+    )  # fmt: skip
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--r", type=int, default=defaults.r, help="LoRA rank")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -427,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     cfg = BenchConfig(
-        steps=args.steps, lr=args.lr, r=args.r, batch_size=args.batch_size,
+        epochs=args.epochs, steps=args.steps, lr=args.lr, r=args.r, batch_size=args.batch_size,
         replay_ratio=args.replay_ratio, ewc_lambda=args.ewc_lambda,
         fisher_samples=args.fisher_samples, max_length=args.max_length, seed=args.seed,
         device=args.device,
