@@ -123,7 +123,7 @@ def _learning(settings: Settings) -> dict[str, Any]:
 
 
 def run_cycle_once(
-    settings: Settings, actor: str, should_stop: Callable[[int], bool] | None = None
+    settings: Settings, actor: str, should_stop: Callable[[int, int], bool] | None = None
 ) -> CycleResult:
     with _state(settings) as (store, registry):
         return run_cycle(

@@ -161,9 +161,9 @@ class CycleScheduler:
 
     # --- the cycle thread
 
-    def _should_stop(self, step: int) -> bool:
-        self.progress.step = step
-        if self.progress.total_steps:
+    def _should_stop(self, step: int, total: int) -> bool:
+        self.progress.step, self.progress.total_steps = step, total
+        if total:
             self._metrics.cycle_progress.set(step / self.progress.total_steps)
         return self._stop.is_set() or self._lock.lost.is_set()
 
@@ -187,7 +187,7 @@ class CycleScheduler:
                     return
             log.info("cycle starting (%s)", reason)
             self._attempted_seq = max(self._attempted_seq, self._max_seq(settings))
-            self.progress.total_steps = settings.train.max_steps
+            self.progress.total_steps = None  # the recipe reports it with the first step
             result = run_cycle_once(settings, actor="daemon", should_stop=self._should_stop)
             outcome = result.decision.value
             self._announce_latest(settings)

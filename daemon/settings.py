@@ -95,8 +95,11 @@ class TrainSettings(_Section):
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=10, ge=0)
     max_steps: int | None = Field(
-        default=200, ge=1, description="optimizer steps per cycle; unset: `epochs` passes"
+        default=None, ge=1, description="fixed optimizer steps per cycle instead of `epochs`"
     )
+    # Passes over the new data; replayed examples ride along in each batch. A fixed step
+    # count instead gives a replaying cycle half the new data (bench/continual.py measured
+    # the last task at ~40 points with 200 steps, ~90 with 3 passes).
     epochs: int = Field(default=3, ge=1)
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)

@@ -90,7 +90,7 @@ def train_candidate(
     train: TrainSpec,
     replay: ReplaySpec,
     ewc: EwcSpec,
-    should_stop: Callable[[int], bool] | None = None,
+    should_stop: Callable[[int, int], bool] | None = None,
     actor: str = "daemon",
 ) -> CandidateReport:
     """Train one candidate on the data that arrived since the champion; register it."""

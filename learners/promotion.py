@@ -175,7 +175,7 @@ def run_cycle(
     export: ExportSpec | None = None,
     keep_bundles: int = 5,
     actor: str = "daemon",
-    should_stop: Callable[[int], bool] | None = None,
+    should_stop: Callable[[int, int], bool] | None = None,
 ) -> CycleResult:
     """Train → evaluate → gate → export + promote + publish, reject or wait. Resumable.
 

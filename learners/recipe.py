@@ -147,14 +147,15 @@ def train_adapter(
     fisher_path: Path | None,
     out_dir: Path,
     checkpoint_dir: Path | None = None,
-    should_stop: Callable[[int], bool] | None = None,
+    should_stop: Callable[[int, int], bool] | None = None,
 ) -> TrainResult:
     """Train a fresh LoRA adapter on ``model`` (the champion) and save it to ``out_dir``.
 
     The model is moved to the training device and handed back clean: the adapter is removed
     (not merged), no base weight changes. With ``checkpoint_dir`` a crashed run resumes from
-    its last checkpoint and reaches the same adapter. ``should_stop(step)`` is asked after
-    every step; True checkpoints (when a directory is set) and raises ``TrainingInterrupted``.
+    its last checkpoint and reaches the same adapter. ``should_stop(step, total_steps)`` is
+    asked after every step; True checkpoints (when a directory is set) and raises
+    ``TrainingInterrupted``.
     """
     if not new:
         raise LearnerError("train_adapter needs at least one new example; nothing to learn")
@@ -275,7 +276,7 @@ class LoraRecipe:
 
     # --- train
 
-    def train(self, should_stop: Callable[[int], bool] | None = None) -> None:
+    def train(self, should_stop: Callable[[int, int], bool] | None = None) -> None:
         spec, pos, model = self.spec, self.pos, self.peft_model
         if model is None:
             raise LearnerError("LoraRecipe.train() called before setup()")
@@ -324,7 +325,8 @@ class LoraRecipe:
             every = spec.checkpoint_every
             if self.checkpoint_dir is not None and every and pos.step % every == 0:
                 self.save_checkpoint(self.checkpoint_dir)
-            if should_stop is not None and should_stop(pos.step) and pos.step < self.total_steps:
+            stop = should_stop is not None and should_stop(pos.step, self.total_steps)
+            if stop and pos.step < self.total_steps:
                 if self.checkpoint_dir is not None and not (every and pos.step % every == 0):
                     self.save_checkpoint(self.checkpoint_dir)
                 bar.close()

@@ -70,7 +70,7 @@ def test_resumed_training_reaches_the_same_adapter(tok, tmp_path) -> None:
     train = spec(max_steps=20, grad_accum=2, checkpoint_every=5)
     straight = run(tiny_llama(), tok, tmp_path, "straight", train=train)
 
-    def crash(step: int) -> bool:
+    def crash(step: int, _total: int) -> bool:
         if step == 12:  # after the step-10 checkpoint: steps 11-12 are lost and redone
             raise RuntimeError("simulated crash")
         return False
@@ -102,7 +102,7 @@ def test_resumed_training_reaches_the_same_adapter(tok, tmp_path) -> None:
 def test_warm_stop_checkpoints_and_raises(tok, tmp_path) -> None:
     ckpt = tmp_path / "ckpt"
     with pytest.raises(TrainingInterrupted) as info:
-        run(tiny_llama(), tok, tmp_path, "a", checkpoint_dir=ckpt, should_stop=lambda s: s == 3)
+        run(tiny_llama(), tok, tmp_path, "a", checkpoint_dir=ckpt, should_stop=lambda s, _: s == 3)
     assert info.value.step == 3 and (ckpt / "step-00000003" / "state.json").is_file()
     state = json.loads((ckpt / "step-00000003" / "state.json").read_text())
     assert state["state"]["step"] == 3
@@ -114,7 +114,7 @@ def test_warm_stop_checkpoints_and_raises(tok, tmp_path) -> None:
 def test_checkpoint_of_another_run_is_not_resumed(tok, tmp_path, caplog) -> None:
     ckpt = tmp_path / "ckpt"
     with pytest.raises(TrainingInterrupted):
-        run(tiny_llama(), tok, tmp_path, "a", checkpoint_dir=ckpt, should_stop=lambda s: s == 3)
+        run(tiny_llama(), tok, tmp_path, "a", checkpoint_dir=ckpt, should_stop=lambda s, _: s == 3)
     with caplog.at_level(logging.WARNING, logger="aftertune.learners.recipe"):
         result = run(tiny_llama(), tok, tmp_path, "b", train=spec(seed=1), checkpoint_dir=ckpt)
     assert result.resumed_from_step == 0 and result.steps == 12
