@@ -35,7 +35,7 @@ from aftertune.learners.data import (
     response_loss,
 )
 from aftertune.learners.errors import LearnerError, TrainingInterrupted
-from aftertune.learners.ewc import EwcSpec, ewc_penalty, fisher_for_cycle
+from aftertune.learners.ewc import EwcPenalty, EwcSpec, fisher_for_cycle
 from aftertune.learners.lora import (
     LoraSpec,
     attach_fresh_adapter,
@@ -194,6 +194,7 @@ class LoraRecipe:
         self.pos = _Position()
         self.resumed_from = 0
         self.fisher: dict[str, torch.Tensor] | None = None
+        self.penalty: EwcPenalty | None = None
         self.fisher_seconds = 0.0
         self.peft_model: nn.Module | None = None
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -236,6 +237,10 @@ class LoraRecipe:
         torch.manual_seed(spec.seed)
         self.peft_model = attach_fresh_adapter(self.model, self.lora)
         self.params = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
+        lam = self.ewc.lam if self.ewc is not None and self.ewc.enabled else 0.0
+        if self.fisher is not None and lam > 0:
+            self.penalty = EwcPenalty(self.peft_model, self.fisher, lam)
+        self.fisher = None  # the penalty holds the Fisher now (one copy)
         self.optimizer = torch.optim.AdamW(
             self.params.values(), lr=spec.lr, weight_decay=spec.weight_decay
         )
@@ -281,7 +286,6 @@ class LoraRecipe:
         if model is None:
             raise LearnerError("LoraRecipe.train() called before setup()")
         pad = pad_id(self.tokenizer)
-        lam = self.ewc.lam if self.ewc is not None and self.ewc.enabled else 0.0
         stream = self._micro_batches(pos.step * spec.grad_accum)
         bar = tqdm(
             total=self.total_steps,
@@ -308,8 +312,8 @@ class LoraRecipe:
                 loss.backward()
                 step_loss += loss.item()
                 pos.tokens += int(batch["attention_mask"].sum())
-            if self.fisher is not None and lam > 0:
-                penalty = ewc_penalty(model, self.fisher, lam)
+            if self.penalty is not None:
+                penalty = self.penalty()
                 penalty.backward()  # once per optimizer step, whatever grad_accum is
                 pos.penalty = penalty.item()
             if spec.max_grad_norm > 0:
@@ -355,7 +359,7 @@ class LoraRecipe:
         if self.peft_model is not None:
             detach_adapter(self.peft_model, self._requires_grad)
             self.peft_model = None
-        self.fisher = None
+        self.fisher = self.penalty = None
 
     def result(self, adapter_dir: Path) -> TrainResult:
         pos = self.pos

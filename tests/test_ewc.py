@@ -11,6 +11,7 @@ from learner_fixtures import Ex, byte_tokenizer, copy_task, single_thread, tiny_
 from aftertune.learners.data import collate, encode_examples, response_loss
 from aftertune.learners.errors import FisherMismatch
 from aftertune.learners.ewc import (
+    EwcPenalty,
     EwcSpec,
     estimate_fisher,
     estimate_fisher_per_sample,
@@ -102,6 +103,42 @@ def test_penalty_is_zero_for_a_fresh_adapter_and_matches_brute_force(fisher) -> 
     penalty.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all("lora_" in n for n in grads)
+
+
+def test_prepared_penalty_matches_the_per_layer_sum_and_follows_the_adapter(fisher) -> None:
+    """EwcPenalty batches layers of one shape; value and gradients equal the plain sum."""
+    from peft.tuners.lora import LoraLayer
+
+    model = attach_fresh_adapter(tiny_llama(), LoraSpec(r=4, alpha=12))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+    def per_layer() -> torch.Tensor:
+        total = torch.zeros(())
+        for name, m in model.named_modules():
+            if isinstance(m, LoraLayer):
+                delta = m.lora_B["default"].weight @ m.lora_A["default"].weight
+                key = name.removeprefix("base_model.model.") + ".weight"
+                total = total + (fisher[key] * (delta * m.scaling["default"]).pow(2)).sum()
+        return 1.5 * total
+
+    prepared = EwcPenalty(model, fisher, lam=3.0)
+    reference = per_layer()
+    want = torch.autograd.grad(reference, list(lora.values()))
+    value = prepared()
+    got = torch.autograd.grad(value, list(lora.values()))
+    torch.testing.assert_close(value, reference, rtol=1e-5, atol=0)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-9)
+    # It holds the live parameters: an update moves it (B doubled: 4x the penalty).
+    with torch.no_grad():
+        for name, p in lora.items():
+            if "lora_B" in name:
+                p.mul_(2)
+    torch.testing.assert_close(prepared(), 4 * reference.detach(), rtol=1e-5, atol=0)
 
 
 def test_penalty_refuses_a_fisher_for_other_targets(tok) -> None:
