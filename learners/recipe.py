@@ -240,7 +240,7 @@ class LoraRecipe:
         lam = self.ewc.lam if self.ewc is not None and self.ewc.enabled else 0.0
         if self.fisher is not None and lam > 0:
             self.penalty = EwcPenalty(self.peft_model, self.fisher, lam)
-        self.fisher = None  # the penalty holds the Fisher now (one copy)
+        self.fisher = None  # the penalty holds the Fisher now
         self.optimizer = torch.optim.AdamW(
             self.params.values(), lr=spec.lr, weight_decay=spec.weight_decay
         )
