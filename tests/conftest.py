@@ -94,6 +94,23 @@ def parity_rows(
     return rows
 
 
+def last_digit_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` records of a second task, unlike parity, that the tiny model learns quickly."""
+    rng = random.Random(f"last_digit:{seed}")
+    rows = []
+    for _ in range(n):
+        number = str(rng.randrange(100_000))
+        rows.append(
+            {
+                "task": "last_digit",
+                "instruction": "What is the last digit of the number?",
+                "input": number,
+                "output": number[-1],
+            }
+        )
+    return rows
+
+
 def ingest(env: dict[str, str], path: Path, rows: list[dict[str, str]]) -> None:
     """Write ``rows`` to ``path``, push them and ingest them (`serve --burst`)."""
     write_jsonl(path, rows)

@@ -96,12 +96,14 @@ def test_embedded_model_answers_curriculum_far_above_chance(tiny) -> None:
     examples = curriculum.held_out(seed=12345, per_task=8)
     accuracy = curriculum_accuracy(model, tok, examples)
     mean = sum(accuracy.values()) / len(accuracy)
-    # Measured 0.55 for the shipped build. Chance is ~0.5 on the 11 yes/no tasks and near 0 on
-    # open answers (~0.2 overall); the briefly trained first build scored 0.17.
-    assert mean >= 0.4, accuracy
-    # Simple-feature classification, the kind of task LoRA adapts it to: measured 0.95.
+    # Measured 0.70 for the shipped 8000-step build (0.55 for the 1712-step one before it).
+    # Chance is ~0.5 on the 11 yes/no tasks and near 0 on open answers (~0.2 overall).
+    assert mean >= 0.6, accuracy
+    # Simple-feature classification, the kind of task LoRA adapts it to: measured 0.975.
     features = ("has_digit", "is_upper", "short_or_long", "input_kind", "longer_than_five")
     assert sum(accuracy[t] for t in features) / len(features) >= 0.8, accuracy
+    # Copying a character at a position, which LoRA tasks like last_letter build on: 1.0.
+    assert (accuracy["first_char"] + accuracy["penultimate_char"]) / 2 >= 0.75, accuracy
 
 
 def test_answers_are_short_and_well_formed(tiny) -> None:

@@ -209,12 +209,16 @@ def test_int4_below_required_agreement_fails_parity_and_leaves_no_manifest(
     base_dir: Path, reference: Reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Plain round-to-nearest int4 (the builder's default, without our k-quant options)
-    # agrees with fp32 on ~88 % of greedy tokens of the tiny base: under a 100 % bar.
+    # agrees with fp32 on 96 % of the tiny base's greedy tokens over these 32 prompts (one
+    # answer differs; the first 10, the reference prompts, all agree): under a 100 % bar.
     monkeypatch.setattr(export_module, "EXTRA_OPTIONS", {})
     out = tmp_path / "int4"
     spec = ExportSpec(method="genai", precision="int4", min_token_agreement=1.0)
+    rng = random.Random(7)
+    prompts = [sample(rng).prompt for _ in range(32)]
+    assert prompts[:10] == reference.prompts
     with pytest.raises(ExportError) as caught:
-        _export(base_dir, out, spec, reference.prompts, 3)
+        _export(base_dir, out, spec, prompts, 3)
     message = str(caught.value)
     assert message.startswith("parity: int4 agrees with PyTorch on "), message
     assert "export.min_token_agreement" in message

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import cli_json, ingest, parity_rows, run_cli
+from conftest import cli_json, ingest, last_digit_rows, parity_rows, run_cli
 
 from aftertune.store.bundle import MANIFEST, file_sha256, verify_bundle
 from aftertune.store.registry import Registry, VersionState
@@ -57,6 +57,9 @@ def test_crashes_around_publication_never_expose_a_partial_bundle(
         "AFTERTUNE_STATE_DIR": str(state),
         "AFTERTUNE_TRAIN__MAX_STEPS": "60",
         "AFTERTUNE_TRAIN__PROGRESS": "false",
+        # This test is about publication, not the gate: 60-step cycles judged on 36 held-out
+        # examples move parity by ±0.14, so the accuracy allowance is widened (10 std errors).
+        "AFTERTUNE_GATE__NOISE_Z": "10",
         "OMP_NUM_THREADS": "1",
     }
     ingest(env, tmp_path / "first.jsonl", parity_rows(300, seed=1))
@@ -88,7 +91,9 @@ def test_crashes_around_publication_never_expose_a_partial_bundle(
     assert [(e["version"], e["manifest_sha256"]) for e in events] == [("1", v1_sha)]
 
     # Killed after the registry promoted v2 but before `latest` moved: consumers keep v1.
-    ingest(env, tmp_path / "second.jsonl", parity_rows(300, seed=3))
+    # (A second task: the base learns parity fully in the first cycle, so more parity data
+    # could not improve the new held-out NLL and the gate would rightly reject it.)
+    ingest(env, tmp_path / "second.jsonl", last_digit_rows(300, seed=3))
     _crash(env, "publish.before_latest")
     assert _champion(state) == 2
     assert _latest(bundles) == "v1"
@@ -120,7 +125,7 @@ def test_crashes_around_publication_never_expose_a_partial_bundle(
     assert (newest["version"], newest["manifest_sha256"]) == ("1", v1_sha)
 
     # With approval required the bundle waits; `approve` exports it before it promotes.
-    ingest(env, tmp_path / "third.jsonl", parity_rows(300, seed=4))
+    ingest(env, tmp_path / "third.jsonl", last_digit_rows(300, seed=4))
     waiting = cli_json("cycle", "--json", env={**env, "AFTERTUNE_GATE__REQUIRE_APPROVAL": "true"})
     assert waiting["decision"] == "awaiting_approval", waiting["reasons"]
     assert waiting["version"] == 3 and waiting["bundle"] is None
