@@ -147,6 +147,22 @@ def test_genai_fp32_bundle_is_whole_and_answers_as_pytorch(
     assert parity["token_agreement"] == 1.0 and parity["max_new_tokens"] == MAX_NEW
 
 
+def test_one_bundle_answers_many_prompts_in_any_order_and_survives_a_bad_one(
+    genai: Any, reference: Reference
+) -> None:
+    """The genai generator is built once and rewound per call: no state leaks between calls."""
+    bundle = Bundle.open(genai.bundle_dir)
+    order = [*reversed(range(len(reference.prompts))), 0, 0, 3]
+    for i in order:
+        assert bundle.generate_ids(reference.prompt_ids[i], MAX_NEW) == reference.answer_ids[i]
+    # A prompt past the 512-token window fails; the next call starts clean.
+    with pytest.raises(Exception):  # noqa: B017 (onnxruntime-genai raises its own RuntimeError)
+        bundle.generate_ids([5] * 600, MAX_NEW)
+    assert bundle.generate_ids(reference.prompt_ids[1], MAX_NEW) == reference.answer_ids[1]
+    # A single-token budget still stops there.
+    assert bundle.generate_ids(reference.prompt_ids[2], 1) == reference.answer_ids[2][:1]
+
+
 def test_instruction_is_rendered_with_the_template_from_the_manifest(genai: Any) -> None:
     bundle = Bundle.open(genai.bundle_dir)
     ex = sample(random.Random(3), "copy")
