@@ -164,7 +164,7 @@ class CycleScheduler:
     def _should_stop(self, step: int, total: int) -> bool:
         self.progress.step, self.progress.total_steps = step, total
         if total:
-            self._metrics.cycle_progress.set(step / self.progress.total_steps)
+            self._metrics.cycle_progress.set(step / total)
         return self._stop.is_set() or self._lock.lost.is_set()
 
     def _run(self, reason: str) -> None:
