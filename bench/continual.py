@@ -396,6 +396,13 @@ def markdown_report(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     defaults = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -406,12 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-train", type=int, default=None, help="train examples per task")
     p.add_argument("--max-test", type=int, default=None, help="test examples per task")
     p.add_argument(
-        "--epochs", type=int, default=defaults.epochs,
+        "--epochs", type=_positive, default=defaults.epochs,
         help="the budget: passes over each task's train examples (replay rides along; joint"
         " makes as many passes over the union)",
     )  # fmt: skip
     p.add_argument(
-        "--steps", type=int, default=None,
+        "--steps", type=_positive, default=None,
         help="instead of --epochs: optimizer steps per task, every strategy (joint: x tasks)",
     )  # fmt: skip
     p.add_argument("--lr", type=float, default=defaults.lr)

@@ -5,7 +5,8 @@ synthetic curriculum (`aftertune.learners.curriculum`) with the loss on response
 measures per-task greedy accuracy on a held-out draw, and writes the model directory
 atomically together with a BUILD.md that records how it was made.
 
-    python -m aftertune.learners.pretrain --out learners/embedded/tiny --steps 3000 --seed 0
+    python -m aftertune.learners.pretrain --out DIR --steps 8000 --seed 0 --device cpu \
+        --batch-size 32 --lr 0.003 --threads 2      # the shipped build (see its BUILD.md)
 """
 
 from __future__ import annotations

@@ -97,6 +97,15 @@ def test_continual_fixed_steps(tmp_path: Path) -> None:
     assert res["replay"]["steps"] == 6 and res["joint"]["steps"] == 6
 
 
+def test_continual_refuses_a_budget_under_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for flag in ("--epochs", "--steps"):
+        with pytest.raises(SystemExit):
+            continual.main(["--data", str(tmp_path), "--tasks", "parity", flag, "0"])
+        assert "must be at least 1" in capsys.readouterr().err
+
+
 def test_continual_names_a_missing_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert continual.main(["--data", str(tmp_path), "--tasks", "nope"]) == 2
     assert "nope.train.jsonl" in capsys.readouterr().err

@@ -127,12 +127,15 @@ def test_training_lowers_the_loss_and_leaves_the_base_untouched(tmp_path) -> Non
     before = state_copy(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     loss_before = data_loss(model, tok, NEW)
+    seen: list[tuple[int, int]] = []  # (step, total) as the daemon's progress sees them
     result = run(
         model, tok, tmp_path, "learn",
         train=spec(lr=1e-2, max_steps=None, epochs=10, batch_size=8),
         lora=LoraSpec(r=8), replay_spec=ReplaySpec(enabled=False), ewc=None,
+        should_stop=lambda step, total: bool(seen.append((step, total))),
     )  # fmt: skip
     assert result.steps == 30 and result.new_examples == 24 and result.replay_examples == 0
+    assert seen == [(step, 30) for step in range(1, 31)]  # epochs mode knows its total
     assert result.loss_last < 0.6 * result.loss_first
     assert result.tokens_per_s > 0 and result.train_seconds > 0 and result.fisher_seconds == 0
     # The base model comes back exactly as it was: same weights, flags, no LoRA modules.
