@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aftertune.learners.cycle import EvalSpec, run_cycle
 from aftertune.learners.ewc import EwcSpec
 from aftertune.learners.gate import Decision, GateRules
 from aftertune.learners.lora import LoraSpec
-from aftertune.learners.promotion import EvalSpec, run_cycle
 from aftertune.learners.recipe import TrainSpec
 from aftertune.learners.replay import ReplaySpec
 from aftertune.store.examples import ExampleStore

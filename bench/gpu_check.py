@@ -57,7 +57,7 @@ def make(task: str, numbers: list[int]) -> list[Ex]:
 def accuracy(model: object, tokenizer: object, examples: list[Ex]) -> float:
     import torch
 
-    from aftertune.learners.prompt import render_prompt
+    from aftertune.store.prompt import render_prompt
 
     right = 0
     with torch.no_grad():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from aftertune.store.publish import Published, latest_version, published
+from aftertune.store.bundles import Published, latest_version, published
 
 log = logging.getLogger(__name__)
 

@@ -185,7 +185,7 @@ def cmd_push(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from aftertune.daemon.runtime import serve
+    from aftertune.daemon.service import serve
 
     return serve(
         settings,

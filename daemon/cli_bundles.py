@@ -82,7 +82,7 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
-    from aftertune.store.bundle import Bundle
+    from aftertune.store.consumer import Bundle
 
     if (args.prompt is None) == (args.instruction is None):
         raise DaemonError("give either --instruction (and --input) or --prompt")

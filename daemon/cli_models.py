@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aftertune.daemon.settings import Settings
+from aftertune.store.layout import StateLayout
 
 
 def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -255,7 +256,7 @@ def _announce(settings: Settings) -> None:
     from aftertune.daemon.announce import announce_if_missed
     from aftertune.daemon.embedded_redis import redis_connection
 
-    bundles = settings.state_dir / "bundles"
+    bundles = StateLayout(settings.state_dir).bundles
     if not bundles.is_dir():
         return
     try:

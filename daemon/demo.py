@@ -179,7 +179,7 @@ def run_demo(settings: Settings, *, timeout_s: float = 300.0) -> int:
 
 def _pull_and_answer(demo: Demo) -> list[tuple[str, str, str, str]]:
     from aftertune.daemon.pull import HttpSource, pull
-    from aftertune.store.bundle import Bundle
+    from aftertune.store.consumer import Bundle
 
     pulled = pull(HttpSource(f"http://127.0.0.1:{demo.port}"), demo.state / "consumer")
     demo.say(f"pulled v{pulled.version} over HTTP: {pulled.bytes} bytes, every sha256 verified")

@@ -23,6 +23,7 @@ from pathlib import Path
 import redis
 
 from aftertune.daemon.errors import EmbeddedRedisError
+from aftertune.store.layout import StateLayout
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def redis_connection(
         finally:
             client.close()
         return
-    server = RedisServer(Path(state_dir) / "redis")
+    server = RedisServer(StateLayout(state_dir).redis)
     client = redis.Redis.from_url(server.url, socket_timeout=socket_timeout)
     started = False
     try:

@@ -10,19 +10,19 @@ from contextlib import contextmanager
 from typing import Any
 
 from aftertune.daemon.settings import Settings
-from aftertune.learners.cycle import CandidateReport, evaluate_version, train_candidate
+from aftertune.learners.candidate import CandidateReport, evaluate_version, train_candidate
+from aftertune.learners.cycle import CycleResult, EvalSpec, run_cycle
 from aftertune.learners.errors import LearnerError
 from aftertune.learners.evaluate import score_dict
 from aftertune.learners.ewc import EwcSpec
 from aftertune.learners.export import ExportSpec
 from aftertune.learners.gate import GateRules, MetricRules
 from aftertune.learners.lora import LoraSpec
-from aftertune.learners.promotion import CycleResult, EvalSpec, run_cycle
-from aftertune.learners.publication import promote_and_publish, sync_latest
+from aftertune.learners.promote import promote_and_publish, sync_latest
 from aftertune.learners.recipe import TrainSpec
 from aftertune.learners.replay import ReplaySpec
+from aftertune.store.bundles import Published
 from aftertune.store.examples import ExampleStore
-from aftertune.store.publish import Published
 from aftertune.store.registry import Registry, VersionState
 
 

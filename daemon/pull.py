@@ -29,10 +29,11 @@ from aftertune.store.bundle import (
     safe_relpath,
     verify_bundle,
     version_dir_name,
-    write_atomic,
 )
+from aftertune.store.bundles import point, published
 from aftertune.store.errors import BundleError
-from aftertune.store.publish import point, published
+from aftertune.store.files import write_atomic
+from aftertune.store.layout import StateLayout
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class DirSource:
     """A state directory's published bundles (``STATE_DIR/bundles``)."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.root = Path(state_dir) / "bundles"
+        self.root = StateLayout(state_dir).bundles
         if not self.root.is_dir():
             raise BundleError(f"{state_dir} has no bundles/ directory; nothing was published there")
 

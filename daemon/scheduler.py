@@ -29,10 +29,14 @@ from aftertune.daemon.announce import announce_if_missed
 from aftertune.daemon.metrics import DaemonMetrics
 from aftertune.daemon.settings import CycleSettings, Settings
 from aftertune.daemon.trainer_lock import TrainerLock
-from aftertune.learners.cycle import NothingToTrain
-from aftertune.learners.errors import LearnerError, TrainingInterrupted
-from aftertune.learners.promotion import CycleBlocked
+from aftertune.learners.errors import (
+    CycleBlocked,
+    LearnerError,
+    NothingToTrain,
+    TrainingInterrupted,
+)
 from aftertune.store.examples import ExampleStore
+from aftertune.store.layout import StateLayout
 from aftertune.store.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -218,11 +222,15 @@ class CycleScheduler:
         """The promotion event of ``latest``, unless the stream's newest event names it."""
         try:
             announce_if_missed(
-                self._client, settings.redis.promotions_stream, settings.state_dir / "bundles"
+                self._client,
+                settings.redis.promotions_stream,
+                StateLayout(settings.state_dir).bundles,
             )
         except redis.RedisError as exc:
             log.warning("promotion event not sent (%s); retried before the next cycle", exc)
 
 
 def _has_checkpoints(settings: Settings) -> bool:
-    return any((settings.state_dir / "work").glob("train-*/checkpoints/*"))
+    return any(
+        any(run.glob("checkpoints/*")) for run in StateLayout(settings.state_dir).training_runs()
+    )

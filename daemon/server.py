@@ -33,8 +33,8 @@ from pydantic import BaseModel
 
 from aftertune.daemon.errors import ServerError
 from aftertune.store.bundle import MANIFEST, parse_version, safe_relpath, version_dir_name
+from aftertune.store.bundles import LATEST, Published, latest_version, published, published_versions
 from aftertune.store.errors import BundleError
-from aftertune.store.publish import LATEST, Published, latest_version, published, published_versions
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ import redis
 
 from aftertune.daemon.settings import Settings
 from aftertune.store.examples import ExampleStore
+from aftertune.store.layout import StateLayout
 from aftertune.store.registry import Registry
 
 
@@ -42,7 +43,7 @@ def champion_status(registry: Registry) -> dict[str, Any] | None:
 
 def daemon_status(settings: Settings) -> dict[str, Any] | None:
     """What a running daemon last wrote to ``state_dir/daemon.json`` (None: none runs)."""
-    path = settings.state_dir / "daemon.json"
+    path = StateLayout(settings.state_dir).daemon_status
     try:
         found = json.loads(path.read_text())
         os.kill(int(found["pid"]), 0)

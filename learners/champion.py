@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from aftertune.learners.base_model import base_sha256, load_base, resolve_base
 from aftertune.learners.errors import ChampionError
-from aftertune.learners.lora import fsync_tree, replace_dir
+from aftertune.store.files import fsync_tree, replace_dir
 
 if TYPE_CHECKING:
     import torch

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from aftertune.learners.errors import CheckpointError
-from aftertune.learners.lora import fsync_tree, replace_dir
+from aftertune.store.files import fsync_tree, replace_dir
 
 log = logging.getLogger(__name__)
 

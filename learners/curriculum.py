@@ -20,7 +20,7 @@ import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from aftertune.learners.prompt import render_prompt
+from aftertune.store.prompt import render_prompt
 
 VOWELS = "aeiou"
 _CONSONANTS = "bcdfghjklmnpqrstvwxyz"

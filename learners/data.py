@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from aftertune.learners.errors import LearnerError
-from aftertune.learners.prompt import DEFAULT_PROMPT, PromptTemplate
+from aftertune.store.prompt import DEFAULT_PROMPT, PromptTemplate
 
 log = logging.getLogger(__name__)
 

@@ -35,3 +35,11 @@ class TrainingInterrupted(LearnerError):
 
 class ExportError(LearnerError):
     """Export or its parity check failed; the message is the candidate's rejection reason."""
+
+
+class NothingToTrain(LearnerError):
+    """No new train examples arrived since the champion was made."""
+
+
+class CycleBlocked(LearnerError):
+    """A cycle cannot start now (a version awaits a human decision)."""

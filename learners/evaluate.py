@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 import torch
 
-from aftertune.learners.prompt import DEFAULT_PROMPT, PromptTemplate
 from aftertune.store.examples import Example
+from aftertune.store.prompt import DEFAULT_PROMPT, PromptTemplate
 
 TaskKindName = Literal["label", "text"]
 

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from aftertune.learners.errors import ExportError
-from aftertune.learners.prompt import DEFAULT_PROMPT
-from aftertune.store.bundle import FORMAT_GENAI, FORMAT_LOGITS, Bundle, write_manifest
+from aftertune.store.bundle import FORMAT_GENAI, FORMAT_LOGITS, write_manifest
+from aftertune.store.consumer import Bundle
+from aftertune.store.prompt import DEFAULT_PROMPT
 
 log = logging.getLogger(__name__)
 

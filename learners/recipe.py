@@ -42,8 +42,8 @@ from aftertune.learners.lora import (
     detach_adapter,
     save_adapter,
 )
-from aftertune.learners.prompt import DEFAULT_PROMPT, PromptTemplate
 from aftertune.learners.replay import ReplaySpec, cap_pool, mix_batches
+from aftertune.store.prompt import DEFAULT_PROMPT, PromptTemplate
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aftertune.store.layout import StateLayout
 from aftertune.store.records import Record
 from aftertune.store.sqlite_db import connect, transaction
 
@@ -101,7 +102,7 @@ class ExampleStore:
 
     @classmethod
     def in_state_dir(cls, state_dir: Path | str) -> ExampleStore:
-        return cls(Path(state_dir) / "examples.sqlite3")
+        return cls(StateLayout(state_dir).examples_db)
 
     def close(self) -> None:
         with self._lock:

@@ -23,6 +23,7 @@ from typing import Any
 
 from aftertune.store.errors import RegistryError
 from aftertune.store.failpoints import failpoint
+from aftertune.store.layout import StateLayout
 from aftertune.store.sqlite_db import connect, transaction
 
 SCHEMA = """
@@ -106,10 +107,10 @@ class Registry:
 
     def __init__(self, state_dir: Path | str) -> None:
         self.state_dir = Path(state_dir)
-        self.adapters_dir = self.state_dir / "adapters"
+        self.adapters_dir = StateLayout(self.state_dir).adapters
         self.adapters_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = connect(self.state_dir / "registry.sqlite3", SCHEMA)
+        self._db = connect(StateLayout(self.state_dir).registry_db, SCHEMA)
 
     def close(self) -> None:
         with self._lock:

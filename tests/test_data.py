@@ -15,7 +15,7 @@ from aftertune.learners.data import (
     encode_examples,
     response_loss,
 )
-from aftertune.learners.prompt import PromptTemplate
+from aftertune.store.prompt import PromptTemplate
 
 
 @pytest.fixture(scope="module")

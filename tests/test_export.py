@@ -30,12 +30,12 @@ from aftertune.store.bundle import (
     FORMAT_GENAI,
     FORMAT_LOGITS,
     MANIFEST,
-    Bundle,
     parse_version,
     read_manifest,
     safe_relpath,
     verify_bundle,
 )
+from aftertune.store.consumer import Bundle
 from aftertune.store.errors import BundleError
 
 MAX_NEW = 16  # the parity default, so the bundle and PyTorch answer the same length
@@ -205,7 +205,7 @@ def test_logits_bundle_runs_without_onnxruntime_genai_or_torch(
         """
         import json, sys
         sys.modules["onnxruntime_genai"] = None  # any import of it now fails
-        from aftertune.store.bundle import Bundle
+        from aftertune.store.consumer import Bundle
         bundle = Bundle.open(sys.argv[1])
         answer = bundle.generate(sys.argv[2], max_new_tokens=16)
         print(json.dumps({"answer": answer, "torch": "torch" in sys.modules}))

@@ -23,13 +23,13 @@ from aftertune.learners.curriculum import sample
 from aftertune.learners.export import ExportSpec, export_bundle
 from aftertune.store.bundle import (
     MANIFEST,
-    Bundle,
-    file_sha256,
     read_manifest,
     verify_bundle,
     write_manifest,
 )
-from aftertune.store.publish import install, new_staging_dir, set_latest
+from aftertune.store.bundles import install, new_staging_dir, set_latest
+from aftertune.store.consumer import Bundle
+from aftertune.store.files import file_sha256
 
 TOKEN = "s3cret"
 

@@ -19,8 +19,9 @@ import pytest
 
 from aftertune.daemon.errors import ServerError
 from aftertune.daemon.server import HttpServer, build_app
-from aftertune.store.bundle import MANIFEST, file_sha256, write_manifest
-from aftertune.store.publish import install, new_staging_dir, set_latest
+from aftertune.store.bundle import MANIFEST, write_manifest
+from aftertune.store.bundles import install, new_staging_dir, set_latest
+from aftertune.store.files import file_sha256
 
 TOKEN = "s3cret-token"
 MODEL_BYTES = 200_000  # larger than one 64 KiB chunk, so downloads stream in several

@@ -26,8 +26,9 @@ from aftertune.daemon.metrics import DaemonMetrics
 from aftertune.daemon.notify import Heartbeat, Notifier, WatchdogPinger
 from aftertune.daemon.settings import Settings, load_settings
 from aftertune.daemon.worker import StopMode, Worker
-from aftertune.store.bundle import write_atomic
 from aftertune.store.examples import ExampleStore
+from aftertune.store.files import write_atomic
+from aftertune.store.layout import StateLayout
 from aftertune.store.registry import Registry
 
 if TYPE_CHECKING:
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATUS_FILE = "daemon.json"  # what `aftertune status` shows about a running daemon
 STATUS_EVERY_S = 2.0
 RELOADABLE = ("gate", "cycle", "log_level")
 
@@ -88,7 +88,7 @@ class Daemon:
 
         s = self.settings.server
         app = build_app(
-            self.settings.state_dir / "bundles",
+            StateLayout(self.settings.state_dir).bundles,
             token=s.token.get_secret_value() if s.token else None,
             ready=self.ready.is_set,
             metrics=self.metrics.registry,
@@ -116,7 +116,7 @@ class Daemon:
             self.notifier.status(line)
             self._status_line = line
         write_atomic(
-            self.settings.state_dir / STATUS_FILE,
+            StateLayout(self.settings.state_dir).daemon_status,
             json.dumps(snapshot, indent=1).encode(),
         )
 
@@ -245,7 +245,7 @@ def serve(
                 daemon.server.stop()
             if pinger is not None:
                 pinger.stop()
-            (settings.state_dir / STATUS_FILE).unlink(missing_ok=True)
+            (StateLayout(settings.state_dir).daemon_status).unlink(missing_ok=True)
         if burst:
             print(
                 f"ingested {totals.read} entries: {totals.stored} stored, "

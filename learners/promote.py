@@ -22,11 +22,8 @@ from typing import Any
 from aftertune.learners.champion import adapter_sha256, build_champion
 from aftertune.learners.errors import ExportError
 from aftertune.learners.export import ExportSpec, export_bundle
-from aftertune.learners.prompt import render_prompt
 from aftertune.store.bundle import version_dir_name
-from aftertune.store.examples import Example, ExampleStore
-from aftertune.store.failpoints import failpoint
-from aftertune.store.publish import (
+from aftertune.store.bundles import (
     Published,
     clean_staging,
     install,
@@ -36,6 +33,10 @@ from aftertune.store.publish import (
     published,
     set_latest,
 )
+from aftertune.store.examples import Example, ExampleStore
+from aftertune.store.failpoints import failpoint
+from aftertune.store.layout import StateLayout
+from aftertune.store.prompt import render_prompt
 from aftertune.store.registry import Registry, Version, VersionState
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ BUNDLE_NAME = "aftertune"
 
 
 def bundles_dir(state_dir: Path) -> Path:
-    return Path(state_dir) / "bundles"
+    return StateLayout(state_dir).bundles
 
 
 def parity_prompts(store: ExampleStore, until: int, limit: int) -> list[str]:
@@ -75,7 +76,9 @@ def stage_bundle(
 ) -> Path:
     """Export ``version`` (base + its adapter chain merged) into ``bundles/vN``, unpublished."""
     chain = registry.chain(version.version)
-    model_dir = build_champion(base, [v.adapter_dir for v in chain], Path(state_dir) / "champions")
+    model_dir = build_champion(
+        base, [v.adapter_dir for v in chain], StateLayout(state_dir).champions
+    )
     staging = new_staging_dir(bundles_dir(state_dir), version.version)
     try:
         failpoint("export.staging")

@@ -20,7 +20,6 @@ from typing import Any
 
 from aftertune.store.bundle import (
     MANIFEST,
-    fsync_dir,
     manifest_sha256,
     parse_version,
     read_manifest,
@@ -28,6 +27,7 @@ from aftertune.store.bundle import (
     version_dir_name,
 )
 from aftertune.store.errors import BundleError
+from aftertune.store.files import fsync_dir
 
 LATEST = "latest"
 STAGING_PREFIX = ".staging-"

@@ -1,4 +1,7 @@
-"""The prompt template shared by pretraining, fine-tuning, evaluation and export parity checks.
+"""The prompt template shared by pretraining, fine-tuning, evaluation, export and consumers.
+
+It lives in the store because it travels in every bundle's manifest and the consumer runtime
+(no torch) renders it too.
 
 Byte-level tokens are expensive on a tiny model, so the default template is compact. The
 base model is pretrained on exactly this layout; a different template works but costs the
