@@ -13,37 +13,25 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
 from types import FrameType
 
 import redis
+from redis.backoff import AbstractBackoff, ExponentialBackoff
 
 from aftertune.daemon.ingest import REDIS_DOWN, Ingestor, IngestStats
 
 log = logging.getLogger(__name__)
 
 
+# Waits between attempts while Redis is down: 0.1 s, doubling, at most 5 s.
+OUTAGE_BACKOFF = ExponentialBackoff(cap=5.0, base=0.1)
+
+
 class StopMode(str, Enum):
     NONE = "none"
     WARM = "warm"  # finish the current step, then exit cleanly
     COLD = "cold"  # exit as soon as possible
-
-
-@dataclass
-class Backoff:
-    """Capped exponential backoff for Redis outages."""
-
-    initial_s: float = 0.1
-    max_s: float = 5.0
-    _current: float = 0.0
-
-    def next_delay(self) -> float:
-        self._current = self.initial_s if self._current == 0 else min(self._current * 2, self.max_s)
-        return self._current
-
-    def reset(self) -> None:
-        self._current = 0.0
 
 
 class Worker:
@@ -55,13 +43,14 @@ class Worker:
         *,
         heartbeat: Callable[[IngestStats], None] = lambda stats: None,
         reload: Callable[[], None] = lambda: None,
-        backoff: Backoff | None = None,
+        backoff: AbstractBackoff = OUTAGE_BACKOFF,
     ) -> None:
         self.ingestor = ingestor
         self.heartbeat = heartbeat  # after every poll, with what it ingested
         self.reload = reload
         self.reload_requested = False
-        self.backoff = backoff or Backoff()
+        self.backoff = backoff
+        self._failures = 0  # consecutive failed attempts in the current outage
         self.stop_mode = StopMode.NONE
         self._wake = threading.Event()
         self._outage_since: float | None = None
@@ -144,7 +133,8 @@ class Worker:
             self._outage_since = time.monotonic()
             log.error("redis unavailable (%s); retrying with backoff", exc)
         self.ingestor.client.connection_pool.disconnect()
-        self._wake.wait(self.backoff.next_delay())
+        self._wake.wait(self.backoff.compute(self._failures))
+        self._failures += 1
         self._wake.clear()
         # A consumer that reconnects re-reads its own pending entries first.
         self.ingestor.reread_own_pending()
@@ -153,4 +143,5 @@ class Worker:
         if self._outage_since is not None:
             log.info("redis reachable again after %.1fs", time.monotonic() - self._outage_since)
             self._outage_since = None
+        self._failures = 0
         self.backoff.reset()
