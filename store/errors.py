@@ -15,10 +15,6 @@ class RecordError(StoreError, ValueError):
         self.reason = reason
 
 
-class StoreCorrupt(StoreError):
-    """The state directory holds something this version cannot read."""
-
-
 class RegistryError(StoreError):
     """A registry operation was refused; the message says why."""
 
