@@ -31,6 +31,7 @@ class DaemonMetrics:
             "aftertune_stream_pending", "Entries read by the group but not yet acked", registry=r
         )
         self.examples = Gauge("aftertune_examples", "Examples in the store", ["split"], registry=r)
+        # Set by the scheduler's checks (every cycle.check_every_s), which count it anyway.
         self.waiting = Gauge(
             "aftertune_examples_waiting", "Train examples newer than the champion", registry=r
         )

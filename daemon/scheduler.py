@@ -128,7 +128,10 @@ class CycleScheduler:
     # --- decisions
 
     def waiting(self) -> tuple[int, int]:
-        """(train examples newer than the champion, of those newer than the last attempt)."""
+        """(train examples newer than the champion, of those newer than the last attempt).
+
+        Also sets the ``aftertune_examples_waiting`` gauge to the first.
+        """
         settings = self._settings()
         with (
             ExampleStore.in_state_dir(settings.state_dir) as store,
@@ -136,10 +139,10 @@ class CycleScheduler:
         ):
             champion = registry.champion()
             watermark = champion.data_seq if champion is not None else 0
-            return (
-                store.count_train_after(watermark),
-                store.count_train_after(max(watermark, self._attempted_seq)),
-            )
+            newer = store.count_train_after(watermark)
+            fresh = store.count_train_after(max(watermark, self._attempted_seq))
+        self._metrics.waiting.set(newer)
+        return newer, fresh
 
     def _check_threshold(self) -> None:
         fresh = self.waiting()[1]
