@@ -221,14 +221,6 @@ class Registry:
             rows = self._db.execute(self._SELECT + " ORDER BY version").fetchall()
         return [self._row(r) for r in rows]
 
-    def latest_candidate(self) -> Version | None:
-        with self._lock:
-            row = self._db.execute(
-                self._SELECT + " WHERE state = ? ORDER BY version DESC LIMIT 1",
-                (VersionState.CANDIDATE.value,),
-            ).fetchone()
-        return self._row(row) if row else None
-
     def champion(self) -> Version | None:
         """The version behind the ``champion`` alias; None while the base model serves."""
         with self._lock:

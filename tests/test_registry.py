@@ -35,7 +35,7 @@ def test_candidates_get_monotonic_versions_and_audit(tmp_path: Path) -> None:
         assert (v1.adapter_dir / "adapter_model.safetensors").read_bytes() == b"weights"
         assert not (tmp_path / "a").exists()  # moved, not copied
         assert [v.version for v in reg.chain(2)] == [1, 2]
-        assert reg.latest_candidate() is not None and reg.latest_candidate().version == 2
+        assert [v.version for v in reg.in_state(VersionState.CANDIDATE)] == [1, 2]
         log = reg.audit_log()
         assert [(e.version, e.to_state, e.actor) for e in log] == [
             (1, "candidate", "daemon"),
