@@ -7,13 +7,13 @@ byte-level Llama shipped inside this package (see `learners/embedded/tiny/BUILD.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aftertune.learners.errors import BaseModelError
+from aftertune.store.files import files_sha256
 
 if TYPE_CHECKING:  # torch and transformers stay out of light import paths
     import torch
@@ -69,6 +69,15 @@ def resolve_base(spec: str | Path) -> Path:
     return path
 
 
+def resolve_device(device: str) -> torch.device:
+    """``"auto"``: CUDA when present, else CPU; any other name as torch spells it."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def load_base(
     spec: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -94,7 +103,8 @@ def load_base(
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
+    # transformers wraps `to` in functools.wraps(nn.Module.to), whose stub loses `self`.
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     logger.info("loaded base model %s (%d parameters)", path, model.num_parameters())
     return model, tokenizer
@@ -102,15 +112,7 @@ def load_base(
 
 def base_sha256(spec: str | Path) -> str:
     """sha256 over the weight files of the base model, in sorted name order, for lineage."""
-    path = resolve_base(spec)
-    digest = hashlib.sha256()
-    for file in _weight_files(path):
-        # The name goes in too, so renaming or splitting shards changes the fingerprint.
-        digest.update(file.name.encode("utf-8") + b"\0")
-        with open(file, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return files_sha256(_weight_files(resolve_base(spec)))
 
 
 def _weight_files(path: Path) -> list[Path]:

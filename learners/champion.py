@@ -11,15 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aftertune.learners.base_model import base_sha256, load_base, resolve_base
 from aftertune.learners.errors import ChampionError
-from aftertune.store.files import fsync_tree, replace_dir
+from aftertune.store.files import files_sha256, staged_dir
 
 if TYPE_CHECKING:
     import torch
@@ -32,23 +30,21 @@ MANIFEST = "champion.json"  # written last inside the temp dir: its presence mar
 
 def adapter_sha256(adapter_dir: Path) -> str:
     """sha256 over an adapter's config and weights (the files that decide what it does)."""
-    digest = hashlib.sha256()
-    for name in ADAPTER_FILES:
-        path = Path(adapter_dir) / name
+    paths = [Path(adapter_dir) / name for name in ADAPTER_FILES]
+    for path in paths:
         if not path.is_file():
             raise ChampionError(
-                f"adapter {adapter_dir} has no {name}; the champion chain cannot be rebuilt."
+                f"adapter {adapter_dir} has no {path.name}; the champion chain cannot be rebuilt."
                 " Restore the adapter from the registry's artifacts or retire that version."
             )
-        digest.update(name.encode() + b"\0")
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return files_sha256(paths)
 
 
 def champion_key(base_spec: str | Path, adapter_dirs: Sequence[Path]) -> str:
-    """Cache key: sha256 of (base sha256, adapter hashes in order)."""
+    """Cache key: sha256 of (base sha256, adapter hashes in order).
+
+    It hashes a JSON blob, not files, so it does not use ``store.files``' file hashing.
+    """
     chain = {
         "base": base_sha256(base_spec),
         "adapters": [adapter_sha256(Path(d)) for d in adapter_dirs],
@@ -70,9 +66,7 @@ def build_champion(base_spec: str | Path, adapter_dirs: Sequence[Path], cache_di
     log.info(
         "building champion %s: base + %d adapters merged in order", key[:12], len(adapter_dirs)
     )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with staged_dir(final) as tmp:
         model, tokenizer = merge_chain(base_spec, adapter_dirs)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -83,11 +77,6 @@ def build_champion(base_spec: str | Path, adapter_dirs: Sequence[Path], cache_di
             "adapters": [{"path": str(d), "sha256": adapter_sha256(Path(d))} for d in adapter_dirs],
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        fsync_tree(tmp)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from aftertune.learners.errors import CheckpointError
-from aftertune.store.files import fsync_tree, replace_dir
+from aftertune.store.files import staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +36,8 @@ def save_checkpoint(
 ) -> Path:
     """Adapter weights, optimizer, scheduler, RNG and position, as ``step-NNNNNNNN/``."""
     checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=checkpoint_dir))
-    try:
+    final = checkpoint_dir / f"step-{state['step']:08d}"
+    with staged_dir(final) as tmp:
         save_file(
             {n: p.detach().cpu().contiguous() for n, p in params.items()},
             tmp / "adapter.safetensors",
@@ -67,12 +65,6 @@ def save_checkpoint(
             "scheduler": sched,
         }
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        fsync_tree(tmp)
-        final = checkpoint_dir / f"step-{state['step']:08d}"
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in checkpoint_dir.glob("step-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

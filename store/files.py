@@ -9,15 +9,35 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+def _feed(digest: hashlib._Hash, path: Path) -> None:
+    """Add a file's bytes to a hashlib digest, read in 1 MiB chunks."""
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    _feed(digest, path)
+    return digest.hexdigest()
+
+
+def files_sha256(paths: Sequence[Path]) -> str:
+    """Hex sha256 over several files in the given order: each file's name, a NUL, its bytes.
+
+    The name goes in too, so renaming or splitting files changes the fingerprint.
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).name.encode("utf-8") + b"\0")
+        _feed(digest, path)
     return digest.hexdigest()
 
 
@@ -65,3 +85,22 @@ def replace_dir(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """A temp directory beside ``final`` to fill; on a clean exit it is fsynced and swapped in.
+
+    On an exception the temp directory is removed and ``final`` stays as it was, so readers
+    never see a half-written directory.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
