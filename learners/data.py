@@ -74,13 +74,18 @@ def _eos_id(tokenizer: Any) -> int:
 
 
 def pad_id(tokenizer: Any) -> int:
-    """The pad id, falling back to EOS (padding never reaches the loss)."""
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return int(pad) if pad is not None else _eos_id(tokenizer)
+    """The tokenizer's pad id, else EOS, else 0: padding is masked out of attention, losses
+    and answers, so any id serves (training has already required an EOS by then)."""
+    pad, eos = getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    for candidate in (pad, eos):
+        if candidate is not None:
+            return int(candidate)
+    return 0
 
 
-def _cut_middle(ids: list[int], keep: int) -> list[int]:
-    """Keep ``keep`` ids: half from the head, the rest from the tail."""
+def cut_middle(ids: list[int], keep: int) -> list[int]:
+    """Keep ``keep`` ids by dropping the middle: half from the head (the instruction), the rest
+    from the tail (the end of the input and the ``Response:`` marker the answer follows)."""
     if keep >= len(ids):
         return ids
     if keep <= 0:
@@ -108,7 +113,7 @@ def encode_example(
         prompt_floor = min(len(prompt), max_length // 2)
         prompt_keep = max(max_length - len(response), prompt_floor)
         prompt_cut = prompt_keep < len(prompt)
-        prompt = _cut_middle(prompt, prompt_keep)
+        prompt = cut_middle(prompt, prompt_keep)
         if len(prompt) + len(response) > max_length:
             response = response[: max_length - len(prompt)]
             response_cut = True
@@ -178,6 +183,25 @@ def collate(batch: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Tens
         mask[row, :n] = 1
     weights = torch.tensor([e.weight for e in batch], dtype=torch.float32)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}
+
+
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_token_id: int, device: str | torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad token rows for inference; return input ids, attention mask and position ids.
+
+    Left padding puts every row's last token in the last column, where generation continues;
+    the position ids make a padded row compute what it computes alone.
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
 
 
 def response_loss(

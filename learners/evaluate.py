@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import torch
 
+from aftertune.learners.data import cut_middle, left_pad, pad_id
+from aftertune.learners.generate import greedy_continuations
 from aftertune.store.examples import Example
 from aftertune.store.prompt import DEFAULT_PROMPT, PromptTemplate
 
@@ -115,39 +117,16 @@ def _encode(
     answer = answer[: max(1, max_length // 2)]
     # `room` reserves space for what follows the prompt (the answer, or generated tokens).
     keep = max(1, max_length - max(room, len(answer)))
-    return _Encoded(prompt=_cut_middle(prompt, keep), answer=answer)
-
-
-def _cut_middle(ids: list[int], keep: int) -> list[int]:
-    """Shorten to ``keep`` ids by dropping the middle: the head holds the instruction, the tail
-    the end of the input and the ``Response:`` marker (same rule as the training data)."""
-    if len(ids) <= keep:
-        return ids
-    head = keep // 2
-    return ids[:head] + ids[len(ids) - (keep - head) :]
-
-
-def _left_pad(
-    rows: Sequence[Sequence[int]], pad_id: int, device: str | torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pad token rows; return input ids, attention mask and matching position ids."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
+    # The same middle cut as the training data (data.encode_example).
+    return _Encoded(prompt=cut_middle(prompt, keep), answer=answer)
 
 
 def _answer_nll(
-    model: Any, batch: Sequence[_Encoded], pad_id: int, device: str | torch.device
+    model: Any, batch: Sequence[_Encoded], pad: int, device: str | torch.device
 ) -> tuple[float, int]:
     """Summed NLL of the reference answers (teacher-forced) and how many tokens it covers."""
     rows = [e.prompt + e.answer for e in batch]
-    ids, mask, positions = _left_pad(rows, pad_id, device)
+    ids, mask, positions = left_pad(rows, pad, device)
     longest = max(len(e.answer) for e in batch)
     # Left padding puts every answer at the end of its row: the logits of the last
     # `longest + 1` positions are all we need, which keeps a large vocabulary cheap.
@@ -164,40 +143,27 @@ def _answer_nll(
     return float(-total), int(keep.sum())
 
 
-def _generate(
+def _answers(
     model: Any,
     tokenizer: Any,
     batch: Sequence[_Encoded],
-    pad_id: int,
+    pad: int,
     max_new_tokens: int,
     device: str | torch.device,
 ) -> list[str]:
     """Greedy answers for a batch of prompts, cut at EOS and at the first newline."""
-    ids, mask, _ = _left_pad([e.prompt for e in batch], pad_id, device)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
+    continuations = greedy_continuations(
+        model,
+        [e.prompt for e in batch],
         max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad_id,
+        pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id,
+        device=device,
     )
-    answers = []
-    for row in out[:, ids.shape[1] :].tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id)]
-        text = tokenizer.decode(row, skip_special_tokens=True)
-        # The template separates fields by newlines: a newline ends the answer.
-        answers.append(text.split("\n", 1)[0])
-    return answers
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
+    # The template separates fields by newlines: a newline ends the answer.
+    return [
+        tokenizer.decode(ids, skip_special_tokens=True).split("\n", 1)[0] for ids in continuations
+    ]
 
 
 @torch.no_grad()
@@ -218,7 +184,7 @@ def predict(
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit:
         max_length = min(max_length, int(limit))
-    pad_id = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     encoded = [_encode(tokenizer, ex, template, max_length, max_new_tokens) for ex in examples]
     # Similar lengths together: less padding, fewer wasted FLOPs; order restored below.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].prompt))
@@ -230,10 +196,10 @@ def predict(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = [encoded[i] for i in idx]
-            s, t = _answer_nll(model, batch, pad_id, device)
+            s, t = _answer_nll(model, batch, pad, device)
             nll_sum, tokens = nll_sum + s, tokens + t
             for i, text in zip(
-                idx, _generate(model, tokenizer, batch, pad_id, max_new_tokens, device), strict=True
+                idx, _answers(model, tokenizer, batch, pad, max_new_tokens, device), strict=True
             ):
                 answers[i] = text
     finally:

@@ -16,15 +16,12 @@ import itertools
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
@@ -32,13 +29,16 @@ from transformers import (
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
 from aftertune.learners import curriculum
+from aftertune.learners.base_model import resolve_device
 from aftertune.learners.curriculum import Example
+from aftertune.learners.data import IGNORE_INDEX, Encoded, collate
+from aftertune.learners.generate import CausalLM, greedy_answers
+from aftertune.store.files import staged_dir
 
 logger = logging.getLogger(__name__)
 
@@ -145,52 +145,22 @@ def encode(text: str) -> list[int]:
     return [b + BYTE_OFFSET for b in text.encode("utf-8")]
 
 
-def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask, labels); labels cover response + EOS only."""
-    prompts = [encode(e.prompt) for e in examples]
-    seqs = [p + encode(e.output) + [EOS_ID] for p, e in zip(prompts, examples, strict=True)]
-    width = max(map(len, seqs))
-    ids = np.full((len(seqs), width), PAD_ID, dtype=np.int64)
-    labels = np.full((len(seqs), width), -100, dtype=np.int64)
-    for row, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
-        ids[row, : len(s)] = s
-        labels[row, len(p) : len(s)] = s[len(p) :]
-    ids_t = torch.from_numpy(ids)
-    return ids_t, (ids_t != PAD_ID).long(), torch.from_numpy(labels)
-
-
-@torch.no_grad()
-def greedy_answers(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    *,
-    max_new_tokens: int = 32,
-    batch_size: int = 64,
-) -> list[str]:
-    """Greedy completions of `prompts`, decoded without special tokens."""
-    device = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    out: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-            gen = model.generate(
-                **enc.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new = gen[:, enc["input_ids"].shape[1] :]
-            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
-    return out
+def encode_curriculum(example: Example) -> Encoded:
+    """A curriculum example as training ids (byte tokens), the loss on response + EOS only."""
+    prompt = encode(example.prompt)
+    response = [*encode(example.output), EOS_ID]
+    return Encoded(
+        input_ids=prompt + response,
+        labels=[IGNORE_INDEX] * len(prompt) + response,
+        weight=1.0,
+        task=example.task,
+        prompt_truncated=False,
+        response_truncated=False,
+    )
 
 
 def curriculum_accuracy(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example]
+    model: CausalLM, tokenizer: PreTrainedTokenizerBase, examples: list[Example]
 ) -> dict[str, float]:
     """Exact-match accuracy of greedy answers, per curriculum task."""
     answers = greedy_answers(model, tokenizer, [e.prompt for e in examples])
@@ -198,12 +168,6 @@ def curriculum_accuracy(
     for e, a in zip(examples, answers, strict=True):
         hits[e.task].append(a == e.output)
     return {task: sum(h) / len(h) for task, h in sorted(hits.items())}
-
-
-def _pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -234,20 +198,74 @@ def build_embedded_base(
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
     out_dir = Path(out_dir)
-    dev = _pick_device(device)
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer()
     model = LlamaForCausalLM(tiny_config()).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("pretraining %d-parameter model on %s for %d steps", n_params, dev, steps)
+    opt = _optimizer(model, learning_rate)
+    started = time.monotonic()
+    run = _pretrain(
+        model,
+        opt,
+        curriculum.stream(seed),
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        time_budget_s=time_budget_s,
+        progress=progress,
+    )
+    model.eval()
+    accuracy = curriculum_accuracy(model, tokenizer, curriculum.held_out(seed, eval_per_task))
+    report = BuildReport(
+        out_dir=str(out_dir),
+        command=_build_command(out_dir, run.steps, seed, device, batch_size, learning_rate, dev),
+        seed=seed,
+        steps=run.steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        device=str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
+        parameters=n_params,
+        wall_seconds=round(time.monotonic() - started, 1),
+        final_loss=round(run.ema_loss, 4),
+        task_accuracy={k: round(v, 3) for k, v in accuracy.items()},
+    )
+    _write_model_dir(out_dir, model.cpu(), tokenizer, report)
+    logger.info("wrote %s: mean curriculum accuracy %.3f", out_dir, report.mean_accuracy)
+    return report
+
+
+def _optimizer(model: LlamaForCausalLM, learning_rate: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
         lr=learning_rate,
         betas=(0.9, 0.95),
     )
-    data = curriculum.stream(seed)
+
+
+@dataclass(frozen=True)
+class _Run:
+    steps: int  # steps actually run (a time budget may cut them)
+    ema_loss: float  # smoothed training loss on response tokens at the end
+
+
+def _pretrain(
+    model: LlamaForCausalLM,
+    opt: torch.optim.Optimizer,
+    data: Iterator[Example],
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    time_budget_s: float | None,
+    progress: bool,
+) -> _Run:
+    """The training loop: full-parameter steps on response-only loss, clipped at norm 1."""
+    dev = next(model.parameters()).device
     # Fixed warmup, so a time budget can settle the step count (at step _CALIBRATE) without
     # changing any learning rate already used: `--steps N` then reproduces the run exactly.
     warmup = min(_WARMUP, steps)
@@ -257,19 +275,18 @@ def build_embedded_base(
     bar = tqdm(range(steps), desc="pretrain", disable=not progress, mininterval=2.0)
     for step in bar:
         if time_budget_s is not None and step == _CALIBRATE:
-            per_step = (time.monotonic() - started) / step
-            affordable = step + int((time_budget_s - (time.monotonic() - started)) / per_step)
-            steps = min(steps, max(_WARMUP, affordable))
+            steps = _affordable_steps(steps, step, time.monotonic() - started, time_budget_s)
             bar.total = steps
-            logger.info(
-                "time budget %.0f s: %.2f s/step, training %d steps", time_budget_s, per_step, steps
-            )
         if step >= steps:
             break
-        ids, mask, labels = collate(list(itertools.islice(data, batch_size)))
+        batch = collate([encode_curriculum(e) for e in itertools.islice(data, batch_size)], PAD_ID)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, learning_rate, warmup)
-        loss = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev)).loss
+        loss = model(
+            input_ids=batch["input_ids"].to(dev),
+            attention_mask=batch["attention_mask"].to(dev),
+            labels=batch["labels"].to(dev),
+        ).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -279,30 +296,34 @@ def build_embedded_base(
             value = loss.item()
             ema_loss = value if math.isnan(ema_loss) else 0.8 * ema_loss + 0.2 * value
             bar.set_postfix(loss=f"{ema_loss:.3f}")
-    model.eval()
-    accuracy = curriculum_accuracy(model, tokenizer, curriculum.held_out(seed, eval_per_task))
-    wall = time.monotonic() - started
-    report = BuildReport(
-        out_dir=str(out_dir),
-        command=(
-            f"python -m aftertune.learners.pretrain --out {_display_path(out_dir)}"
-            f" --steps {steps} --seed {seed} --device {device} --batch-size {batch_size} --lr {learning_rate}"
-            # CPU float sums depend on the thread count; record it so the rebuild is bit-exact.
-            + (f" --threads {torch.get_num_threads()}" if dev.type == "cpu" else "")
-        ),
-        seed=seed,
-        steps=steps,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        device=str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
-        parameters=n_params,
-        wall_seconds=round(wall, 1),
-        final_loss=round(ema_loss, 4),
-        task_accuracy={k: round(v, 3) for k, v in accuracy.items()},
+    return _Run(steps=steps, ema_loss=ema_loss)
+
+
+def _affordable_steps(steps: int, done: int, elapsed_s: float, budget_s: float) -> int:
+    """The step count that fits ``budget_s`` at the speed of the first ``done`` steps."""
+    per_step = elapsed_s / done
+    affordable = done + int((budget_s - elapsed_s) / per_step)
+    steps = min(steps, max(_WARMUP, affordable))
+    logger.info("time budget %.0f s: %.2f s/step, training %d steps", budget_s, per_step, steps)
+    return steps
+
+
+def _build_command(
+    out_dir: Path,
+    steps: int,
+    seed: int,
+    device: str,
+    batch_size: int,
+    learning_rate: float,
+    dev: torch.device,
+) -> str:
+    """The command line that rebuilds these weights, for BUILD.md."""
+    return (
+        f"python -m aftertune.learners.pretrain --out {_display_path(out_dir)}"
+        f" --steps {steps} --seed {seed} --device {device} --batch-size {batch_size} --lr {learning_rate}"
+        # CPU float sums depend on the thread count; record it so the rebuild is bit-exact.
+        + (f" --threads {torch.get_num_threads()}" if dev.type == "cpu" else "")
     )
-    _write_model_dir(out_dir, model.to("cpu"), tokenizer, report)
-    logger.info("wrote %s: mean curriculum accuracy %.3f", out_dir, report.mean_accuracy)
-    return report
 
 
 def _display_path(path: Path) -> str:
@@ -314,12 +335,10 @@ def _display_path(path: Path) -> str:
 
 
 def _write_model_dir(
-    out_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, report: BuildReport
+    out_dir: Path, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, report: BuildReport
 ) -> None:
     """Save into a sibling temp dir, then swap it in, so readers never see a half-written model."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with staged_dir(out_dir) as tmp:
         model.generation_config = GenerationConfig(
             bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False
         )
@@ -329,19 +348,7 @@ def _write_model_dir(
         (tmp / "build_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
         for path in tmp.iterdir():
             path.chmod(0o644)  # the temp files are private; the shipped model is world-readable
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
         tmp.chmod(0o755)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def render_build_md(report: BuildReport) -> str:

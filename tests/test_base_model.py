@@ -20,7 +20,8 @@ from aftertune.learners.base_model import (
     resolve_base,
 )
 from aftertune.learners.errors import BaseModelError, LearnerError
-from aftertune.learners.pretrain import curriculum_accuracy, encode, greedy_answers
+from aftertune.learners.generate import greedy_answers
+from aftertune.learners.pretrain import curriculum_accuracy, encode
 
 TEXTS = [
     "plain ascii, with punctuation: a , b . c ? !",
