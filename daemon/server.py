@@ -121,50 +121,53 @@ def build_app(
     if token == "":
         # An empty token would leave the server open while the operator believes it guarded.
         raise ValueError("token must not be empty; leave it unset to serve without one")
-    bundles_dir = Path(bundles_dir)
     app = FastAPI(title="aftertune", docs_url=None, redoc_url=None, openapi_url=None)
-    auth = Depends(_bearer_check(token))
-    v1 = APIRouter(prefix="/v1", dependencies=[auth])
+    guarded = [Depends(_bearer_check(token))]
+    app.include_router(_probe_routes(ready))
+    app.include_router(_metrics_routes(metrics), dependencies=guarded)
+    app.include_router(_model_routes(Path(bundles_dir)), prefix="/v1", dependencies=guarded)
+    return app
 
-    @app.get("/healthz")
+
+def _probe_routes(ready: Callable[[], bool]) -> APIRouter:
+    """/healthz and /readyz, without a token: what a supervisor or load balancer polls."""
+    router = APIRouter()
+
+    @router.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @router.get("/readyz")
     def readyz() -> JSONResponse:
         if ready():
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "not ready"}, status_code=503)
 
-    @app.get("/metrics", dependencies=[auth])
+    return router
+
+
+def _metrics_routes(metrics: prometheus_client.CollectorRegistry) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/metrics")
     def metrics_text() -> Response:
         return Response(
             prometheus_client.generate_latest(metrics),
             media_type=prometheus_client.CONTENT_TYPE_LATEST,
         )
 
-    @v1.get("/models")
-    def list_models() -> ModelList:
-        models = []
-        for version in published_versions(bundles_dir):
-            try:
-                bundle = published(bundles_dir, version)
-            except (BundleError, OSError) as exc:
-                log.warning("not listing bundle v%d: %s", version, exc)
-                continue
-            m = bundle.manifest
-            models.append(
-                ModelSummary(
-                    version=bundle.version,
-                    manifest_sha256=bundle.manifest_sha256,
-                    created_at=m.get("created_at"),
-                    format=m.get("format"),
-                    precision=m.get("precision"),
-                )
-            )
-        return ModelList(latest=latest_version(bundles_dir), models=models)
+    return router
 
-    @v1.get("/models/latest")
+
+def _model_routes(bundles_dir: Path) -> APIRouter:
+    """/models…: the published bundles, their manifests and the files they list."""
+    router = APIRouter()
+
+    @router.get("/models")
+    def list_models() -> ModelList:
+        return _model_list(bundles_dir)
+
+    @router.get("/models/latest")
     def latest_model() -> LatestModel:
         bundle = _find(bundles_dir, LATEST)
         return LatestModel(
@@ -173,7 +176,7 @@ def build_app(
             manifest=bundle.manifest,
         )
 
-    @v1.get("/models/{version}/manifest")
+    @router.get("/models/{version}/manifest")
     def manifest(version: str, request: Request) -> Response:
         bundle = _find(bundles_dir, version)
         etag = f'"{bundle.manifest_sha256}"'
@@ -182,29 +185,54 @@ def build_app(
         body = (bundle.path / MANIFEST).read_bytes()
         return Response(body, media_type="application/json", headers={"ETag": etag})
 
-    @v1.api_route("/models/{version}/files/{path:path}", methods=["GET", "HEAD"])
+    @router.api_route("/models/{version}/files/{path:path}", methods=["GET", "HEAD"])
     def bundle_file(version: str, path: str, request: Request) -> Response:
-        try:
-            rel = safe_relpath(path)
-        except BundleError as exc:
-            raise HTTPException(400, str(exc)) from None
-        bundle = _find(bundles_dir, version)
-        entry = bundle.manifest["files"].get(rel)
-        root = bundle.path.resolve()
-        real = (root / rel).resolve()
-        # A listed file that is a symlink out of the bundle is refused like an unlisted one.
-        if entry is None or not real.is_relative_to(root) or not real.is_file():
-            raise HTTPException(
-                404, f"{rel!r} is not a file of bundle v{bundle.version}; its manifest lists them"
-            )
-        etag = f'"{entry["sha256"]}"'
-        if _etag_matches(request.headers.get("if-none-match"), etag):
-            return Response(status_code=304, headers={"ETag": etag})
-        # FileResponse streams in chunks and answers Range (206, 416) and HEAD itself.
-        return FileResponse(real, stat_result=real.stat(), headers={"ETag": etag})
+        return _file_response(bundles_dir, version, path, request)
 
-    app.include_router(v1)
-    return app
+    return router
+
+
+def _model_list(bundles_dir: Path) -> ModelList:
+    models = []
+    for version in published_versions(bundles_dir):
+        try:
+            bundle = published(bundles_dir, version)
+        except (BundleError, OSError) as exc:
+            log.warning("not listing bundle v%d: %s", version, exc)
+            continue
+        m = bundle.manifest
+        models.append(
+            ModelSummary(
+                version=bundle.version,
+                manifest_sha256=bundle.manifest_sha256,
+                created_at=m.get("created_at"),
+                format=m.get("format"),
+                precision=m.get("precision"),
+            )
+        )
+    return ModelList(latest=latest_version(bundles_dir), models=models)
+
+
+def _file_response(bundles_dir: Path, version: str, path: str, request: Request) -> Response:
+    """One file a bundle's manifest lists, with its sha256 as ETag."""
+    try:
+        rel = safe_relpath(path)
+    except BundleError as exc:
+        raise HTTPException(400, str(exc)) from None
+    bundle = _find(bundles_dir, version)
+    entry = bundle.manifest["files"].get(rel)
+    root = bundle.path.resolve()
+    real = (root / rel).resolve()
+    # A listed file that is a symlink out of the bundle is refused like an unlisted one.
+    if entry is None or not real.is_relative_to(root) or not real.is_file():
+        raise HTTPException(
+            404, f"{rel!r} is not a file of bundle v{bundle.version}; its manifest lists them"
+        )
+    etag = f'"{entry["sha256"]}"'
+    if _etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers={"ETag": etag})
+    # FileResponse streams in chunks and answers Range (206, 416) and HEAD itself.
+    return FileResponse(real, stat_result=real.stat(), headers={"ETag": etag})
 
 
 def _listen(host: str, port: int) -> socket.socket:
