@@ -57,7 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(AFTERTUNE_REDIS__URL=...) and these options. See README.md.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_push, _add_serve, _add_demo, _add_status, _add_dlq):
+        add(sub, common)
+    register_model_commands(sub, common)
+    register_bundle_commands(sub, common)
+    return parser
 
+
+def _add_push(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("push", parents=[common], help="push JSONL feedback records to the stream")
     p.add_argument("file", help="JSONL file, one record per line; '-' reads standard input")
     p.add_argument(
@@ -67,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_push)
 
+
+def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "serve",
         parents=[common],
@@ -85,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
 
+
+def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "demo",
         parents=[common],
@@ -99,10 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
+
+def _add_status(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("status", parents=[common], help="stream, store and champion at a glance")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
+
+def _add_dlq(sub: Any, common: argparse.ArgumentParser) -> None:
     dlq = sub.add_parser("dlq", parents=[common], help="inspect and requeue dead-lettered entries")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
     p = dlq_sub.add_parser("list", parents=[common], help="list dead letters with their reasons")
@@ -113,10 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="*", help="dead-letter ids (from `dlq list`)")
     p.add_argument("--all", action="store_true", help="requeue every dead letter")
     p.set_defaults(func=cmd_dlq_requeue)
-
-    register_model_commands(sub, common)
-    register_bundle_commands(sub, common)
-    return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -20,6 +20,21 @@ from aftertune.store.layout import StateLayout
 
 def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the model commands to the top-level subparsers."""
+    for add in (
+        _add_train,
+        _add_eval,
+        _add_base,
+        _add_cycle,
+        _add_models,
+        _add_report,
+        _add_rollback,
+        _add_approve,
+        _add_reject,
+    ):
+        add(sub, common)
+
+
+def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "train",
         parents=[common],
@@ -28,6 +43,8 @@ def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "eval", parents=[common], help="score the champion (and a candidate) on held-out data"
     )
@@ -35,6 +52,8 @@ def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_base(sub: Any, common: argparse.ArgumentParser) -> None:
     base = sub.add_parser("base", parents=[common], help="the embedded base model")
     base_sub = base.add_subparsers(dest="base_command", metavar="ACTION", required=True)
     p = base_sub.add_parser(
@@ -47,11 +66,15 @@ def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed (default: as shipped)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
-        "--threads", type=int, default=2,
+        "--threads",
+        type=int,
+        default=2,
         help="torch CPU threads (the shipped build used 2 on CPU; the count changes the bits)",
-    )  # fmt: skip
+    )
     p.set_defaults(func=cmd_base_build)
 
+
+def _add_cycle(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "cycle",
         parents=[common],
@@ -61,10 +84,14 @@ def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_cycle)
 
+
+def _add_models(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("models", parents=[common], help="model versions, states, key metrics")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_models)
 
+
+def _add_report(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "report",
         parents=[common],
@@ -74,6 +101,8 @@ def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--html", type=Path, required=True, metavar="FILE", help="page to write")
     p.set_defaults(func=cmd_report)
 
+
+def _add_rollback(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "rollback",
         parents=[common],
@@ -83,6 +112,8 @@ def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--why", default="", help="reason, kept in the audit log")
     p.set_defaults(func=cmd_rollback)
 
+
+def _add_approve(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "approve", parents=[common], help="export, promote and publish a version awaiting approval"
     )
@@ -90,6 +121,8 @@ def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--why", default="approved by hand", help="reason, kept in the audit log")
     p.set_defaults(func=cmd_approve)
 
+
+def _add_reject(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("reject", parents=[common], help="reject a version awaiting approval")
     p.add_argument("version", type=int)
     p.add_argument("--why", required=True, help="reason, kept in the audit log")
