@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,11 +27,19 @@ from typing import Any, cast
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
-from aftertune.learners.data import ExampleLike, collate, encode_examples, pad_id, response_loss
+from aftertune.learners.data import (
+    Encoded,
+    ExampleLike,
+    collate,
+    encode_examples,
+    pad_id,
+    response_loss,
+)
 from aftertune.learners.errors import FisherMismatch
+from aftertune.store.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +128,16 @@ def mean_squared_grads(
     return {k: (s / n_batches).cpu() for k, s in sums.items()}
 
 
+def _response_logits(
+    model: nn.Module, chunk: Sequence[Encoded], pad: int, dev: torch.device
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits of one collated chunk, as the training loop computes them, and the batch."""
+    b = {k: v.to(dev) for k, v in collate(chunk, pad).items()}
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    return logits, b
+
+
 def estimate_fisher(
     model: nn.Module,
     tokenizer: Any,
@@ -143,9 +159,7 @@ def estimate_fisher(
     batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
 
     def loss_fn(m: nn.Module, chunk: Any) -> torch.Tensor:
-        b = {k: v.to(dev) for k, v in collate(chunk, pad).items()}
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits, b = _response_logits(m, chunk, pad, dev)
         return response_loss(logits, b["labels"], b["weights"])
 
     return mean_squared_grads(model, batches, loss_fn, target_weights(model, target_modules))
@@ -193,9 +207,7 @@ def estimate_fisher_per_sample(
         return forward_hook
 
     def loss_fn(m: nn.Module, chunk: Any) -> torch.Tensor:
-        b = {k: v.to(dev) for k, v in collate(chunk, pad).items()}
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits, b = _response_logits(m, chunk, pad, dev)
         # Σ_i of each example's own loss (its weight cancels alone, as with batch_size=1).
         return sum(
             (response_loss(logits[i : i + 1], b["labels"][i : i + 1]) for i in range(len(chunk))),
@@ -305,7 +317,10 @@ def _plain_name(peft_name: str) -> str:
 
 
 def weights_fingerprint(weights: dict[str, torch.Tensor]) -> str:
-    """sha256 of the named weights' bytes: tells one champion from another."""
+    """sha256 of the named weights' bytes: tells one champion from another.
+
+    It hashes tensors in memory, not files, so ``store.files``' file hashing does not apply.
+    """
     h = hashlib.sha256()
     for key in sorted(weights):
         t = weights[key].detach().to("cpu", torch.float32).contiguous()
@@ -420,7 +435,8 @@ def update_online_fisher(
         "cycles": str(cycles + 1),
         "decay": str(decay),
     }
-    _atomic_save(tensors, path, meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, save(tensors, metadata=meta))
     return total
 
 
@@ -437,20 +453,6 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
             kind, _, name = key.partition("/")
             (total if kind == "total" else prior)[name] = f.get_tensor(key)
     return total, prior, dict(meta)
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 __all__ = [

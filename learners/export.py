@@ -91,25 +91,7 @@ def export_bundle(
     model_dir, staging = Path(model_dir), Path(staging)
     seconds: dict[str, float] = {}
     t0 = time.monotonic()
-    fallback_reason = None
-    fmt = FORMAT_GENAI
-    if spec.method in ("auto", "genai"):
-        try:
-            _run_builder(model_dir, staging, spec)
-        except ExportError as exc:
-            if spec.method == "genai":
-                raise
-            fallback_reason = str(exc)
-            log.warning("genai builder failed, falling back to torch.onnx: %s", exc)
-            _empty(staging)
-            fmt = FORMAT_LOGITS
-    else:
-        fmt = FORMAT_LOGITS
-    if fmt == FORMAT_LOGITS:
-        _torch_export(model_dir, staging)
-    for name in CHECKPOINT_FILES:
-        if (model_dir / name).is_file() and not (staging / name).exists():
-            shutil.copy2(model_dir / name, staging / name)
+    fmt, fallback_reason = _export_onnx(model_dir, staging, spec)
     seconds["export_s"] = time.monotonic() - t0
 
     t0 = time.monotonic()
@@ -144,6 +126,33 @@ def export_bundle(
         },
     )
     return ExportResult(staging, manifest, seconds)
+
+
+def _export_onnx(model_dir: Path, staging: Path, spec: ExportSpec) -> tuple[str, str | None]:
+    """ONNX files and the checkpoint's tokenizer/config files into ``staging``.
+
+    Returns the bundle format and, when the builder failed and torch.onnx stood in, why.
+    """
+    fallback_reason = None
+    fmt = FORMAT_GENAI
+    if spec.method in ("auto", "genai"):
+        try:
+            _run_builder(model_dir, staging, spec)
+        except ExportError as exc:
+            if spec.method == "genai":
+                raise
+            fallback_reason = str(exc)
+            log.warning("genai builder failed, falling back to torch.onnx: %s", exc)
+            _empty(staging)
+            fmt = FORMAT_LOGITS
+    else:
+        fmt = FORMAT_LOGITS
+    if fmt == FORMAT_LOGITS:
+        _torch_export(model_dir, staging)
+    for name in CHECKPOINT_FILES:
+        if (model_dir / name).is_file() and not (staging / name).exists():
+            shutil.copy2(model_dir / name, staging / name)
+    return fmt, fallback_reason
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -223,50 +232,74 @@ def reference_continuations(
     import torch
 
     from aftertune.learners.base_model import load_base
+    from aftertune.learners.data import pad_id
+    from aftertune.learners.generate import greedy_continuations
 
     model, tokenizer = load_base(model_dir, device="cpu", dtype=torch.float32)
-    eos = tokenizer.eos_token_id
-    out = []
-    with torch.no_grad():
-        for ids in prompt_ids:
-            enc = torch.tensor([ids])
-            gen = model.generate(
-                input_ids=enc,
-                attention_mask=torch.ones_like(enc),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=tokenizer.pad_token_id,
-            )[0, enc.shape[1] :].tolist()
-            out.append(gen[: gen.index(eos)] if eos in gen else gen)
+    out = greedy_continuations(
+        model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        batch_size=1,  # one prompt at a time, unpadded, as the bundle decodes them
+    )
     return out, model, tokenizer
+
+
+def _compare_greedy(
+    bundle: Bundle,
+    prompts: Sequence[str],
+    want: Sequence[list[int]],
+    got: Sequence[list[int]],
+) -> tuple[float, int, str | None]:
+    """Share of agreeing tokens, prompts answered identically, and the first difference."""
+    agree = total = identical = 0
+    first_diff = None
+    for prompt, ref, out in zip(prompts, want, got, strict=True):
+        length = max(len(ref), len(out))
+        same = sum(1 for a, b in zip(ref, out, strict=False) if a == b)
+        agree, total = agree + same, total + length
+        if out == ref:
+            identical += 1
+        elif first_diff is None:
+            first_diff = (
+                f"{prompt[:60]!r}: torch {bundle.decode(ref)!r} vs onnx {bundle.decode(out)!r}"
+            )
+    return (agree / total if total else 1.0), identical, first_diff
+
+
+def _logits_max_abs_diff(bundle: Bundle, model: Any, prompt_ids: Sequence[list[int]]) -> float:
+    """Largest |logit difference| between the bundle and PyTorch over every prompt position."""
+    import torch
+
+    with torch.no_grad():
+        diffs = [
+            float(
+                (
+                    torch.from_numpy(bundle.logits(ids))
+                    - model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+                )
+                .abs()
+                .max()
+            )
+            for ids in prompt_ids
+        ]
+    return max(diffs)
 
 
 def check_parity(
     model_dir: Path, bundle: Bundle, spec: ExportSpec, prompts: Sequence[str]
 ) -> dict[str, Any]:
     """Greedy tokens of the bundle vs PyTorch on ``prompts``; raises ExportError when off."""
-    import torch
 
     if not prompts:
         raise ExportError("no parity prompts: the champion has no held-out example to compare on")
     prompts = list(prompts)[: spec.parity_prompts]
     prompt_ids = [bundle.encode(p) for p in prompts]
     want, model, _ = reference_continuations(model_dir, prompt_ids, spec.parity_max_new_tokens)
-    agree = total = identical = 0
-    first_diff = None
-    for prompt, ids, ref in zip(prompts, prompt_ids, want, strict=True):
-        got = bundle.generate_ids(ids, spec.parity_max_new_tokens)
-        length = max(len(ref), len(got))
-        same = sum(1 for a, b in zip(ref, got, strict=False) if a == b)
-        agree, total = agree + same, total + length
-        if got == ref:
-            identical += 1
-        elif first_diff is None:
-            first_diff = (
-                f"{prompt[:60]!r}: torch {bundle.decode(ref)!r} vs onnx {bundle.decode(got)!r}"
-            )
-    agreement = agree / total if total else 1.0
+    got = [bundle.generate_ids(ids, spec.parity_max_new_tokens) for ids in prompt_ids]
+    agreement, identical, first_diff = _compare_greedy(bundle, prompts, want, got)
     report: dict[str, Any] = {
         "prompts": len(prompts),
         "identical": identical,
@@ -274,19 +307,7 @@ def check_parity(
         "max_new_tokens": spec.parity_max_new_tokens,
     }
     if bundle.format == FORMAT_LOGITS:
-        with torch.no_grad():
-            diffs = [
-                float(
-                    (
-                        torch.from_numpy(bundle.logits(ids))
-                        - model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
-                    )
-                    .abs()
-                    .max()
-                )
-                for ids in prompt_ids
-            ]
-        report["logits_max_abs_diff"] = max(diffs)
+        report["logits_max_abs_diff"] = _logits_max_abs_diff(bundle, model, prompt_ids)
         if report["logits_max_abs_diff"] > spec.logits_atol:
             raise ExportError(
                 f"parity: logits differ by up to {report['logits_max_abs_diff']:.2e} "
