@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from aftertune.store.files import fsync_tree, replace_dir
+from aftertune.store.files import staged_dir
 
 # Every Linear layer of a Llama-like block (attention and MLP): for small models LoRA on all
 # of them learns clearly more than on q/v only, at little cost.
@@ -79,13 +77,6 @@ def detach_adapter(peft_model: nn.Module, requires_grad: dict[str, bool]) -> nn.
 def save_adapter(peft_model: nn.Module, out_dir: Path) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``out_dir`` atomically."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[operator]
-        fsync_tree(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

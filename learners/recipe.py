@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from aftertune.learners.base_model import resolve_device
 from aftertune.learners.checkpoint import clear_checkpoints, load_checkpoint, save_checkpoint
 from aftertune.learners.data import (
     Encoded,
@@ -116,12 +117,6 @@ class _Position:
     tokens: int = 0
     seconds: float = 0.0
     penalty: float = 0.0
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
