@@ -47,7 +47,7 @@ lint: $(VENV)
 	$(BIN)/ruff format --check .
 
 typecheck: $(VENV)
-	$(BIN)/mypy store daemon
+	$(BIN)/mypy daemon learners store
 
 pytest: $(VENV)
 	$(BIN)/pytest -q
