@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from aftertune.daemon.settings import Settings
+from aftertune.store.files import write_atomic
 from aftertune.store.layout import StateLayout
 
 
@@ -264,17 +263,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     target: Path = args.html
     if not target.parent.is_dir():
         raise_refused(f"cannot write {target}: the directory {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(page)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is meant to be shared
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(target, page.encode("utf-8"))
     print(target)
     return 0
 

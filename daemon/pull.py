@@ -1,10 +1,11 @@
 """``aftertune pull``: fetch a published bundle, verify every byte, switch ``DIR/current``.
 
 Sources: a daemon's HTTP server (``--server URL``) or a state directory on this machine
-(``--from STATE_DIR``). Files land in ``DIR/.pull-vN-*`` and are checked against the
-manifest's sha256 and size while they stream; only a whole, verified bundle is renamed to
-``DIR/vN`` and only then does the ``DIR/current`` symlink move (one rename). Any mismatch
-leaves ``current`` where it was. No torch import on this path.
+(``--from STATE_DIR``). Files land in a temp directory beside ``DIR/vN`` and are checked
+against the manifest's sha256 and size while they stream; only a whole, verified bundle is
+swapped in as ``DIR/vN`` (``store.files.staged_dir``) and only then does the ``DIR/current``
+symlink move (one rename). Any mismatch leaves ``current`` where it was. No torch import on
+this path.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,7 +32,7 @@ from aftertune.store.bundle import (
 )
 from aftertune.store.bundles import point, published
 from aftertune.store.errors import BundleError
-from aftertune.store.files import write_atomic
+from aftertune.store.files import staged_dir, write_atomic
 from aftertune.store.layout import StateLayout
 
 log = logging.getLogger(__name__)
@@ -126,21 +126,12 @@ def pull(source: Source, to_dir: Path, version: str = "latest") -> PullResult:
             point(to_dir / CURRENT, final.name)
         return PullResult(number, final, digest, downloaded=False)
 
-    staging = to_dir / f".pull-{final.name}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     total = 0
-    try:
+    with staged_dir(final) as staging:  # swapped in whole (a damaged earlier copy out) or not
         for rel, entry in sorted(manifest["files"].items()):
             total += _download(source, number, rel, entry, staging / safe_relpath(rel))
         write_atomic(staging / MANIFEST, raw)
         verify_bundle(staging)
-        if final.exists():  # a damaged earlier copy
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     point(to_dir / CURRENT, final.name)
     return PullResult(number, final, digest, downloaded=True, bytes=total)
 
@@ -158,6 +149,12 @@ def _installed(final: Path, digest: str) -> bool:
 
 
 def _download(source: Source, version: int, rel: str, entry: dict[str, Any], dest: Path) -> int:
+    """Stream one file to ``dest``, refusing it once it outgrows the manifest's size.
+
+    Hashed as the bytes arrive rather than with ``store.files.file_sha256`` afterwards: a
+    stream can be cut off at the first byte too many, and a bad file is named before the
+    next one downloads.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     size = 0
@@ -168,8 +165,6 @@ def _download(source: Source, version: int, rel: str, entry: dict[str, Any], des
                 raise BundleError(f"{rel}: more than the manifest's {entry['bytes']} bytes")
             digest.update(chunk)
             fh.write(chunk)
-        fh.flush()
-        os.fsync(fh.fileno())
     if size != entry["bytes"]:
         raise BundleError(f"{rel}: {size} bytes arrived, the manifest says {entry['bytes']}")
     if digest.hexdigest() != entry["sha256"]:
