@@ -147,18 +147,13 @@ def _answers(
     model: Any,
     tokenizer: Any,
     batch: Sequence[_Encoded],
-    pad: int,
     max_new_tokens: int,
     device: str | torch.device,
 ) -> list[str]:
     """Greedy answers for a batch of prompts, cut at EOS and at the first newline."""
+    prompts = [e.prompt for e in batch]
     continuations = greedy_continuations(
-        model,
-        [e.prompt for e in batch],
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id,
-        device=device,
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, device=device
     )
     # The template separates fields by newlines: a newline ends the answer.
     return [
@@ -199,7 +194,7 @@ def predict(
             s, t = _answer_nll(model, batch, pad, device)
             nll_sum, tokens = nll_sum + s, tokens + t
             for i, text in zip(
-                idx, _answers(model, tokenizer, batch, pad, max_new_tokens, device), strict=True
+                idx, _answers(model, tokenizer, batch, max_new_tokens, device), strict=True
             ):
                 answers[i] = text
     finally:

@@ -232,17 +232,12 @@ def reference_continuations(
     import torch
 
     from aftertune.learners.base_model import load_base
-    from aftertune.learners.data import pad_id
     from aftertune.learners.generate import greedy_continuations
 
     model, tokenizer = load_base(model_dir, device="cpu", dtype=torch.float32)
+    # One prompt at a time, unpadded, as the bundle decodes them.
     out = greedy_continuations(
-        model,
-        prompt_ids,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        batch_size=1,  # one prompt at a time, unpadded, as the bundle decodes them
+        model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=1
     )
     return out, model, tokenizer
 

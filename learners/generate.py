@@ -27,26 +27,26 @@ class CausalLM(Protocol):
 @torch.no_grad()
 def greedy_continuations(
     model: CausalLM,
+    tokenizer: Any,
     prompt_ids: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    pad_token_id: int,
-    eos_token_id: int | None,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
 ) -> list[list[int]]:
     """The greedy new token ids of each prompt, in input order, cut before EOS.
 
-    ``batch_size`` None decodes all prompts as one batch; 1 decodes each alone, unpadded
-    (what the parity check compares with an ONNX runtime that decodes one prompt at a time).
-    ``device`` defaults to where the model's parameters are.
+    Pad and EOS ids come from ``tokenizer``. ``batch_size`` None decodes all prompts as one
+    batch; 1 decodes each alone, unpadded (what the parity check compares with an ONNX
+    runtime that decodes one prompt at a time). ``device`` defaults to the model's.
     """
+    pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
     if device is None:
         device = next(model.parameters()).device
     size = batch_size or max(len(prompt_ids), 1)
     out: list[list[int]] = []
     for start in range(0, len(prompt_ids), size):
-        ids, mask, _ = left_pad(prompt_ids[start : start + size], pad_token_id, device)
+        ids, mask, _ = left_pad(prompt_ids[start : start + size], pad, device)
         # No position ids: generate derives them from the attention mask, the same way.
         generated = model.generate(
             input_ids=ids,
@@ -54,11 +54,11 @@ def greedy_continuations(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
-            pad_token_id=pad_token_id,
-            eos_token_id=eos_token_id,
+            pad_token_id=pad,
+            eos_token_id=eos,
         )
         for row in generated[:, ids.shape[1] :].tolist():
-            out.append(row[: row.index(eos_token_id)] if eos_token_id in row else row)
+            out.append(row[: row.index(eos)] if eos in row else row)
     return out
 
 
@@ -71,12 +71,8 @@ def greedy_answers(
     batch_size: int = 64,
 ) -> list[str]:
     """Greedy completions of text ``prompts``, decoded without special tokens."""
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
     continuations = greedy_continuations(
-        model,
-        [tokenizer.encode(p) for p in prompts],
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        batch_size=batch_size,
+        model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in continuations]

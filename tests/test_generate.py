@@ -26,9 +26,8 @@ def test_left_padded_batch_decodes_as_each_prompt_alone(tiny: tuple[Any, Any]) -
     prompts = [curriculum.sample(rng).prompt for _ in range(8)]
     ids = [tok.encode(p) for p in prompts]
     assert len({len(i) for i in ids}) > 1
-    kwargs = {"max_new_tokens": 12, "pad_token_id": pad_id(tok), "eos_token_id": tok.eos_token_id}
-    batched = greedy_continuations(model, ids, **kwargs)
-    alone = greedy_continuations(model, ids, batch_size=1, **kwargs)
+    batched = greedy_continuations(model, tok, ids, max_new_tokens=12)
+    alone = greedy_continuations(model, tok, ids, max_new_tokens=12, batch_size=1)
     assert batched == alone
     assert any(batched)  # non-empty answers, or the comparison says nothing
     assert all(tok.eos_token_id not in row for row in batched)  # cut before EOS
