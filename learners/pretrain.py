@@ -171,7 +171,12 @@ def curriculum_accuracy(
 
 
 def _lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 10 % of peak."""
+    """Linear warmup, then cosine decay to 10 % of peak.
+
+    Hand-written, unlike the recipe's schedule: a time budget cuts `steps` mid-run (a
+    scheduler fixes its total up front), and transformers' warmup starts at 0, not at
+    peak/warmup, which would change the bits of the shipped build.
+    """
     if step < warmup:
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(steps - warmup, 1)
