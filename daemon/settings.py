@@ -12,10 +12,19 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from aftertune.daemon.errors import SettingsError
+from aftertune.store.prompt import DEFAULT_TEMPLATE, DEFAULT_TEMPLATE_NO_INPUT, PromptTemplate
 
 
 class _Section(BaseModel):
@@ -72,28 +81,25 @@ class ModelSettings(_Section):
     )
 
 
+# Every Linear layer of a Llama-like block (attention and MLP): for small models LoRA on all
+# of them learns clearly more than on q/v only, at little cost.
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class LoraSettings(_Section):
     r: int = Field(default=16, ge=1)
     alpha: int | None = Field(default=None, ge=1, description="default 2 * r")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
-        min_length=1,
-    )
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LINEAR), min_length=1)
 
 
 class TrainSettings(_Section):
-    lr: float = Field(default=4e-3, gt=0)
+    lr: float = Field(default=4e-3, gt=0, description="peak learning rate")
     weight_decay: float = Field(default=0.0, ge=0)
-    warmup_steps: int = Field(default=10, ge=0)
+    warmup_steps: int = Field(default=10, ge=0, description="linear warmup from 0 to lr")
+    schedule: Literal["cosine", "linear"] = Field(
+        default="cosine", description="decay to 0 after warmup"
+    )
     max_steps: int | None = Field(
         default=None, ge=1, description="fixed optimizer steps per cycle instead of `epochs`"
     )
@@ -109,6 +115,18 @@ class TrainSettings(_Section):
     checkpoint_every: int = Field(default=25, ge=0, description="optimizer steps; 0 = never")
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda[:n]")
     progress: bool = True
+
+
+class PromptSettings(_Section):
+    """The prompt template: training, evaluation, export and consumers all render this one."""
+
+    with_input: str = Field(default=DEFAULT_TEMPLATE, description="needs {instruction}, {input}")
+    without_input: str = Field(default=DEFAULT_TEMPLATE_NO_INPUT, description="needs {instruction}")
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> PromptSettings:
+        PromptTemplate(self.with_input, self.without_input)  # ValueError names what is missing
+        return self
 
 
 class ReplaySettings(_Section):
@@ -233,6 +251,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    prompt: PromptSettings = Field(default_factory=PromptSettings)
     replay: ReplaySettings = Field(default_factory=ReplaySettings)
     ewc: EwcSettings = Field(default_factory=EwcSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)

@@ -3,28 +3,26 @@
 Train: the champion (base + promoted adapters, merged and cached) gets a fresh LoRA adapter
 on the train examples that arrived since the champion was made, mixed with replay of what
 it already saw, under the EWC penalty; the adapter enters the registry as a ``candidate``.
-Evaluate: per task on its held-out split, for the champion and optionally a candidate.
+Evaluate: per task on its held-out split (the first ``eval.max_per_task`` of each), for
+the champion and optionally a candidate. ``score`` is the one scoring path: ``aftertune
+eval`` and the gate both go through it, with the same cap, label sets and spec.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from aftertune.learners.base_model import base_sha256
-from aftertune.learners.champion import adapter_sha256, load_champion
+from aftertune.learners.champion import load_champion
 from aftertune.learners.errors import NothingToTrain
 from aftertune.learners.evaluate import TaskScore, evaluate, task_kind
-from aftertune.learners.ewc import EwcSpec
-from aftertune.learners.lora import LoraSpec
-from aftertune.learners.recipe import TrainSpec, train_adapter
-from aftertune.learners.replay import ReplaySpec
+from aftertune.learners.lineage import candidate_lineage
+from aftertune.learners.recipe import TrainResult, train_adapter
+from aftertune.learners.specs import EvalSpec, LearningSpecs
 from aftertune.store.examples import Example, ExampleStore
 from aftertune.store.layout import StateLayout
 from aftertune.store.registry import Registry, Version
@@ -50,9 +48,21 @@ class CandidateReport:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def of(cls, candidate: int, parent: int | None, result: TrainResult) -> CandidateReport:
+        fields = {k: v for k, v in asdict(result).items() if k in cls.__dataclass_fields__}
+        return cls(candidate=candidate, parent=parent, **fields)
 
-def _ids_sha256(examples: Sequence[Example]) -> str:
-    return hashlib.sha256("\n".join(sorted(e.id for e in examples)).encode()).hexdigest()
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The records one candidate learns from: new since the champion, and the past it replays."""
+
+    parent: int | None  # the champion's version (None: the base model)
+    watermark: int  # the champion's data_seq: new records come after it
+    until: int  # ... up to this seq (a resumed run keeps its own window)
+    new: list[Example]
+    past: list[Example]
 
 
 def champion_model(
@@ -77,21 +87,13 @@ def _interrupted_window(state_dir: Path, parent: int | None) -> int | None:
     return max(found) if found else None
 
 
-def train_candidate(
-    store: ExampleStore,
-    registry: Registry,
-    state_dir: Path,
-    *,
-    base: str,
-    lora: LoraSpec,
-    train: TrainSpec,
-    replay: ReplaySpec,
-    ewc: EwcSpec,
-    should_stop: Callable[[int, int], bool] | None = None,
-    actor: str = "daemon",
-) -> CandidateReport:
-    """Train one candidate on the data that arrived since the champion; register it."""
-    champion = registry.champion()
+def training_data(
+    store: ExampleStore, state_dir: Path, champion: Version | None, specs: LearningSpecs
+) -> TrainingData:
+    """New train records since ``champion`` and a sample of what it was trained on.
+
+    Raises NothingToTrain when no new train record waits.
+    """
     watermark = champion.data_seq if champion is not None else 0
     parent = champion.version if champion is not None else None
     # A run interrupted on this champion resumes on its own data window, even when more
@@ -103,85 +105,91 @@ def train_candidate(
         raise NothingToTrain(
             f"no new train examples since {made} was made; push feedback and ingest it first"
         )
+    replay, ewc = specs.replay, specs.ewc
     # The past: what the champion was trained on (everything up to its watermark).
     wanted = max(replay.cap if replay.enabled else 0, ewc.fisher_samples if ewc.enabled else 0)
-    past = store.replay_sample(wanted, seed=train.seed, until=watermark) if watermark else []
-    model, tokenizer = champion_model(registry, base, state_dir, champion)
-    layout = StateLayout(state_dir)
-    work = layout.training_run(parent, until)
+    past = store.replay_sample(wanted, seed=specs.train.seed, until=watermark) if watermark else []
+    return TrainingData(parent, watermark, until, new, past)
+
+
+def train_candidate(
+    store: ExampleStore,
+    registry: Registry,
+    state_dir: Path,
+    specs: LearningSpecs,
+    *,
+    should_stop: Callable[[int, int], bool] | None = None,
+    actor: str = "daemon",
+) -> CandidateReport:
+    """Train one candidate on the data that arrived since the champion; register it."""
+    champion = registry.champion()
+    data = training_data(store, state_dir, champion, specs)
+    work = StateLayout(state_dir).training_run(data.parent, data.until)
+    model, tokenizer = champion_model(registry, specs.base, state_dir, champion)
     result = train_adapter(
         model,
         tokenizer,
-        new,
-        past,
-        train=train,
-        lora=lora,
-        replay_spec=replay,
-        ewc=ewc if ewc.enabled else None,
-        fisher_path=layout.fisher,
+        data.new,
+        data.past,
+        train=specs.train,
+        lora=specs.lora,
+        replay_spec=specs.replay,
+        ewc=specs.ewc if specs.ewc.enabled else None,
+        fisher_path=StateLayout(state_dir).fisher,
         out_dir=work / "adapter",
         checkpoint_dir=work / "checkpoints",
         should_stop=should_stop,
     )
-    chain = registry.chain(parent) if parent is not None else []
-    lineage = {
-        "base": base,
-        "base_sha256": base_sha256(base),
-        "adapters": [
-            {"version": v.version, "sha256": adapter_sha256(v.adapter_dir)} for v in chain
-        ],
-        "parent": parent,
-        "trained_on": {
-            "count_by_task": dict(Counter(e.task for e in new)),
-            "ids_sha256": _ids_sha256(new),
-            "seq_range": [watermark, until],
-        },
-        "replayed": dict(Counter(e.task for e in past)) if replay.enabled else {},
-        "config": {
-            "lora": asdict(lora),
-            "train": {k: v for k, v in asdict(train).items() if k != "template"},
-            "replay": asdict(replay),
-            "ewc": asdict(ewc),
-        },
-    }
-    training = {k: v for k, v in asdict(result).items() if k != "adapter_dir"}
-    version = registry.register_candidate(
-        result.adapter_dir,
-        parent=parent,
-        data_seq=until,
-        training=training,
-        lineage=lineage,
-        actor=actor,
-    )
+    version = _register(registry, specs, data, result, actor)
     shutil.rmtree(work, ignore_errors=True)
     log.info(
         "candidate v%d trained on %d new + %d replayed examples in %.1fs (%d steps)",
         version.version,
-        len(new),
+        len(data.new),
         result.replay_examples,
         result.train_seconds,
         result.steps,
     )
-    return CandidateReport(
-        candidate=version.version,
-        parent=parent,
-        new_examples=len(new),
-        replay_examples=result.replay_examples,
-        steps=result.steps,
-        loss_first=result.loss_first,
-        loss_last=result.loss_last,
-        tokens_per_s=result.tokens_per_s,
-        fisher_seconds=result.fisher_seconds,
-        train_seconds=result.train_seconds,
-        truncated=result.truncated,
-        resumed_from_step=result.resumed_from_step,
+    return CandidateReport.of(version.version, data.parent, result)
+
+
+def _register(
+    registry: Registry,
+    specs: LearningSpecs,
+    data: TrainingData,
+    result: TrainResult,
+    actor: str,
+) -> Version:
+    lineage = candidate_lineage(
+        registry,
+        specs,
+        parent=data.parent,
+        new=data.new,
+        past=data.past,
+        seq_range=(data.watermark, data.until),
+    )
+    return registry.register_candidate(
+        result.adapter_dir,
+        parent=data.parent,
+        data_seq=data.until,
+        training={k: v for k, v in asdict(result).items() if k != "adapter_dir"},
+        lineage=lineage,
+        actor=actor,
     )
 
 
-def held_out_by_task(store: ExampleStore, until: int | None = None) -> dict[str, list[Example]]:
+# --- evaluation: the one scoring path -------------------------------------------------------
+
+
+def held_out(
+    store: ExampleStore, cap: int, *, after: int = 0, until: int | None = None
+) -> dict[str, list[Example]]:
+    """Held-out records with ``after < seq <= until``, by task, the first ``cap`` of each."""
     out: dict[str, list[Example]] = {}
-    for example in store.held_out(until=until):
-        out.setdefault(example.task, []).append(example)
+    for example in store.held_out(after=after, until=until):
+        bucket = out.setdefault(example.task, [])
+        if len(bucket) < cap:
+            bucket.append(example)
     return out
 
 
@@ -190,28 +198,38 @@ def label_sets(store: ExampleStore, tasks: Sequence[str]) -> dict[str, set[str] 
     return {task: task_kind(store.outputs(task))[1] for task in tasks}
 
 
-def evaluate_version(
-    store: ExampleStore,
-    registry: Registry,
-    state_dir: Path,
-    *,
-    base: str,
-    version: Version | None,
-    batch_size: int = 32,
-    max_new_tokens: int = 16,
-    max_length: int = 256,
+def score(
+    model: Any,
+    tokenizer: Any,
+    by_task: Mapping[str, Sequence[Example]],
+    labels: Mapping[str, set[str] | None],
+    spec: EvalSpec,
 ) -> dict[str, TaskScore]:
-    """Scores of ``version`` (None = base) on every task's held-out split."""
-    by_task = held_out_by_task(store)
+    """Scores of ``model`` per task: what `aftertune eval` prints and the gate judges."""
     if not by_task:
         return {}
-    model, tokenizer = champion_model(registry, base, state_dir, version)
     return evaluate(
         model,
         tokenizer,
         by_task,
-        labels=label_sets(store, list(by_task)),
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        max_length=max_length,
+        labels=labels,
+        batch_size=spec.batch_size,
+        max_new_tokens=spec.max_new_tokens,
+        max_length=spec.max_length,
+        template=spec.template,
     )
+
+
+def evaluate_version(
+    store: ExampleStore,
+    registry: Registry,
+    state_dir: Path,
+    version: Version | None,
+    specs: LearningSpecs,
+) -> dict[str, TaskScore]:
+    """Scores of ``version`` (None = base) on every task's held-out split."""
+    by_task = held_out(store, specs.eval.max_per_task)
+    if not by_task:
+        return {}
+    model, tokenizer = champion_model(registry, specs.base, state_dir, version)
+    return score(model, tokenizer, by_task, label_sets(store, list(by_task)), specs.eval)

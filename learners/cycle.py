@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aftertune.learners.candidate import champion_model, label_sets, train_candidate
+from aftertune.learners.candidate import (
+    champion_model,
+    held_out,
+    label_sets,
+    score,
+    train_candidate,
+)
 from aftertune.learners.errors import CycleBlocked, ExportError
-from aftertune.learners.evaluate import TaskScore, evaluate, score_dict
-from aftertune.learners.ewc import EwcSpec
-from aftertune.learners.export import ExportSpec
-from aftertune.learners.gate import Decision, GateReport, GateRules, judge
-from aftertune.learners.lora import LoraSpec
+from aftertune.learners.evaluate import TaskScore, score_dict
+from aftertune.learners.gate import Decision, GateReport, judge
 from aftertune.learners.promote import promote_and_publish, sync_latest
-from aftertune.learners.recipe import TrainSpec
-from aftertune.learners.replay import ReplaySpec
+from aftertune.learners.specs import LearningSpecs
 from aftertune.store.bundles import Published
 from aftertune.store.examples import Example, ExampleStore
 from aftertune.store.failpoints import failpoint
@@ -32,15 +34,10 @@ from aftertune.store.registry import Registry, Version, VersionState
 
 log = logging.getLogger(__name__)
 
+SUITES = ("regression", "gain")
 Suites = dict[str, dict[str, list[Example]]]  # suite -> task -> held-out examples
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    batch_size: int = 32
-    max_new_tokens: int = 16
-    max_length: int = 256
-    max_per_task: int = 200  # held-out examples per task and suite (the first by arrival)
+SuiteScores = dict[str, dict[str, TaskScore]]  # suite -> task -> score
+Outcome = tuple[Decision, list[str], Published | None]  # what was decided, why, what published
 
 
 @dataclass
@@ -55,6 +52,7 @@ class CycleResult:
     bundle: Published | None = None  # the bundle published as latest with a promotion
 
     def to_json(self) -> dict[str, Any]:
+        bundle = self.bundle
         return {
             "version": self.version,
             "decision": self.decision.value,
@@ -64,49 +62,20 @@ class CycleResult:
             "timings": self.timings,
             "trained": self.trained,
             "bundle": None
-            if self.bundle is None
+            if bundle is None
             else {
-                "version": self.bundle.version,
-                "path": str(self.bundle.path),
-                "manifest_sha256": self.bundle.manifest_sha256,
+                "version": bundle.version,
+                "path": str(bundle.path),
+                "manifest_sha256": bundle.manifest_sha256,
             },
         }
 
 
 def suites_for(store: ExampleStore, champion_seq: int, challenger_seq: int, cap: int) -> Suites:
     """Regression: held-out records the champion already had; gain: those that came since."""
-    out: Suites = {"regression": {}, "gain": {}}
-    for name, after, until in (
-        ("regression", 0, champion_seq),
-        ("gain", champion_seq, challenger_seq),
-    ):
-        for ex in store.held_out(after=after, until=until):
-            bucket = out[name].setdefault(ex.task, [])
-            if len(bucket) < cap:
-                bucket.append(ex)
-    return out
-
-
-def _score(
-    model: Any,
-    tokenizer: Any,
-    suites: Suites,
-    labels: Mapping[str, set[str] | None],
-    spec: EvalSpec,
-) -> dict[str, dict[str, TaskScore]]:
     return {
-        name: evaluate(
-            model,
-            tokenizer,
-            by_task,
-            labels=labels,
-            batch_size=spec.batch_size,
-            max_new_tokens=spec.max_new_tokens,
-            max_length=spec.max_length,
-        )
-        if by_task
-        else {}
-        for name, by_task in suites.items()
+        "regression": held_out(store, cap, after=0, until=champion_seq),
+        "gain": held_out(store, cap, after=champion_seq, until=challenger_seq),
     }
 
 
@@ -121,21 +90,23 @@ def _union(scores: Sequence[TaskScore]) -> dict[str, float | int]:
     return out
 
 
-def _metrics(
-    champion: dict[str, dict[str, TaskScore]], challenger: dict[str, dict[str, TaskScore]]
-) -> dict[str, dict[str, Any]]:
+def _metrics(champion: SuiteScores, challenger: SuiteScores) -> dict[str, dict[str, Any]]:
     tasks = sorted({t for suite in challenger.values() for t in suite})
     out: dict[str, dict[str, Any]] = {}
     for task in tasks:
         entry: dict[str, Any] = {"suites": {}}
         for who, scores in (("champion", champion), ("challenger", challenger)):
-            parts = [scores[s][task] for s in ("regression", "gain") if task in scores[s]]
+            parts = [scores[s][task] for s in SUITES if task in scores[s]]
             entry[who] = _union(parts)
-            for suite in ("regression", "gain"):
+            for suite in SUITES:
                 if task in scores[suite]:
                     entry["suites"].setdefault(suite, {})[who] = score_dict(scores[suite][task])
         out[task] = entry
     return out
+
+
+def _floats(score: TaskScore) -> dict[str, float]:
+    return {k: float(v) for k, v in score_dict(score).items()}
 
 
 def _pick_challenger(registry: Registry, champion: Version | None, actor: str) -> Version | None:
@@ -156,116 +127,175 @@ def _pick_challenger(registry: Registry, champion: Version | None, actor: str) -
     return found
 
 
+def _refuse_while_awaiting(registry: Registry) -> None:
+    waiting = registry.in_state(VersionState.AWAITING_APPROVAL)
+    if waiting:
+        v = waiting[0].version
+        raise CycleBlocked(
+            f"v{v} awaits approval; run `aftertune approve {v}` "
+            f"or `aftertune reject {v} --why ...` before the next cycle"
+        )
+
+
 def run_cycle(
     store: ExampleStore,
     registry: Registry,
     state_dir: Path,
+    specs: LearningSpecs,
     *,
-    base: str,
-    lora: LoraSpec,
-    train: TrainSpec,
-    replay: ReplaySpec,
-    ewc: EwcSpec,
-    rules: GateRules,
-    eval_spec: EvalSpec,
-    export: ExportSpec | None = None,
-    keep_bundles: int = 5,
     actor: str = "daemon",
     should_stop: Callable[[int, int], bool] | None = None,
 ) -> CycleResult:
     """Train → evaluate → gate → export + promote + publish, reject or wait. Resumable.
 
-    With ``export`` set, a promotion also publishes the parity-checked bundle as latest;
-    a failed export or parity check rejects the challenger instead.
+    With ``specs.export`` set, a promotion also publishes the parity-checked bundle as
+    latest; a failed export or parity check rejects the challenger instead.
     """
-    timings: dict[str, float] = {}
-    if export is not None:  # finish what a crash between promotion and publication left
-        sync_latest(store, registry, state_dir, base=base, spec=export, keep=keep_bundles)
-    waiting = registry.in_state(VersionState.AWAITING_APPROVAL)
-    if waiting:
-        raise CycleBlocked(
-            f"v{waiting[0].version} awaits approval; run `aftertune approve {waiting[0].version}` "
-            f"or `aftertune reject {waiting[0].version} --why ...` before the next cycle"
-        )
+    run = _CycleRun(store, registry, state_dir, specs, actor)
+    sync_latest(store, registry, state_dir, specs)  # what a crash before `latest` left
+    _refuse_while_awaiting(registry)
     champion = registry.champion()
-    challenger = _pick_challenger(registry, champion, actor)
-    trained = None
-    if challenger is None:
-        t0 = time.monotonic()
-        report = train_candidate(
-            store, registry, state_dir, base=base, lora=lora, train=train, replay=replay,
-            ewc=ewc, should_stop=should_stop, actor=actor,
-        )  # fmt: skip
-        timings["train_s"] = time.monotonic() - t0
-        trained = report.to_json()
-        challenger = registry.get(report.candidate)
-        failpoint("cycle.after_train")
-    else:
-        log.info("resuming the cycle of v%d (%s)", challenger.version, challenger.state.value)
-    if challenger.state is VersionState.CANDIDATE:
-        registry.transition(
-            challenger.version, VersionState.EVALUATING, actor=actor, reason="gate evaluation"
-        )
-
-    t0 = time.monotonic()
-    champion_seq = champion.data_seq if champion is not None else 0
-    suites = suites_for(store, champion_seq, challenger.data_seq, eval_spec.max_per_task)
-    labels = label_sets(store, sorted({t for s in suites.values() for t in s}))
-    model, tokenizer = champion_model(registry, base, state_dir, champion)
-    champion_scores = _score(model, tokenizer, suites, labels, eval_spec)
-    failpoint("cycle.during_eval")
-    del model
-    model, tokenizer = champion_model(registry, base, state_dir, challenger)
-    challenger_scores = _score(model, tokenizer, suites, labels, eval_spec)
-    del model
-    timings["evaluate_s"] = time.monotonic() - t0
-
-    def as_floats(score: TaskScore) -> dict[str, float]:
-        return {k: float(v) for k, v in score_dict(score).items()}
-
-    # A task "has a champion score" when the champion was judged on it before (it is in the
-    # regression suite); a task new to the champion is held to value thresholds only.
-    known = set(champion_scores["regression"])
-    regression = {
-        t: (as_floats(champion_scores["regression"][t]), as_floats(s))
-        for t, s in challenger_scores["regression"].items()
-    }
-    gain = {
-        t: (as_floats(champion_scores["gain"][t]) if t in known else None, as_floats(s))
-        for t, s in challenger_scores["gain"].items()
-    }
-    new_tasks = set(challenger.lineage.get("trained_on", {}).get("count_by_task", {}))
-    conflicts = store.conflicts(champion_seq, challenger.data_seq)
-    gate = judge(regression, gain, new_tasks, rules, conflicts)
+    challenger, trained = run.train_or_resume(champion, should_stop)
+    champion_scores, challenger_scores = run.score_both(champion, challenger)
+    gate = run.judge(champion, challenger, champion_scores, challenger_scores)
     metrics = _metrics(champion_scores, challenger_scores)
     registry.set_metrics(challenger.version, metrics)
-    gate_json = gate.to_json()
-    why = "; ".join(gate.reasons)
-    decision, reasons, bundle = gate.decision, list(gate.reasons), None
     if gate.decision is Decision.PROMOTED:
+        decision, reasons, bundle = run.promote(challenger, gate)
+    elif gate.decision is Decision.AWAITING_APPROVAL:
+        decision, reasons, bundle = run.await_approval(challenger, gate)
+    else:
+        decision, reasons, bundle = run.reject(champion, challenger, gate)
+    log.info("v%d %s: %s", challenger.version, decision.value, "; ".join(reasons))
+    return CycleResult(
+        challenger.version, decision, reasons, metrics, gate, run.timings, trained, bundle
+    )
+
+
+@dataclass
+class _CycleRun:
+    """The steps of one cycle, sharing what every step needs; ``timings`` in seconds."""
+
+    store: ExampleStore
+    registry: Registry
+    state_dir: Path
+    specs: LearningSpecs
+    actor: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def train_or_resume(
+        self, champion: Version | None, should_stop: Callable[[int, int], bool] | None
+    ) -> tuple[Version, dict[str, Any] | None]:
+        """The challenger an interrupted run left, or a new one; then on to ``evaluating``."""
+        challenger = _pick_challenger(self.registry, champion, self.actor)
+        trained = None
+        if challenger is None:
+            t0 = time.monotonic()
+            report = train_candidate(
+                self.store,
+                self.registry,
+                self.state_dir,
+                self.specs,
+                should_stop=should_stop,
+                actor=self.actor,
+            )
+            self.timings["train_s"] = time.monotonic() - t0
+            trained = report.to_json()
+            challenger = self.registry.get(report.candidate)
+            failpoint("cycle.after_train")
+        else:
+            log.info("resuming the cycle of v%d (%s)", challenger.version, challenger.state.value)
+        if challenger.state is VersionState.CANDIDATE:
+            self.registry.transition(
+                challenger.version,
+                VersionState.EVALUATING,
+                actor=self.actor,
+                reason="gate evaluation",
+            )
+        return challenger, trained
+
+    def score_both(
+        self, champion: Version | None, challenger: Version
+    ) -> tuple[SuiteScores, SuiteScores]:
+        """Champion and challenger on the same suites, one model in memory at a time."""
         t0 = time.monotonic()
+        champion_seq = champion.data_seq if champion is not None else 0
+        suites = suites_for(
+            self.store, champion_seq, challenger.data_seq, self.specs.eval.max_per_task
+        )
+        labels = label_sets(self.store, sorted({t for s in suites.values() for t in s}))
+        champion_scores = self._score_suites(champion, suites, labels)
+        failpoint("cycle.during_eval")
+        challenger_scores = self._score_suites(challenger, suites, labels)
+        self.timings["evaluate_s"] = time.monotonic() - t0
+        return champion_scores, challenger_scores
+
+    def _score_suites(
+        self, version: Version | None, suites: Suites, labels: dict[str, set[str] | None]
+    ) -> SuiteScores:
+        model, tokenizer = champion_model(self.registry, self.specs.base, self.state_dir, version)
+        return {
+            name: score(model, tokenizer, by_task, labels, self.specs.eval)
+            for name, by_task in suites.items()
+        }
+
+    def judge(
+        self,
+        champion: Version | None,
+        challenger: Version,
+        champion_scores: SuiteScores,
+        challenger_scores: SuiteScores,
+    ) -> GateReport:
+        # A task "has a champion score" when the champion was judged on it before (it is in
+        # the regression suite); a task new to the champion is held to value thresholds only.
+        known = set(champion_scores["regression"])
+        regression = {
+            t: (_floats(champion_scores["regression"][t]), _floats(s))
+            for t, s in challenger_scores["regression"].items()
+        }
+        gain = {
+            t: (_floats(champion_scores["gain"][t]) if t in known else None, _floats(s))
+            for t, s in challenger_scores["gain"].items()
+        }
+        new_tasks = set(challenger.lineage.get("trained_on", {}).get("count_by_task", {}))
+        champion_seq = champion.data_seq if champion is not None else 0
+        conflicts = self.store.conflicts(champion_seq, challenger.data_seq)
+        return judge(regression, gain, new_tasks, self.specs.rules, conflicts)
+
+    def promote(self, challenger: Version, gate: GateReport) -> Outcome:
+        """Export, parity, promote, publish; a failed export rejects instead."""
+        t0 = time.monotonic()
+        decision, reasons, bundle = gate.decision, list(gate.reasons), None
         try:
             bundle = promote_and_publish(
-                store, registry, state_dir, challenger, base=base, spec=export,
-                keep=keep_bundles, actor=actor, reason=why, gate=gate_json,
-            )  # fmt: skip
+                self.store,
+                self.registry,
+                self.state_dir,
+                challenger,
+                self.specs,
+                actor=self.actor,
+                reason="; ".join(gate.reasons),
+                gate=gate.to_json(),
+            )
         except ExportError as exc:
-            decision, reasons, why = Decision.REJECTED, [f"export: {exc}"], f"export: {exc}"
-        timings["publish_s"] = time.monotonic() - t0
-    elif gate.decision is Decision.AWAITING_APPROVAL:
-        registry.transition(
-            challenger.version, VersionState.AWAITING_APPROVAL, actor=actor, reason=why,
-            gate=gate_json,
-        )  # fmt: skip
-    else:
+            decision, reasons = Decision.REJECTED, [f"export: {exc}"]
+        self.timings["publish_s"] = time.monotonic() - t0
+        return decision, reasons, bundle
+
+    def await_approval(self, challenger: Version, gate: GateReport) -> Outcome:
+        return self._decided(challenger, VersionState.AWAITING_APPROVAL, gate)
+
+    def reject(self, champion: Version | None, challenger: Version, gate: GateReport) -> Outcome:
         # Set the batch aside before the decision is final, so a crash in between re-runs
         # to the same end. Waiting for held-out data is not a verdict on the data itself.
         if any(c.rule != "held_out_present" for c in gate.failures):
-            store.quarantine(champion_seq, challenger.data_seq, challenger.version)
-        registry.transition(
-            challenger.version, VersionState.REJECTED, actor=actor, reason=why, gate=gate_json
+            champion_seq = champion.data_seq if champion is not None else 0
+            self.store.quarantine(champion_seq, challenger.data_seq, challenger.version)
+        return self._decided(challenger, VersionState.REJECTED, gate)
+
+    def _decided(self, challenger: Version, state: VersionState, gate: GateReport) -> Outcome:
+        why = "; ".join(gate.reasons)
+        self.registry.transition(
+            challenger.version, state, actor=self.actor, reason=why, gate=gate.to_json()
         )
-    log.info("v%d %s: %s", challenger.version, decision.value, why)
-    return CycleResult(
-        challenger.version, decision, reasons, metrics, gate, timings, trained, bundle
-    )
+        return gate.decision, list(gate.reasons), None

@@ -48,12 +48,15 @@ FORMAT = "aftertune-online-fisher/1"
 
 @dataclass(frozen=True)
 class EwcSpec:
-    """How strongly the adapter is held near the champion on weights that mattered before."""
+    """How strongly the adapter is held near the champion on weights that mattered before.
 
-    lam: float = 1.0
-    decay: float = 0.9  # online EWC gamma: weight of the Fisher carried from past champions
-    fisher_samples: int = 256  # replay examples the Fisher is estimated on
-    enabled: bool = True
+    No defaults here: the daemon's settings (``[ewc]``) are the one source of them.
+    """
+
+    lam: float
+    decay: float  # online EWC gamma: weight of the Fisher carried from past champions
+    fisher_samples: int  # replay examples the Fisher is estimated on
+    enabled: bool
 
     def __post_init__(self) -> None:
         if not self.lam >= 0:

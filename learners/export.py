@@ -24,7 +24,7 @@ from typing import Any
 from aftertune.learners.errors import ExportError
 from aftertune.store.bundle import FORMAT_GENAI, FORMAT_LOGITS, write_manifest
 from aftertune.store.consumer import Bundle
-from aftertune.store.prompt import DEFAULT_PROMPT
+from aftertune.store.prompt import PromptTemplate
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,17 @@ EXTRA_OPTIONS = {"int4": ["algo_config=k_quant_mixed"]}
 
 @dataclass(frozen=True)
 class ExportSpec:
-    method: str = "auto"  # auto: genai builder, torch fallback; or force one
-    precision: str = "fp32"
-    target: str = "cpu"
-    parity_prompts: int = 32
-    parity_max_new_tokens: int = 16
-    min_token_agreement: float = 0.95  # int8/int4 only; fp32 must agree on every token
-    logits_atol: float = 1e-3  # fallback fp32: max |logit difference| on the parity prompts
+    """How a champion becomes a bundle. No defaults: the settings' ``[export]`` and
+    ``[prompt]`` are the one source of them."""
+
+    method: str  # auto: genai builder, torch fallback; or force one
+    precision: str
+    target: str
+    parity_prompts: int
+    parity_max_new_tokens: int
+    min_token_agreement: float  # int8/int4 only; fp32 must agree on every token
+    logits_atol: float  # fallback fp32: max |logit difference| on the parity prompts
+    template: PromptTemplate  # written to the manifest: consumers render prompts with it
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -100,8 +104,8 @@ def export_bundle(
         "format": fmt,
         "version": manifest_fields["version"],
         "prompt": {
-            "with_input": DEFAULT_PROMPT.with_input,
-            "without_input": DEFAULT_PROMPT.without_input,
+            "with_input": spec.template.with_input,
+            "without_input": spec.template.without_input,
         },
         "eos_token_id": config.get("eos_token_id"),
         "context_length": config.get("max_position_embeddings"),

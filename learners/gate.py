@@ -70,19 +70,16 @@ class MetricRules:
 
 @dataclass(frozen=True)
 class GateRules:
-    default: MetricRules = field(
-        default_factory=lambda: MetricRules(
-            max_drop={"accuracy": 0.05, "token_f1": 0.05, "nll": 0.25},
-            max_drop_rel={"nll": 0.25},
-        )
-    )
-    per_task: Mapping[str, MetricRules] = field(default_factory=dict)
-    min_gain: float = 0.0  # headline score, challenger - champion, on the gain suite
-    min_nll_gain: float = 0.01  # nats per token the challenger must improve on the gain suite
-    noise_z: float = 1.0  # max_drop of a proportion is at least this many standard errors
-    max_nll_rise_same_task: float = 0.02  # nats; a task's new data vs its own old held-out
-    max_conflict_share: float = 0.05  # new records that contradict an older record's label
-    require_approval: bool = False
+    """The gate's thresholds. No defaults: the settings' ``[gate]`` is the one source."""
+
+    default: MetricRules
+    per_task: Mapping[str, MetricRules]
+    min_gain: float  # headline score, challenger - champion, on the gain suite
+    min_nll_gain: float  # nats per token the challenger must improve on the gain suite
+    noise_z: float  # max_drop of a proportion is at least this many standard errors
+    max_nll_rise_same_task: float  # nats; a task's new data vs its own old held-out
+    max_conflict_share: float  # new records that contradict an older record's label
+    require_approval: bool
 
     def for_task(self, task: str) -> MetricRules:
         override = self.per_task.get(task)
@@ -91,7 +88,8 @@ class GateRules:
 
 @dataclass(frozen=True)
 class Check:
-    """One rule applied to one task and metric. ``passed`` None = could not be judged."""
+    """One rule applied to one task and metric. A rule that cannot be judged (the metric
+    or the held-out set is missing) fails: ``passed`` is False with a message saying why."""
 
     task: str
     suite: Suite
@@ -180,73 +178,63 @@ def _noise(metric: str, value: float, n: float, z: float) -> float:
 def _change_checks(
     task: str, champion: Scores, challenger: Scores, rules: MetricRules, noise_z: float = 0.0
 ) -> list[Check]:
-    out = []
-    suite = Suite.REGRESSION
+    """Drops against the champion on the regression suite, absolute and relative."""
+    out: list[Check] = []
     for metric in sorted(set(rules.max_drop) | set(rules.max_drop_rel)):
         if metric not in champion:
             continue
-        old = champion[metric]
         if metric not in challenger:
-            out.append(
-                Check(
-                    task,
-                    suite,
-                    metric,
-                    "metric_present",
-                    old,
-                    None,
-                    None,
-                    False,
-                    f"{task}: challenger has no {metric} (champion {_fmt(old)})",
-                )
-            )
+            out.append(_missing_metric(task, metric, champion[metric]))
             continue
-        new = challenger[metric]
-        drop = (old - new) if HIGHER_IS_BETTER[metric] else (new - old)
         if metric in rules.max_drop:
-            # On a small held-out set one answer moves accuracy by 1/n: never demand more
-            # precision than the sample has (noise_z standard errors).
-            noise = _noise(metric, old, champion.get("n", 0), noise_z)
-            limit = max(rules.max_drop[metric], noise)
-            widened = (
-                f"; widened from {rules.max_drop[metric]:g} for n={champion.get('n', 0):g}"
-                if noise > rules.max_drop[metric]
-                else ""
-            )
-            ok = drop <= limit + 1e-12
+            out.append(_drop_check(task, metric, champion, challenger[metric], rules, noise_z))
+        if metric in rules.max_drop_rel and champion[metric] != 0:
             out.append(
-                Check(
-                    task,
-                    suite,
-                    metric,
-                    "max_drop",
-                    old,
-                    new,
-                    limit,
-                    ok,
-                    f"{task}: {metric} {_fmt(old)} -> {_fmt(new)}, a drop of {drop:.4g} "
-                    f"({'within' if ok else 'over'} the allowed {limit:.4g}{widened})",
-                )
-            )
-        if metric in rules.max_drop_rel and old != 0:
-            limit = rules.max_drop_rel[metric]
-            rel = drop / abs(old)
-            ok = rel <= limit + 1e-12
-            out.append(
-                Check(
-                    task,
-                    suite,
-                    metric,
-                    "max_drop_rel",
-                    old,
-                    new,
-                    limit,
-                    ok,
-                    f"{task}: {metric} {_fmt(old)} -> {_fmt(new)}, a relative drop of "
-                    f"{100 * rel:.1f}% ({'within' if ok else 'over'} the allowed {100 * limit:g}%)",
-                )
+                _relative_drop_check(task, metric, champion[metric], challenger[metric], rules)
             )
     return out
+
+
+def _drop(metric: str, old: float, new: float) -> float:
+    """How much worse ``new`` is than ``old`` (negative: better)."""
+    return (old - new) if HIGHER_IS_BETTER[metric] else (new - old)
+
+
+def _missing_metric(task: str, metric: str, old: float) -> Check:
+    message = f"{task}: challenger has no {metric} (champion {_fmt(old)})"
+    return Check(task, Suite.REGRESSION, metric, "metric_present", old, None, None, False, message)
+
+
+def _drop_check(
+    task: str, metric: str, champion: Scores, new: float, rules: MetricRules, noise_z: float
+) -> Check:
+    old, allowed = champion[metric], rules.max_drop[metric]
+    drop = _drop(metric, old, new)
+    # On a small held-out set one answer moves accuracy by 1/n: never demand more
+    # precision than the sample has (noise_z standard errors).
+    n = champion.get("n", 0)
+    noise = _noise(metric, old, n, noise_z)
+    limit = max(allowed, noise)
+    widened = f"; widened from {allowed:g} for n={n:g}" if noise > allowed else ""
+    ok = drop <= limit + 1e-12
+    message = (
+        f"{task}: {metric} {_fmt(old)} -> {_fmt(new)}, a drop of {drop:.4g} "
+        f"({'within' if ok else 'over'} the allowed {limit:.4g}{widened})"
+    )
+    return Check(task, Suite.REGRESSION, metric, "max_drop", old, new, limit, ok, message)
+
+
+def _relative_drop_check(
+    task: str, metric: str, old: float, new: float, rules: MetricRules
+) -> Check:
+    limit = rules.max_drop_rel[metric]
+    rel = _drop(metric, old, new) / abs(old)
+    ok = rel <= limit + 1e-12
+    message = (
+        f"{task}: {metric} {_fmt(old)} -> {_fmt(new)}, a relative drop of "
+        f"{100 * rel:.1f}% ({'within' if ok else 'over'} the allowed {100 * limit:g}%)"
+    )
+    return Check(task, Suite.REGRESSION, metric, "max_drop_rel", old, new, limit, ok, message)
 
 
 def _gain_checks(

@@ -9,19 +9,18 @@ from torch import nn
 
 from aftertune.store.files import staged_dir
 
-# Every Linear layer of a Llama-like block (attention and MLP): for small models LoRA on all
-# of them learns clearly more than on q/v only, at little cost.
-LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """LoRA settings; ``alpha`` defaults to ``2 * r`` (scaling = alpha / r = 2)."""
+    """LoRA settings; ``alpha=None`` means ``2 * r`` (scaling = alpha / r = 2).
 
-    r: int = 16
-    alpha: int | None = None
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = LLAMA_LINEAR
+    No defaults here: the daemon's settings (``[lora]``) are the one source of them.
+    """
+
+    r: int
+    alpha: int | None
+    dropout: float
+    target_modules: tuple[str, ...]
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:

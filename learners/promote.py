@@ -19,9 +19,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from aftertune.learners.champion import adapter_sha256, build_champion
+from aftertune.learners.champion import build_champion
 from aftertune.learners.errors import ExportError
 from aftertune.learners.export import ExportSpec, export_bundle
+from aftertune.learners.lineage import manifest_lineage
+from aftertune.learners.specs import LearningSpecs
 from aftertune.store.bundle import version_dir_name
 from aftertune.store.bundles import (
     Published,
@@ -36,7 +38,7 @@ from aftertune.store.bundles import (
 from aftertune.store.examples import Example, ExampleStore
 from aftertune.store.failpoints import failpoint
 from aftertune.store.layout import StateLayout
-from aftertune.store.prompt import render_prompt
+from aftertune.store.prompt import PromptTemplate
 from aftertune.store.registry import Registry, Version, VersionState
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,9 @@ def bundles_dir(state_dir: Path) -> Path:
     return StateLayout(state_dir).bundles
 
 
-def parity_prompts(store: ExampleStore, until: int, limit: int) -> list[str]:
+def parity_prompts(
+    store: ExampleStore, until: int, limit: int, template: PromptTemplate
+) -> list[str]:
     """Regression prompts: held-out records up to ``until``, round-robin over tasks."""
     by_task: dict[str, list[Example]] = {}
     for ex in store.held_out(until=until):
@@ -61,7 +65,7 @@ def parity_prompts(store: ExampleStore, until: int, limit: int) -> list[str]:
             if ex is None:
                 queues.remove(it)
             elif len(out) < limit:
-                out.append(render_prompt(ex.instruction, ex.input))
+                out.append(template.render(ex.instruction, ex.input))
     return out
 
 
@@ -85,15 +89,10 @@ def stage_bundle(
         fields: dict[str, Any] = {
             "name": BUNDLE_NAME,
             "version": version.version,
-            "base_sha256": version.lineage.get("base_sha256"),
-            "adapters": [
-                *version.lineage.get("adapters", []),
-                {"version": version.version, "sha256": adapter_sha256(version.adapter_dir)},
-            ],
-            "lineage": {k: version.lineage.get(k) for k in ("base", "parent", "trained_on")},
+            **manifest_lineage(version),
             "metrics": version.metrics,
         }
-        prompts = parity_prompts(store, version.data_seq, spec.parity_prompts)
+        prompts = parity_prompts(store, version.data_seq, spec.parity_prompts, spec.template)
         result = export_bundle(model_dir, staging, spec, prompts, fields)
         log.info(
             "v%d exported (%s, %s) in %.1fs; parity %s",
@@ -114,21 +113,20 @@ def promote_and_publish(
     registry: Registry,
     state_dir: Path,
     version: Version,
+    specs: LearningSpecs,
     *,
-    base: str,
-    spec: ExportSpec | None,
-    keep: int,
     actor: str,
     reason: str,
     gate: dict[str, Any] | None = None,
 ) -> Published | None:
     """Export + parity, then promote, then publish. ExportError: rejected, champion kept.
 
-    With ``spec=None`` (export disabled) it only promotes and returns None.
+    With ``specs.export=None`` (export disabled) it only promotes and returns None.
     """
+    spec = specs.export
     if spec is not None:
         try:
-            stage_bundle(store, registry, state_dir, version, base=base, spec=spec)
+            stage_bundle(store, registry, state_dir, version, base=specs.base, spec=spec)
         except ExportError as exc:
             registry.transition(
                 version.version,
@@ -142,7 +140,7 @@ def promote_and_publish(
     failpoint("publish.before_latest")
     if spec is None:
         return None
-    return _point_latest(state_dir, version.version, keep)
+    return _point_latest(state_dir, version.version, specs.keep_bundles)
 
 
 def _point_latest(state_dir: Path, version: int, keep: int) -> Published:
@@ -158,15 +156,15 @@ def sync_latest(
     store: ExampleStore,
     registry: Registry,
     state_dir: Path,
-    *,
-    base: str,
-    spec: ExportSpec,
-    keep: int,
+    specs: LearningSpecs,
 ) -> Published | None:
     """Make ``latest`` the champion's bundle (after a crash or a rollback). None: no champion.
 
-    Returns the bundle when ``latest`` had to move, None when it already pointed right.
+    Returns the bundle when ``latest`` had to move, None when it already pointed right or
+    export is disabled.
     """
+    if specs.export is None:
+        return None
     root = bundles_dir(state_dir)
     leftovers = clean_staging(root)
     if leftovers:
@@ -176,5 +174,5 @@ def sync_latest(
         return None
     if not (root / version_dir_name(champion.version) / "manifest.json").is_file():
         log.info("champion v%d has no bundle; exporting it", champion.version)
-        stage_bundle(store, registry, state_dir, champion, base=base, spec=spec)
-    return _point_latest(state_dir, champion.version, keep)
+        stage_bundle(store, registry, state_dir, champion, base=specs.base, spec=specs.export)
+    return _point_latest(state_dir, champion.version, specs.keep_bundles)

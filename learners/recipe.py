@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from aftertune.learners.lora import (
     save_adapter,
 )
 from aftertune.learners.replay import ReplaySpec, cap_pool, mix_batches
-from aftertune.store.prompt import DEFAULT_PROMPT, PromptTemplate
+from aftertune.store.prompt import PromptTemplate
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +53,26 @@ __all__ = ["EwcSpec", "LoraSpec", "ReplaySpec", "TrainResult", "TrainSpec", "tra
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Optimisation settings of one cycle. ``batch_size`` counts new + replayed examples."""
+    """Optimisation settings of one cycle. ``batch_size`` counts new + replayed examples.
 
-    lr: float = 1e-3  # tiny models take a higher LoRA lr than the usual 1e-4..3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    max_steps: int | None = None  # None: ``epochs`` passes over the new examples
-    epochs: int = 3
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    seed: int = 0
-    max_length: int = 256  # tokens per example (bytes, for the embedded model)
-    checkpoint_every: int = 0  # optimizer steps; 0: no checkpoints
-    device: str = "auto"  # "auto": CUDA when present (bf16 autocast), else CPU fp32
-    progress: bool = True
-    schedule: str = "cosine"  # decay after warmup, to 0: "cosine" or "linear"
-    template: PromptTemplate = field(default=DEFAULT_PROMPT)
+    No defaults here: the daemon's settings (``[train]``, ``[prompt]``) are the one source.
+    """
+
+    lr: float  # peak; tiny models take a higher LoRA lr than the usual 1e-4..3e-4
+    weight_decay: float
+    warmup_steps: int
+    max_steps: int | None  # None: ``epochs`` passes over the new examples
+    epochs: int
+    batch_size: int
+    grad_accum: int
+    max_grad_norm: float  # 0 disables clipping
+    seed: int
+    max_length: int  # tokens per example (bytes, for the embedded model)
+    checkpoint_every: int  # optimizer steps; 0: no checkpoints
+    device: str  # "auto": CUDA when present (bf16 autocast), else CPU fp32
+    progress: bool
+    schedule: str  # decay after warmup, to 0: "cosine" or "linear"
+    template: PromptTemplate
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -119,14 +122,19 @@ class _Position:
     penalty: float = 0.0
 
 
-def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
-    """Multiplier of the peak lr at ``step``: linear warmup, then cosine or linear decay to 0."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0 - progress
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, *, warmup: int, total: int, schedule: str
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' linear warmup (from 0) to the peak lr, then cosine or linear decay to 0.
+
+    A LambdaLR: its position travels in the checkpoint, the lambda is rebuilt from the spec.
+    """
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    make = (
+        get_cosine_schedule_with_warmup if schedule == "cosine" else get_linear_schedule_with_warmup
+    )
+    return make(optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 def train_adapter(
@@ -239,11 +247,8 @@ class LoraRecipe:
         self.optimizer = torch.optim.AdamW(
             self.params.values(), lr=spec.lr, weight_decay=spec.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(
-                s, warmup=spec.warmup_steps, total=self.total_steps, schedule=spec.schedule
-            ),
+        self.scheduler = lr_schedule(
+            self.optimizer, warmup=spec.warmup_steps, total=self.total_steps, schedule=spec.schedule
         )
         self.checkpoint_dir = checkpoint_dir
         self.run_id = _run_id(new, self.pool, spec, self.lora, self.replay_spec, self.ewc)

@@ -19,11 +19,11 @@ from aftertune.learners.data import ExampleLike
 
 @dataclass(frozen=True)
 class ReplaySpec:
-    """How much of the past is replayed in a cycle."""
+    """How much of the past is replayed in a cycle (defaults: the settings' ``[replay]``)."""
 
-    ratio: float = 1.0  # replayed examples per new example in each batch
-    cap: int = 2000  # most distinct replay examples used in one cycle
-    enabled: bool = True
+    ratio: float  # replayed examples per new example in each batch
+    cap: int  # most distinct replay examples used in one cycle
+    enabled: bool
 
     def __post_init__(self) -> None:
         if not (self.ratio >= 0 and self.ratio <= 64):

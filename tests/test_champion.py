@@ -10,11 +10,12 @@ import torch
 from learner_fixtures import save_tiny_base, single_thread  # noqa: F401 (autouse)
 from peft import PeftModel
 from safetensors.torch import load_file
+from spec_fixtures import lora_spec
 
 from aftertune.learners.base_model import load_base
 from aftertune.learners.champion import build_champion, champion_key, load_champion
 from aftertune.learners.errors import ChampionError
-from aftertune.learners.lora import LoraSpec, attach_fresh_adapter, save_adapter
+from aftertune.learners.lora import attach_fresh_adapter, save_adapter
 
 
 def make_adapter(base_dir: Path, merged_before: list[Path], out: Path, seed: int) -> Path:
@@ -23,7 +24,7 @@ def make_adapter(base_dir: Path, merged_before: list[Path], out: Path, seed: int
     for earlier in merged_before:
         model = PeftModel.from_pretrained(model, str(earlier)).merge_and_unload()
     torch.manual_seed(seed)
-    peft_model = attach_fresh_adapter(model, LoraSpec(r=4, target_modules=("q_proj", "down_proj")))
+    peft_model = attach_fresh_adapter(model, lora_spec(r=4, target_modules=("q_proj", "down_proj")))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:

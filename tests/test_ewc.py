@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 from learner_fixtures import Ex, byte_tokenizer, copy_task, single_thread, tiny_llama  # noqa: F401 (autouse)
+from spec_fixtures import DEFAULTS, ewc_spec, lora_spec
 
 from aftertune.learners.data import collate, encode_examples, response_loss
 from aftertune.learners.errors import FisherMismatch
 from aftertune.learners.ewc import (
     EwcPenalty,
-    EwcSpec,
     estimate_fisher,
     estimate_fisher_per_sample,
     ewc_penalty,
@@ -20,9 +20,9 @@ from aftertune.learners.ewc import (
     load_fisher,
     update_online_fisher,
 )
-from aftertune.learners.lora import LoraSpec, attach_fresh_adapter
+from aftertune.learners.lora import attach_fresh_adapter
 
-TARGETS = LoraSpec().target_modules
+TARGETS = DEFAULTS.lora.target_modules
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_batched_per_sample_fisher_equals_batch_size_one(tok) -> None:
 
 
 def test_penalty_is_zero_for_a_fresh_adapter_and_matches_brute_force(fisher) -> None:
-    spec = LoraSpec(r=4, alpha=12)
+    spec = lora_spec(r=4, alpha=12)
     torch.manual_seed(0)
     model = attach_fresh_adapter(tiny_llama(), spec)
     assert ewc_penalty(model, fisher, lam=3.0).item() == 0.0  # B starts at zero
@@ -109,7 +109,7 @@ def test_prepared_penalty_matches_the_per_layer_sum_and_follows_the_adapter(fish
     """EwcPenalty batches layers of one shape; value and gradients equal the plain sum."""
     from peft.tuners.lora import LoraLayer
 
-    model = attach_fresh_adapter(tiny_llama(), LoraSpec(r=4, alpha=12))
+    model = attach_fresh_adapter(tiny_llama(), lora_spec(r=4, alpha=12))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -143,7 +143,7 @@ def test_prepared_penalty_matches_the_per_layer_sum_and_follows_the_adapter(fish
 
 def test_penalty_refuses_a_fisher_for_other_targets(tok) -> None:
     only_q = estimate_fisher(tiny_llama(), tok, copy_task(2), ("q_proj",), max_length=64)
-    model = attach_fresh_adapter(tiny_llama(), LoraSpec())
+    model = attach_fresh_adapter(tiny_llama(), DEFAULTS.lora)
     with pytest.raises(FisherMismatch, match="no entry"):
         ewc_penalty(model, only_q, lam=1.0)
 
@@ -168,8 +168,8 @@ def test_online_fisher_decays_and_counts_a_rejected_champion_once(tmp_path) -> N
 
 def test_spec_validation() -> None:
     with pytest.raises(ValueError, match="decay"):
-        EwcSpec(decay=1.5)
+        ewc_spec(decay=1.5)
     with pytest.raises(ValueError, match="lam"):
-        EwcSpec(lam=-1)
+        ewc_spec(lam=-1)
     with pytest.raises(ValueError, match="fisher_samples"):
-        EwcSpec(fisher_samples=0)
+        ewc_spec(fisher_samples=0)

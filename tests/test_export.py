@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 from learner_fixtures import save_tiny_base
+from spec_fixtures import export_spec
 
 import aftertune.learners.export as export_module
 from aftertune.learners.base_model import EMBEDDED_TINY, load_base, resolve_base
@@ -100,13 +101,13 @@ def _export(base_dir: Path, out: Path, spec: ExportSpec, prompts: list[str], ver
 @pytest.fixture(scope="module")
 def genai(base_dir: Path, reference: Reference, tmp_path_factory: pytest.TempPathFactory) -> Any:
     out = tmp_path_factory.mktemp("export") / "genai"
-    return _export(base_dir, out, ExportSpec(method="genai"), reference.prompts, 1)
+    return _export(base_dir, out, export_spec(method="genai"), reference.prompts, 1)
 
 
 @pytest.fixture(scope="module")
 def logits(base_dir: Path, reference: Reference, tmp_path_factory: pytest.TempPathFactory) -> Any:
     out = tmp_path_factory.mktemp("export") / "torch"
-    return _export(base_dir, out, ExportSpec(method="torch"), reference.prompts, 2)
+    return _export(base_dir, out, export_spec(method="torch"), reference.prompts, 2)
 
 
 def test_genai_fp32_bundle_is_whole_and_answers_as_pytorch(
@@ -229,7 +230,7 @@ def test_int4_below_required_agreement_fails_parity_and_leaves_no_manifest(
     # answer differs; the first 10, the reference prompts, all agree): under a 100 % bar.
     monkeypatch.setattr(export_module, "EXTRA_OPTIONS", {})
     out = tmp_path / "int4"
-    spec = ExportSpec(method="genai", precision="int4", min_token_agreement=1.0)
+    spec = export_spec(method="genai", precision="int4", min_token_agreement=1.0)
     rng = random.Random(7)
     prompts = [sample(rng).prompt for _ in range(32)]
     assert prompts[:10] == reference.prompts
@@ -251,13 +252,13 @@ def test_parity_catches_a_bundle_of_another_model(
     other = save_tiny_base(tmp_path / "other", seed=1)
     bundle = Bundle.open(genai.bundle_dir)
     with pytest.raises(ExportError, match=r"^parity: \d+/10 greedy answers differ from PyTorch"):
-        check_parity(other, bundle, ExportSpec(), reference.prompts)
+        check_parity(other, bundle, export_spec(), reference.prompts)
     # The fallback's logits check: its real error (~1e-5) is above an absurdly tight bound.
-    strict = ExportSpec(method="torch", logits_atol=1e-9)
+    strict = export_spec(method="torch", logits_atol=1e-9)
     with pytest.raises(ExportError, match=r"^parity: logits differ by up to .* > 1e-09"):
         check_parity(resolve_base(EMBEDDED_TINY), Bundle.open(logits.bundle_dir), strict, ["a"])
     with pytest.raises(ExportError, match="no parity prompts"):
-        check_parity(resolve_base(EMBEDDED_TINY), bundle, ExportSpec(), [])
+        check_parity(resolve_base(EMBEDDED_TINY), bundle, export_spec(), [])
 
 
 @pytest.mark.parametrize(
@@ -272,7 +273,7 @@ def test_parity_catches_a_bundle_of_another_model(
 )
 def test_export_spec_refuses_what_cannot_be_exported(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        ExportSpec(**kwargs)
+        export_spec(**kwargs)
 
 
 @pytest.fixture

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from aftertune.learners.gate import Decision, GateRules, MetricRules, judge
+from spec_fixtures import gate_rules
 
-RULES = GateRules(
+from aftertune.learners.gate import Decision, MetricRules, judge
+
+RULES = gate_rules(
     default=MetricRules(
         max_drop={"accuracy": 0.05, "nll": 0.25}, max_drop_rel={"nll": 0.25}, floor={}
     ),
@@ -51,7 +53,7 @@ def test_new_data_task_without_held_out_examples_is_reported_not_passed() -> Non
 def test_new_task_without_champion_score_is_held_to_floors_only() -> None:
     low = {"accuracy": 0.30, "nll": 3.0, "n": 20}
     assert judge({}, {"fresh": (None, low)}, {"fresh"}, RULES).decision is Decision.PROMOTED
-    floored = GateRules(default=MetricRules(floor={"accuracy": 0.5}))
+    floored = gate_rules(default=MetricRules(floor={"accuracy": 0.5}))
     report = judge({}, {"fresh": (None, low)}, {"fresh"}, floored)
     assert report.decision is Decision.REJECTED
     assert report.failures[0].rule == "value_floor"
@@ -66,7 +68,7 @@ def test_gain_on_new_data_is_required_for_known_tasks() -> None:
 
 
 def test_per_task_override_and_approval_and_determinism() -> None:
-    loose = GateRules(
+    loose = gate_rules(
         default=RULES.default,
         per_task={"noisy": MetricRules(max_drop={"accuracy": 0.5})},
         require_approval=True,
@@ -78,7 +80,7 @@ def test_per_task_override_and_approval_and_determinism() -> None:
 
 
 def test_small_held_out_sets_widen_the_allowed_drop_by_sampling_noise() -> None:
-    noisy = GateRules(default=RULES.default, noise_z=1.0)
+    noisy = gate_rules(default=RULES.default, noise_z=1.0)
     few = {"accuracy": 0.80, "nll": 1.0, "n": 20}  # one answer = 5 points
     report = judge({"a": (few, {**few, "accuracy": 0.72})}, {}, set(), noisy)
     assert report.decision is Decision.PROMOTED

@@ -16,11 +16,12 @@ from pathlib import Path
 import prometheus_client
 import pytest
 from conftest import run_cli
+from spec_fixtures import export_spec
 
 from aftertune.daemon.server import HttpServer, build_app
 from aftertune.learners.base_model import EMBEDDED_TINY, resolve_base
 from aftertune.learners.curriculum import sample
-from aftertune.learners.export import ExportSpec, export_bundle
+from aftertune.learners.export import export_bundle
 from aftertune.store.bundle import (
     MANIFEST,
     read_manifest,
@@ -68,7 +69,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     export_bundle(
         resolve_base(EMBEDDED_TINY),
         staging,
-        ExportSpec(method="genai", parity_prompts=4),
+        export_spec(method="genai", parity_prompts=4),
         prompts,
         {"name": "aftertune", "version": 1},
     )

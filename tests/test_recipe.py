@@ -12,23 +12,17 @@ import torch
 from learner_fixtures import byte_tokenizer, copy_task, single_thread, state_copy, tiny_llama  # noqa: F401 (autouse)
 from peft import PeftModel
 from safetensors.torch import load_file
+from spec_fixtures import DEFAULTS, ewc_spec, lora_spec, replay_spec, train_spec
 
 from aftertune.learners.base_model import EMBEDDED_TINY, load_base
 from aftertune.learners.data import collate, encode_examples, response_loss
 from aftertune.learners.errors import LearnerError, TrainingInterrupted
 from aftertune.learners.ewc import ewc_penalty, load_fisher
-from aftertune.learners.recipe import (
-    EwcSpec,
-    LoraSpec,
-    ReplaySpec,
-    TrainSpec,
-    lr_factor,
-    train_adapter,
-)
+from aftertune.learners.recipe import TrainSpec, lr_schedule, train_adapter
 
 NEW = copy_task(24, task="copy", seed=0)
 OLD = copy_task(24, task="old", seed=1)
-LORA = LoraSpec(r=4, dropout=0.1)
+LORA = lora_spec(r=4, dropout=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +31,23 @@ def tok():
 
 
 def spec(**kw) -> TrainSpec:
-    base = {"lr": 5e-3, "warmup_steps": 2, "batch_size": 4, "max_steps": 12, "progress": False}
-    return TrainSpec(**{**base, **kw})
+    base = {
+        "lr": 5e-3,
+        "warmup_steps": 2,
+        "batch_size": 4,
+        "max_steps": 12,
+        "progress": False,
+        "checkpoint_every": 0,
+    }
+    return train_spec(**{**base, **kw})
 
 
 def run(model, tok, tmp: Path, name: str, **kw) -> object:
     args = {
         "train": spec(),
         "lora": LORA,
-        "replay_spec": ReplaySpec(ratio=1.0),
-        "ewc": EwcSpec(lam=5.0, fisher_samples=8),
+        "replay_spec": replay_spec(ratio=1.0),
+        "ewc": ewc_spec(lam=5.0, fisher_samples=8),
         "fisher_path": tmp / f"{name}-fisher.safetensors",
         "out_dir": tmp / name,
     }
@@ -131,7 +132,7 @@ def test_training_lowers_the_loss_and_leaves_the_base_untouched(tmp_path) -> Non
     result = run(
         model, tok, tmp_path, "learn",
         train=spec(lr=1e-2, max_steps=None, epochs=10, batch_size=8),
-        lora=LoraSpec(r=8), replay_spec=ReplaySpec(enabled=False), ewc=None,
+        lora=lora_spec(r=8), replay_spec=replay_spec(enabled=False), ewc=None,
         should_stop=lambda step, total: bool(seen.append((step, total))),
     )  # fmt: skip
     assert result.steps == 30 and result.new_examples == 24 and result.replay_examples == 0
@@ -147,7 +148,7 @@ def test_training_lowers_the_loss_and_leaves_the_base_untouched(tmp_path) -> Non
     # The saved adapter is a valid PEFT adapter and carries what was learned.
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 16
-    assert set(config["target_modules"]) == set(LoraSpec().target_modules)
+    assert set(config["target_modules"]) == set(DEFAULTS.lora.target_modules)
     tuned = PeftModel.from_pretrained(model, str(result.adapter_dir))
     assert data_loss(tuned, tok, NEW) < 0.6 * loss_before
 
@@ -165,8 +166,8 @@ def test_same_seed_same_adapter_and_caller_rng_untouched(tok, tmp_path) -> None:
 
 
 def test_ewc_holds_the_adapter_closer_to_the_champion(tok, tmp_path) -> None:
-    free = run(tiny_llama(), tok, tmp_path, "free", train=spec(max_steps=10), ewc=EwcSpec(lam=0.0))
-    held = run(tiny_llama(), tok, tmp_path, "held", train=spec(max_steps=10), ewc=EwcSpec(lam=1e4))
+    free = run(tiny_llama(), tok, tmp_path, "free", train=spec(max_steps=10), ewc=ewc_spec(lam=0.0))
+    held = run(tiny_llama(), tok, tmp_path, "held", train=spec(max_steps=10), ewc=ewc_spec(lam=1e4))
     assert free.ewc_penalty_last == 0.0 and held.ewc_penalty_last > 0 and held.fisher_seconds > 0
     fisher = load_fisher(tmp_path / "held-fisher.safetensors")
 
@@ -188,7 +189,7 @@ def test_bad_input_raises() -> None:
     with pytest.raises(LearnerError, match="at least one new example"):
         train_adapter(
             tiny_llama(), byte_tokenizer(), [], OLD, train=spec(), lora=LORA,
-            replay_spec=ReplaySpec(), ewc=None, fisher_path=None, out_dir=Path("unused"),
+            replay_spec=replay_spec(), ewc=None, fisher_path=None, out_dir=Path("unused"),
         )  # fmt: skip
     for bad in (
         {"r": 0},
@@ -198,8 +199,8 @@ def test_bad_input_raises() -> None:
         {"target_modules": "q_proj"},
     ):
         with pytest.raises(ValueError):
-            LoraSpec(**bad)
-    assert LoraSpec(r=8).alpha == 16 and LoraSpec(target_modules=["q_proj"]).target_modules == (
+            lora_spec(**bad)
+    assert lora_spec(r=8).alpha == 16 and lora_spec(target_modules=["q_proj"]).target_modules == (
         "q_proj",
     )
     for bad in (
@@ -210,11 +211,25 @@ def test_bad_input_raises() -> None:
         {"device": "tpu"},
     ):
         with pytest.raises(ValueError):
-            TrainSpec(**bad)
+            train_spec(**bad)
+
+
+def lr_factors(schedule: str, *, warmup: int, total: int) -> list[float]:
+    """The multiplier of the peak lr at steps 0..total, read from a real optimizer."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = lr_schedule(optimizer, warmup=warmup, total=total, schedule=schedule)
+    out = []
+    for _ in range(total + 1):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        sched.step()
+    return out
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
-    f = [lr_factor(s, warmup=4, total=20, schedule="cosine") for s in range(21)]
+    f = lr_factors("cosine", warmup=4, total=20)
+    # transformers' warmup starts at 0: step s of the warmup runs at s / warmup of the peak.
     assert f[0] < f[1] < f[2] < f[3] < f[4] == 1.0
     assert all(a >= b for a, b in itertools.pairwise(f[4:])) and f[20] == pytest.approx(0)
-    assert lr_factor(12, warmup=4, total=20, schedule="linear") == pytest.approx(0.5)
+    assert f[12] == pytest.approx(0.5)  # cosine's midpoint
+    assert lr_factors("linear", warmup=4, total=20)[12] == pytest.approx(0.5)

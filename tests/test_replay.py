@@ -6,8 +6,9 @@ from collections import Counter
 
 import pytest
 from learner_fixtures import Ex
+from spec_fixtures import replay_spec
 
-from aftertune.learners.replay import ReplaySpec, cap_pool, mix_batches, split_batch
+from aftertune.learners.replay import cap_pool, mix_batches, split_batch
 
 
 def pool_of(sizes: dict[str, int]) -> list[Ex]:
@@ -19,13 +20,13 @@ NEW = [Ex("new", "i", str(k), "o") for k in range(40)]
 
 def test_each_batch_mixes_new_and_replay_at_the_ratio() -> None:
     pool = pool_of({"a": 30, "b": 30})
-    batches = mix_batches(NEW, pool, ReplaySpec(ratio=1.0), batch_size=8, seed=0, epoch=0)
+    batches = mix_batches(NEW, pool, replay_spec(ratio=1.0), batch_size=8, seed=0, epoch=0)
     assert [len(b.new) for b in batches] == [4] * 10
     assert [len(b.replay) for b in batches] == [4] * 10
     # Every new example exactly once per epoch.
     assert sorted(i for b in batches for i in b.new) == list(range(len(NEW)))
 
-    third = mix_batches(NEW, pool, ReplaySpec(ratio=1 / 3), batch_size=8, seed=0, epoch=0)
+    third = mix_batches(NEW, pool, replay_spec(ratio=1 / 3), batch_size=8, seed=0, epoch=0)
     new_total = sum(len(b.new) for b in third)
     replay_total = sum(len(b.replay) for b in third)
     assert new_total == 40 and abs(replay_total / new_total - 1 / 3) < 0.05
@@ -34,7 +35,7 @@ def test_each_batch_mixes_new_and_replay_at_the_ratio() -> None:
 
 def test_replay_draw_is_task_balanced_even_when_pool_is_skewed() -> None:
     pool = pool_of({"big": 200, "small": 10, "mid": 50})
-    batches = mix_batches(NEW, pool, ReplaySpec(ratio=1.0), batch_size=8, seed=3, epoch=0)
+    batches = mix_batches(NEW, pool, replay_spec(ratio=1.0), batch_size=8, seed=3, epoch=0)
     counts = Counter(pool[j].task for b in batches for j in b.replay)
     assert set(counts) == {"big", "small", "mid"}
     assert max(counts.values()) - min(counts.values()) <= 1
@@ -42,7 +43,7 @@ def test_replay_draw_is_task_balanced_even_when_pool_is_skewed() -> None:
 
 def test_deterministic_for_a_seed_and_epoch_and_varies_otherwise() -> None:
     pool = pool_of({"a": 20, "b": 20})
-    spec = ReplaySpec(ratio=1.0)
+    spec = replay_spec(ratio=1.0)
     one = mix_batches(NEW, pool, spec, batch_size=8, seed=5, epoch=1)
     assert one == mix_batches(NEW, pool, spec, batch_size=8, seed=5, epoch=1)
     assert one != mix_batches(NEW, pool, spec, batch_size=8, seed=5, epoch=2)
@@ -52,9 +53,9 @@ def test_deterministic_for_a_seed_and_epoch_and_varies_otherwise() -> None:
 def test_disabled_or_empty_pool_gives_new_only_batches() -> None:
     pool = pool_of({"a": 20})
     for spec, p in (
-        (ReplaySpec(enabled=False), pool),
-        (ReplaySpec(ratio=0.0), pool),
-        (ReplaySpec(), []),
+        (replay_spec(enabled=False), pool),
+        (replay_spec(ratio=0.0), pool),
+        (replay_spec(), []),
     ):
         batches = mix_batches(NEW, p, spec, batch_size=8, seed=0, epoch=0)
         assert [len(b.new) for b in batches] == [8] * 5
@@ -63,12 +64,12 @@ def test_disabled_or_empty_pool_gives_new_only_batches() -> None:
 
 def test_cap_keeps_a_task_balanced_subset() -> None:
     pool = pool_of({"a": 500, "b": 20, "c": 500})
-    chosen = cap_pool(pool, ReplaySpec(cap=100), seed=0)
+    chosen = cap_pool(pool, replay_spec(cap=100), seed=0)
     assert len(chosen) == 100 == len(set(chosen))
     counts = Counter(pool[i].task for i in chosen)
     assert counts["b"] == 20 and counts["a"] == counts["c"] == 40
-    assert chosen == cap_pool(pool, ReplaySpec(cap=100), seed=0)
-    assert cap_pool(pool, ReplaySpec(enabled=False), seed=0) == []
+    assert chosen == cap_pool(pool, replay_spec(cap=100), seed=0)
+    assert cap_pool(pool, replay_spec(enabled=False), seed=0) == []
 
 
 def test_split_and_spec_validation() -> None:
@@ -76,8 +77,8 @@ def test_split_and_spec_validation() -> None:
     assert split_batch(8, 0.0) == (8, 0)
     assert split_batch(1, 3.0) == (1, 0)  # a new example in every batch, whatever the ratio
     with pytest.raises(ValueError, match="ratio"):
-        ReplaySpec(ratio=-1)
+        replay_spec(ratio=-1)
     with pytest.raises(ValueError, match="cap"):
-        ReplaySpec(cap=-5)
+        replay_spec(cap=-5)
     with pytest.raises(ValueError, match="batch_size"):
         split_batch(0, 1.0)

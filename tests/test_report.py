@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from spec_fixtures import gate_rules
 
 from aftertune.daemon.cli import main
 from aftertune.daemon.report import render_report
-from aftertune.learners.gate import Decision, GateRules, MetricRules, judge
+from aftertune.learners.gate import Decision, MetricRules, judge
 from aftertune.store.registry import Registry, Version, VersionState
 
 EVIL = '<script>alert("task")</script>'
@@ -57,7 +58,7 @@ def _cycle(reg: Registry, tmp: Path, challenger: dict[str, Scores], new: set[str
     known = {t: m["challenger"] for t, m in (champion.metrics if champion else {}).items()}
     regression = {t: (known[t], s) for t, s in challenger.items() if t in known}
     gain = {t: (known.get(t), challenger[t]) for t in new}
-    rules = GateRules(per_task={"parity": MetricRules(floor={"accuracy": 0.5})})
+    rules = gate_rules(per_task={"parity": MetricRules(floor={"accuracy": 0.5})})
     report = judge(regression, gain, new, rules)
     base: Scores = {"accuracy": 0.3, "nll": 3.0, "n": 50}
     reg.set_metrics(

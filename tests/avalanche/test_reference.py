@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 from learner_fixtures import Ex, copy_task
+from spec_fixtures import DEFAULTS, lora_spec
 from torch import nn
 
 with warnings.catch_warnings():
@@ -63,7 +64,7 @@ from aftertune.learners.lora import LoraSpec, attach_fresh_adapter
 
 pytestmark = pytest.mark.avalanche
 
-TARGETS = LoraSpec().target_modules
+TARGETS = DEFAULTS.lora.target_modules
 MAX_LENGTH = 64
 PREFIX = "lm."  # the wrapper's attribute name: avalanche's parameter names carry it
 
@@ -208,7 +209,7 @@ def test_penalty_equals_avalanche_for_the_adapter_delta(base: tuple[nn.Module, A
     plugin = EWCPlugin(ewc_lambda=ewc_lambda)
     avalanche_train_exp(plugin, model, tok, examples, exp=0, batch_size=2)  # θ* = champion
 
-    adapted = adapter_with_delta(model, LoraSpec(r=4, alpha=12), seed=3)
+    adapted = adapter_with_delta(model, lora_spec(r=4, alpha=12), seed=3)
     # Our λ is twice avalanche's ewc_lambda: we write the penalty λ/2·ΣF·Δ², it λ·ΣF·Δ².
     ours = ewc_penalty(adapted, fisher, lam=2 * ewc_lambda)
     # peft's own merge builds θ = W + ΔW independently of our ΔW arithmetic.
@@ -228,7 +229,7 @@ def test_online_fisher_equals_avalanche_online_importances(
     task_a, task_b = copy_task(3, task="a", seed=4), copy_task(3, task="b", seed=5)
     # The champion after one promoted cycle. peft froze its weights; avalanche's model is
     # one it has just trained, with gradients on.
-    second = adapter_with_delta(model, LoraSpec(r=4), seed=6).merge_and_unload()
+    second = adapter_with_delta(model, lora_spec(r=4), seed=6).merge_and_unload()
     second.requires_grad_(True)
 
     path = tmp_path / "fisher.safetensors"

@@ -1,0 +1,51 @@
+"""What a learning cycle is told, as plain frozen dataclasses (the learners never see Settings).
+
+Each piece lives with the code it tunes (``LoraSpec`` in lora.py, ``TrainSpec`` in
+recipe.py, ...); this module holds the evaluation spec and the bundle of all of them that
+the cycle, the candidate trainer and promotion take. None of them carries defaults: the
+daemon's settings are the one source, and ``aftertune.daemon.specs.specs_from`` builds
+these from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aftertune.learners.ewc import EwcSpec
+from aftertune.learners.export import ExportSpec
+from aftertune.learners.gate import GateRules
+from aftertune.learners.lora import LoraSpec
+from aftertune.learners.recipe import TrainSpec
+from aftertune.learners.replay import ReplaySpec
+from aftertune.store.prompt import PromptTemplate
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How a version is scored on held-out examples (by ``aftertune eval`` and the gate)."""
+
+    batch_size: int
+    max_new_tokens: int  # free-text answers; a label task generates its longest label + EOS
+    max_length: int  # tokens of prompt + answer, as in training
+    max_per_task: int  # held-out examples per task and suite (the first by arrival)
+    template: PromptTemplate
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens", "max_length", "max_per_task"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval {name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class LearningSpecs:
+    """Everything one learning cycle needs besides the store, the registry and the state dir."""
+
+    base: str  # "embedded:tiny" or a local Hugging Face model dir
+    lora: LoraSpec
+    train: TrainSpec
+    replay: ReplaySpec
+    ewc: EwcSpec
+    eval: EvalSpec
+    rules: GateRules
+    export: ExportSpec | None  # None: export disabled, a promotion publishes no bundle
+    keep_bundles: int  # published bundles kept, the latest included
