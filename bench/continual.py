@@ -7,6 +7,10 @@ accuracy matrix R (R[i][j] = score on task j after training task i; points 0-100
 for label tasks, token F1 x 100 for free text). "joint" trains once on the union with the
 whole sequence's step budget: the upper bound the others are measured against.
 
+Every setting is the daemon's (``load_settings()``: the shipped defaults, ``AFTERTUNE_CONFIG``
+and the environment) unless a flag changes it; ``--device`` defaults to cpu, so figures do
+not depend on whether the machine has a GPU (CUDA trains with bf16 autocast).
+
     python bench/continual.py --data /tmp/learnable --tasks parity,vowel_end,last_digit,last_letter \\
         --strategies naive,replay,ewc,replay+ewc,joint --json /tmp/continual.json
 """
@@ -20,10 +24,12 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from aftertune.daemon.settings import load_settings
+from aftertune.daemon.specs import LearningSpecs, specs_from
 from aftertune.learners.evaluate import TaskScore, evaluate, task_kind
 from aftertune.learners.forgetting import continual_metrics
 from aftertune.store.examples import Example, ExampleStore
@@ -46,27 +52,49 @@ class Suite:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """The knobs every strategy shares (one budget for all)."""
+    """The knobs every strategy shares (one budget for all); ``of`` takes the daemon's."""
 
     # The budget is passes over each task's new examples, as the daemon's ``train.epochs``:
     # replayed examples ride along in the batches (more compute, not less new data), and
     # joint makes the same passes over the union. ``steps`` instead fixes optimizer steps per
     # task (joint: steps x number of tasks), which gives replay half the new data at ratio 1.
-    epochs: int = 3
-    steps: int | None = None
-    lr: float = 4e-3
-    r: int = 16
-    batch_size: int = 8
-    replay_ratio: float = 1.0
-    replay_cap: int = 2000
-    ewc_lambda: float = 1e3  # our λ/2·ΣFΔW² convention (avalanche ewc_lambda = λ/2)
-    ewc_decay: float = 0.9
-    fisher_samples: int = 64
-    max_length: int = 256
-    seed: int = 0
-    eval_batch_size: int = 64
-    max_new_tokens: int = 8
-    device: str = "cpu"  # "cuda" trains with bf16 autocast (the recipe's choice): not CPU-identical
+    epochs: int
+    steps: int | None
+    lr: float
+    r: int
+    batch_size: int
+    replay_ratio: float
+    replay_cap: int
+    ewc_lambda: float  # our λ/2·ΣFΔW² convention (avalanche ewc_lambda = λ/2)
+    ewc_decay: float
+    fisher_samples: int
+    max_length: int
+    seed: int
+    eval_batch_size: int
+    max_new_tokens: int
+    device: str  # "cuda" trains with bf16 autocast (the recipe's choice): not CPU-identical
+
+    @classmethod
+    def of(cls, specs: LearningSpecs, device: str = "cpu") -> BenchConfig:
+        """The daemon's values for every knob (``device`` aside: see the module docstring)."""
+        train, replay, ewc = specs.train, specs.replay, specs.ewc
+        return cls(
+            epochs=train.epochs,
+            steps=train.max_steps,
+            lr=train.lr,
+            r=specs.lora.r,
+            batch_size=train.batch_size,
+            replay_ratio=replay.ratio,
+            replay_cap=replay.cap,
+            ewc_lambda=ewc.lam,
+            ewc_decay=ewc.decay,
+            fisher_samples=ewc.fisher_samples,
+            max_length=train.max_length,
+            seed=train.seed,
+            eval_batch_size=specs.eval.batch_size,
+            max_new_tokens=specs.eval.max_new_tokens,
+            device=device,
+        )
 
 
 @dataclass
@@ -177,28 +205,39 @@ def load_suite(data: Path, tasks: list[str], max_train: int | None, max_test: in
 
 
 def _specs(
-    cfg: BenchConfig, *, steps: int | None, replay: bool, ewc: bool, seed: int
+    cfg: BenchConfig,
+    daemon: LearningSpecs,
+    *,
+    steps: int | None,
+    replay: bool,
+    ewc: bool,
+    seed: int,
 ) -> dict[str, Any]:
-    from aftertune.learners.ewc import EwcSpec
-    from aftertune.learners.lora import LoraSpec
-    from aftertune.learners.recipe import TrainSpec
-    from aftertune.learners.replay import ReplaySpec
-
+    """``train_adapter``'s specs: the daemon's, with the bench's knobs and this strategy's."""
+    train = replace(
+        daemon.train,
+        lr=cfg.lr,
+        max_steps=steps,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        seed=seed,
+        max_length=cfg.max_length,
+        device=cfg.device,
+        progress=False,
+    )
+    lora = daemon.lora if cfg.r == daemon.lora.r else replace(daemon.lora, r=cfg.r, alpha=None)
     return {
-        "train": TrainSpec(
-            lr=cfg.lr,
-            max_steps=steps,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            seed=seed,
-            max_length=cfg.max_length,
-            device=cfg.device,
-            progress=False,
+        "train": train,
+        "lora": lora,
+        "replay_spec": replace(
+            daemon.replay, ratio=cfg.replay_ratio, cap=cfg.replay_cap, enabled=replay
         ),
-        "lora": LoraSpec(r=cfg.r),
-        "replay_spec": ReplaySpec(ratio=cfg.replay_ratio, cap=cfg.replay_cap, enabled=replay),
-        "ewc": EwcSpec(
-            lam=cfg.ewc_lambda, decay=cfg.ewc_decay, fisher_samples=cfg.fisher_samples, enabled=ewc
+        "ewc": replace(
+            daemon.ewc,
+            lam=cfg.ewc_lambda,
+            decay=cfg.ewc_decay,
+            fisher_samples=cfg.fisher_samples,
+            enabled=ewc,
         ),
     }
 
@@ -220,10 +259,14 @@ def _train_and_merge(
 
     start = time.perf_counter()
     trained = train_adapter(
-        model, tokenizer, new, past, **specs,
+        model,
+        tokenizer,
+        new,
+        past,
+        **specs,
         fisher_path=workdir / "fisher.safetensors",
         out_dir=workdir / f"adapter-{cycle}",
-    )  # fmt: skip
+    )
     merged = PeftModel.from_pretrained(model, str(trained.adapter_dir)).merge_and_unload()
     # peft leaves its config on the unwrapped model; the next cycle's fresh adapter must not
     # find it (same cleanup as lora.detach_adapter).
@@ -237,9 +280,16 @@ def _train_and_merge(
     result.steps += trained.steps
     log.info(
         "%s cycle %d: %d steps, loss %.3f -> %.3f, ewc %.3g, %.0f tok/s, fisher %.1fs, train %.1fs",
-        result.name, cycle, trained.steps, trained.loss_first, trained.loss_last, trained.ewc_penalty_last,
-        trained.tokens_per_s, trained.fisher_seconds, trained.train_seconds,
-    )  # fmt: skip
+        result.name,
+        cycle,
+        trained.steps,
+        trained.loss_first,
+        trained.loss_last,
+        trained.ewc_penalty_last,
+        trained.tokens_per_s,
+        trained.fisher_seconds,
+        trained.train_seconds,
+    )
     return merged
 
 
@@ -248,6 +298,7 @@ def _prime_fisher(
     tokenizer: Any,
     past: list[Example],
     cfg: BenchConfig,
+    targets: tuple[str, ...],
     fisher_path: Path,
     result: StrategyResult,
 ) -> None:
@@ -262,9 +313,7 @@ def _prime_fisher(
         update_online_fisher,
         weights_fingerprint,
     )
-    from aftertune.learners.lora import LoraSpec
 
-    targets = LoraSpec(r=cfg.r).target_modules
     start = time.perf_counter()
     stride = max(1, len(past) // cfg.fisher_samples)
     samples = past[::stride][: cfg.fisher_samples]
@@ -287,7 +336,7 @@ def _record_row(
 
 
 def run_strategy(
-    name: str, suite: Suite, cfg: BenchConfig, base: str, workdir: Path
+    name: str, suite: Suite, cfg: BenchConfig, daemon: LearningSpecs, workdir: Path
 ) -> StrategyResult:
     """Train ``name`` over the suite from a freshly loaded base; evaluate after every task."""
     import torch
@@ -295,54 +344,97 @@ def run_strategy(
     from aftertune.learners.base_model import load_base
 
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_base(base, device=cfg.device)
-    result = StrategyResult(name)
+    model, tokenizer = load_base(daemon.base, device=cfg.device)
+    run = _Strategy(StrategyResult(name), suite, cfg, daemon, workdir, tokenizer)
+    base_scores = run.evaluate(model)
+    run.result.base = {t: 100 * s.score for t, s in base_scores.items()}
+    run.result.base_nll = {t: s.nll for t, s in base_scores.items()}
+    if name == "joint":
+        run.joint(model)
+    else:
+        run.sequential(model, replay=name in ("replay", "replay+ewc"), ewc="ewc" in name)
+    return run.result
 
-    def run_eval() -> dict[str, TaskScore]:
+
+@dataclass
+class _Strategy:
+    """One strategy's run: its cycles, evaluated after each, recorded in ``result``."""
+
+    result: StrategyResult
+    suite: Suite
+    cfg: BenchConfig
+    daemon: LearningSpecs
+    workdir: Path
+    tokenizer: Any
+
+    def evaluate(self, model: Any) -> dict[str, TaskScore]:
         start = time.perf_counter()
+        cfg = self.cfg
         scores = evaluate(
-            model, tokenizer, suite.test, labels=suite.labels, batch_size=cfg.eval_batch_size,
-            max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length, device=cfg.device,
-        )  # fmt: skip
-        result.eval_seconds += time.perf_counter() - start
+            model,
+            self.tokenizer,
+            self.suite.test,
+            labels=self.suite.labels,
+            batch_size=cfg.eval_batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            max_length=cfg.max_length,
+            device=cfg.device,
+            template=self.daemon.eval.template,
+        )
+        self.result.eval_seconds += time.perf_counter() - start
         return scores
 
-    base_scores = run_eval()
-    result.base = {t: 100 * s.score for t, s in base_scores.items()}
-    result.base_nll = {t: s.nll for t, s in base_scores.items()}
-
-    if name == "joint":
+    def joint(self, model: Any) -> None:
+        """One training on the union, with the whole sequence's budget."""
+        cfg, suite = self.cfg, self.suite
         union = [ex for t in suite.tasks for ex in suite.train[t]]
         steps = cfg.steps * len(suite.tasks) if cfg.steps else None
-        specs = _specs(cfg, steps=steps, replay=False, ewc=False, seed=cfg.seed)
-        model = _train_and_merge(model, tokenizer, union, [], specs, workdir, 0, result)
-        _record_row(result, run_eval(), suite.tasks)
-        return result
+        specs = _specs(cfg, self.daemon, steps=steps, replay=False, ewc=False, seed=cfg.seed)
+        model = _train_and_merge(
+            model, self.tokenizer, union, [], specs, self.workdir, 0, self.result
+        )
+        _record_row(self.result, self.evaluate(model), suite.tasks)
 
-    replay, ewc = name in ("replay", "replay+ewc"), name in ("ewc", "replay+ewc")
-    # The past lives in a real example store, sampled task-balanced as the daemon does it.
-    with ExampleStore(workdir / "examples.sqlite3") as store:
-        for i, task in enumerate(suite.tasks):
-            # EWC-only still needs past examples: the Fisher is estimated on them.
-            past = store.replay_sample(cfg.replay_cap, seed=cfg.seed + i) if replay or ewc else []
-            specs = _specs(
-                cfg, steps=cfg.steps, replay=replay, ewc=ewc and bool(past), seed=cfg.seed + i
-            )
-            if ewc and not replay and past:
-                _prime_fisher(model, tokenizer, past, cfg, workdir / "fisher.safetensors", result)
-            model = _train_and_merge(
-                model, tokenizer, suite.train[task], past, specs, workdir, i, result
-            )
-            store.add([
-                record_from_obj({"task": e.task, "instruction": e.instruction, "input": e.input,
-                                 "output": e.output, "split": "train"})
-                for e in suite.train[task]
-            ])  # fmt: skip
-            _record_row(result, run_eval(), suite.tasks)
-            log.info(
-                "%s after %s: %s", name, task, " ".join(f"{v:5.1f}" for v in result.matrix[-1])
-            )
-    return result
+    def sequential(self, model: Any, *, replay: bool, ewc: bool) -> None:
+        """One cycle per task on the current champion; the past lives in a real example store,
+        sampled task-balanced as the daemon does it."""
+        cfg, suite = self.cfg, self.suite
+        with ExampleStore(self.workdir / "examples.sqlite3") as store:
+            for i, task in enumerate(suite.tasks):
+                # EWC-only still needs past examples: the Fisher is estimated on them.
+                wanted = replay or ewc
+                past = store.replay_sample(cfg.replay_cap, seed=cfg.seed + i) if wanted else []
+                specs = _specs(
+                    cfg,
+                    self.daemon,
+                    steps=cfg.steps,
+                    replay=replay,
+                    ewc=ewc and bool(past),
+                    seed=cfg.seed + i,
+                )
+                if ewc and not replay and past:
+                    targets = self.daemon.lora.target_modules
+                    fisher = self.workdir / "fisher.safetensors"
+                    _prime_fisher(model, self.tokenizer, past, cfg, targets, fisher, self.result)
+                model = _train_and_merge(
+                    model,
+                    self.tokenizer,
+                    suite.train[task],
+                    past,
+                    specs,
+                    self.workdir,
+                    i,
+                    self.result,
+                )
+                store.add([_train_record(e) for e in suite.train[task]])
+                _record_row(self.result, self.evaluate(model), suite.tasks)
+                row = " ".join(f"{v:5.1f}" for v in self.result.matrix[-1])
+                log.info("%s after %s: %s", self.result.name, task, row)
+
+
+def _train_record(example: Example) -> Any:
+    fields = ("task", "instruction", "input", "output")
+    return record_from_obj({**{f: getattr(example, f) for f in fields}, "split": "train"})
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -355,8 +447,10 @@ def _fmt(value: float | None, spec: str = "6.1f") -> str:
 def print_report(suite: Suite, results: dict[str, dict[str, Any]], cfg: BenchConfig) -> None:
     tasks = suite.tasks
     budget = f"{cfg.steps} steps/task" if cfg.steps else f"{cfg.epochs} epochs/task"
-    print(f"\ntasks: {', '.join(tasks)}; {budget}, lr {cfg.lr}, r {cfg.r}, "
-          f"replay ratio {cfg.replay_ratio}, EWC lambda {cfg.ewc_lambda}")  # fmt: skip
+    print(
+        f"\ntasks: {', '.join(tasks)}; {budget}, lr {cfg.lr}, r {cfg.r}, "
+        f"replay ratio {cfg.replay_ratio}, EWC lambda {cfg.ewc_lambda}"
+    )
     for name, res in results.items():
         print(f"\n[{name}] R[i][j] (points; rows: after training task i)")
         print("  after        " + " ".join(f"{t[:10]:>10}" for t in tasks))
@@ -376,12 +470,21 @@ def print_report(suite: Suite, results: dict[str, dict[str, Any]], cfg: BenchCon
 def markdown_report(payload: dict[str, Any]) -> str:
     """The results as Markdown tables (for docs/benchmarks.md)."""
     tasks = payload["tasks"]
-    lines = ["| strategy | AA | BWT | valid (old tasks, final) | min valid (old tasks) | ΔNLL (old tasks) | tokens/s | Fisher share |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| strategy | AA | BWT | valid (old tasks, final) | min valid (old tasks) "
+        "| ΔNLL (old tasks) | tokens/s | Fisher share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, res in payload["strategies"].items():
-        cells = [_fmt(res["aa"], ".1f"), _fmt(res["bwt"], ".1f"), _fmt(res["valid_old"], ".1f"),
-                 _fmt(res["valid_old_min"], ".1f"), _fmt(res["nll_increase_old"], ".3f"),
-                 f"{res['tokens_per_s']:.0f}", f"{100 * res['fisher_share']:.1f} %"]  # fmt: skip
+        cells = [
+            _fmt(res["aa"], ".1f"),
+            _fmt(res["bwt"], ".1f"),
+            _fmt(res["valid_old"], ".1f"),
+            _fmt(res["valid_old_min"], ".1f"),
+            _fmt(res["nll_increase_old"], ".3f"),
+            f"{res['tokens_per_s']:.0f}",
+            f"{100 * res['fisher_share']:.1f} %",
+        ]
         lines.append(f"| {name} | " + " | ".join(c.strip() for c in cells) + " |")
     for name, res in payload["strategies"].items():
         lines += ["", f"R for **{name}** (points; row = after training that task):", ""]
@@ -403,24 +506,27 @@ def _positive(text: str) -> int:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    defaults = BenchConfig()
+def _parser(defaults: BenchConfig, base: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="folder of <task>.train/.test.jsonl")
     p.add_argument("--tasks", required=True, help="comma-separated, in training order")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
-    p.add_argument("--base", default="embedded:tiny", help="embedded:tiny or a local HF model dir")
+    p.add_argument("--base", default=base, help="embedded:tiny or a local HF model dir")
     p.add_argument("--max-train", type=int, default=None, help="train examples per task")
     p.add_argument("--max-test", type=int, default=None, help="test examples per task")
     p.add_argument(
-        "--epochs", type=_positive, default=defaults.epochs,
+        "--epochs",
+        type=_positive,
+        default=defaults.epochs,
         help="the budget: passes over each task's train examples (replay rides along; joint"
         " makes as many passes over the union)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--steps", type=_positive, default=None,
+        "--steps",
+        type=_positive,
+        default=defaults.steps,
         help="instead of --epochs: optimizer steps per task, every strategy (joint: x tasks)",
-    )  # fmt: skip
+    )
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--r", type=int, default=defaults.r, help="LoRA rank")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -433,11 +539,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--markdown", type=Path, default=None, help="write Markdown tables here")
     p.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch intra-op threads; 1 unless the machine is otherwise idle (oversubscribed"
         " OpenMP threads spin and ran ~10x slower on a loaded 2-core box)",
-    )  # fmt: skip
-    args = p.parse_args(argv)
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    daemon = specs_from(load_settings())
+    defaults = BenchConfig.of(daemon)
+    args = _parser(defaults, daemon.base).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -449,36 +563,43 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    cfg = BenchConfig(
-        epochs=args.epochs, steps=args.steps, lr=args.lr, r=args.r, batch_size=args.batch_size,
-        replay_ratio=args.replay_ratio, ewc_lambda=args.ewc_lambda,
-        fisher_samples=args.fisher_samples, max_length=args.max_length, seed=args.seed,
-        device=args.device,
-    )  # fmt: skip
+    flags = {f: getattr(args, f) for f in BenchConfig.__dataclass_fields__ if hasattr(args, f)}
+    cfg = replace(defaults, **flags)
     try:
         suite = load_suite(args.data, tasks, args.max_train, args.max_test)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    import torch
-
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    results: dict[str, dict[str, Any]] = {}
-    for name in strategies:
-        with tempfile.TemporaryDirectory(prefix=f"continual-{name.replace('+', '_')}-") as tmp:
-            results[name] = run_strategy(name, suite, cfg, args.base, Path(tmp)).summary(len(tasks))
-    wall = time.perf_counter() - started
-    print_report(suite, results, cfg)
-    print(f"\nwall time: {wall:.0f} s")
-    payload = {"tasks": list(tasks), "config": asdict(cfg), "wall_seconds": wall,
-               "threads": args.threads, "strategies": results}  # fmt: skip
+    payload = _run_all(strategies, suite, cfg, replace(daemon, base=args.base), args.threads)
     if args.json:
         args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     if args.markdown:
         args.markdown.write_text(markdown_report(payload), encoding="utf-8")
     return 0
+
+
+def _run_all(
+    strategies: list[str], suite: Suite, cfg: BenchConfig, daemon: LearningSpecs, threads: int
+) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    for name in strategies:
+        with tempfile.TemporaryDirectory(prefix=f"continual-{name.replace('+', '_')}-") as tmp:
+            result = run_strategy(name, suite, cfg, daemon, Path(tmp))
+            results[name] = result.summary(len(suite.tasks))
+    wall = time.perf_counter() - started
+    print_report(suite, results, cfg)
+    print(f"\nwall time: {wall:.0f} s")
+    return {
+        "tasks": list(suite.tasks),
+        "config": asdict(cfg),
+        "wall_seconds": wall,
+        "threads": threads,
+        "strategies": results,
+    }
 
 
 if __name__ == "__main__":

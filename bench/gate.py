@@ -9,6 +9,9 @@ flipped to another label, or shuffled) arrive, and one full cycle (train → eva
 runs for each, with the default gate thresholds. Prints the promotion rate of clean cycles
 and the rejection rate of poisoned ones. Targets: 100 % of poisoned cycles rejected and
 ≥ 95 % of clean cycles promoted.
+
+Every setting is the daemon's (``load_settings()``: the shipped defaults, ``AFTERTUNE_CONFIG``
+and the environment), except what the flags change: ``--steps`` per cycle and no export.
 """
 
 from __future__ import annotations
@@ -18,15 +21,14 @@ import json
 import random
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from aftertune.learners.cycle import EvalSpec, run_cycle
-from aftertune.learners.ewc import EwcSpec
-from aftertune.learners.gate import Decision, GateRules
-from aftertune.learners.lora import LoraSpec
-from aftertune.learners.recipe import TrainSpec
-from aftertune.learners.replay import ReplaySpec
+from aftertune.daemon.settings import load_settings
+from aftertune.daemon.specs import LearningSpecs, specs_from
+from aftertune.learners.cycle import run_cycle
+from aftertune.learners.gate import Decision
 from aftertune.store.examples import ExampleStore
 from aftertune.store.records import record_from_obj
 from aftertune.store.registry import Registry
@@ -57,7 +59,13 @@ def _push(store: ExampleStore, rows: list[dict[str, Any]]) -> None:
     )
 
 
-def main() -> None:
+def gate_specs(daemon: LearningSpecs, steps: int) -> LearningSpecs:
+    """The daemon's specs, but ``steps`` per cycle and no export: the gate is what is measured."""
+    train = replace(daemon.train, max_steps=steps, progress=False)
+    return replace(daemon, train=train, export=None)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--tasks", default="parity,vowel_end,last_digit,last_letter")
@@ -66,18 +74,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps per cycle")
     parser.add_argument("--poison", choices=["flip", "shuffle", "both"], default="both")
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    return parser
+
+
+def _print_rates(results: list[dict[str, Any]]) -> None:
+    clean_runs = [r for r in results if r["kind"] == "clean"]
+    poisoned = [r for r in results if r["kind"].startswith("poisoned")]
+    promoted = sum(r["decision"] == "promoted" for r in clean_runs)
+    rejected = sum(r["decision"] == "rejected" for r in poisoned)
+    print(
+        f"clean cycles promoted   : {promoted}/{len(clean_runs)} "
+        f"({100 * promoted / max(1, len(clean_runs)):.0f} %)"
+    )
+    print(
+        f"poisoned cycles rejected: {rejected}/{len(poisoned)} "
+        f"({100 * rejected / max(1, len(poisoned)):.0f} %)"
+    )
+
+
+def main() -> None:
+    args = _parser().parse_args()
     tasks = args.tasks.split(",")
     rng = random.Random(0)
-    specs = {
-        "base": "embedded:tiny",
-        "lora": LoraSpec(),
-        "train": TrainSpec(max_steps=args.steps, progress=False),
-        "replay": ReplaySpec(),
-        "ewc": EwcSpec(),
-        "rules": GateRules(),
-        "eval_spec": EvalSpec(),
-    }
+    specs = gate_specs(specs_from(load_settings()), args.steps)
     results: list[dict[str, Any]] = []
     offsets = dict.fromkeys(tasks, 0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +105,7 @@ def main() -> None:
 
             def cycle(kind: str, task: str) -> None:
                 t0 = time.monotonic()
-                result = run_cycle(store, registry, state, **specs)  # type: ignore[arg-type]
+                result = run_cycle(store, registry, state, specs)
                 row = {
                     "kind": kind,
                     "task": task,
@@ -118,16 +137,7 @@ def main() -> None:
                 offsets[victim] += args.train
                 _push(store, _poison(rows, how, rng))
                 cycle(f"poisoned-{how}", victim)
-    clean_runs = [r for r in results if r["kind"] == "clean"]
-    poisoned = [r for r in results if r["kind"].startswith("poisoned")]
-    promoted = sum(r["decision"] == "promoted" for r in clean_runs)
-    rejected = sum(r["decision"] == "rejected" for r in poisoned)
-    print(
-        f"clean cycles promoted   : {promoted}/{len(clean_runs)} ({100 * promoted / max(1, len(clean_runs)):.0f} %)"
-    )
-    print(
-        f"poisoned cycles rejected: {rejected}/{len(poisoned)} ({100 * rejected / max(1, len(poisoned)):.0f} %)"
-    )
+    _print_rates(results)
     if args.json:
         args.json.write_text(json.dumps({"cycles": results}, indent=2))
 

@@ -6,8 +6,11 @@ on that champion with parity replayed and an EWC penalty whose Fisher is estimat
 GPU, merges again, and scores both tasks on CPU in fp32 with greedy decoding — the path a
 GPU-trained champion takes to export. It prints losses, tokens/s and accuracies.
 
+Settings are the daemon's defaults (``Settings()``, so ``AFTERTUNE_*`` variables apply),
+except the flags: ``--steps`` per cycle and ``--device``.
+
 Runs from a checkout without installing it (a shim maps ``aftertune.*`` onto the folders),
-so a GPU host needs only torch, transformers, peft, safetensors and tqdm.
+so a GPU host needs only torch, transformers, peft, safetensors, tqdm and pydantic-settings.
 
     python bench/gpu_check.py [--device cuda] [--steps 200]
 """
@@ -20,8 +23,9 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,15 +58,13 @@ def make(task: str, numbers: list[int]) -> list[Ex]:
     return [Ex(task, "What is the last digit of the number?", str(n), str(n % 10)) for n in numbers]
 
 
-def accuracy(model: object, tokenizer: object, examples: list[Ex]) -> float:
+def accuracy(model: object, tokenizer: object, examples: list[Ex], template: Any) -> float:
     import torch
-
-    from aftertune.store.prompt import render_prompt
 
     right = 0
     with torch.no_grad():
         for ex in examples:
-            enc = tokenizer(render_prompt(ex.instruction, ex.input), return_tensors="pt")  # type: ignore[operator]
+            enc = tokenizer(template.render(ex.instruction, ex.input), return_tensors="pt")  # type: ignore[operator]
             out = model.generate(  # type: ignore[attr-defined]
                 **enc,
                 max_new_tokens=8,
@@ -83,11 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from peft import PeftModel
 
-    from aftertune.learners.base_model import EMBEDDED_TINY, load_base
-    from aftertune.learners.ewc import EwcSpec
-    from aftertune.learners.lora import LoraSpec
-    from aftertune.learners.recipe import TrainSpec, train_adapter
-    from aftertune.learners.replay import ReplaySpec
+    from aftertune.daemon.settings import Settings
+    from aftertune.daemon.specs import specs_from
+    from aftertune.learners.base_model import load_base
+    from aftertune.learners.recipe import train_adapter
 
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -100,22 +101,31 @@ def main(argv: list[str] | None = None) -> int:
         "last_digit": (make("last_digit", pool[800:1400]), make("last_digit", pool[1400:])),
     }
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    model, tokenizer = load_base(EMBEDDED_TINY, device="cpu", dtype=torch.float32)
-    spec = TrainSpec(max_steps=args.steps, device=args.device, progress=False)
+    specs = specs_from(Settings())
+    model, tokenizer = load_base(specs.base, device="cpu", dtype=torch.float32)
+    train_spec = replace(specs.train, max_steps=args.steps, device=args.device, progress=False)
     seen: list[Ex] = []
     for cycle, (task, (train, _)) in enumerate(tasks.items(), start=1):
         t0 = time.monotonic()
         result = train_adapter(
-            model, tokenizer, train, seen, train=spec, lora=LoraSpec(),
-            replay_spec=ReplaySpec(ratio=1.0), ewc=EwcSpec(lam=1e3),
-            fisher_path=work / "fisher.safetensors", out_dir=work / f"adapter{cycle}",
-        )  # fmt: skip
+            model,
+            tokenizer,
+            train,
+            seen,
+            train=train_spec,
+            lora=specs.lora,
+            replay_spec=specs.replay,
+            ewc=specs.ewc,
+            fisher_path=work / "fisher.safetensors",
+            out_dir=work / f"adapter{cycle}",
+        )
         model = model.to("cpu").float()
         model = PeftModel.from_pretrained(model, str(result.adapter_dir)).merge_and_unload()
         model.eval()
         seen += train
         scores = ", ".join(
-            f"{t} {accuracy(model, tokenizer, test):.1f}%" for t, (_, test) in tasks.items()
+            f"{t} {accuracy(model, tokenizer, test, specs.eval.template):.1f}%"
+            for t, (_, test) in tasks.items()
         )
         print(
             f"cycle {cycle} ({task}): {result.steps} steps, loss {result.loss_first:.3f} -> "
