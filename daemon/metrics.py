@@ -51,9 +51,10 @@ class DaemonMetrics:
             "aftertune_train_tokens_per_second", "Training throughput of the last cycle", registry=r
         )
         self.export_seconds = Gauge(
-            "aftertune_export_duration_seconds", "Export + parity + publish of the last promotion",
+            "aftertune_export_duration_seconds",
+            "Export + parity + publish of the last promotion",
             registry=r,
-        )  # fmt: skip
+        )
         self.champion_version = Gauge(
             "aftertune_champion_version", "Registry version of the champion (0 = base)", registry=r
         )

@@ -94,9 +94,13 @@ class CycleScheduler:
             ("interval", cycle.interval_s, self._check_interval),
         ):
             self._scheduler.add_job(
-                check, IntervalTrigger(seconds=seconds), id=job, replace_existing=True,
-                max_instances=1, coalesce=True,
-            )  # fmt: skip
+                check,
+                IntervalTrigger(seconds=seconds),
+                id=job,
+                replace_existing=True,
+                max_instances=1,
+                coalesce=True,
+            )
 
     def reschedule(self, cycle: CycleSettings) -> None:
         """Apply new ``cycle.*`` timings (SIGHUP)."""

@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -80,8 +81,40 @@ class Daemon:
         self.alive = Heartbeat(max_age_s=max(10.0, 3 * settings.ingest.block_ms / 1000))
         self.server: HttpServer | None = None
         self.scheduler: CycleScheduler | None = None
+        self.pinger: WatchdogPinger | None = None
         self._next_status = 0.0
         self._status_line = ""
+
+    def start(self) -> None:
+        """Server and scheduler up, then READY=1 and watchdog pings."""
+        if self.settings.server.enabled:
+            self.start_server()
+        if self.settings.cycle.enabled:
+            self.start_scheduler()
+        self.ready.set()
+        self.metrics.ready.set(1)
+        self.notifier.ready()
+        interval = self.notifier.watchdog_interval_s
+        if interval is not None:
+            self.pinger = WatchdogPinger(self.notifier, interval / 2, self.alive.is_recent)
+            self.pinger.start()
+
+    def stop(self, give_up: Callable[[], bool]) -> bool:
+        """STOPPING=1, the cycle asked to checkpoint, the server stopped. False when the cycle
+        thread is still running after ``cycle.shutdown_timeout_s`` (or once ``give_up()``)."""
+        self.notifier.stopping()
+        self.ready.clear()
+        self.metrics.ready.set(0)
+        left_running = False
+        if self.scheduler is not None:
+            timeout = self.settings.cycle.shutdown_timeout_s
+            left_running = not self.scheduler.stop(timeout, give_up=give_up)
+        if self.server is not None:
+            self.server.stop()
+        if self.pinger is not None:
+            self.pinger.stop()
+        StateLayout(self.settings.state_dir).daemon_status.unlink(missing_ok=True)
+        return not left_running
 
     def start_server(self) -> None:
         from aftertune.daemon.server import HttpServer, build_app
@@ -128,22 +161,19 @@ class Daemon:
         with Registry(self.settings.state_dir) as registry:
             champion = registry.champion()
         self.metrics.champion_version.set(champion.version if champion else 0)
-        try:
-            pending = int(
-                self.client.xpending(self.settings.redis.stream, self.settings.redis.group)[
-                    "pending"
-                ]
-            )
-            self.metrics.pending.set(pending)
-        except redis.RedisError:
-            pending = -1
+        pending = self._pending()
         cycle: dict[str, Any] = {}
         state = "ingesting"
         if self.scheduler is not None:
             p = self.scheduler.progress
-            cycle = {"running": p.running, "reason": p.reason, "step": p.step,
-                     "total_steps": p.total_steps, "state": p.describe(),
-                     "started_at": p.started}  # fmt: skip
+            cycle = {
+                "running": p.running,
+                "reason": p.reason,
+                "step": p.step,
+                "total_steps": p.total_steps,
+                "state": p.describe(),
+                "started_at": p.started,
+            }
             if p.running:
                 state = f"ingesting; cycle {p.describe()}"
         who = f"v{champion.version}" if champion else "base"
@@ -160,6 +190,17 @@ class Daemon:
         }
         return line, snapshot
 
+    def _pending(self) -> int:
+        """Entries read but not acknowledged (-1: Redis did not answer); sets the gauge."""
+        redis_settings = self.settings.redis
+        try:
+            found = self.client.xpending(redis_settings.stream, redis_settings.group)
+        except redis.RedisError:
+            return -1
+        pending = int(found["pending"])
+        self.metrics.pending.set(pending)
+        return pending
+
     # Called by the worker loop after SIGHUP (main thread).
     def reload(self) -> None:
         self.notifier.reloading()
@@ -169,16 +210,7 @@ class Daemon:
             log.error("reload refused, settings unchanged: %s", exc)
             self.notifier.ready()
             return
-        changed = [
-            f"{section}: {old} -> {new}"
-            for section in RELOADABLE
-            if (old := _dump(getattr(self.settings, section)))
-            != (new := _dump(getattr(fresh, section)))
-        ]
-        ignored = [
-            name for name in type(fresh).model_fields
-            if name not in RELOADABLE and _dump(getattr(fresh, name)) != _dump(getattr(self.settings, name))
-        ]  # fmt: skip
+        changed, ignored = _differences(self.settings, fresh)
         self.settings = self.settings.model_copy(
             update={section: getattr(fresh, section) for section in RELOADABLE}
         )
@@ -189,6 +221,17 @@ class Daemon:
         if ignored:
             log.warning("these settings need a restart to change: %s", ", ".join(ignored))
         self.notifier.ready()
+
+
+def _differences(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
+    """(reloadable sections that changed, as "section: old -> new"; other changed names)."""
+    dumps = {
+        name: (_dump(getattr(old, name)), _dump(getattr(new, name)))
+        for name in type(new).model_fields
+    }
+    differ = [name for name, (before, after) in dumps.items() if before != after]
+    changed = [f"{n}: {dumps[n][0]} -> {dumps[n][1]}" for n in RELOADABLE if n in differ]
+    return changed, [name for name in differ if name not in RELOADABLE]
 
 
 def _dump(value: Any) -> Any:
@@ -215,37 +258,13 @@ def serve(
             reload=daemon.reload,
         )
         worker.install_signal_handlers()
-        pinger = None
-        abandoned = False  # a cycle thread still running when we leave
         try:
             if not burst:
-                if settings.server.enabled:
-                    daemon.start_server()
-                if settings.cycle.enabled:
-                    daemon.start_scheduler()
-                daemon.ready.set()
-                daemon.metrics.ready.set(1)
-                daemon.notifier.ready()
-                interval = daemon.notifier.watchdog_interval_s
-                if interval is not None:
-                    pinger = WatchdogPinger(daemon.notifier, interval / 2, daemon.alive.is_recent)
-                    pinger.start()
+                daemon.start()
             totals = worker.work(burst=burst)
         finally:
-            daemon.notifier.stopping()
-            daemon.ready.clear()
-            daemon.metrics.ready.set(0)
-            if daemon.scheduler is not None:
-                # A second SIGTERM (cold stop) may come while we wait: stop waiting then.
-                abandoned = not daemon.scheduler.stop(
-                    settings.cycle.shutdown_timeout_s,
-                    give_up=lambda: worker.stop_mode is StopMode.COLD,
-                )
-            if daemon.server is not None:
-                daemon.server.stop()
-            if pinger is not None:
-                pinger.stop()
-            (StateLayout(settings.state_dir).daemon_status).unlink(missing_ok=True)
+            # A second SIGTERM (cold stop) may come while we wait: stop waiting then.
+            abandoned = not daemon.stop(give_up=lambda: worker.stop_mode is StopMode.COLD)
         if burst:
             print(
                 f"ingested {totals.read} entries: {totals.stored} stored, "
