@@ -1,11 +1,10 @@
 """``aftertune pull``: fetch a published bundle, verify every byte, switch ``DIR/current``.
 
 Sources: a daemon's HTTP server (``--server URL``) or a state directory on this machine
-(``--from STATE_DIR``). Files land in a temp directory beside ``DIR/vN`` and are checked
-against the manifest's sha256 and size while they stream; only a whole, verified bundle is
-swapped in as ``DIR/vN`` (``store.files.staged_dir``) and only then does the ``DIR/current``
-symlink move (one rename). Any mismatch leaves ``current`` where it was. No torch import on
-this path.
+(``--from STATE_DIR``). Files land in ``DIR/.pull-vN-*`` and are checked against the
+manifest's sha256 and size while they stream; only a whole, verified bundle is swapped in as
+``DIR/vN`` (``store.files.staged_dir``) and only then does the ``DIR/current`` symlink move
+(one rename). Any mismatch leaves ``current`` where it was. No torch import on this path.
 """
 
 from __future__ import annotations
@@ -127,7 +126,8 @@ def pull(source: Source, to_dir: Path, version: str = "latest") -> PullResult:
         return PullResult(number, final, digest, downloaded=False)
 
     total = 0
-    with staged_dir(final) as staging:  # swapped in whole (a damaged earlier copy out) or not
+    # Swapped in whole (a damaged earlier copy swapped out) or not at all.
+    with staged_dir(final, prefix=f".pull-{final.name}-") as staging:
         for rel, entry in sorted(manifest["files"].items()):
             total += _download(source, number, rel, entry, staging / safe_relpath(rel))
         write_atomic(staging / MANIFEST, raw)

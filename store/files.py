@@ -88,15 +88,17 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 
 @contextmanager
-def staged_dir(final: Path) -> Iterator[Path]:
+def staged_dir(final: Path, prefix: str | None = None) -> Iterator[Path]:
     """A temp directory beside ``final`` to fill; on a clean exit it is fsynced and swapped in.
+
+    Its name starts with ``prefix`` (default ``.<final's name>.``).
 
     On an exception the temp directory is removed and ``final`` stays as it was, so readers
     never see a half-written directory.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{final.name}.", dir=final.parent))
     try:
         yield tmp
         fsync_tree(tmp)
