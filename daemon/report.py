@@ -242,7 +242,7 @@ def _task_charts(versions: Sequence[Version], points: dict[str, list[Point]]) ->
     return out
 
 
-def marker_kind(state: VersionState) -> str:
+def _marker_kind(state: VersionState) -> str:
     if state in WAS_CHAMPION:
         return "champion"
     return "rejected" if state is VersionState.REJECTED else "other"
@@ -279,7 +279,7 @@ def line_chart(
     )
     markers = [
         Marker(
-            marker_kind(p.state), sx(p.version), sy(v), f"v{p.version} ({p.state.value}): {fmt(v)}"
+            _marker_kind(p.state), sx(p.version), sy(v), f"v{p.version} ({p.state.value}): {fmt(v)}"
         )
         for p, v in points
     ]
