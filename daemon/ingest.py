@@ -31,6 +31,12 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
 
 @dataclass(frozen=True)
 class IngestConfig:
+    """What the ingestor needs; the daemon builds it from Settings (``service.ingest_config``).
+
+    The defaults serve benches and tests that build an Ingestor without Settings; they equal
+    ``IngestSettings``' defaults (tests/test_ingest.py checks).
+    """
+
     stream: str
     dead_letter_stream: str
     group: str

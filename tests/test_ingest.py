@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from aftertune.daemon.ingest import IngestConfig, Ingestor
 from aftertune.daemon.producer import Producer
+from aftertune.daemon.settings import IngestSettings
 from aftertune.store.examples import ExampleStore
 
 
@@ -226,3 +227,10 @@ def test_generated_entries_are_stored_or_dead_lettered(
     assert redis_client.xlen("s:dead") == totals.dead
     assert ingestor.store.total() >= before + 1 or totals.duplicates >= 1
     assert redis_client.xpending("s", "g")["pending"] == 0
+
+
+def test_ingest_config_defaults_are_the_settings_defaults() -> None:
+    config = IngestConfig(stream="s", dead_letter_stream="s:dead", group="g", consumer="c")
+    defaults = IngestSettings()
+    for name in IngestSettings.model_fields:
+        assert getattr(config, name) == getattr(defaults, name), name
