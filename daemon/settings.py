@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +22,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from aftertune.daemon.errors import SettingsError
 from aftertune.store.prompt import DEFAULT_TEMPLATE, DEFAULT_TEMPLATE_NO_INPUT, PromptTemplate
@@ -269,45 +275,36 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The TOML file arrives as init kwargs; the environment must override it.
-        return (env_settings, init_settings)
+        # Strongest first; pydantic-settings deep-merges them, so `--redis-url` overrides one
+        # key of [redis] and keeps the file's others.
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=_CONFIG_FILE.get())
+        return (init_settings, env_settings, toml)
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+# The TOML file of the Settings being built now (load_settings sets it for one construction).
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("aftertune_config_file", default=None)
 
 
 def load_settings(
     config: Path | str | None = None, overrides: dict[str, Any] | None = None
 ) -> Settings:
-    """Build Settings from the TOML file, the environment and ``overrides``.
+    """Build Settings from the TOML file, the environment and ``overrides`` (strongest).
 
     Raises SettingsError with a one-line message naming the field and why.
     """
     path = config if config is not None else os.environ.get("AFTERTUNE_CONFIG") or None
-    file_values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                file_values = tomllib.load(fh)
-        except FileNotFoundError:
-            raise SettingsError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    if path is not None and not Path(path).is_file():
+        why = "is not a file" if Path(path).exists() else "does not exist"
+        raise SettingsError(f"config file {path} {why}")
+    token = _CONFIG_FILE.set(Path(path) if path is not None else None)
     try:
-        settings = Settings(**file_values)
-        if overrides:
-            merged = _merge(settings.model_dump(), overrides)
-            settings = Settings.model_validate(merged)
+        return Settings(**(overrides or {}))
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
     except ValidationError as exc:
         raise SettingsError(_one_line(exc)) from None
-    return settings
+    finally:
+        _CONFIG_FILE.reset(token)
 
 
 def _one_line(exc: ValidationError) -> str:

@@ -178,11 +178,16 @@ def _empty(directory: Path) -> None:
 
 
 def _run_builder(model_dir: Path, out: Path, spec: ExportSpec) -> None:
-    cmd = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder",
-        "-i", str(model_dir), "-o", str(out), "-p", spec.precision, "-e", spec.target,
-        "-c", str(out / ".builder-cache"),
-    ]  # fmt: skip
+    options = {
+        "-i": str(model_dir),
+        "-o": str(out),
+        "-p": spec.precision,
+        "-e": spec.target,
+        "-c": str(out / ".builder-cache"),
+    }
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
+    for flag, value in options.items():
+        cmd += [flag, value]
     if EXTRA_OPTIONS.get(spec.precision):
         cmd += ["--extra_options", *EXTRA_OPTIONS[spec.precision]]
     try:

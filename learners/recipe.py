@@ -230,10 +230,15 @@ class LoraRecipe:
         # The Fisher is taken on the champion before the adapter exists (plain module names),
         # on past examples whether or not they are also replayed in batches.
         self.fisher, self.fisher_seconds = fisher_for_cycle(
-            self.model, self.tokenizer, replay, self.ewc,
-            target_modules=self.lora.target_modules, max_length=spec.max_length,
-            fisher_path=fisher_path, device=self.device,
-        )  # fmt: skip
+            self.model,
+            self.tokenizer,
+            replay,
+            self.ewc,
+            target_modules=self.lora.target_modules,
+            max_length=spec.max_length,
+            fisher_path=fisher_path,
+            device=self.device,
+        )
         if self.fisher is not None:
             self.fisher = {k: v.to(self.device) for k, v in self.fisher.items()}
 
@@ -263,9 +268,13 @@ class LoraRecipe:
         if epoch not in self._plans:
             self._plans.clear()
             mixed = mix_batches(
-                self.new, self.pool, self.replay_spec,
-                batch_size=self.spec.batch_size, seed=self.spec.seed, epoch=epoch,
-            )  # fmt: skip
+                self.new,
+                self.pool,
+                self.replay_spec,
+                batch_size=self.spec.batch_size,
+                seed=self.spec.seed,
+                epoch=epoch,
+            )
             self._plans[epoch] = [
                 [self.new_enc[i] for i in b.new] + [self.pool_enc[j] for j in b.replay]
                 for b in mixed
@@ -341,9 +350,14 @@ class LoraRecipe:
 
     def save_checkpoint(self, checkpoint_dir: Path) -> Path:
         return save_checkpoint(
-            checkpoint_dir, self.run_id, self.params, self.optimizer, self.scheduler,
-            self.device, asdict(self.pos),
-        )  # fmt: skip
+            checkpoint_dir,
+            self.run_id,
+            self.params,
+            self.optimizer,
+            self.scheduler,
+            self.device,
+            asdict(self.pos),
+        )
 
     def load_checkpoint(self, checkpoint_dir: Path) -> bool:
         state = load_checkpoint(

@@ -37,6 +37,20 @@ def _daemon(env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
+def _wait_until_acked(client: redis.Redis, entry_id: bytes, timeout_s: float = 60.0) -> None:
+    """Until the daemon's consumer group has read and acknowledged ``entry_id``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        groups = (
+            client.xinfo_groups("aftertune:feedback") if client.exists("aftertune:feedback") else []
+        )
+        for group in groups:
+            if group["last-delivered-id"] == entry_id and group["pending"] == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"the daemon did not ingest {entry_id!r} within {timeout_s}s")
+
+
 def _redis_servers_under(path: Path) -> list[int]:
     """PIDs of redis-server processes whose command line mentions ``path``."""
     pids = []
@@ -94,8 +108,8 @@ def test_redis_outage_is_survived_without_loss(tmp_path: Path) -> None:
     try:
         client = redis.Redis.from_url(server.url)
         first = [json.dumps(r) for r in _rows(0, 3000)]
-        client.xadd("aftertune:feedback", {"record": first[0]})
-        time.sleep(1.5)  # the daemon is up and reading
+        first_id = client.xadd("aftertune:feedback", {"record": first[0]})
+        _wait_until_acked(client, first_id)  # the daemon is up and reading
         pipe = client.pipeline()
         for row in first[1:]:
             pipe.xadd("aftertune:feedback", {"record": row})
