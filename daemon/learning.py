@@ -12,10 +12,10 @@ from typing import Any
 
 from aftertune.daemon.settings import Settings
 from aftertune.daemon.specs import specs_from
-from aftertune.learners.candidate import CandidateReport, evaluate_version, train_candidate
+from aftertune.learners.candidate import CandidateReport, train_candidate
 from aftertune.learners.cycle import CycleResult, run_cycle
 from aftertune.learners.errors import LearnerError
-from aftertune.learners.evaluate import TaskScore, score_dict
+from aftertune.learners.evaluate import TaskScore, evaluate_version, score_dict
 from aftertune.learners.promote import promote_and_publish, sync_latest
 from aftertune.store.bundles import Published
 from aftertune.store.examples import ExampleStore
@@ -88,7 +88,9 @@ def run_eval(settings: Settings, candidate: int | None) -> dict[str, Any]:
     with _state(settings) as (store, registry):
 
         def scores(version: Version | None) -> dict[str, Any]:
-            found = evaluate_version(store, registry, settings.state_dir, version, specs)
+            found = evaluate_version(
+                store, registry, settings.state_dir, version, base=specs.base, spec=specs.eval
+            )
             return _as_json(found)
 
         champion = scores(registry.champion())

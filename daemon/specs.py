@@ -16,13 +16,14 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from aftertune.daemon.settings import Settings, TaskGateSettings
+from aftertune.learners.evaluate import EvalSpec
 from aftertune.learners.ewc import EwcSpec
 from aftertune.learners.export import ExportSpec
 from aftertune.learners.gate import GateRules, MetricRules
 from aftertune.learners.lora import LoraSpec
 from aftertune.learners.recipe import TrainSpec
 from aftertune.learners.replay import ReplaySpec
-from aftertune.learners.specs import EvalSpec, LearningSpecs
+from aftertune.learners.specs import LearningSpecs
 from aftertune.store.prompt import PromptTemplate
 
 __all__ = ["LearningSpecs", "default_specs", "specs_from"]

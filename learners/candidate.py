@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from aftertune.learners.champion import load_champion
+from aftertune.learners.champion import load_version
 from aftertune.learners.errors import NothingToTrain
-from aftertune.learners.evaluate import TaskScore, evaluate, task_kind
 from aftertune.learners.lineage import candidate_lineage
 from aftertune.learners.recipe import TrainResult, train_adapter
-from aftertune.learners.specs import EvalSpec, LearningSpecs
+from aftertune.learners.specs import LearningSpecs
 from aftertune.store.examples import Example, ExampleStore
 from aftertune.store.layout import StateLayout
 from aftertune.store.registry import Registry, Version
@@ -63,16 +62,6 @@ class TrainingData:
     until: int  # ... up to this seq (a resumed run keeps its own window)
     new: list[Example]
     past: list[Example]
-
-
-def champion_model(
-    registry: Registry, base: str, state_dir: Path, version: Version | None, device: str = "cpu"
-) -> tuple[Any, Any]:
-    """(model, tokenizer) for ``version`` (None = the base): base + its adapter chain merged."""
-    chain = registry.chain(version.version) if version is not None else []
-    return load_champion(
-        base, [v.adapter_dir for v in chain], StateLayout(state_dir).champions, device=device
-    )
 
 
 def _interrupted_window(state_dir: Path, parent: int | None) -> int | None:
@@ -125,7 +114,7 @@ def train_candidate(
     champion = registry.champion()
     data = training_data(store, state_dir, champion, specs)
     work = StateLayout(state_dir).training_run(data.parent, data.until)
-    model, tokenizer = champion_model(registry, specs.base, state_dir, champion)
+    model, tokenizer = load_version(registry, specs.base, state_dir, champion)
     result = train_adapter(
         model,
         tokenizer,
@@ -176,60 +165,3 @@ def _register(
         lineage=lineage,
         actor=actor,
     )
-
-
-# --- evaluation: the one scoring path -------------------------------------------------------
-
-
-def held_out(
-    store: ExampleStore, cap: int, *, after: int = 0, until: int | None = None
-) -> dict[str, list[Example]]:
-    """Held-out records with ``after < seq <= until``, by task, the first ``cap`` of each."""
-    out: dict[str, list[Example]] = {}
-    for example in store.held_out(after=after, until=until):
-        bucket = out.setdefault(example.task, [])
-        if len(bucket) < cap:
-            bucket.append(example)
-    return out
-
-
-def label_sets(store: ExampleStore, tasks: Sequence[str]) -> dict[str, set[str] | None]:
-    """Each task's label set, judged on all its outputs (None = free-text task)."""
-    return {task: task_kind(store.outputs(task))[1] for task in tasks}
-
-
-def score(
-    model: Any,
-    tokenizer: Any,
-    by_task: Mapping[str, Sequence[Example]],
-    labels: Mapping[str, set[str] | None],
-    spec: EvalSpec,
-) -> dict[str, TaskScore]:
-    """Scores of ``model`` per task: what `aftertune eval` prints and the gate judges."""
-    if not by_task:
-        return {}
-    return evaluate(
-        model,
-        tokenizer,
-        by_task,
-        labels=labels,
-        batch_size=spec.batch_size,
-        max_new_tokens=spec.max_new_tokens,
-        max_length=spec.max_length,
-        template=spec.template,
-    )
-
-
-def evaluate_version(
-    store: ExampleStore,
-    registry: Registry,
-    state_dir: Path,
-    version: Version | None,
-    specs: LearningSpecs,
-) -> dict[str, TaskScore]:
-    """Scores of ``version`` (None = base) on every task's held-out split."""
-    by_task = held_out(store, specs.eval.max_per_task)
-    if not by_task:
-        return {}
-    model, tokenizer = champion_model(registry, specs.base, state_dir, version)
-    return score(model, tokenizer, by_task, label_sets(store, list(by_task)), specs.eval)

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from aftertune.learners.base_model import base_sha256, load_base, resolve_base
 from aftertune.learners.errors import ChampionError
 from aftertune.store.files import files_sha256, staged_dir
+from aftertune.store.layout import StateLayout
+from aftertune.store.registry import Registry, Version
 
 if TYPE_CHECKING:
     import torch
@@ -102,3 +104,13 @@ def load_champion(
 ) -> tuple[Any, Any]:
     """(model, tokenizer) of the champion, from the cache (built first when missing)."""
     return load_base(build_champion(base_spec, adapter_dirs, cache_dir), device=device, dtype=dtype)
+
+
+def load_version(
+    registry: Registry, base: str, state_dir: Path, version: Version | None, device: str = "cpu"
+) -> tuple[Any, Any]:
+    """(model, tokenizer) for ``version`` (None = the base): base + its adapter chain merged."""
+    chain = registry.chain(version.version) if version is not None else []
+    return load_champion(
+        base, [v.adapter_dir for v in chain], StateLayout(state_dir).champions, device=device
+    )

@@ -15,15 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aftertune.learners.candidate import (
-    champion_model,
-    held_out,
-    label_sets,
-    score,
-    train_candidate,
-)
+from aftertune.learners.candidate import train_candidate
+from aftertune.learners.champion import load_version
 from aftertune.learners.errors import CycleBlocked, ExportError
-from aftertune.learners.evaluate import TaskScore, score_dict
+from aftertune.learners.evaluate import TaskScore, held_out, label_sets, score, score_dict
 from aftertune.learners.gate import Decision, GateReport, judge
 from aftertune.learners.promote import promote_and_publish, sync_latest
 from aftertune.learners.specs import LearningSpecs
@@ -233,7 +228,7 @@ class _CycleRun:
     def _score_suites(
         self, version: Version | None, suites: Suites, labels: dict[str, set[str] | None]
     ) -> SuiteScores:
-        model, tokenizer = champion_model(self.registry, self.specs.base, self.state_dir, version)
+        model, tokenizer = load_version(self.registry, self.specs.base, self.state_dir, version)
         return {
             name: score(model, tokenizer, by_task, labels, self.specs.eval)
             for name, by_task in suites.items()

@@ -17,14 +17,17 @@ import string
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from aftertune.learners.champion import load_version
 from aftertune.learners.data import cut_middle, left_pad, pad_id
 from aftertune.learners.generate import greedy_continuations
-from aftertune.store.examples import Example
+from aftertune.store.examples import Example, ExampleStore
 from aftertune.store.prompt import DEFAULT_PROMPT, PromptTemplate
+from aftertune.store.registry import Registry, Version
 
 TaskKindName = Literal["label", "text"]
 
@@ -281,3 +284,78 @@ def score_dict(score: TaskScore) -> dict[str, float | int]:
     if score.valid is not None:
         out["valid"] = score.valid
     return out
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How a version is scored on held-out examples (by ``aftertune eval`` and the gate)."""
+
+    batch_size: int
+    max_new_tokens: int  # free-text answers; a label task generates its longest label + EOS
+    max_length: int  # tokens of prompt + answer, as in training
+    max_per_task: int  # held-out examples per task and suite (the first by arrival)
+    template: PromptTemplate
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens", "max_length", "max_per_task"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval {name} must be >= 1, got {getattr(self, name)}")
+
+
+# --- the one scoring path of `aftertune eval` and the gate -------------------------------------------------------
+
+
+def held_out(
+    store: ExampleStore, cap: int, *, after: int = 0, until: int | None = None
+) -> dict[str, list[Example]]:
+    """Held-out records with ``after < seq <= until``, by task, the first ``cap`` of each."""
+    out: dict[str, list[Example]] = {}
+    for example in store.held_out(after=after, until=until):
+        bucket = out.setdefault(example.task, [])
+        if len(bucket) < cap:
+            bucket.append(example)
+    return out
+
+
+def label_sets(store: ExampleStore, tasks: Sequence[str]) -> dict[str, set[str] | None]:
+    """Each task's label set, judged on all its outputs (None = free-text task)."""
+    return {task: task_kind(store.outputs(task))[1] for task in tasks}
+
+
+def score(
+    model: Any,
+    tokenizer: Any,
+    by_task: Mapping[str, Sequence[Example]],
+    labels: Mapping[str, set[str] | None],
+    spec: EvalSpec,
+) -> dict[str, TaskScore]:
+    """Scores of ``model`` per task: what `aftertune eval` prints and the gate judges."""
+    if not by_task:
+        return {}
+    return evaluate(
+        model,
+        tokenizer,
+        by_task,
+        labels=labels,
+        batch_size=spec.batch_size,
+        max_new_tokens=spec.max_new_tokens,
+        max_length=spec.max_length,
+        template=spec.template,
+    )
+
+
+def evaluate_version(
+    store: ExampleStore,
+    registry: Registry,
+    state_dir: Path,
+    version: Version | None,
+    *,
+    base: str,
+    spec: EvalSpec,
+) -> dict[str, TaskScore]:
+    """Scores of ``version`` (None = base) on every task's held-out split."""
+    by_task = held_out(store, spec.max_per_task)
+    if not by_task:
+        return {}
+    model, tokenizer = load_version(registry, base, state_dir, version)
+    return score(model, tokenizer, by_task, label_sets(store, list(by_task)), spec)

@@ -11,29 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aftertune.learners.evaluate import EvalSpec
 from aftertune.learners.ewc import EwcSpec
 from aftertune.learners.export import ExportSpec
 from aftertune.learners.gate import GateRules
 from aftertune.learners.lora import LoraSpec
 from aftertune.learners.recipe import TrainSpec
 from aftertune.learners.replay import ReplaySpec
-from aftertune.store.prompt import PromptTemplate
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    """How a version is scored on held-out examples (by ``aftertune eval`` and the gate)."""
-
-    batch_size: int
-    max_new_tokens: int  # free-text answers; a label task generates its longest label + EOS
-    max_length: int  # tokens of prompt + answer, as in training
-    max_per_task: int  # held-out examples per task and suite (the first by arrival)
-    template: PromptTemplate
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "max_new_tokens", "max_length", "max_per_task"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"eval {name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,14 @@ from spec_fixtures import DEFAULTS
 
 from aftertune.daemon.settings import Settings, load_settings
 from aftertune.daemon.specs import specs_from
+from aftertune.learners.evaluate import EvalSpec
 from aftertune.learners.ewc import EwcSpec
 from aftertune.learners.export import ExportSpec
 from aftertune.learners.gate import GateRules
 from aftertune.learners.lora import LoraSpec
 from aftertune.learners.recipe import TrainSpec
 from aftertune.learners.replay import ReplaySpec
-from aftertune.learners.specs import EvalSpec, LearningSpecs
+from aftertune.learners.specs import LearningSpecs
 from aftertune.store.prompt import PromptTemplate
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -144,8 +145,8 @@ def test_bench_gate_runs_the_daemon_configuration() -> None:
 
 def test_eval_and_the_gate_cap_held_out_examples_the_same_way(tmp_path: Path) -> None:
     """`aftertune eval` scores what the gate scores: the first max_per_task of each task."""
-    from aftertune.learners.candidate import held_out
     from aftertune.learners.cycle import suites_for
+    from aftertune.learners.evaluate import held_out
     from aftertune.store.examples import ExampleStore
     from aftertune.store.records import record_from_obj
 

@@ -21,8 +21,7 @@ def test_file_env_and_overrides_merge_key_by_key(
 ) -> None:
     path = _toml(
         tmp_path,
-        '[redis]\nstream = "from-file"\ngroup = "file-group"\n'
-        "[train]\nlr = 0.5\nepochs = 7\n",
+        '[redis]\nstream = "from-file"\ngroup = "file-group"\n[train]\nlr = 0.5\nepochs = 7\n',
     )
     monkeypatch.setenv("AFTERTUNE_TRAIN__LR", "0.25")
     monkeypatch.setenv("AFTERTUNE_REDIS__GROUP", "env-group")
