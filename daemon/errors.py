@@ -25,3 +25,18 @@ class EmbeddedRedisError(DaemonError):
 
 class ServerError(DaemonError):
     """The HTTP server could not start (most often: its port is taken)."""
+
+
+class StateDirError(DaemonError):
+    """The state dir cannot be made or written (one line: the path, the cause, what to do)."""
+
+    exit_code = 2
+
+    def __init__(self, path: object, exc: OSError) -> None:
+        cause = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+        super().__init__(
+            f"state dir {path} is not writable: {cause}{where}; the daemon needs read, write "
+            "and search permission (rwx) on it and on every directory above it that it must "
+            "create; set state_dir (AFTERTUNE_STATE_DIR) to a directory it owns"
+        )

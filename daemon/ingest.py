@@ -5,6 +5,12 @@ dead-lettered and acknowledged in one MULTI/EXEC, so each lands on the dead-lett
 exactly once. A crash between the store commit and XACK redelivers the batch, which the
 idempotent store absorbs. Entries a dead consumer left pending are taken over with
 XAUTOCLAIM at start and every ``claim_interval_s``.
+
+Dead-lettered, with the reason: an entry without a ``record`` field or with more than one,
+a record that fails validation, a record id already stored with other content. A batch is
+bounded by entries (``batch_size``) and by bytes (``max_batch_bytes``): the next read asks
+for as many entries as fit, judged by the largest entry of the last one. A storage error
+(disk full, I/O) raises StorageError before anything is acknowledged; the worker waits it out.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -25,7 +31,7 @@ from aftertune.store.records import Record, parse_record
 log = logging.getLogger(__name__)
 
 RECORD_FIELD = b"record"
-Entry = tuple[bytes, dict[bytes, bytes]]
+REUSED_ID = "id reused with different content"
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
 
 
@@ -47,11 +53,78 @@ class IngestConfig:
     claim_interval_s: float = 30.0
     max_record_bytes: int = 64 * 1024
     dead_letter_max_payload_bytes: int = 1024 * 1024
+    max_batch_bytes: int = 64 * 1024 * 1024
+
+
+class Entry(NamedTuple):
+    """One stream entry as Redis sent it; ``repeated`` names fields it carries twice or more."""
+
+    id: bytes
+    fields: dict[bytes, bytes]
+    repeated: tuple[bytes, ...] = ()
+
+    @property
+    def size(self) -> int:
+        """Bytes of its field names and values (what holding it costs, near enough)."""
+        return sum(len(k) + len(v) for k, v in self.fields.items())
+
+
+def _entry(entry_id: bytes, flat: list[bytes] | None) -> Entry:
+    """An entry from Redis' flat [name, value, name, value, ...] list, repeats kept in view."""
+    fields: dict[bytes, bytes] = {}
+    repeated: list[bytes] = []
+    for name, value in zip(flat[::2], flat[1::2], strict=True) if flat else ():
+        if name in fields and name not in repeated:
+            repeated.append(name)
+        fields[name] = value
+    return Entry(entry_id, fields, tuple(repeated))
+
+
+def _parse_xreadgroup(response: Any, **options: Any) -> list[Entry]:
+    """XREADGROUP's reply (RESP2 list or RESP3 map, one stream) as entries.
+
+    redis-py's own parser makes a dict of each entry's fields, which keeps only the last
+    of two fields with the same name: an entry with two ``record`` fields must be seen.
+    With start "0" a deleted-but-pending entry has no fields: it is dead-lettered away.
+    """
+    if not response:
+        return []
+    streams = response.values() if isinstance(response, dict) else [r[1] for r in response]
+    return [_entry(item[0], item[1]) for entries in streams for item in entries if item]
+
+
+def _parse_xautoclaim(response: Any, **options: Any) -> tuple[bytes, list[Entry]]:
+    """XAUTOCLAIM's reply as (next start id, entries still in the stream)."""
+    return response[0], [_entry(i[0], i[1]) for i in response[1] if i and i[1] is not None]
+
+
+@dataclass
+class ReadSize:
+    """How many entries the next read asks for, so that a batch holds about ``max_bytes``.
+
+    It starts at one entry and doubles while reads come back full, up to ``batch_size`` and
+    to what fits in ``max_bytes`` at the size of the largest entry last read; an idle read
+    starts it over, so a burst of huge entries after a quiet spell is read a few at a time.
+    """
+
+    batch_size: int
+    max_bytes: int
+    count: int = 1
+
+    def after(self, entries: Sequence[Entry]) -> None:
+        if not entries:
+            self.count = 1
+            return
+        largest = max(e.size for e in entries)
+        grown = self.count * 2 if len(entries) >= self.count else self.count
+        fits = max(1, self.max_bytes // max(largest, 1))
+        self.count = max(1, min(self.batch_size, grown, fits))
 
 
 @dataclass
 class IngestStats:
     read: int = 0
+    read_bytes: int = 0  # bytes of the entries read (field names and values)
     stored: int = 0  # newly inserted (duplicates are read and acked, not stored twice)
     duplicates: int = 0
     dead: int = 0
@@ -59,6 +132,7 @@ class IngestStats:
 
     def add(self, other: IngestStats) -> None:
         self.read += other.read
+        self.read_bytes += other.read_bytes
         self.stored += other.stored
         self.duplicates += other.duplicates
         self.dead += other.dead
@@ -79,6 +153,12 @@ class Ingestor:
         self.client = client
         self.store = store
         self.config = config
+        # Reads go through a client of the same pool with our own reply parsers (see
+        # _parse_xreadgroup); the caller's client keeps redis-py's.
+        self._reader = redis.Redis(connection_pool=client.connection_pool)
+        self._reader.set_response_callback("XREADGROUP", _parse_xreadgroup)
+        self._reader.set_response_callback("XAUTOCLAIM", _parse_xautoclaim)
+        self.read_size = ReadSize(config.batch_size, config.max_batch_bytes)
         self.totals = IngestStats()
         self._own_pending_done = False
         self._next_claim = 0.0
@@ -121,20 +201,25 @@ class Ingestor:
     def claim_stale(self) -> list[Entry]:
         """Take over entries pending longer than claim_idle_ms on other (dead) consumers."""
         claimed: list[Entry] = []
-        start = "0-0"
+        start: Any = "0-0"
+        size = 0
         while True:
-            reply: Any = self.client.xautoclaim(
+            reply: Any = self._reader.xautoclaim(
                 self.config.stream,
                 self.config.group,
                 self.config.consumer,
                 min_idle_time=self.config.claim_idle_ms,
                 start_id=start,
-                count=self.config.batch_size,
+                count=self.read_size.count,
             )
-            start, entries = reply[0], reply[1]
-            # Entries deleted from the stream while pending come back as None: ack them away.
-            claimed.extend(e for e in entries if e is not None and e[1] is not None)
-            if start in (b"0-0", "0-0") or len(claimed) >= self.config.batch_size:
+            start, entries = reply
+            # Entries deleted from the stream while pending are left out (Redis drops them).
+            claimed.extend(entries)
+            size += sum(e.size for e in entries)
+            if entries:  # an empty page only means this stretch of pending lists was clean
+                self.read_size.after(entries)
+            full = len(claimed) >= self.config.batch_size or size >= self.config.max_batch_bytes
+            if start in (b"0-0", "0-0") or full:
                 break
         if claimed:
             log.info("claimed %d entries left pending by other consumers", len(claimed))
@@ -155,26 +240,27 @@ class Ingestor:
         return total
 
     def _read(self, start: str, block_ms: int | None) -> list[Entry]:
-        reply: Any = self.client.xreadgroup(
+        entries: list[Entry] = self._reader.xreadgroup(  # type: ignore[assignment]
             self.config.group,
             self.config.consumer,
             {self.config.stream: start},
-            count=self.config.batch_size,
+            count=self.read_size.count,
             block=block_ms if block_ms else None,
         )
-        if not reply:
-            return []
-        entries = reply[0][1]
-        # With start "0" a deleted-but-pending entry has fields None: dead-letter it away.
-        return [(eid, fields if fields is not None else {}) for eid, fields in entries]
+        self.read_size.after(entries)
+        return entries
 
     def _triage(self, entries: Sequence[Entry]) -> _Triage:
         out = _Triage()
-        for entry_id, fields in entries:
+        for entry_id, fields, repeated in entries:
             payload = fields.get(RECORD_FIELD)
             if payload is None:
                 names = sorted(k.decode("utf-8", "replace") for k in fields)
                 reason = f"entry has no 'record' field (fields: {names or 'none'})"
+                out.dead.append((entry_id, fields, reason))
+                continue
+            if RECORD_FIELD in repeated:
+                reason = "entry has more than one 'record' field; send one record per entry"
                 out.dead.append((entry_id, fields, reason))
                 continue
             try:
@@ -188,7 +274,12 @@ class Ingestor:
 
     def _process(self, entries: Sequence[Entry]) -> IngestStats:
         triage = self._triage(entries)
-        stored = self.store.add(triage.records)  # committed before anything is acked
+        added = self.store.add(triage.records)  # committed before anything is acked
+        for position in reversed(added.conflicts):
+            del triage.records[position]
+            entry_id = triage.ok_ids.pop(position)
+            fields = next(e.fields for e in entries if e.id == entry_id)
+            triage.dead.append((entry_id, fields, REUSED_ID))
         pipe = self.client.pipeline(transaction=True)
         for entry_id, fields, reason in triage.dead:
             pipe.xadd(self.config.dead_letter_stream, self._dead_letter(entry_id, fields, reason))
@@ -207,8 +298,9 @@ class Ingestor:
             )
         stats = IngestStats(
             read=len(entries),
-            stored=stored,
-            duplicates=len(triage.records) - stored,
+            read_bytes=sum(e.size for e in entries),
+            stored=added.stored,
+            duplicates=added.duplicates,
             dead=len(triage.dead),
         )
         self.totals.add(stats)

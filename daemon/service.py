@@ -1,7 +1,8 @@
 """Assemble the daemon from settings: Redis, store, HTTP server, scheduler, ingest loop.
 
 ``serve`` brings the parts up in order, tells systemd READY=1 once Redis, the store and the
-server are up, runs the worker loop in the main thread (it owns the signals), and takes the
+server are up (``/readyz`` and ``aftertune_ready`` then follow Redis and the disk, see
+``readiness.py``), runs the worker loop in the main thread (it owns the signals), and takes the
 parts down in reverse on the way out: STOPPING=1, the cycle asked to checkpoint and given
 ``cycle.shutdown_timeout_s``, the server stopped, the embedded Redis stopped.
 """
@@ -12,7 +13,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import redis
 
 from aftertune.daemon.embedded_redis import redis_connection
-from aftertune.daemon.errors import SettingsError
+from aftertune.daemon.errors import SettingsError, StateDirError
 from aftertune.daemon.ingest import IngestConfig, Ingestor, IngestStats
 from aftertune.daemon.metrics import DaemonMetrics
 from aftertune.daemon.notify import Heartbeat, Notifier, WatchdogPinger
+from aftertune.daemon.readiness import Readiness
 from aftertune.daemon.settings import Settings, load_settings
 from aftertune.daemon.worker import StopMode, Worker
+from aftertune.store.errors import StoreError
 from aftertune.store.examples import ExampleStore
 from aftertune.store.files import write_atomic
 from aftertune.store.layout import StateLayout
@@ -56,6 +58,7 @@ def ingest_config(settings: Settings) -> IngestConfig:
         claim_interval_s=i.claim_interval_s,
         max_record_bytes=i.max_record_bytes,
         dead_letter_max_payload_bytes=i.dead_letter_max_payload_bytes,
+        max_batch_bytes=i.max_batch_bytes,
     )
 
 
@@ -76,7 +79,9 @@ class Daemon:
         self.config = config
         self.overrides = overrides
         self.metrics = DaemonMetrics()
-        self.ready = threading.Event()  # /readyz: Redis, store and server are up
+        # /readyz: started (store open, server up), Redis reachable, the store writable.
+        self.readiness = Readiness()
+        self.metrics.ready.set_function(lambda: float(self.readiness.is_ready()))
         self.notifier = Notifier.from_env()
         self.alive = Heartbeat(max_age_s=max(10.0, 3 * settings.ingest.block_ms / 1000))
         self.server: HttpServer | None = None
@@ -91,8 +96,7 @@ class Daemon:
             self.start_server()
         if self.settings.cycle.enabled:
             self.start_scheduler()
-        self.ready.set()
-        self.metrics.ready.set(1)
+        self.readiness.started()
         self.notifier.ready()
         interval = self.notifier.watchdog_interval_s
         if interval is not None:
@@ -103,8 +107,7 @@ class Daemon:
         """STOPPING=1, the cycle asked to checkpoint, the server stopped. False when the cycle
         thread is still running after ``cycle.shutdown_timeout_s`` (or once ``give_up()``)."""
         self.notifier.stopping()
-        self.ready.clear()
-        self.metrics.ready.set(0)
+        self.readiness.stopping()
         left_running = False
         if self.scheduler is not None:
             timeout = self.settings.cycle.shutdown_timeout_s
@@ -123,7 +126,7 @@ class Daemon:
         app = build_app(
             StateLayout(self.settings.state_dir).bundles,
             token=s.token.get_secret_value() if s.token else None,
-            ready=self.ready.is_set,
+            ready=self.readiness.is_ready,
             metrics=self.metrics.registry,
         )
         self.server = HttpServer(app, s.host, s.port)
@@ -144,14 +147,19 @@ class Daemon:
         if now < self._next_status:
             return
         self._next_status = now + STATUS_EVERY_S
-        line, snapshot = self._snapshot()
+        try:
+            line, snapshot = self._snapshot()
+            write_atomic(
+                StateLayout(self.settings.state_dir).daemon_status,
+                json.dumps(snapshot, indent=1).encode(),
+            )
+        except (OSError, StoreError) as exc:
+            # A full disk must not stop the loop: the worker reports the store's outage.
+            log.debug("status not written: %s", exc)
+            return
         if line != self._status_line:
             self.notifier.status(line)
             self._status_line = line
-        write_atomic(
-            StateLayout(self.settings.state_dir).daemon_status,
-            json.dumps(snapshot, indent=1).encode(),
-        )
 
     def _snapshot(self) -> tuple[str, dict[str, Any]]:
         counts = self.store.counts()
@@ -246,7 +254,7 @@ def serve(
     overrides: dict[str, Any] | None = None,
 ) -> int:
     """Run the daemon until SIGTERM/SIGINT (or, with burst, until drained). Returns exit code."""
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    prepare_state_dir(settings.state_dir)
     with (
         redis_connection(settings.redis.url, settings.state_dir) as client,
         ExampleStore.in_state_dir(settings.state_dir) as store,
@@ -256,6 +264,7 @@ def serve(
             Ingestor(client, store, ingest_config(settings)),
             heartbeat=daemon.heartbeat,
             reload=daemon.reload,
+            readiness=daemon.readiness,
         )
         worker.install_signal_handlers()
         try:
@@ -273,6 +282,17 @@ def serve(
     if abandoned:
         _exit_now(0)
     return 0
+
+
+def prepare_state_dir(state_dir: Path) -> None:
+    """Make the state dir and prove it writable, or raise StateDirError in one line."""
+    probe = state_dir / f".write-test-{os.getpid()}"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StateDirError(state_dir, exc) from None
 
 
 def _exit_now(code: int) -> NoReturn:

@@ -79,6 +79,12 @@ class IngestSettings(_Section):
     dead_letter_max_payload_bytes: int = Field(
         default=1024 * 1024, gt=0, description="longer payloads are kept truncated, with their size"
     )
+    max_batch_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        gt=0,
+        le=4 * 1024 * 1024 * 1024,
+        description="one ingest batch holds about this many bytes of entries at most",
+    )
 
 
 class ModelSettings(_Section):

@@ -2,8 +2,10 @@
 
 The loop reads top to bottom (rq style): stop check → reload check → poll → heartbeat.
 Signal handlers only set flags: SIGTERM/SIGINT stop (warm, then cold), SIGHUP reloads.
-Redis outages are waited out with capped exponential backoff and one log line per outage;
-nothing is acknowledged that was not stored.
+Outages are waited out with capped exponential backoff and one log line per outage: Redis
+unreachable, or the store not writable (disk full, I/O error: the batch is rolled back and
+stays pending, and is read again once space returns). Nothing is acknowledged that was not
+stored; during an outage the daemon reports not ready.
 """
 
 from __future__ import annotations
@@ -20,12 +22,29 @@ import redis
 from redis.backoff import AbstractBackoff, ExponentialBackoff
 
 from aftertune.daemon.ingest import REDIS_DOWN, Ingestor, IngestStats
+from aftertune.daemon.readiness import Readiness
+from aftertune.store.errors import StorageError
 
 log = logging.getLogger(__name__)
 
 
-# Waits between attempts while Redis is down: 0.1 s, doubling, at most 5 s.
+# Waits between attempts while Redis or the disk is down: 0.1 s, doubling, at most 5 s.
 OUTAGE_BACKOFF = ExponentialBackoff(cap=5.0, base=0.1)
+
+
+class Outage(str, Enum):
+    REDIS = "redis"  # Redis unreachable
+    STORAGE = "storage"  # the store cannot write (disk full, I/O error)
+
+
+_DOWN_MESSAGE = {
+    Outage.REDIS: "redis unavailable (%s); retrying with backoff",
+    Outage.STORAGE: "store not writable (%s); nothing is acknowledged until it is; retrying",
+}
+_BACK_MESSAGE = {
+    Outage.REDIS: "redis reachable again after %.1fs",
+    Outage.STORAGE: "store writable again after %.1fs; ingest resumes",
+}
 
 
 class StopMode(str, Enum):
@@ -44,6 +63,7 @@ class Worker:
         heartbeat: Callable[[IngestStats], None] = lambda stats: None,
         reload: Callable[[], None] = lambda: None,
         backoff: AbstractBackoff = OUTAGE_BACKOFF,
+        readiness: Readiness | None = None,
     ) -> None:
         self.ingestor = ingestor
         self.heartbeat = heartbeat  # after every poll, with what it ingested
@@ -53,7 +73,8 @@ class Worker:
         self._failures = 0  # consecutive failed attempts in the current outage
         self.stop_mode = StopMode.NONE
         self._wake = threading.Event()
-        self._outage_since: float | None = None
+        self.readiness = readiness if readiness is not None else Readiness()
+        self._outages: dict[Outage, float] = {}  # outage -> when it began (monotonic)
 
     # Signal handlers only set flags; the loop acts on them.
     def install_signal_handlers(self) -> None:
@@ -97,9 +118,11 @@ class Worker:
                         break
                 else:
                     stats = self.ingestor.poll()
-                self._redis_back()
+                self._all_back()
             except REDIS_DOWN as exc:
-                self._redis_down(exc)
+                self._down(Outage.REDIS, exc)
+            except StorageError as exc:
+                self._down(Outage.STORAGE, exc)
             except redis.ResponseError as exc:
                 if "NOGROUP" in str(exc):
                     log.warning(
@@ -123,25 +146,35 @@ class Worker:
         while not self.stopping:
             try:
                 self.ingestor.ensure_group()
-                self._redis_back()
+                self._back(Outage.REDIS)
                 return
             except REDIS_DOWN as exc:
-                self._redis_down(exc)
+                self._down(Outage.REDIS, exc)
 
-    def _redis_down(self, exc: BaseException) -> None:
-        if self._outage_since is None:
-            self._outage_since = time.monotonic()
-            log.error("redis unavailable (%s); retrying with backoff", exc)
-        self.ingestor.client.connection_pool.disconnect()
+    def _down(self, outage: Outage, exc: BaseException) -> None:
+        """One log line when an outage begins, however long it lasts; then wait and retry."""
+        if outage not in self._outages:
+            self._outages[outage] = time.monotonic()
+            log.error(_DOWN_MESSAGE[outage], exc)
+            self.readiness.problem(outage.value, str(exc))
+        if outage is Outage.REDIS:
+            self.ingestor.client.connection_pool.disconnect()
         self._wake.wait(self.backoff.compute(self._failures))
         self._failures += 1
         self._wake.clear()
-        # A consumer that reconnects re-reads its own pending entries first.
+        # Retry from our own pending entries: what was read and not acknowledged comes first.
         self.ingestor.reread_own_pending()
 
-    def _redis_back(self) -> None:
-        if self._outage_since is not None:
-            log.info("redis reachable again after %.1fs", time.monotonic() - self._outage_since)
-            self._outage_since = None
-        self._failures = 0
-        self.backoff.reset()
+    def _back(self, outage: Outage) -> None:
+        since = self._outages.pop(outage, None)
+        if since is not None:
+            log.info(_BACK_MESSAGE[outage], time.monotonic() - since)
+            self.readiness.resolved(outage.value)
+        if not self._outages:
+            self._failures = 0
+            self.backoff.reset()
+
+    def _all_back(self) -> None:
+        """A poll went through: Redis answered, and whatever it read was stored."""
+        for outage in list(self._outages):
+            self._back(outage)

@@ -21,3 +21,17 @@ class RegistryError(StoreError):
 
 class BundleError(StoreError):
     """A bundle is incomplete, tampered with or unknown; the message names the file."""
+
+
+class StorageError(StoreError):
+    """The disk refused a write or a read (full, I/O error, read-only, no permission).
+
+    Nothing half-written stays: the transaction was rolled back. ``path`` is the file or
+    directory concerned, ``cause`` SQLite's or the OS's own words.
+    """
+
+    def __init__(self, path: object, cause: str, action: str = "") -> None:
+        message = f"cannot write {path}: {cause}"
+        super().__init__(f"{message}; {action}" if action else message)
+        self.path = path
+        self.cause = cause

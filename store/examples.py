@@ -1,7 +1,9 @@
 """The example store: every accepted feedback record, durable in SQLite (WAL mode).
 
 Idempotent on record id, so at-least-once delivery from the stream gives exactly-once
-effects. ``seq`` is a monotonic insertion counter: a model version remembers the highest
+effects. An id that comes back with other content (task, instruction, input, output, split
+or weight) is not a redelivery but a conflict: ``add`` stores nothing for it and says so, and
+ingest dead-letters it ("id reused with different content"). ``seq`` is a monotonic insertion counter: a model version remembers the highest
 ``seq`` it has seen, and "new data since the champion" is every train example above it.
 
 A batch whose challenger the gate rejected is *quarantined* (``quarantined_by`` = that
@@ -20,11 +22,11 @@ from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from aftertune.store.layout import StateLayout
 from aftertune.store.records import Record
-from aftertune.store.sqlite_db import connect, transaction
+from aftertune.store.sqlite_db import connect, open_failure, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS examples (
@@ -70,6 +72,50 @@ class Example:
     added_at: float = 0.0
 
 
+class Added(NamedTuple):
+    """What ``ExampleStore.add`` did with a batch of records."""
+
+    stored: int  # new records, now committed
+    duplicates: int  # ids already stored with the same content (a redelivery): skipped
+    conflicts: tuple[int, ...] = ()  # positions in the batch of ids reused with other content
+
+
+# What a record's content is, for telling a redelivery from a reused id: the columns that
+# change what is learned or how it is judged. source and meta may differ (first one kept).
+_CONTENT = "id, task, instruction, input, output, split, weight"
+
+
+def _content(record: Record) -> tuple[Any, ...]:
+    return (
+        record.id,
+        record.task,
+        record.instruction,
+        record.input,
+        record.output,
+        record.split.value,
+        record.weight,
+    )
+
+
+def _rows(records: Sequence[Record], now: float) -> list[tuple[Any, ...]]:
+    return [
+        (
+            r.id,
+            r.task,
+            r.instruction,
+            r.input,
+            r.output,
+            r.split.value,
+            int(r.pinned),
+            r.weight,
+            r.source,
+            json.dumps(r.meta, ensure_ascii=False, sort_keys=True) if r.meta else "{}",
+            now,
+        )
+        for r in records
+    ]
+
+
 def _example(row: sqlite3.Row | tuple[Any, ...]) -> Example:
     seq, id_, task, instr, inp, out, split, pinned, weight, source, meta, added = row
     return Example(
@@ -93,7 +139,10 @@ class ExampleStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise open_failure(self.path, exc) from exc
         self._lock = threading.RLock()
         self._db = connect(self.path, SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(examples)")}
@@ -115,37 +164,48 @@ class ExampleStore:
         self.close()
 
     def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
-        return transaction(self._db, self._lock)
+        return transaction(self._db, self._lock, self.path)
 
-    def add(self, records: Sequence[Record]) -> int:
-        """Insert records in one transaction; return how many were new (duplicates are skipped)."""
+    def add(self, records: Sequence[Record]) -> Added:
+        """Insert records in one transaction; duplicates are skipped, reused ids refused.
+
+        A record whose id is already stored (or came earlier in ``records``) with the same
+        content is a duplicate; with other content it is a conflict and is not stored.
+        Raises StorageError when the disk refuses the write (nothing is stored then).
+        """
         if not records:
-            return 0
-        now = time.time()
-        rows = [
-            (
-                r.id,
-                r.task,
-                r.instruction,
-                r.input,
-                r.output,
-                r.split.value,
-                int(r.pinned),
-                r.weight,
-                r.source,
-                json.dumps(r.meta, ensure_ascii=False, sort_keys=True) if r.meta else "{}",
-                now,
-            )
-            for r in records
-        ]
+            return Added(0, 0)
         with self._transaction() as db:
-            before = db.total_changes
+            known = self._stored_content(db, [r.id for r in records])
+            new: list[Record] = []
+            duplicates, conflicts = 0, []
+            for position, record in enumerate(records):
+                content = _content(record)
+                seen = known.get(record.id)
+                if seen is None:
+                    known[record.id] = content
+                    new.append(record)
+                elif seen == content:
+                    duplicates += 1
+                else:
+                    conflicts.append(position)
             db.executemany(
-                "INSERT OR IGNORE INTO examples (id, task, instruction, input, output, split,"
+                "INSERT INTO examples (id, task, instruction, input, output, split,"
                 " pinned, weight, source, meta, added_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                rows,
+                _rows(new, time.time()),
             )
-            return db.total_changes - before
+        return Added(len(new), duplicates, tuple(conflicts))
+
+    @staticmethod
+    def _stored_content(db: sqlite3.Connection, ids: list[str]) -> dict[str, tuple[Any, ...]]:
+        found: dict[str, tuple[Any, ...]] = {}
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in db.execute(f"SELECT {_CONTENT} FROM examples WHERE id IN ({marks})", chunk):
+                found[row[0]] = tuple(row)
+        return found
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         with self._lock:

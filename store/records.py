@@ -23,6 +23,10 @@ TEST_SHARE_PERCENT = 10  # share of each task that `split: auto` sends to the he
 MAX_META_DEPTH = 8
 MAX_ID_CHARS = 256
 MAX_TASK_CHARS = 128
+# A weight scales an example's share of the loss. Above this, one record can outweigh a
+# whole batch, and float32 (the loss) overflows long before float64 (JSON) does: 1e308 is
+# finite here and inf in training, where it turns the loss into NaN.
+MAX_WEIGHT = 1000.0
 _WHITESPACE = re.compile(r"\s")
 
 
@@ -69,7 +73,7 @@ _TYPE_NAMES = {str: "a string", dict: "a JSON object", int: "a number", float: "
 def _check_types(obj: dict[str, Any]) -> None:
     for key in obj:
         if key not in WIRE_FIELDS:
-            raise RecordError(f"field '{key}' is not part of the wire format")
+            raise RecordError(f"field '{printable(key)}' is not part of the wire format")
     for name, (required, types) in WIRE_FIELDS.items():
         if name not in obj:
             if required:
@@ -107,11 +111,22 @@ def _check_values(obj: dict[str, Any]) -> None:
         )
     if obj.get("split", "auto") not in Split._value2member_map_:
         raise RecordError("field 'split' must be one of auto, train, test")
-    weight = obj.get("weight", 1.0)
-    if not math.isfinite(weight) or weight <= 0:
-        raise RecordError("field 'weight' must be a finite number greater than 0")
+    weight = _as_float(obj.get("weight", 1.0))
+    if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
+        raise RecordError(
+            f"field 'weight' must be a number greater than 0 and at most {MAX_WEIGHT:g},"
+            f" got {weight:g}"
+        )
     if obj.get("meta") and _depth(obj["meta"]) > MAX_META_DEPTH:
         raise RecordError(f"field 'meta' must nest at most {MAX_META_DEPTH} levels deep")
+
+
+def _as_float(number: float) -> float:
+    """A JSON number as a float; an integer too large for one is infinite."""
+    try:
+        return float(number)
+    except OverflowError:
+        return math.inf
 
 
 def _depth(value: object, level: int = 1) -> int:
@@ -131,6 +146,17 @@ def _check_utf8(obj: dict[str, Any]) -> None:
             value.encode("utf-8")
         elif value:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control or invisible character written as an escape (``\\n``,
+    ``\\x1b``, ``\\u202e``): one line, nothing a terminal acts on.
+
+    The one helper for messages built from input: dead-letter reasons, log lines, CLI output.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def content_id(task: str, instruction: str, input: str, output: str) -> str:

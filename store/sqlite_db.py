@@ -2,35 +2,110 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from aftertune.store.errors import StorageError
+
+# SQLite's primary result codes that mean "the disk, not the data": a full or failing disk,
+# a file that cannot be opened or written. Extended codes (SQLITE_IOERR_WRITE, ...) carry
+# the primary code in their low byte.
+_STORAGE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_PERM,
+    }
+)
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """True when ``exc`` is the disk failing us (full, I/O, read-only), not a bug or bad data."""
+    if isinstance(exc, StorageError):
+        return True
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and (code & 0xFF) in _STORAGE_CODES
+    return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
+
+
+def open_failure(path: Path, exc: BaseException) -> StorageError:
+    """One line for a store that cannot be opened: the path and the permission it needs."""
+    where = path.parent
+    cause = str(exc) if where.is_dir() else f"{where} is not a directory and cannot be made one"
+    return StorageError(
+        path,
+        cause,
+        f"the daemon needs read, write and search (rwx) permission on {where} "
+        "and read-write on the files in it",
+    )
+
 
 def connect(path: Path, schema: str) -> sqlite3.Connection:
     """A connection shared by the threads of one process (callers hold their own lock).
 
     WAL so readers never block the writer; synchronous=FULL so a commit survives power loss,
-    not just a crash (ingest acknowledges stream entries only after it).
+    not just a crash (ingest acknowledges stream entries only after it). A file that cannot
+    be opened or written raises StorageError naming it.
     """
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA busy_timeout=10000")
-    db.executescript(schema)
+    try:
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=10000")
+        db.executescript(schema)
+    except (sqlite3.Error, OSError) as exc:
+        if is_storage_error(exc):
+            raise open_failure(path, exc) from exc
+        raise
     return db
 
 
 @contextmanager
-def transaction(db: sqlite3.Connection, lock: threading.RLock) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception (or a kill: SQLite's journal)."""
+def transaction(
+    db: sqlite3.Connection, lock: threading.RLock, path: Path | None = None
+) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception (or a kill: SQLite's journal).
+
+    A full or failing disk raises StorageError with SQLite's own words: SQLite may already
+    have rolled the transaction back itself, and a second ROLLBACK ("no transaction is
+    active") must not hide the cause.
+    """
     with lock:
-        db.execute("BEGIN IMMEDIATE")
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            if is_storage_error(exc) and not isinstance(exc, StorageError):
+                where = path if path is not None else _db_path(db)
+                raise StorageError(where, str(exc)) from exc
             raise
-        db.execute("COMMIT")
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    if not db.in_transaction:
+        return  # SQLite rolled back already (SQLITE_FULL, SQLITE_IOERR, ...)
+    # The error being raised says more than a failed ROLLBACK would; the journal undoes the rest.
+    with contextlib.suppress(sqlite3.Error):
+        db.execute("ROLLBACK")
+
+
+def _db_path(db: sqlite3.Connection) -> str:
+    try:
+        rows = db.execute("PRAGMA database_list").fetchall()
+    except sqlite3.Error:
+        return "the database"
+    return next((str(file) for _, name, file in rows if name == "main" and file), "the database")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from aftertune.store.errors import RecordError
-from aftertune.store.records import Split, content_id, parse_record
+from aftertune.store.records import Split, content_id, parse_record, record_from_obj
 
 VALID = {"task": "sentiment", "instruction": "Classify.", "input": "great film", "output": "POS"}
 
@@ -83,3 +83,28 @@ def test_oversize_record_is_rejected_before_parsing() -> None:
 def test_deep_nesting_within_size_limit_is_rejected_not_crashing() -> None:
     with pytest.raises(RecordError, match="nests too deeply"):
         parse_record(b"[" * 30_000 + b"]" * 30_000, max_bytes=10**6)
+
+
+@pytest.mark.parametrize(
+    ("weight", "shown"),
+    [
+        (1e308, "1e+308"),
+        (1000.5, "1000.5"),
+        pytest.param(10**400, "inf", id="10**400"),
+        (0, "0"),
+        (-1, "-1"),
+    ],
+)
+def test_weight_is_bounded_to_a_documented_range(weight: float, shown: str) -> None:
+    """1e308 is finite in float64 and inf in float32: it used to reach training, where one
+    record turned a batch's loss into NaN and got the clean records around it quarantined."""
+    with pytest.raises(RecordError) as caught:
+        record_from_obj({**VALID, "weight": weight})
+    assert str(caught.value) == (
+        f"field 'weight' must be a number greater than 0 and at most 1000, got {shown}"
+    )
+
+
+def test_weight_at_the_bound_is_accepted() -> None:
+    assert record_from_obj({**VALID, "weight": 1000}).weight == 1000.0
+    assert record_from_obj({**VALID, "weight": 1e-6}).weight == 1e-6

@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from aftertune.store.examples import ExampleStore, _balanced_quota
+from aftertune.store.examples import Added, ExampleStore, _balanced_quota
 from aftertune.store.records import Record, record_from_obj
 
 
@@ -24,9 +24,9 @@ def _records(task: str, n: int, split: str = "train", start: int = 0) -> list[Re
 
 def test_add_is_idempotent_and_counts(tmp_path: Path) -> None:
     with ExampleStore.in_state_dir(tmp_path) as store:
-        assert store.add(_records("a", 10)) == 10
-        assert store.add(_records("a", 10)) == 0  # redelivery
-        assert store.add(_records("a", 12)) == 2
+        assert store.add(_records("a", 10)) == Added(stored=10, duplicates=0)
+        assert store.add(_records("a", 10)) == Added(stored=0, duplicates=10)  # redelivery
+        assert store.add(_records("a", 12)) == Added(stored=2, duplicates=10)
         store.add(_records("b", 3, split="test"))
         assert store.counts() == {"a": {"train": 12, "test": 0}, "b": {"train": 0, "test": 3}}
         assert store.total() == 15

@@ -1,0 +1,176 @@
+"""Ingest against hostile entries and a failing disk: a reused id, two record fields, huge
+entries, the store refusing writes. A real Redis and a real SQLite throughout; "disk full"
+is SQLite's own SQLITE_FULL from ``PRAGMA max_page_count`` (the daemon-level test in
+test_storage_outage.py fills a real file-size limit instead).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from aftertune.daemon.ingest import REUSED_ID, IngestConfig, Ingestor
+from aftertune.daemon.readiness import Readiness
+from aftertune.daemon.worker import Worker
+from aftertune.store.examples import ExampleStore
+
+STREAM, DEAD = "s", "s:dead"
+
+
+def _record(i: int, **extra: object) -> bytes:
+    row = {"task": "echo", "instruction": "Repeat.", "input": f"item {i}", "output": str(i)}
+    return json.dumps({**row, **extra}).encode()
+
+
+@pytest.fixture
+def make_ingestor(redis_client: redis.Redis, tmp_path: Path) -> Iterator[Callable[..., Ingestor]]:
+    stores: list[ExampleStore] = []
+
+    def make(**config: int) -> Ingestor:
+        store = ExampleStore.in_state_dir(tmp_path / "state")
+        stores.append(store)
+        settings = IngestConfig(
+            stream=STREAM, dead_letter_stream=DEAD, group="g", consumer="c", block_ms=0, **config
+        )
+        ingestor = Ingestor(redis_client, store, settings)
+        ingestor.ensure_group()
+        return ingestor
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+def _dead_reasons(client: redis.Redis) -> list[str]:
+    return [fields[b"reason"].decode() for _, fields in client.xrange(DEAD)]
+
+
+def test_an_id_reused_with_other_content_is_dead_lettered(
+    redis_client: redis.Redis, make_ingestor: Callable[..., Ingestor]
+) -> None:
+    ingestor = make_ingestor()
+    redis_client.xadd(STREAM, {"record": _record(1, id="order-7")})
+    redis_client.xadd(STREAM, {"record": _record(1, id="order-7")})  # a true duplicate
+    redis_client.xadd(STREAM, {"record": _record(2, id="order-7")})  # the id, reused
+    totals = ingestor.drain()
+    assert (totals.stored, totals.duplicates, totals.dead) == (1, 1, 1)
+    assert _dead_reasons(redis_client) == [REUSED_ID]
+    assert [e.output for e in ingestor.store.get(["order-7"])] == ["1"]
+    assert redis_client.xpending(STREAM, "g")["pending"] == 0
+
+
+def test_an_entry_with_two_record_fields_is_dead_lettered(
+    redis_client: redis.Redis, make_ingestor: Callable[..., Ingestor]
+) -> None:
+    ingestor = make_ingestor()
+    redis_client.execute_command("XADD", STREAM, "*", "record", _record(1), "record", _record(2))
+    totals = ingestor.drain()
+    assert (totals.stored, totals.dead) == (0, 1)
+    assert _dead_reasons(redis_client) == [
+        "entry has more than one 'record' field; send one record per entry"
+    ]
+    assert ingestor.store.total() == 0
+
+
+def test_a_batch_holds_about_max_batch_bytes(
+    redis_client: redis.Redis, make_ingestor: Callable[..., Ingestor]
+) -> None:
+    mib = 1024 * 1024
+    ingestor = make_ingestor(max_record_bytes=2 * mib, max_batch_bytes=3 * mib)
+    for i in range(12):  # twelve valid 1 MiB records
+        redis_client.xadd(STREAM, {"record": _record(i, input="x" * mib + str(i))})
+    largest_read, stored = 0, 0
+    for _ in range(50):
+        stats = ingestor.poll(block_ms=0)
+        largest_read = max(largest_read, stats.read_bytes)
+        stored += stats.stored
+        if stored == 12:
+            break
+    assert stored == 12
+    assert largest_read <= 3 * mib
+
+
+def test_a_full_store_acks_nothing_reports_not_ready_and_resumes(
+    redis_client: redis.Redis,
+    make_ingestor: Callable[..., Ingestor],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ingestor = make_ingestor()
+    store = ingestor.store
+    redis_client.xadd(STREAM, {"record": _record(0)})
+    ingestor.drain()
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")  # full: the next write fails
+    for i in range(1, 300):
+        redis_client.xadd(STREAM, {"record": _record(i)})
+    redis_client.xadd(STREAM, {"nothing": b"here"})  # a bad entry waits with its batch
+    readiness = Readiness()
+    readiness.started()
+    worker = Worker(ingestor, readiness=readiness)
+    thread = threading.Thread(target=worker.work, daemon=True)
+    caplog.set_level(logging.INFO, logger="aftertune.daemon.worker")
+    thread.start()
+    try:
+        _wait(lambda: "storage" in readiness.problems())
+        stored_before = store.total()  # the first small batches fit in the free pages
+        time.sleep(1.0)  # several retries (backoff 0.1 s, doubling)
+        assert not readiness.is_ready()
+        assert "database or disk is full" in readiness.problems()["storage"]
+        assert store.total() == stored_before < 300
+        assert redis_client.xpending(STREAM, "g")["pending"] > 0  # read, not acknowledged
+        assert redis_client.xlen(DEAD) == 0
+        store._db.execute("PRAGMA max_page_count = 1073741823")  # space returns
+        _wait(lambda: store.total() == 300 and readiness.is_ready(), timeout=15)
+        _wait(lambda: redis_client.xpending(STREAM, "g")["pending"] == 0)
+        assert redis_client.xlen(DEAD) == 1
+    finally:
+        worker.request_stop()
+        thread.join(10)
+    down = [r for r in caplog.records if "store not writable" in r.getMessage()]
+    assert len(down) == 1, [r.getMessage() for r in down]
+    assert "database or disk is full" in down[0].getMessage()
+    assert any("store writable again" in r.getMessage() for r in caplog.records)
+
+
+def test_readiness_follows_redis(tmp_path: Path) -> None:
+    from aftertune.daemon.embedded_redis import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    client = redis.Redis.from_url(server.url, socket_timeout=2)
+    store = ExampleStore.in_state_dir(tmp_path / "state")
+    config = IngestConfig(stream=STREAM, dead_letter_stream=DEAD, group="g", consumer="c")
+    config = IngestConfig(**{**config.__dict__, "block_ms": 100})
+    readiness = Readiness()
+    readiness.started()
+    worker = Worker(Ingestor(client, store, config), readiness=readiness)
+    thread = threading.Thread(target=worker.work, daemon=True)
+    thread.start()
+    try:
+        _wait(readiness.is_ready)
+        port = server.port
+        server.stop()
+        _wait(lambda: not readiness.is_ready())
+        assert "redis" in readiness.problems()
+        server = RedisServer(tmp_path / "redis", port=port).start()
+        _wait(readiness.is_ready, timeout=20)
+    finally:
+        worker.request_stop()
+        thread.join(10)
+        server.stop()
+        store.close()
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {condition}")
