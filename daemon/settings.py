@@ -6,6 +6,7 @@ Sources, strongest first: command-line overrides, environment (``AFTERTUNE_*``, 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
@@ -30,11 +31,22 @@ from pydantic_settings import (
 )
 
 from aftertune.daemon.errors import SettingsError
+from aftertune.learners.gate import HIGHER_IS_BETTER, PROPORTIONS
 from aftertune.store.prompt import DEFAULT_TEMPLATE, DEFAULT_TEMPLATE_NO_INPUT, PromptTemplate
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: inf and nan pass `gt=0` and then crash at run time
+    # (cycle.interval_s = inf: OverflowError in the scheduler); refused in every section.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Longest wait a duration setting may ask for: a year. Beyond it a timer overflows
+# (threading, APScheduler, datetime) or the setting means "never", which `enabled` says better.
+MAX_SECONDS = 365 * 24 * 3600.0
+# Redis replies to a blocking read only when it ends; the client's socket timeout (30 s,
+# daemon/embedded_redis.py) must not expire first, or every idle poll looks like an outage.
+MAX_BLOCK_MS = 20_000
 
 
 class RedisSettings(_Section):
@@ -71,11 +83,13 @@ class RedisSettings(_Section):
 class IngestSettings(_Section):
     max_record_bytes: int = Field(default=64 * 1024, gt=0, le=64 * 1024 * 1024)
     batch_size: int = Field(default=1000, gt=0, le=100_000)
-    block_ms: int = Field(default=1000, ge=0, description="how long one read waits for entries")
+    block_ms: int = Field(
+        default=1000, ge=0, le=MAX_BLOCK_MS, description="how long one read waits for entries"
+    )
     claim_idle_ms: int = Field(
         default=60_000, ge=0, description="pending this long = its consumer is presumed dead"
     )
-    claim_interval_s: float = Field(default=30.0, gt=0)
+    claim_interval_s: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
     dead_letter_max_payload_bytes: int = Field(
         default=1024 * 1024, gt=0, description="longer payloads are kept truncated, with their size"
     )
@@ -159,7 +173,7 @@ class EvalSettings(_Section):
     max_new_tokens: int = Field(default=16, ge=1)
 
 
-GATE_METRICS = ("accuracy", "token_f1", "valid", "nll")
+GATE_METRICS = tuple(HIGHER_IS_BETTER)
 
 
 class TaskGateSettings(_Section):
@@ -172,9 +186,15 @@ class TaskGateSettings(_Section):
     @field_validator("floor", "max_drop", "max_drop_rel")
     @classmethod
     def _metrics(cls, value: dict[str, float]) -> dict[str, float]:
-        for metric in value:
+        # Drops, relative drops and floors are all >= 0 (an NLL too); a proportion's are
+        # at most 1. The gate refuses others, but only when a cycle builds it: say so now.
+        for metric, bound in value.items():
             if metric not in GATE_METRICS:
                 raise ValueError(f"unknown metric {metric!r}; known: {', '.join(GATE_METRICS)}")
+            if metric in PROPORTIONS and not 0 <= bound <= 1:
+                raise ValueError(f"{metric} must be between 0 and 1 (a proportion)")
+            if bound < 0:
+                raise ValueError(f"{metric} must be at least 0")
         return value
 
 
@@ -183,7 +203,9 @@ class GateSettings(TaskGateSettings):
         default_factory=lambda: {"accuracy": 0.05, "token_f1": 0.05, "nll": 0.25}
     )
     max_drop_rel: dict[str, float] = Field(default_factory=lambda: {"nll": 0.25})
-    min_gain: float = Field(default=0.0, description="headline score gain on new held-out data")
+    min_gain: float = Field(
+        default=0.0, ge=-1, le=1, description="headline score gain on new held-out data"
+    )
     min_nll_gain: float = Field(default=0.01, description="NLL improvement on new held-out data")
     noise_z: float = Field(
         default=1.0, ge=0, description="max_drop of accuracy is at least this many std errors"
@@ -227,6 +249,39 @@ class ServerSettings(_Section):
     token: SecretStr | None = Field(
         default=None, description="bearer token required on /v1 and /metrics when set"
     )
+    allow_anonymous: bool = Field(
+        default=False,
+        description="serve /v1 and /metrics without a token on a non-loopback host",
+    )
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty token used to switch authentication off while the operator believed it on.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty or whitespace; unset it to serve without one")
+        return value
+
+    @model_validator(mode="after")
+    def _anonymous_only_on_loopback(self) -> ServerSettings:
+        anonymous = self.token is None and not self.allow_anonymous
+        if self.enabled and anonymous and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address and no token is set: set "
+                "server.token (AFTERTUNE_SERVER__TOKEN), or server.allow_anonymous = true "
+                "to serve models and metrics to anyone who can connect"
+            )
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: only this machine can connect."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name (resolved at bind time), "" or "::" (every address)
 
 
 class CycleSettings(_Section):
@@ -237,14 +292,25 @@ class CycleSettings(_Section):
         default=200, ge=1, description="start a cycle once this many new train examples wait"
     )
     interval_s: float = Field(
-        default=3600.0, gt=0, description="also start one this often when any example waits"
+        default=3600.0,
+        gt=0,
+        le=MAX_SECONDS,
+        description="also start one this often when any example waits",
     )
-    check_every_s: float = Field(default=5.0, gt=0, description="how often the schedule looks")
+    check_every_s: float = Field(
+        default=5.0, gt=0, le=MAX_SECONDS, description="how often the schedule looks"
+    )
     lock_ttl_s: float = Field(
-        default=60.0, gt=1, description="trainer lock in Redis; renewed while a cycle runs"
+        default=60.0,
+        gt=1,
+        le=MAX_SECONDS,
+        description="trainer lock in Redis; renewed while a cycle runs",
     )
     shutdown_timeout_s: float = Field(
-        default=30.0, gt=0, description="warm stop: how long a cycle may take to checkpoint"
+        default=30.0,
+        gt=0,
+        le=MAX_SECONDS,
+        description="warm stop: how long a cycle may take to checkpoint",
     )
 
 
@@ -252,7 +318,7 @@ class Settings(BaseSettings):
     """The root of aftertune's configuration."""
 
     model_config = SettingsConfigDict(
-        env_prefix="AFTERTUNE_", env_nested_delimiter="__", extra="forbid"
+        env_prefix="AFTERTUNE_", env_nested_delimiter="__", extra="forbid", allow_inf_nan=False
     )
 
     state_dir: Path = Path(".aftertune")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
+from pydantic import BaseModel
 
 from aftertune.daemon.errors import SettingsError
 from aftertune.daemon.settings import Settings, load_settings
@@ -66,3 +69,117 @@ def test_unknown_or_invalid_key_in_the_file_names_the_field(tmp_path: Path) -> N
         load_settings(_toml(tmp_path, "[train]\nlrr = 1\n"))
     with pytest.raises(SettingsError, match=r"invalid setting train\.epochs"):
         load_settings(_toml(tmp_path, "[train]\nepochs = 0\n"))
+
+
+def _float_settings() -> list[tuple[str, str, object]]:
+    """(section, field, a value holding inf) for every float setting, dict values included."""
+    out = []
+    for section, info in Settings.model_fields.items():
+        model = info.annotation
+        if not isinstance(model, type) or not issubclass(model, BaseModel):
+            continue
+        for name, field in model.model_fields.items():
+            kind = str(field.annotation)
+            if "dict[str, float]" in kind:
+                out.append((section, name, {"accuracy": math.inf}))
+            elif "float" in kind:
+                out.append((section, name, math.inf))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("section", "name", "value"), _float_settings(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_no_float_setting_takes_inf_or_nan(section: str, name: str, value: object) -> None:
+    with pytest.raises(SettingsError, match=rf"invalid setting {section}\.{name}") as info:
+        load_settings(overrides={section: {name: value}})
+    assert "\n" not in str(info.value)
+    nan = {"accuracy": math.nan} if isinstance(value, dict) else math.nan
+    with pytest.raises(SettingsError, match=rf"invalid setting {section}\.{name}"):
+        load_settings(overrides={section: {name: nan}})
+
+
+def test_inf_from_the_file_and_the_environment_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both crashed `serve` (OverflowError in the scheduler) after passing validation.
+    with pytest.raises(SettingsError, match=r"invalid setting cycle\.interval_s: .*finite"):
+        load_settings(_toml(tmp_path, "[cycle]\ninterval_s = inf\n"))
+    monkeypatch.setenv("AFTERTUNE_CYCLE__CHECK_EVERY_S", "nan")
+    with pytest.raises(SettingsError, match=r"invalid setting cycle\.check_every_s"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("toml", "field", "why"),
+    [
+        ("[gate]\nmax_drop = { accuracy = -0.5 }", r"gate\.max_drop", "accuracy must be"),
+        ("[gate]\nmax_drop_rel = { nll = -0.1 }", r"gate\.max_drop_rel", "nll must be"),
+        ("[gate]\nmax_drop = { token_f1 = 5 }", r"gate\.max_drop", "token_f1 must be"),
+        ("[gate]\nfloor = { accuracy = 1.5 }", r"gate\.floor", "accuracy must be"),
+        ("[gate]\nfloor = { nll = -1 }", r"gate\.floor", "nll must be"),
+        ("[gate.tasks.noisy]\nmax_drop = { accuracy = -1 }", r"gate\.tasks\.noisy\.max_drop", ""),
+        ("[gate]\nmin_gain = 2", r"gate\.min_gain", ""),
+        ("[cycle]\ninterval_s = 1e300", r"cycle\.interval_s", ""),
+        ("[cycle]\nshutdown_timeout_s = 1e12", r"cycle\.shutdown_timeout_s", ""),
+        ("[ingest]\nblock_ms = 60000", r"ingest\.block_ms", ""),
+    ],
+)
+def test_out_of_range_thresholds_are_refused_at_load(
+    tmp_path: Path, toml: str, field: str, why: str
+) -> None:
+    """Each passed validation before, then failed every cycle (or every poll) at run time."""
+    with pytest.raises(SettingsError, match=rf"invalid setting {field}: .*{why}") as info:
+        load_settings(_toml(tmp_path, toml + "\n"))
+    assert "\n" not in str(info.value)
+
+
+def test_the_gate_built_from_loaded_settings_never_refuses_them() -> None:
+    """Whatever loads builds the gate's rules: no cycle fails on a threshold at run time."""
+    from aftertune.daemon.specs import specs_from
+
+    settings = load_settings(
+        overrides={"gate": {"floor": {"accuracy": 0.0, "nll": 0.0}, "max_drop": {"nll": 0.0}}}
+    )
+    assert specs_from(settings).rules.default.floor["accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("token", ["", "   ", "\t"])
+def test_an_empty_token_is_refused(monkeypatch: pytest.MonkeyPatch, token: str) -> None:
+    # It used to switch authentication off without a word.
+    monkeypatch.setenv("AFTERTUNE_SERVER__TOKEN", token)
+    with pytest.raises(SettingsError, match=r"invalid setting server\.token: must not be empty"):
+        load_settings()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "localhost", "LocalHost"])
+def test_no_token_is_fine_on_a_loopback_bind(host: str) -> None:
+    assert load_settings(overrides={"server": {"host": host}}).server.token is None
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "10.1.2.3", "trainer.example.com"])
+def test_a_non_loopback_bind_needs_a_token_or_allow_anonymous(host: str) -> None:
+    with pytest.raises(SettingsError, match=r"invalid setting server: .*allow_anonymous") as info:
+        load_settings(overrides={"server": {"host": host}})
+    assert "\n" not in str(info.value)
+    secret = load_settings(overrides={"server": {"host": host, "token": "s3cret"}})
+    assert secret.server.token is not None
+    anonymous = load_settings(overrides={"server": {"host": host, "allow_anonymous": True}})
+    assert anonymous.server.token is None
+    off = load_settings(overrides={"server": {"host": host, "enabled": False}})
+    assert not off.server.enabled
+
+
+def test_serve_with_an_empty_token_exits_2_with_one_line(tmp_path: Path) -> None:
+    done = run_cli(
+        "serve",
+        env={
+            "AFTERTUNE_SERVER__TOKEN": "",
+            "AFTERTUNE_STATE_DIR": str(tmp_path / "state"),
+            "AFTERTUNE_REDIS__URL": "redis://127.0.0.1:1/0",
+        },
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert "server.token" in done.stderr
