@@ -21,6 +21,7 @@ from aftertune.daemon.errors import DaemonError, RedisUnavailable
 from aftertune.daemon.settings import Settings, load_settings
 from aftertune.learners.errors import LearnerError
 from aftertune.store.errors import StoreError
+from aftertune.store.records import printable
 
 log = logging.getLogger("aftertune")
 
@@ -182,7 +183,7 @@ def cmd_push(args: argparse.Namespace, settings: Settings) -> int:
                     parse_record(line, max_bytes=settings.ingest.max_record_bytes)
                 except RecordError as exc:
                     rejected += 1
-                    print(f"line {number}: {exc.reason}", file=sys.stderr)
+                    print(f"line {number}: {printable(exc.reason)}", file=sys.stderr)
                     continue
             yield line
 
@@ -240,7 +241,7 @@ def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps([d.to_json() for d in letters], indent=2))
         return 0
     for d in letters:
-        print(f"{d.id}  entry {d.entry_id}  {d.reason}\n    {d.preview!r}")
+        print(d.describe())
     print(f"{len(letters)} dead letters")
     return 0
 
@@ -256,7 +257,7 @@ def cmd_dlq_requeue(args: argparse.Namespace, settings: Settings) -> int:
             client, cfg.dead_letter_stream, cfg.stream, None if args.all else args.ids
         )
     for problem in problems:
-        print(problem, file=sys.stderr)
+        print(printable(problem), file=sys.stderr)
     print(f"requeued {done} entries onto {cfg.stream}")
     return 1 if problems else 0
 
@@ -281,15 +282,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging("WARNING" if quiet else settings.log_level, settings.log_format)
         func: Command = args.func
         return func(args, settings)
+    # Errors can quote input (a path, a manifest's contents, a server's answer): escaped.
     except DaemonError as exc:
-        print(f"aftertune: {exc}", file=sys.stderr)
+        print(f"aftertune: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except (StoreError, LearnerError) as exc:
-        print(f"aftertune: {exc}", file=sys.stderr)
+        print(f"aftertune: {printable(str(exc))}", file=sys.stderr)
         return 1
     except OSError as exc:  # a path that is missing, not a directory, not writable...
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"aftertune: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"aftertune: {printable(f'{exc.strerror or exc}{where}')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -15,6 +15,7 @@ from typing import Any
 from aftertune.daemon.settings import Settings
 from aftertune.store.files import write_atomic
 from aftertune.store.layout import StateLayout
+from aftertune.store.records import printable
 
 
 def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -203,7 +204,7 @@ def cmd_cycle(args: argparse.Namespace, settings: Settings) -> int:
     if result.bundle is not None:
         print(f"  published {result.bundle.path} (manifest sha256 {result.bundle.manifest_sha256})")
     for reason in result.reasons:
-        print(f"  - {reason}")
+        print(f"  - {printable(reason)}")
     for task, m in result.metrics.items():
         old, new = m["champion"], m["challenger"]
         metric = "accuracy" if "accuracy" in new else "token_f1"

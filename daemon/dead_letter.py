@@ -9,6 +9,8 @@ from typing import Any
 
 import redis
 
+from aftertune.store.records import printable
+
 
 @dataclass(frozen=True)
 class DeadLetter:
@@ -23,6 +25,12 @@ class DeadLetter:
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
+
+    def describe(self) -> str:
+        """Two lines for a terminal: ids and reason, then the payload's start. Anyone who
+        can XADD wrote these: control characters are escaped, not sent to the terminal."""
+        head = printable(f"{self.id}  entry {self.entry_id}  {self.reason}")
+        return f"{head}\n    {self.preview!r}"  # repr escapes as printable() does
 
 
 def _text(fields: dict[bytes, bytes], key: str, default: str = "") -> str:

@@ -1,11 +1,43 @@
-"""Logging setup: one event per line, as text or JSON lines (``--log-format json``)."""
+"""Logging setup: one event per line, as text or JSON lines (``--log-format json``).
+
+Messages carry input (field names, reasons, paths): either format escapes its control
+characters, so no input can start a forged line or reach the terminal as an escape sequence.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
 import time
+
+from aftertune.store.records import printable
+
+
+class TextLines(logging.Formatter):
+    """``time LEVEL logger: message``, the message escaped to one inert line.
+
+    A traceback keeps its own line breaks; its lines are escaped one by one.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        escaped = copy.copy(record)  # other handlers see the record as it was
+        escaped.message = printable(record.message)
+        return super().formatMessage(escaped)
+
+    def formatException(self, ei: logging._SysExcInfoType) -> str:
+        return _printable_lines(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _printable_lines(super().formatStack(stack_info))
+
+
+def _printable_lines(text: str) -> str:
+    return "\n".join(printable(line) for line in text.split("\n"))
 
 
 class JsonLines(logging.Formatter):
@@ -19,15 +51,24 @@ class JsonLines(logging.Formatter):
         }
         if record.exc_info:
             event["exc"] = self.formatException(record.exc_info)
-        return json.dumps(event, ensure_ascii=False)
+        return _json_line(event)
+
+
+def _json_line(event: dict[str, str]) -> str:
+    """``event`` as one JSON line with no control or invisible character left raw.
+
+    json.dumps escapes U+0000-U+001F only; DEL, C1 controls (U+009B acts as ESC [), U+2028
+    and the like get their JSON escape here, so the decoded value stays exactly the same.
+    """
+    line = json.dumps(event, ensure_ascii=False)
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in line)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonLines())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonLines() if fmt == "json" else TextLines())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -11,6 +11,7 @@ import redis
 from aftertune.daemon.settings import Settings
 from aftertune.store.examples import ExampleStore
 from aftertune.store.layout import StateLayout
+from aftertune.store.records import printable
 from aftertune.store.registry import Registry
 
 
@@ -92,4 +93,5 @@ def render_status(status: dict[str, Any]) -> str:
             lines.append(f"  cycle ({cycle['reason']}): {cycle['state']}")
         if daemon.get("server"):
             lines.append(f"  serving {daemon['server']}")
-    return "\n".join(lines)
+    # daemon.json and task names come from outside this process: nothing raw to the terminal.
+    return "\n".join(printable(line) for line in lines)
