@@ -35,7 +35,7 @@ from aftertune.learners.data import (
     pad_id,
     response_loss,
 )
-from aftertune.learners.errors import LearnerError, TrainingInterrupted
+from aftertune.learners.errors import LearnerError, NonFiniteLoss, TrainingInterrupted
 from aftertune.learners.ewc import EwcPenalty, EwcSpec, fisher_for_cycle
 from aftertune.learners.lora import (
     LoraSpec,
@@ -318,13 +318,22 @@ class LoraRecipe:
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                     ).logits
                 loss = response_loss(logits, batch["labels"], batch["weights"]) / len(group)
+                value = loss.item()
+                if not math.isfinite(value):  # a NaN step would poison the adapter for good
+                    raise NonFiniteLoss(
+                        pos.step + 1, value, [e.weight for e in chunk], [e.task for e in chunk]
+                    )
                 loss.backward()
-                step_loss += loss.item()
+                step_loss += value
                 pos.tokens += int(batch["attention_mask"].sum())
             if self.penalty is not None:
                 penalty = self.penalty()
-                penalty.backward()  # once per optimizer step, whatever grad_accum is
                 pos.penalty = penalty.item()
+                if not math.isfinite(pos.penalty):
+                    weights = [e.weight for chunk in group for e in chunk]
+                    tasks = [e.task for chunk in group for e in chunk]
+                    raise NonFiniteLoss(pos.step + 1, pos.penalty, weights, tasks, "EWC penalty")
+                penalty.backward()  # once per optimizer step, whatever grad_accum is
             if spec.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.params.values(), spec.max_grad_norm)
             self.optimizer.step()

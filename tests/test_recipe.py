@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -16,7 +17,7 @@ from spec_fixtures import DEFAULTS, ewc_spec, lora_spec, replay_spec, train_spec
 
 from aftertune.learners.base_model import EMBEDDED_TINY, load_base
 from aftertune.learners.data import collate, encode_examples, response_loss
-from aftertune.learners.errors import LearnerError, TrainingInterrupted
+from aftertune.learners.errors import LearnerError, NonFiniteLoss, TrainingInterrupted
 from aftertune.learners.ewc import ewc_penalty, load_fisher
 from aftertune.learners.recipe import TrainSpec, lr_schedule, train_adapter
 
@@ -233,3 +234,26 @@ def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
     assert all(a >= b for a, b in itertools.pairwise(f[4:])) and f[20] == pytest.approx(0)
     assert f[12] == pytest.approx(0.5)  # cosine's midpoint
     assert lr_factors("linear", warmup=4, total=20)[12] == pytest.approx(0.5)
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_the_weights(tok, tmp_path) -> None:
+    """1e308 is finite in float64 and inf in float32: the loss turns NaN at the first step."""
+    heavy = [*NEW[:3], dataclasses.replace(NEW[3], weight=1e308), *NEW[4:]]
+    with pytest.raises(NonFiniteLoss) as info:
+        train_adapter(
+            tiny_llama(),
+            tok,
+            heavy,
+            OLD,
+            train=spec(batch_size=24),
+            lora=LORA,
+            replay_spec=replay_spec(ratio=0.0),
+            ewc=None,
+            fisher_path=None,
+            out_dir=tmp_path / "a",
+        )
+    message = str(info.value)
+    assert isinstance(info.value, LearnerError)
+    assert "training loss is nan at step 1" in message
+    assert "weights 1 to 1e+308" in message and "no record was quarantined" in message
+    assert not (tmp_path / "a").exists()  # no adapter
