@@ -16,6 +16,7 @@ thread keeps the signals.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import socket
@@ -25,11 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import h11
 import prometheus_client
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from aftertune.daemon.errors import ServerError
 from aftertune.store.bundle import MANIFEST, parse_version, safe_relpath, version_dir_name
@@ -39,6 +42,14 @@ from aftertune.store.errors import BundleError
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 10.0
+
+# What one client may hold. uvicorn's keep-alive timer runs only between a response and the
+# next byte, so without a deadline of our own a client that connects and sends nothing, or
+# sends a header line every few seconds (slowloris), keeps its connection for ever.
+REQUEST_TIMEOUT_S = 10.0  # to send a whole request, from connect or from the last response
+KEEP_ALIVE_S = 5  # idle time allowed between requests on one connection
+MAX_CONNECTIONS = 1000  # open connections beyond it: requests answered 503 at once
+MAX_REQUEST_HEAD_BYTES = 16 * 1024  # a longer request line + headers: 400
 
 
 class ModelSummary(BaseModel):
@@ -257,14 +268,73 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _RequestDeadline(H11Protocol):
+    """uvicorn's h11 protocol with a deadline to receive each request.
+
+    Armed when the connection opens and after each response; when it passes and the
+    client has not sent its whole request, the connection is closed. A request already
+    received is never cut, however long its answer (a download) takes.
+    """
+
+    request_timeout_s = REQUEST_TIMEOUT_S
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._arm_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(self.request_timeout_s, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        receiving = self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
+        if receiving and not self.transport.is_closing():
+            log.debug(
+                "closing a connection that sent no whole request in %.0fs", self.request_timeout_s
+            )
+            self.transport.close()
+
+
 class HttpServer:
     """uvicorn serving ``app`` in a daemon thread; the caller's thread keeps the signals."""
 
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str,
+        port: int,
+        *,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        keep_alive_s: int = KEEP_ALIVE_S,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.host = host
         self._port = port
+        protocol = type(
+            "RequestDeadline", (_RequestDeadline,), {"request_timeout_s": request_timeout_s}
+        )
         # log_config=None: the daemon configured logging already. lifespan off: the app has none.
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            http=protocol,
+            timeout_keep_alive=keep_alive_s,
+            limit_concurrency=max_connections,
+            h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
+        )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
