@@ -2,66 +2,117 @@
 
 Sources: a daemon's HTTP server (``--server URL``) or a state directory on this machine
 (``--from STATE_DIR``). Files land in ``DIR/.pull-vN-*`` and are checked against the
-manifest's sha256 and size while they stream; only a whole, verified bundle is swapped in as
-``DIR/vN`` (``store.files.staged_dir``) and only then does the ``DIR/current`` symlink move
-(one rename). Any mismatch leaves ``current`` where it was. No torch import on this path.
+manifest's sha256 and size while they stream (a file is cut off at the first byte past its
+declared size; a manifest past ``MAX_MANIFEST_BYTES`` is refused unread). Only a whole,
+verified bundle is swapped in as ``DIR/vN``, and only then does the ``DIR/current`` symlink
+move (one rename). Any mismatch leaves ``current`` where it was, and the directory
+``current`` points at is never modified. No torch import on this path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
-import json
 import logging
 import os
+import shutil
+import stat
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from aftertune.store.bundle import (
     MANIFEST,
-    check_manifest,
+    MAX_MANIFEST_BYTES,
     manifest_sha256,
+    parse_manifest,
+    parse_version,
+    read_bounded,
+    resolve_inside,
     safe_relpath,
     verify_bundle,
     version_dir_name,
 )
-from aftertune.store.bundles import point, published
+from aftertune.store.bundles import LATEST, point, published
 from aftertune.store.errors import BundleError
-from aftertune.store.files import staged_dir, write_atomic
+from aftertune.store.failpoints import failpoint
+from aftertune.store.files import fsync_dir, fsync_tree, replace_dir, write_atomic
 from aftertune.store.layout import StateLayout
 
 log = logging.getLogger(__name__)
 
 CURRENT = "current"
 CHUNK = 1 << 20
+PULL_PREFIX = ".pull-"
 
 
 class Source(Protocol):
     """Where bundles come from."""
 
-    def manifest(self, version: str) -> bytes: ...
+    def manifest(self, version: str) -> bytes:
+        """The raw manifest; BundleError past MAX_MANIFEST_BYTES."""
 
-    def open(self, version: int, path: str) -> Iterator[bytes]: ...
+    def open(self, version: int, path: str, size: int) -> Iterator[bytes]:
+        """The file's bytes, never more than ``size`` + 1 of them: one past is enough to refuse."""
+
+
+def _chunks(read: Callable[[int], bytes], size: int) -> Iterator[bytes]:
+    """Read ``size`` + 1 bytes at most, CHUNK at a time."""
+    left = size + 1
+    while left > 0:
+        chunk = read(min(CHUNK, left))
+        if not chunk:
+            return
+        left -= len(chunk)
+        yield chunk
+
+
+def _open_regular(path: Path, rel: str) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file (no FIFO or device to hang on)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BundleError(f"refused {rel!r}: not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 class DirSource:
-    """A state directory's published bundles (``STATE_DIR/bundles``)."""
+    """A state directory's published bundles (``STATE_DIR/bundles``).
+
+    Like the HTTP server, it reads nothing that resolves outside a bundle's directory: a
+    symlink out of it (to /etc/passwd, say) is refused, not copied and verified.
+    """
 
     def __init__(self, state_dir: Path) -> None:
         self.root = StateLayout(state_dir).bundles
         if not self.root.is_dir():
             raise BundleError(f"{state_dir} has no bundles/ directory; nothing was published there")
 
-    def manifest(self, version: str) -> bytes:
-        return (published(self.root, version).path / MANIFEST).read_bytes()
+    def _bundle_dir(self, version: int | str) -> Path:
+        path = published(self.root, version).path
+        if path.is_symlink() or not path.resolve().is_relative_to(self.root.resolve()):
+            raise BundleError(f"refused {path}: a bundle directory must lie inside {self.root}")
+        return path
 
-    def open(self, version: int, path: str) -> Iterator[bytes]:
-        with open(self.root / version_dir_name(version) / safe_relpath(path), "rb") as fh:
-            yield from iter(lambda: fh.read(CHUNK), b"")
+    def manifest(self, version: str) -> bytes:
+        bundle = self._bundle_dir(version)
+        with _open_regular(resolve_inside(bundle, MANIFEST), MANIFEST) as fh:
+            return read_bounded(fh, MAX_MANIFEST_BYTES, str(bundle / MANIFEST))
+
+    def open(self, version: int, path: str, size: int) -> Iterator[bytes]:
+        real = resolve_inside(self._bundle_dir(version), path)
+        try:
+            fh = _open_regular(real, path)
+        except FileNotFoundError:
+            raise BundleError(f"{path}: missing from the source bundle") from None
+        with fh:
+            yield from _chunks(fh.read, size)
 
 
 class HttpSource:
@@ -74,27 +125,36 @@ class HttpSource:
         self.token = token
         self.timeout = timeout
 
-    def _get(self, path: str) -> Any:
+    def _get(self, path: str, limit: int) -> Any:
+        """The response to GET ``path``, refused at once if it announces more than ``limit``."""
         request = urllib.request.Request(self.url + path)
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            return urllib.request.urlopen(request, timeout=self.timeout)
+            response = urllib.request.urlopen(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
             detail = exc.read(500).decode("utf-8", "replace")
             hint = " (give the server's token with --token)" if exc.code == 401 else ""
             raise BundleError(f"GET {self.url}{path}: HTTP {exc.code} {detail}{hint}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise BundleError(f"cannot reach {self.url}: {exc}") from None
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > limit:
+            response.close()
+            raise BundleError(
+                f"GET {self.url}{path}: {length} bytes, more than the {limit} expected"
+            )
+        return response
 
     def manifest(self, version: str) -> bytes:
-        with self._get(f"/v1/models/{urllib.parse.quote(version)}/manifest") as response:
-            return bytes(response.read())
+        path = f"/v1/models/{urllib.parse.quote(version)}/manifest"
+        with self._get(path, MAX_MANIFEST_BYTES) as response:
+            return read_bounded(response, MAX_MANIFEST_BYTES, f"{self.url}{path}")
 
-    def open(self, version: int, path: str) -> Iterator[bytes]:
+    def open(self, version: int, path: str, size: int) -> Iterator[bytes]:
         quoted = urllib.parse.quote(safe_relpath(path))
-        with self._get(f"/v1/models/{version}/files/{quoted}") as response:
-            yield from iter(lambda: response.read(CHUNK), b"")
+        with self._get(f"/v1/models/{version}/files/{quoted}", size) as response:
+            yield from _chunks(response.read, size)
 
 
 @dataclass(frozen=True)
@@ -106,34 +166,104 @@ class PullResult:
     bytes: int = 0
 
 
-def pull(source: Source, to_dir: Path, version: str = "latest") -> PullResult:
-    """Install ``version`` from ``source`` under ``to_dir`` and point ``to_dir/current`` at it."""
+def pull(source: Source, to_dir: Path, version: str = LATEST) -> PullResult:
+    """Install ``version`` from ``source`` under ``to_dir`` and point ``to_dir/current`` at it.
+
+    ``current`` only ever moves to a whole, verified directory, and the directory it points
+    at is never modified: re-pulling that same version goes through a stand-in (see
+    ``_replace_current``). One pull at a time per ``to_dir`` (a lock on the directory).
+    """
     raw = source.manifest(version)
-    try:
-        manifest = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"the source's manifest is not valid JSON: {exc}") from None
-    check_manifest(manifest, "the source's manifest")
+    manifest = parse_manifest(raw, "the source's manifest")
     number: int = manifest["version"]
+    if version != LATEST and parse_version(version) != number:
+        raise BundleError(f"asked for v{parse_version(version)}, the source sent v{number}")
     digest = hashlib.sha256(raw).hexdigest()
     to_dir = Path(to_dir)
     to_dir.mkdir(parents=True, exist_ok=True)
-    final = to_dir / version_dir_name(number)
-    if _installed(final, digest):
-        already = os.path.realpath(to_dir / CURRENT) == str(final.resolve())
-        if not already:
-            point(to_dir / CURRENT, final.name)
-        return PullResult(number, final, digest, downloaded=False)
-
-    total = 0
-    # Swapped in whole (a damaged earlier copy swapped out) or not at all.
-    with staged_dir(final, prefix=f".pull-{final.name}-") as staging:
-        for rel, entry in sorted(manifest["files"].items()):
-            total += _download(source, number, rel, entry, staging / safe_relpath(rel))
-        write_atomic(staging / MANIFEST, raw)
-        verify_bundle(staging)
-    point(to_dir / CURRENT, final.name)
+    with _locked(to_dir):
+        _remove_leftovers(to_dir)
+        final = to_dir / version_dir_name(number)
+        if _installed(final, digest):
+            if not _is_current(to_dir, final):
+                point(to_dir / CURRENT, final.name)
+                _remove_leftovers(to_dir)  # a stand-in ``current`` was on
+            return PullResult(number, final, digest, downloaded=False)
+        staging = Path(tempfile.mkdtemp(prefix=f"{PULL_PREFIX}{final.name}-", dir=to_dir))
+        try:
+            total = _fetch(source, manifest, raw, staging)
+            failpoint("pull.verified")
+            if _is_current(to_dir, final):
+                _replace_current(to_dir, staging, final)
+            else:
+                replace_dir(staging, final)  # a damaged copy nobody points at is swapped out
+                point(to_dir / CURRENT, final.name)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _remove_leftovers(to_dir)  # a stand-in ``current`` was on before
     return PullResult(number, final, digest, downloaded=True, bytes=total)
+
+
+def _fetch(source: Source, manifest: dict[str, Any], raw: bytes, staging: Path) -> int:
+    """Every file of ``manifest`` into ``staging``, then the manifest, verified and fsynced."""
+    total = 0
+    for rel, entry in sorted(manifest["files"].items()):
+        total += _download(source, manifest["version"], rel, entry, staging / safe_relpath(rel))
+    write_atomic(staging / MANIFEST, raw)
+    verify_bundle(staging)
+    fsync_tree(staging)
+    return total
+
+
+def _replace_current(to_dir: Path, staging: Path, final: Path) -> None:
+    """Swap a new copy in at ``final`` while ``current`` points there, never at a half one.
+
+    ``current`` first moves to a stand-in (hard links to the new, verified files), then
+    ``final`` is replaced, then ``current`` comes back to it. A kill at any step leaves
+    ``current`` on the old copy, the stand-in or the new copy, each whole; the next pull
+    removes what is left.
+    """
+    standin = to_dir / f"{PULL_PREFIX}{final.name}-standin-{os.getpid()}"
+    shutil.rmtree(standin, ignore_errors=True)
+    shutil.copytree(staging, standin, copy_function=os.link)
+    fsync_tree(standin)
+    fsync_dir(to_dir)
+    point(to_dir / CURRENT, standin.name)
+    failpoint("pull.standin")
+    replace_dir(staging, final)
+    point(to_dir / CURRENT, final.name)
+    shutil.rmtree(standin, ignore_errors=True)
+
+
+def _is_current(to_dir: Path, final: Path) -> bool:
+    return os.path.realpath(to_dir / CURRENT) == os.path.realpath(final)
+
+
+@contextlib.contextmanager
+def _locked(to_dir: Path) -> Iterator[None]:
+    """An exclusive lock on ``to_dir`` itself (flock), released by the kernel if we die."""
+    fd = os.open(to_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_leftovers(to_dir: Path) -> None:
+    """What a killed pull left (staging, stand-ins, swapped-out copies), except ``current``."""
+    keep = os.path.realpath(to_dir / CURRENT)
+    for entry in to_dir.iterdir():
+        name = entry.name
+        leftover = name.startswith(PULL_PREFIX) or ".old-" in name or ".tmp-" in name
+        if not leftover or not name.startswith(".") or os.path.realpath(entry) == keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted pull", entry)
 
 
 def _installed(final: Path, digest: str) -> bool:
@@ -149,7 +279,7 @@ def _installed(final: Path, digest: str) -> bool:
 
 
 def _download(source: Source, version: int, rel: str, entry: dict[str, Any], dest: Path) -> int:
-    """Stream one file to ``dest``, refusing it once it outgrows the manifest's size.
+    """Stream one file to ``dest``, refusing it at the first byte past the manifest's size.
 
     Hashed as the bytes arrive rather than with ``store.files.file_sha256`` afterwards: a
     stream can be cut off at the first byte too many, and a bad file is named before the
@@ -159,7 +289,7 @@ def _download(source: Source, version: int, rel: str, entry: dict[str, Any], des
     digest = hashlib.sha256()
     size = 0
     with open(dest, "wb") as fh:
-        for chunk in source.open(version, rel):
+        for chunk in source.open(version, rel, entry["bytes"]):
             size += len(chunk)
             if size > entry["bytes"]:
                 raise BundleError(f"{rel}: more than the manifest's {entry['bytes']} bytes")

@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from aftertune.store.errors import BundleError
 from aftertune.store.files import file_sha256, write_atomic
@@ -26,6 +26,20 @@ SCHEMA = "aftertune.bundle/1"
 MANIFEST = "manifest.json"
 FORMAT_GENAI = "onnxruntime-genai"  # genai_config.json + model.onnx with KV cache
 FORMAT_LOGITS = "onnx-logits"  # model.onnx: (input_ids, attention_mask) -> logits
+# What each format cannot run without (store/consumer.py loads them; learners/export.py
+# writes them). A manifest that lacks one is refused before anything is downloaded.
+REQUIRED_FILES = {
+    FORMAT_GENAI: ("genai_config.json", "model.onnx"),
+    FORMAT_LOGITS: ("model.onnx", "tokenizer.json"),
+}
+# The largest manifest anyone reads (pull, server, consumer): a real one is a few KiB, so a
+# bigger one is refused before it is parsed rather than read whole into memory.
+MAX_MANIFEST_BYTES = 16 << 20
+# Versions are 1..999,999,999: nine ASCII digits at most, so a URL or a manifest can never
+# make a number (or a directory name) of unbounded size.
+MAX_VERSION_DIGITS = 9
+_VERSION = re.compile(rf"v?([0-9]{{1,{MAX_VERSION_DIGITS}}})", re.ASCII)
+_SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 
 
 def version_dir_name(version: int) -> str:
@@ -33,13 +47,20 @@ def version_dir_name(version: int) -> str:
 
 
 def parse_version(text: str | int) -> int:
-    """'3', 'v3' or 3 -> 3; anything else is a BundleError."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"v?(\d+)", text.strip())
-    if m is None:
-        raise BundleError(f"{text!r} is not a version; use a number such as 3 or v3, or 'latest'")
-    return int(m.group(1))
+    """'3', 'v3' or 3 -> 3; anything else (0, -1, 'v١', ten digits, True) is a BundleError."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        number = text
+    else:
+        m = _VERSION.fullmatch(text.strip()) if isinstance(text, str) else None
+        if m is None:
+            shown = text if len(str(text)) <= 40 else f"{str(text)[:40]}…"
+            raise BundleError(
+                f"{shown!r} is not a version; use a number such as 3 or v3, or 'latest'"
+            )
+        number = int(m.group(1))
+    if not 1 <= number < 10**MAX_VERSION_DIGITS:
+        raise BundleError(f"version {number} is out of range: versions are 1 to 999999999")
+    return number
 
 
 def safe_relpath(path: str) -> str:
@@ -54,6 +75,15 @@ def safe_relpath(path: str) -> str:
     ):
         raise BundleError(f"refused path {path!r}: bundle paths are relative and stay inside it")
     return str(p)
+
+
+def resolve_inside(bundle_dir: Path, rel: str) -> Path:
+    """The real path of ``rel`` in ``bundle_dir``; BundleError if a symlink leads out of it."""
+    root = Path(bundle_dir).resolve()
+    real = (root / safe_relpath(rel)).resolve()
+    if not real.is_relative_to(root):
+        raise BundleError(f"refused path {rel!r}: it resolves outside the bundle directory")
+    return real
 
 
 def _files(root: Path) -> Iterator[Path]:
@@ -85,31 +115,95 @@ def manifest_sha256(bundle_dir: Path) -> str:
 
 
 def read_manifest(bundle_dir: Path) -> dict[str, Any]:
+    """The manifest of ``bundle_dir``, read (at most MAX_MANIFEST_BYTES) and checked."""
     path = Path(bundle_dir) / MANIFEST
     try:
-        manifest = json.loads(path.read_bytes())
+        with open(resolve_inside(Path(bundle_dir), MANIFEST), "rb") as fh:
+            raw = read_bounded(fh, MAX_MANIFEST_BYTES, str(path))
     except FileNotFoundError:
         raise BundleError(f"{bundle_dir} is not a bundle: it has no {MANIFEST}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON: {exc}") from None
-    check_manifest(manifest, str(path))
+    manifest = parse_manifest(raw, str(path))
+    return manifest
+
+
+def read_bounded(stream: BinaryIO, limit: int, where: str) -> bytes:
+    """All of ``stream`` if it holds at most ``limit`` bytes, else BundleError (reads limit+1)."""
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise BundleError(f"{where}: larger than the {limit}-byte limit on manifests; refused")
+    return bytes(data)
+
+
+def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
+    """Manifest bytes → the checked manifest, or BundleError naming ``where``."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{where}: larger than the {MAX_MANIFEST_BYTES}-byte limit; refused")
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise BundleError(f"{where} is not valid JSON: {str(exc)[:200]}") from None
+    check_manifest(manifest, where)
     return manifest
 
 
 def check_manifest(manifest: Any, where: str) -> None:
-    """The manifest's shape, before anything trusts it."""
+    """The manifest's shape, before anything trusts it: BundleError naming the first fault.
+
+    ``version`` a positive int (not a bool), ``format`` one we can run, ``files`` every file
+    that format needs, each entry a 64-hex-digit lowercase ``sha256`` and an int ``bytes``.
+    """
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         raise BundleError(f"{where}: not an {SCHEMA} manifest")
-    if not isinstance(manifest.get("version"), int) or not isinstance(manifest.get("files"), dict):
-        raise BundleError(f"{where}: manifest lacks an integer 'version' or a 'files' map")
-    for rel, entry in manifest["files"].items():
-        safe_relpath(rel)
+    version = manifest.get("version")
+    if type(version) is not int:
+        raise BundleError(f"{where}: 'version' must be an integer, got {version!r:.40}")
+    try:
+        parse_version(version)
+    except BundleError as exc:
+        raise BundleError(f"{where}: {exc}") from None
+    fmt = manifest.get("format")
+    if fmt not in REQUIRED_FILES:
+        raise BundleError(
+            f"{where}: 'format' must be one of {sorted(REQUIRED_FILES)}, got {fmt!r:.40}"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise BundleError(f"{where}: manifest lacks a 'files' map")
+    for rel, entry in files.items():
+        if safe_relpath(rel) == MANIFEST:
+            raise BundleError(f"{where}: the manifest cannot list itself")
         if (
             not isinstance(entry, dict)
             or not isinstance(entry.get("sha256"), str)
-            or not isinstance(entry.get("bytes"), int)
+            or not _SHA256.fullmatch(entry["sha256"])
+            or type(entry.get("bytes")) is not int
+            or entry["bytes"] < 0
         ):
-            raise BundleError(f"{where}: entry for {rel!r} needs 'sha256' and 'bytes'")
+            raise BundleError(
+                f"{where}: entry for {rel!r} needs 'sha256' (64 lowercase hex digits) and "
+                "'bytes' (a non-negative integer)"
+            )
+    missing = [name for name in REQUIRED_FILES[fmt] if name not in files]
+    if missing:
+        raise BundleError(
+            f"{where}: a bundle of format {fmt} needs {missing[0]}; its manifest does not list it"
+        )
+    _check_runtime_fields(manifest, where)
+
+
+def _check_runtime_fields(manifest: dict[str, Any], where: str) -> None:
+    """The optional fields the consumer runtime reads, when present, have the right types."""
+    prompt = manifest.get("prompt")
+    if prompt is not None and (
+        not isinstance(prompt, dict) or not all(isinstance(v, str) for v in prompt.values())
+    ):
+        raise BundleError(f"{where}: 'prompt' must map template names to strings")
+    for key in ("eos_token_id", "context_length"):
+        value = manifest.get(key)
+        # Hugging Face configs give some models several EOS ids.
+        values = value if key == "eos_token_id" and isinstance(value, list) else [value]
+        if value is not None and not all(type(v) is int and v >= 0 for v in values):
+            raise BundleError(f"{where}: {key!r} must be a non-negative integer or null")
 
 
 def verify_file(path: Path, rel: str, entry: Mapping[str, Any]) -> None:
@@ -128,7 +222,7 @@ def verify_bundle(bundle_dir: Path) -> dict[str, Any]:
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     for rel, entry in manifest["files"].items():
-        verify_file(bundle_dir / rel, rel, entry)
+        verify_file(resolve_inside(bundle_dir, rel), rel, entry)
     extra = {p.relative_to(bundle_dir).as_posix() for p in _files(bundle_dir)} - set(
         manifest["files"]
     )

@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from aftertune.store.failpoints import failpoint
+
 
 def _feed(digest: hashlib._Hash, path: Path) -> None:
     """Add a file's bytes to a hashlib digest, read in 1 MiB chunks."""
@@ -81,6 +83,7 @@ def replace_dir(src: Path, dst: Path) -> None:
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
+        failpoint("replace_dir.swapped_out")  # the moment ``dst`` does not exist
     os.replace(src, dst)
     fsync_dir(dst.parent)
     if old is not None:

@@ -330,6 +330,6 @@ def test_safe_relpath_keeps_plain_relative_paths() -> None:
 def test_parse_version() -> None:
     assert [parse_version(t) for t in ("3", "v3", " v12 ", "007")] == [3, 3, 12, 7]
     assert parse_version(4) == 4
-    for bad in ("latest", "v", "3.0", "-1", "vv3", "V3", ""):
+    for bad in ("latest", "v", "3.0", "-1", "vv3", "V3", "", "v\u0661", "9" * 3000):
         with pytest.raises(BundleError, match="is not a version"):
             parse_version(bad)

@@ -4,12 +4,17 @@ over HTTP (a real uvicorn), with a real exported bundle of the embedded tiny bas
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import http.server
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,18 +23,22 @@ import pytest
 from conftest import run_cli
 from spec_fixtures import export_spec
 
+from aftertune.daemon.pull import HttpSource, pull
 from aftertune.daemon.server import HttpServer, build_app
 from aftertune.learners.base_model import EMBEDDED_TINY, resolve_base
 from aftertune.learners.curriculum import sample
 from aftertune.learners.export import export_bundle
 from aftertune.store.bundle import (
     MANIFEST,
+    MAX_MANIFEST_BYTES,
+    SCHEMA,
     read_manifest,
     verify_bundle,
     write_manifest,
 )
 from aftertune.store.bundles import install, new_staging_dir, set_latest
 from aftertune.store.consumer import Bundle
+from aftertune.store.errors import BundleError
 from aftertune.store.files import file_sha256
 
 TOKEN = "s3cret"
@@ -286,3 +295,189 @@ def test_pull_into_a_file_is_refused_with_a_message(
     assert done.returncode == 1
     assert done.stderr.strip() == f"aftertune: File exists: {target}", done.stderr
     assert target.read_text() == "not a directory"
+
+
+def _rewrite_manifest(bundle: Path, **changes: object) -> None:
+    """The bundle's manifest with ``changes`` applied, written as its publisher would."""
+    manifest = read_manifest(bundle)
+    (bundle / MANIFEST).write_text(json.dumps({**manifest, **changes}))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"version": True}, "'version' must be an integer"),
+        ({"version": -5}, "out of range"),
+        ({"files": {}}, "needs genai_config.json"),
+    ],
+)
+def test_a_malformed_source_manifest_installs_nothing(
+    source: Path, tmp_path: Path, env: dict[str, str], changes: dict[str, object], message: str
+) -> None:
+    # Before: "version": true installed DIR/vTrue, -5 DIR/v-5, "files": {} an empty current.
+    _rewrite_manifest(source / "bundles" / "v1", **changes)
+    to = tmp_path / "models"
+    done = run_cli("pull", "--from", str(source), "--to", str(to), "--version", "1", env=env)
+    assert done.returncode == 1
+    assert message in done.stderr, done.stderr
+    assert not to.exists() or os.listdir(to) == []
+
+
+def test_pull_from_refuses_a_file_linking_out_of_the_bundle(
+    source: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    # The manifest lists the link with its target's sha256: only the path can give it away.
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    bundle = source / "bundles" / "v1"
+    (bundle / "tokenizer.json").unlink()
+    (bundle / "tokenizer.json").symlink_to(secret)
+    manifest = read_manifest(bundle)
+    manifest["files"]["tokenizer.json"] = {"sha256": file_sha256(secret), "bytes": 32}
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+
+    to = tmp_path / "models"
+    done = run_cli("pull", "--from", str(source), "--to", str(to), env=env)
+    assert done.returncode == 1
+    assert "'tokenizer.json': it resolves outside the bundle" in done.stderr, done.stderr
+    assert os.listdir(to) == []
+
+
+def test_a_huge_source_manifest_is_refused_unread(
+    source: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    # 300 MB, sparse: reading it whole took 968 MB of RSS. Measured in the pulling process.
+    with open(source / "bundles" / "v1" / MANIFEST, "r+b") as fh:
+        fh.truncate(300 << 20)
+    code = (
+        "from aftertune.daemon.cli import main\n"
+        f"rc = main(['pull', '--from', {str(source)!r}, '--to', {str(tmp_path / 'm')!r}])\n"
+        # VmHWM, not ru_maxrss: the latter keeps the forking pytest's peak across exec.
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+        "print('rc', rc, 'rss_mb', int(hwm) // 1024)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True
+    )
+    assert "-byte limit" in done.stderr, done.stderr
+    _, rc, _, rss_mb = done.stdout.split()
+    assert rc == "1" and int(rss_mb) < 250, (done.stdout, done.stderr)
+
+
+def _republish_in_place(bundle: Path) -> None:
+    """The same version exported again: the same files under a manifest of other bytes."""
+    fields = {
+        k: v for k, v in read_manifest(bundle).items() if k not in ("schema", "created_at", "files")
+    }
+    write_manifest(bundle, {**fields, "note": "exported again"})
+
+
+@pytest.mark.parametrize("point", ["pull.verified", "pull.standin", "replace_dir.swapped_out"])
+def test_a_pull_killed_while_replacing_current_leaves_current_whole(
+    source: Path, tmp_path: Path, env: dict[str, str], point: str
+) -> None:
+    to = tmp_path / "models"
+    assert run_cli("pull", "--from", str(source), "--to", str(to), env=env).returncode == 0
+    _republish_in_place(source / "bundles" / "v1")  # so pulling v1 again replaces DIR/v1
+
+    killed = run_cli(
+        "pull", "--from", str(source), "--to", str(to), env={**env, "AFTERTUNE_FAILPOINT": point}
+    )
+    assert killed.returncode == -signal.SIGKILL, (killed.stdout, killed.stderr)
+    assert verify_bundle(to / "current")["version"] == 1  # before: current dangled
+
+    done = run_cli("pull", "--from", str(source), "--to", str(to), "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["manifest_sha256"] == file_sha256(
+        source / "bundles" / "v1" / MANIFEST
+    )
+    assert os.readlink(to / "current") == "v1"
+    assert verify_bundle(to / "current")["note"] == "exported again"
+    assert sorted(os.listdir(to)) == ["current", "v1"]  # what the kill left is gone
+
+
+def test_pull_refuses_a_source_that_sends_another_version(
+    source: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    shutil.copytree(source / "bundles" / "v1", source / "bundles" / "v2", symlinks=True)
+    to = tmp_path / "models"
+    done = run_cli("pull", "--from", str(source), "--to", str(to), "--version", "2", env=env)
+    assert done.returncode == 1
+    assert "asked for v2, the source sent v1" in done.stderr, done.stderr
+
+
+class _Hostile(http.server.BaseHTTPRequestHandler):
+    """A server that never stops sending: a manifest or a file without end."""
+
+    manifest = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        if self.path.endswith("/manifest") and self.manifest:
+            self.send_header("Content-Length", str(len(self.manifest)))
+            self.end_headers()
+            self.wfile.write(self.manifest)
+            return
+        if "announce" in self.path:
+            self.send_header("Content-Length", str(300 << 20))
+        self.end_headers()
+        sent = 0
+        with contextlib.suppress(OSError):
+            while sent < 300 << 20:
+                self.wfile.write(b"\0" * 65536)
+                sent += 65536
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def hostile() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        _Hostile.manifest = b""
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_endless_manifest_over_http_is_cut_off_at_the_limit(hostile: str) -> None:
+    with pytest.raises(BundleError, match=f"{MAX_MANIFEST_BYTES}-byte limit"):
+        HttpSource(hostile).manifest("latest")
+
+
+def test_an_endless_file_over_http_is_cut_off_past_its_declared_size(
+    hostile: str, tmp_path: Path
+) -> None:
+    tokenizer = b'{"model": {}}'
+    files = {
+        "model.onnx": {"sha256": hashlib.sha256(b"0123456789").hexdigest(), "bytes": 10},
+        "tokenizer.json": {"sha256": hashlib.sha256(tokenizer).hexdigest(), "bytes": 13},
+    }
+    _Hostile.manifest = json.dumps(
+        {"schema": SCHEMA, "version": 1, "format": "onnx-logits", "files": files}
+    ).encode()
+    received: list[int] = []
+    source = HttpSource(hostile)
+    real_open = source.open
+
+    def counting(version: int, path: str, size: int) -> Iterator[bytes]:
+        for chunk in real_open(version, path, size):
+            received.append(len(chunk))
+            yield chunk
+
+    source.open = counting
+    with pytest.raises(BundleError, match=r"model\.onnx: more than the manifest's 10 bytes"):
+        pull(source, tmp_path / "models")
+    assert sum(received) == 11  # the first byte too many, not a chunk more
+    assert os.listdir(tmp_path / "models") == []
+
+    files["model.onnx"]["bytes"] = 1 << 20  # the server announces 300 MB: refused unread
+    _Hostile.manifest = json.dumps(
+        {"schema": SCHEMA, "version": 1, "format": "onnx-logits", "files": files}
+    ).encode()
+    with pytest.raises(BundleError, match="more than the 1048576 expected"):
+        list(HttpSource(hostile).open(1, "announce", 1 << 20))

@@ -351,6 +351,14 @@ def test_a_listed_file_linking_out_of_the_bundle_is_not_served(
         ("/v1/models/v9/files/model.onnx", 404),
         ("/v1/models/x9/manifest", 400),
         ("/v1/models/-1/files/model.onnx", 400),
+        # Before: a 3000-digit version was a 500, and ARABIC-INDIC DIGIT ONE served v1.
+        (f"/v1/models/{'9' * 3000}/manifest", 400),
+        (f"/v1/models/v{'9' * 3000}/files/model.onnx", 400),
+        ("/v1/models/v%D9%A1/manifest", 400),
+        ("/v1/models/%D9%A1/files/model.onnx", 400),
+        ("/v1/models/0/manifest", 400),
+        ("/v1/models/1234567890/manifest", 400),
+        ("/v1/models/999999999/manifest", 404),
     ],
 )
 def test_unknown_version_is_404_and_malformed_is_400(
