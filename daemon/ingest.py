@@ -26,6 +26,7 @@ import redis
 
 from aftertune.store.errors import RecordError
 from aftertune.store.examples import ExampleStore
+from aftertune.store.failpoints import failpoint
 from aftertune.store.records import Record, parse_record
 
 log = logging.getLogger(__name__)
@@ -275,6 +276,7 @@ class Ingestor:
     def _process(self, entries: Sequence[Entry]) -> IngestStats:
         triage = self._triage(entries)
         added = self.store.add(triage.records)  # committed before anything is acked
+        failpoint("ingest.stored")  # crash tests: stored, not acked (redelivered, absorbed)
         for position in reversed(added.conflicts):
             del triage.records[position]
             entry_id = triage.ok_ids.pop(position)
@@ -287,6 +289,7 @@ class Ingestor:
         if all_ids:
             pipe.xack(self.config.stream, self.config.group, *all_ids)
         pipe.execute()
+        failpoint("ingest.acked")  # crash tests: acked, before the next read
         if triage.dead:
             # One line per batch, not per entry: a flood of bad input must not flood the log.
             first_id, _, first_reason = triage.dead[0]
