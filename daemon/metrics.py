@@ -64,6 +64,11 @@ class DaemonMetrics:
             ["task", "metric", "model"],
             registry=r,
         )
+        self.bundles_damaged = Counter(
+            "aftertune_bundles_damaged",
+            "Published bundles that failed verification and were taken out of service",
+            registry=r,
+        )
         self.ready = Gauge("aftertune_ready", "1 once Redis, store and server are up", registry=r)
 
     def count_ingest(self, stats: IngestStats) -> None:

@@ -41,6 +41,8 @@ from aftertune.store.registry import Registry
 
 log = logging.getLogger(__name__)
 
+REPAIR = "bundle repair"  # a run that repairs publication, and trains only if a cycle is due
+
 
 @dataclass
 class CycleProgress:
@@ -77,6 +79,7 @@ class CycleScheduler:
         self._thread: threading.Thread | None = None
         self._attempted_seq = 0  # max seq seen by the last cycle that did not promote
         self.progress = CycleProgress()
+        self._repair = threading.Event()  # a published bundle went out of service
         self._scheduler = BackgroundScheduler(timezone="UTC")
 
     # --- lifecycle
@@ -148,7 +151,15 @@ class CycleScheduler:
         self._metrics.waiting.set(newer)
         return newer, fresh
 
+    def request_repair(self) -> None:
+        """Have publication repaired (the champion's bundle exported again) at the next chance:
+        now, or when the running cycle is over (the threshold job asks again)."""
+        self._repair.set()
+        self._begin(REPAIR)
+
     def _check_threshold(self) -> None:
+        if self._repair.is_set():
+            self._begin(REPAIR)
         fresh = self.waiting()[1]
         if fresh >= self._settings().cycle.min_new_examples:
             self._begin(f"{fresh} new examples")
@@ -189,9 +200,10 @@ class CycleScheduler:
         t0 = time.monotonic()
         outcome, result = "failed", None
         try:
+            self._repair.clear()
             recover_publication(settings)
             self._announce_latest(settings)
-            if reason == "start-up":
+            if reason in ("start-up", REPAIR):
                 interrupted = bool(interrupted_versions(settings)) or _has_checkpoints(settings)
                 if not interrupted and self.waiting()[1] < settings.cycle.min_new_examples:
                     outcome = "skipped"

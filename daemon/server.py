@@ -17,6 +17,7 @@ thread keeps the signals.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import socket
@@ -35,7 +36,14 @@ from pydantic import BaseModel
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from aftertune.daemon.errors import ServerError
-from aftertune.store.bundle import MANIFEST, parse_version, safe_relpath, version_dir_name
+from aftertune.store.bundle import (
+    MANIFEST,
+    manifest_sha256,
+    parse_version,
+    safe_relpath,
+    version_dir_name,
+)
+from aftertune.store.bundle_audit import BundleAudit
 from aftertune.store.bundles import LATEST, Published, latest_version, published, published_versions
 from aftertune.store.errors import BundleError
 
@@ -71,7 +79,7 @@ class LatestModel(BaseModel):
     manifest: dict[str, Any]
 
 
-def _find(bundles_dir: Path, version: str) -> Published:
+def _find(bundles_dir: Path, version: str, audit: BundleAudit) -> Published:
     """The published bundle a URL names ('3', 'v3' or 'latest'), or the HTTP error to answer."""
     if version == LATEST:
         number = latest_version(bundles_dir)
@@ -89,8 +97,11 @@ def _find(bundles_dir: Path, version: str) -> Published:
     try:
         return published(bundles_dir, number)
     except BundleError as exc:
-        # The bundle is there but its manifest does not read: our fault, not the caller's.
-        raise HTTPException(500, f"bundle v{number} is damaged: {exc}") from None
+        # The bundle is there but its manifest does not read: out of service from now on.
+        with contextlib.suppress(OSError):  # unless it went meanwhile
+            damaged = bundles_dir / version_dir_name(number)
+            audit.take_out_of_service(number, manifest_sha256(damaged), str(exc))
+        raise HTTPException(404, f"bundle v{number} is damaged and out of service") from None
 
 
 def _etag_matches(if_none_match: str | None, etag: str) -> bool:
@@ -127,8 +138,13 @@ def build_app(
     token: str | None,
     ready: Callable[[], bool],
     metrics: prometheus_client.CollectorRegistry,
+    audit: BundleAudit | None = None,
 ) -> FastAPI:
-    """The read-only app over ``bundles_dir``; ``token`` guards /v1 and /metrics when set."""
+    """The read-only app over ``bundles_dir``; ``token`` guards /v1 and /metrics when set.
+
+    ``audit`` holds the verdicts on published files (the daemon shares its own with its
+    sweeps); a file is hashed before it is first served and whenever it changed on disk.
+    """
     if token == "":
         # An empty token would leave the server open while the operator believes it guarded.
         raise ValueError("token must not be empty; leave it unset to serve without one")
@@ -136,7 +152,8 @@ def build_app(
     guarded = [Depends(_bearer_check(token))]
     app.include_router(_probe_routes(ready))
     app.include_router(_metrics_routes(metrics), dependencies=guarded)
-    app.include_router(_model_routes(Path(bundles_dir)), prefix="/v1", dependencies=guarded)
+    audit = audit or BundleAudit(Path(bundles_dir))
+    app.include_router(_model_routes(Path(bundles_dir), audit), prefix="/v1", dependencies=guarded)
     return app
 
 
@@ -170,7 +187,7 @@ def _metrics_routes(metrics: prometheus_client.CollectorRegistry) -> APIRouter:
     return router
 
 
-def _model_routes(bundles_dir: Path) -> APIRouter:
+def _model_routes(bundles_dir: Path, audit: BundleAudit) -> APIRouter:
     """/models…: the published bundles, their manifests and the files they list."""
     router = APIRouter()
 
@@ -180,7 +197,7 @@ def _model_routes(bundles_dir: Path) -> APIRouter:
 
     @router.get("/models/latest")
     def latest_model() -> LatestModel:
-        bundle = _find(bundles_dir, LATEST)
+        bundle = _find(bundles_dir, LATEST, audit)
         return LatestModel(
             version=bundle.version,
             manifest_sha256=bundle.manifest_sha256,
@@ -189,7 +206,7 @@ def _model_routes(bundles_dir: Path) -> APIRouter:
 
     @router.get("/models/{version}/manifest")
     def manifest(version: str, request: Request) -> Response:
-        bundle = _find(bundles_dir, version)
+        bundle = _find(bundles_dir, version, audit)
         etag = f'"{bundle.manifest_sha256}"'
         if _etag_matches(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers={"ETag": etag})
@@ -198,7 +215,7 @@ def _model_routes(bundles_dir: Path) -> APIRouter:
 
     @router.api_route("/models/{version}/files/{path:path}", methods=["GET", "HEAD"])
     def bundle_file(version: str, path: str, request: Request) -> Response:
-        return _file_response(bundles_dir, version, path, request)
+        return _file_response(bundles_dir, audit, version, path, request)
 
     return router
 
@@ -224,13 +241,15 @@ def _model_list(bundles_dir: Path) -> ModelList:
     return ModelList(latest=latest_version(bundles_dir), models=models)
 
 
-def _file_response(bundles_dir: Path, version: str, path: str, request: Request) -> Response:
-    """One file a bundle's manifest lists, with its sha256 as ETag."""
+def _file_response(
+    bundles_dir: Path, audit: BundleAudit, version: str, path: str, request: Request
+) -> Response:
+    """One file a bundle's manifest lists, with its sha256 as ETag once its bytes match it."""
     try:
         rel = safe_relpath(path)
     except BundleError as exc:
         raise HTTPException(400, str(exc)) from None
-    bundle = _find(bundles_dir, version)
+    bundle = _find(bundles_dir, version, audit)
     entry = bundle.manifest["files"].get(rel)
     root = bundle.path.resolve()
     real = (root / rel).resolve()
@@ -239,6 +258,12 @@ def _file_response(bundles_dir: Path, version: str, path: str, request: Request)
         raise HTTPException(
             404, f"{rel!r} is not a file of bundle v{bundle.version}; its manifest lists them"
         )
+    try:
+        real = audit.verified_file(bundle.version, bundle.path, bundle.manifest_sha256, rel, entry)
+    except BundleError as exc:
+        raise HTTPException(
+            404, f"bundle v{bundle.version} is damaged and out of service: {exc}"
+        ) from None
     etag = f'"{entry["sha256"]}"'
     if _etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers={"ETag": etag})

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 
+from aftertune.daemon.bundle_watch import BundleWatch
 from aftertune.daemon.embedded_redis import redis_connection
 from aftertune.daemon.errors import SettingsError, StateDirError
 from aftertune.daemon.ingest import IngestConfig, Ingestor, IngestStats
@@ -28,6 +29,7 @@ from aftertune.daemon.notify import Heartbeat, Notifier, WatchdogPinger
 from aftertune.daemon.readiness import Readiness
 from aftertune.daemon.settings import Settings, load_settings
 from aftertune.daemon.worker import StopMode, Worker
+from aftertune.store.bundle_audit import BundleAudit
 from aftertune.store.errors import StoreError
 from aftertune.store.examples import ExampleStore
 from aftertune.store.files import write_atomic
@@ -87,6 +89,11 @@ class Daemon:
         self.server: HttpServer | None = None
         self.scheduler: CycleScheduler | None = None
         self.pinger: WatchdogPinger | None = None
+        # Verdicts on the published bundles, shared by the HTTP server and the sweeps.
+        self.audit = BundleAudit(
+            StateLayout(settings.state_dir).bundles, on_damaged=self._bundle_damaged
+        )
+        self.bundle_watch = BundleWatch(self.audit)
         self._next_status = 0.0
         self._status_line = ""
 
@@ -96,6 +103,7 @@ class Daemon:
             self.start_server()
         if self.settings.cycle.enabled:
             self.start_scheduler()
+        self.bundle_watch.start()  # after the scheduler: a damaged bundle asks it for repair
         self.readiness.started()
         self.notifier.ready()
         interval = self.notifier.watchdog_interval_s
@@ -112,6 +120,7 @@ class Daemon:
         if self.scheduler is not None:
             timeout = self.settings.cycle.shutdown_timeout_s
             left_running = not self.scheduler.stop(timeout, give_up=give_up)
+        self.bundle_watch.stop()
         if self.server is not None:
             self.server.stop()
         if self.pinger is not None:
@@ -128,10 +137,17 @@ class Daemon:
             token=s.token.get_secret_value() if s.token else None,
             ready=self.readiness.is_ready,
             metrics=self.metrics.registry,
+            audit=self.audit,
         )
         self.server = HttpServer(app, s.host, s.port)
         self.server.start()
         log.info("http server on http://%s:%d", s.host, self.server.port)
+
+    def _bundle_damaged(self, version: int, reason: str) -> None:
+        """A bundle went out of service (any thread): count it, have the champion's re-exported."""
+        self.metrics.bundles_damaged.inc()
+        if self.scheduler is not None:
+            self.scheduler.request_repair()
 
     def start_scheduler(self) -> None:
         from aftertune.daemon.scheduler import CycleScheduler

@@ -9,7 +9,8 @@ Order, chosen so that a crash anywhere leaves nothing half-visible:
 4. swap the ``latest`` symlink to ``vN``.
 
 ``sync_latest`` repairs a crash between 3 and 4 (or a rollback): it points ``latest`` at the
-champion's bundle, exporting it again when it was pruned or never made.
+champion's bundle, exporting it again when it was pruned, never made, or damaged (taken out
+of service by ``store/bundle_audit.py``, or a file missing or of the wrong size).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from aftertune.learners.errors import ExportError
 from aftertune.learners.export import ExportSpec, export_bundle
 from aftertune.learners.lineage import manifest_lineage
 from aftertune.learners.specs import LearningSpecs
-from aftertune.store.bundle import version_dir_name
+from aftertune.store.bundle import read_manifest, resolve_inside, version_dir_name
 from aftertune.store.bundles import (
     Published,
     clean_staging,
@@ -35,6 +36,7 @@ from aftertune.store.bundles import (
     published,
     set_latest,
 )
+from aftertune.store.errors import BundleError
 from aftertune.store.examples import Example, ExampleStore
 from aftertune.store.failpoints import failpoint
 from aftertune.store.layout import StateLayout
@@ -170,9 +172,27 @@ def sync_latest(
     if leftovers:
         log.info("removed what interrupted exports left: %s", ", ".join(leftovers))
     champion = registry.champion()
-    if champion is None or latest_version(root) == champion.version:
+    if champion is None:
         return None
-    if not (root / version_dir_name(champion.version) / "manifest.json").is_file():
-        log.info("champion v%d has no bundle; exporting it", champion.version)
+    whole = _looks_whole(root / version_dir_name(champion.version))
+    if whole and latest_version(root) == champion.version:
+        return None
+    if not whole:
+        # Pruned, never made, or taken out of service (store/bundle_audit.py): made again
+        # from the adapters, which are the source of truth.
+        log.info("champion v%d has no whole bundle; exporting it again", champion.version)
         stage_bundle(store, registry, state_dir, champion, base=specs.base, spec=specs.export)
     return _point_latest(state_dir, champion.version, specs.keep_bundles)
+
+
+def _looks_whole(bundle_dir: Path) -> bool:
+    """A manifest that reads and every file it lists at its size: what can be checked without
+    hashing (the daemon's bundle audit hashes, and takes a damaged bundle out of service)."""
+    try:
+        manifest = read_manifest(bundle_dir)
+        return all(
+            resolve_inside(bundle_dir, rel).stat().st_size == entry["bytes"]
+            for rel, entry in manifest["files"].items()
+        )
+    except (BundleError, OSError):
+        return False

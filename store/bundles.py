@@ -4,6 +4,7 @@
       v3/                 one published bundle, never modified after its rename
       latest -> v3        symlink, swapped with one rename
       .staging-v4-*/      an export in progress: never served, removed at start-up
+      .damaged-v2/        a bundle that failed verification, out of service (bundle_audit.py)
 
 A version directory appears only by renaming a verified staging directory, and ``latest``
 moves only by renaming a new symlink over it, so a reader sees a whole bundle or none.
@@ -117,7 +118,10 @@ def prune(bundles_dir: Path, keep: int, protect: set[int] | None = None) -> list
     removed = []
     for version in versions[: max(0, len(versions) - keep)]:
         if version not in guarded:
-            shutil.rmtree(Path(bundles_dir) / version_dir_name(version), ignore_errors=True)
+            # Renamed first, so no reader (server, audit, pull --from) sees it half deleted.
+            doomed = Path(bundles_dir) / f".tmp-pruned-{version_dir_name(version)}-{os.getpid()}"
+            os.replace(Path(bundles_dir) / version_dir_name(version), doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
             removed.append(version)
     return removed
 

@@ -18,8 +18,10 @@ import prometheus_client
 import pytest
 
 from aftertune.daemon.errors import ServerError
+from aftertune.daemon.metrics import DaemonMetrics
 from aftertune.daemon.server import HttpServer, build_app
 from aftertune.store.bundle import MANIFEST, write_manifest
+from aftertune.store.bundle_audit import BundleAudit
 from aftertune.store.bundles import install, new_staging_dir, set_latest
 from aftertune.store.files import file_sha256
 
@@ -78,10 +80,13 @@ def publish_two(bundles_dir: Path) -> Path:
 
 @contextlib.contextmanager
 def running(
-    bundles_dir: Path, registry: prometheus_client.CollectorRegistry, token: str | None = TOKEN
+    bundles_dir: Path,
+    registry: prometheus_client.CollectorRegistry,
+    token: str | None = TOKEN,
+    audit: BundleAudit | None = None,
 ) -> Iterator[Running]:
     ready = threading.Event()
-    app = build_app(bundles_dir, token=token, ready=ready.is_set, metrics=registry)
+    app = build_app(bundles_dir, token=token, ready=ready.is_set, metrics=registry, audit=audit)
     server = HttpServer(app, "127.0.0.1", 0)
     server.start()
     try:
@@ -369,15 +374,89 @@ def test_unknown_version_is_404_and_malformed_is_400(
     assert reply.json()["detail"]
 
 
-def test_a_damaged_bundle_is_a_500_and_left_out_of_the_listing(
+def test_a_bundle_whose_manifest_does_not_read_goes_out_of_service(
     serve: Callable[..., Running], bundles_dir: Path
 ) -> None:
     server = serve(bundles_dir)
     (bundles_dir / "v1" / MANIFEST).write_text("{not json")
     reply = server.auth_get("/v1/models/1/manifest")
-    assert reply.status == 500
-    assert "bundle v1 is damaged" in reply.json()["detail"]
+    assert reply.status == 404
+    assert "bundle v1 is damaged and out of service" in reply.json()["detail"]
     assert [m["version"] for m in server.auth_get("/v1/models").json()["models"]] == [2]
+    assert (bundles_dir / ".damaged-v1" / MANIFEST).read_text() == "{not json"
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def audited(
+    bundles_dir: Path,
+) -> Iterator[tuple[Running, BundleAudit, DaemonMetrics]]:
+    """A server sharing its verdicts and the damage counter the way the daemon does."""
+    metrics = DaemonMetrics()
+    audit = BundleAudit(bundles_dir, on_damaged=lambda v, why: metrics.bundles_damaged.inc())
+    with running(bundles_dir, metrics.registry, audit=audit) as server:
+        yield server, audit, metrics
+
+
+def _damaged_count(server: Running) -> str:
+    lines = server.auth_get("/metrics").body.decode().splitlines()
+    return next(line for line in lines if line.startswith("aftertune_bundles_damaged_total"))
+
+
+def test_a_corrupt_file_is_never_served_and_its_bundle_goes_out_of_service(
+    audited: tuple[Running, BundleAudit, DaemonMetrics],
+    bundles_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before: /v1/models listed v2 and model.onnx was served with the manifest's ETag.
+    server, _, _ = audited
+    _flip_byte(bundles_dir / "v2" / "model.onnx")
+    replies = [server.auth_get("/v1/models/2/files/model.onnx") for _ in range(3)]
+    assert [r.status for r in replies] == [404, 404, 404]
+    assert not any("ETag" in r.headers for r in replies)
+    assert "bundle v2 is damaged and out of service" in replies[0].json()["detail"]
+    assert "model v2 is not published" in replies[2].json()["detail"]
+    listing = server.auth_get("/v1/models").json()
+    assert listing["latest"] is None and [m["version"] for m in listing["models"]] == [1]
+    for path in ("/v1/models/latest", "/v1/models/2/manifest", "/v1/models/latest/manifest"):
+        assert server.auth_get(path).status == 404, path
+    assert (bundles_dir / ".damaged-v2" / "model.onnx").is_file()  # kept for inspection
+    damaged = [r for r in caplog.records if "bundle v2 is damaged" in r.getMessage()]
+    assert len(damaged) == 1 and damaged[0].levelname == "ERROR"
+    assert _damaged_count(server) == "aftertune_bundles_damaged_total 1.0"
+    assert server.auth_get("/v1/models/1/files/model.onnx").status == 200  # v1 is whole
+
+
+def test_a_file_changed_after_it_was_served_is_checked_again(
+    audited: tuple[Running, BundleAudit, DaemonMetrics], bundles_dir: Path
+) -> None:
+    server, _, _ = audited
+    first = server.auth_get("/v1/models/1/files/model.onnx")
+    assert first.status == 200
+    _flip_byte(bundles_dir / "v1" / "model.onnx")
+    again = server.auth_get("/v1/models/1/files/model.onnx")
+    assert again.status == 404
+    assert hashlib.sha256(again.body).hexdigest() not in first.headers["ETag"]
+
+
+def test_a_sweep_takes_a_damaged_bundle_out_before_anyone_asks(
+    audited: tuple[Running, BundleAudit, DaemonMetrics], bundles_dir: Path
+) -> None:
+    server, audit, _ = audited
+    assert audit.sweep(rehash=True) == {}
+    _flip_byte(bundles_dir / "v1" / "tokenizer.json")
+    (bundles_dir / "v2" / "model.onnx").unlink()
+    failed = audit.sweep()
+    assert sorted(failed) == [1, 2]
+    assert "tokenizer.json: sha256" in failed[1] and "model.onnx" in failed[2]
+    assert server.auth_get("/v1/models").json() == {"latest": None, "models": []}
+    assert audit.sweep() == {}  # counted and logged once
+    assert _damaged_count(server) == "aftertune_bundles_damaged_total 2.0"
 
 
 def test_an_empty_token_is_refused(
