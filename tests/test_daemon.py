@@ -28,6 +28,7 @@ import redis
 from conftest import cli_json, run_cli, write_jsonl
 
 from aftertune.daemon.embedded_redis import free_port
+from aftertune.store.bundle import MANIFEST, verify_bundle
 from aftertune.store.bundles import latest_version, published
 from aftertune.store.consumer import Bundle
 from aftertune.store.examples import ExampleStore
@@ -545,3 +546,78 @@ def test_a_second_sigterm_cuts_short_a_warm_stop_that_waits_for_evaluation(
     assert daemon.messages("v1 promoted") == []
     # Left for the next start to evaluate again (see the kill -9 test).
     assert [(v, s) for v, s, _ in versions(state)] in ([(1, "evaluating")], [(1, "candidate")])
+
+
+def _promote_by_hand(state: Path, base_dir: Path, workdir: Path) -> None:
+    """v1 as the champion without a training run: an adapter with non-zero B made on the base
+    (as tests/test_champion.py makes them), registered and promoted as a cycle would. torch
+    is imported here, not at the top: the other tests drive the daemon from outside."""
+    import torch
+    from spec_fixtures import lora_spec
+
+    from aftertune.learners.base_model import load_base
+    from aftertune.learners.lora import attach_fresh_adapter, save_adapter
+
+    model, _ = load_base(base_dir, dtype=torch.float32)
+    torch.manual_seed(7)
+    peft_model = attach_fresh_adapter(model, lora_spec(r=4, target_modules=("q_proj", "down_proj")))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    adapter = save_adapter(peft_model, workdir / "adapter")
+    with ExampleStore.in_state_dir(state) as store, Registry(state) as registry:
+        v = registry.register_candidate(
+            adapter, parent=None, data_seq=store.max_seq(), training={}, lineage={}
+        )
+        registry.transition(v.version, VersionState.EVALUATING, actor="test", reason="gate")
+        registry.promote(v.version, actor="test", reason="made by hand")
+
+
+def test_a_corrupt_champion_bundle_goes_out_of_service_and_is_exported_again(
+    redis_url: str, tmp_path: Path, spawn: Callable[..., Daemon]
+) -> None:
+    from aftertune.learners.base_model import EMBEDDED_TINY, resolve_base
+
+    state = tmp_path / "state"
+    bundles = state / "bundles"
+    env = daemon_env(redis_url, state, free_port())
+    # Held-out examples for the export's parity check, ingested before the champion exists.
+    write_jsonl(tmp_path / "few.jsonl", parity(80, seed=9))
+    assert run_cli("push", str(tmp_path / "few.jsonl"), env=env).returncode == 0
+    assert run_cli("serve", "--burst", env=env).returncode == 0
+    _promote_by_hand(state, resolve_base(EMBEDDED_TINY), tmp_path)
+
+    daemon = spawn(env)
+    wait_ready(daemon)
+    # The start-up run finds the champion without a bundle and exports it.
+    wait_for("v1 published", lambda: latest_version(bundles) == 1, CYCLE_TIMEOUT_S, daemon)
+    first = verify_bundle(bundles / "latest")
+    assert first["version"] == 1 and first["adapters"][-1]["version"] == 1
+    data = max(bundles.joinpath("v1").iterdir(), key=lambda p: p.stat().st_size)
+    assert data.name != MANIFEST
+
+    flip = bytearray(data.read_bytes())
+    flip[len(flip) // 2] ^= 0x01
+    data.write_bytes(bytes(flip))
+    # A pull asks for the file: never served, the bundle goes out of service, a repair starts.
+    to = tmp_path / "consumer"
+    failed = run_cli("pull", "--server", daemon.url, "--to", str(to), env=env)
+    assert failed.returncode != 0 and not (to / "current").exists()
+    daemon.wait_log("bundle v1 is damaged and out of service", 30)
+    assert (bundles / ".damaged-v1" / data.name).read_bytes() == bytes(flip)  # kept as found
+    daemon.wait_log("champion v1 has no whole bundle; exporting it again", 60)
+
+    wait_for("v1 published again", lambda: latest_version(bundles) == 1, CYCLE_TIMEOUT_S, daemon)
+    again = verify_bundle(bundles / "latest")
+    assert again["version"] == 1 and again["adapters"] == first["adapters"]
+    assert again["files"] == first["files"]  # the same model, byte for byte
+    text = http_get(daemon.url + "/metrics")[1]
+    assert metric(text, "aftertune_bundles_damaged_total") == 1.0
+
+    pulled = run_cli("pull", "--server", daemon.url, "--to", str(to), "--json", env=env)
+    assert pulled.returncode == 0, pulled.stderr
+    assert json.loads(pulled.stdout)["version"] == 1
+    assert verify_bundle(to / "current")["files"] == first["files"]
+    daemon.send(signal.SIGTERM)
+    assert daemon.wait_exit(STOP_TIMEOUT_S + 10) == 0
