@@ -1,8 +1,11 @@
 """The bundle format: an exported model directory plus a checksummed manifest.
 
 A bundle directory holds ``manifest.json`` = {"schema", "name", "version", ..., "files":
-{"<path>": {"sha256", "bytes"}}} and the model, tokenizer and config files it lists. The
-manifest is written last, so a directory with a manifest that verifies is whole. How
+{"<path>": {"sha256", "bytes"}}, "contents_sha256"} and the model, tokenizer and config files
+it lists. The manifest is written last, so a directory with a manifest that verifies is
+whole. ``contents_sha256`` covers the manifest itself (everything else in it, as canonical
+JSON): a flipped byte in a field no other check reads (the prompt template, lineage,
+``created_at``) is caught too. How
 bundles are published under ``state_dir/bundles`` is in ``bundles.py``; how consumers
 run one is in ``consumer.py``.
 
@@ -11,6 +14,7 @@ This module never imports torch: consumers verify bundles without it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -40,6 +44,9 @@ MAX_MANIFEST_BYTES = 16 << 20
 MAX_VERSION_DIGITS = 9
 _VERSION = re.compile(rf"v?([0-9]{{1,{MAX_VERSION_DIGITS}}})", re.ASCII)
 _SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
+# The manifest's checksum of its own contents. Optional when reading: manifests written
+# before it existed have none (a flip in this key's name leaves the rest intact).
+CONTENTS_SHA256 = "contents_sha256"
 
 
 def version_dir_name(version: int) -> str:
@@ -100,14 +107,28 @@ def write_manifest(bundle_dir: Path, fields: Mapping[str, Any]) -> dict[str, Any
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())
         files[rel] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
-    manifest = {
-        "schema": SCHEMA,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **fields,
-        "files": files,
-    }
+    manifest = seal(
+        {
+            "schema": SCHEMA,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **fields,
+            "files": files,
+        }
+    )
     write_atomic(bundle_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     return manifest
+
+
+def seal(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """``manifest`` with its ``contents_sha256`` (re)computed, as a publisher writes it."""
+    return {**manifest, CONTENTS_SHA256: _contents_sha256(manifest)}
+
+
+def _contents_sha256(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own checksum."""
+    body = {k: v for k, v in manifest.items() if k != CONTENTS_SHA256}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def manifest_sha256(bundle_dir: Path) -> str:
@@ -189,6 +210,12 @@ def check_manifest(manifest: Any, where: str) -> None:
             f"{where}: a bundle of format {fmt} needs {missing[0]}; its manifest does not list it"
         )
     _check_runtime_fields(manifest, where)
+    # Last, so a manifest edited by hand is told its first real fault.
+    checksum = manifest.get(CONTENTS_SHA256)
+    if checksum is not None and checksum != _contents_sha256(manifest):
+        raise BundleError(
+            f"{where}: its contents do not match its {CONTENTS_SHA256}: the manifest is damaged"
+        )
 
 
 def _check_runtime_fields(manifest: dict[str, Any], where: str) -> None:

@@ -33,6 +33,7 @@ from aftertune.store.bundle import (
     MAX_MANIFEST_BYTES,
     SCHEMA,
     read_manifest,
+    seal,
     verify_bundle,
     write_manifest,
 )
@@ -302,7 +303,7 @@ def test_pull_into_a_file_is_refused_with_a_message(
 def _rewrite_manifest(bundle: Path, **changes: object) -> None:
     """The bundle's manifest with ``changes`` applied, written as its publisher would."""
     manifest = read_manifest(bundle)
-    (bundle / MANIFEST).write_text(json.dumps({**manifest, **changes}))
+    (bundle / MANIFEST).write_text(json.dumps(seal({**manifest, **changes})))
 
 
 @pytest.mark.parametrize(
@@ -336,7 +337,7 @@ def test_pull_from_refuses_a_file_linking_out_of_the_bundle(
     (bundle / "tokenizer.json").symlink_to(secret)
     manifest = read_manifest(bundle)
     manifest["files"]["tokenizer.json"] = {"sha256": file_sha256(secret), "bytes": 32}
-    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    (bundle / MANIFEST).write_text(json.dumps(seal(manifest)))
 
     to = tmp_path / "models"
     done = run_cli("pull", "--from", str(source), "--to", str(to), env=env)
