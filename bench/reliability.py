@@ -168,7 +168,7 @@ def http(
         return exc.code, dict(exc.headers), exc.read()
 
 
-# --- (a) kill -9 and a Redis restart during ingest
+# --- (a) kill -9s and Redis restarts during ingest
 
 
 def record(i: int) -> dict[str, str]:
@@ -437,7 +437,7 @@ def _status(url: str, path: str) -> int:
         return 0
 
 
-# --- (c) corrupt published bundles; (d) hostile HTTP against the same daemon
+# --- (c) corrupt published bundles
 
 
 def publish(bundles: Path, version: int, rng: random.Random) -> None:
@@ -453,6 +453,7 @@ def publish(bundles: Path, version: int, rng: random.Random) -> None:
 
 
 def flip_byte(path: Path, rng: random.Random) -> None:
+    """One bit of ``path`` flipped, at a random place (the file rewritten, as bit rot is not)."""
     data = bytearray(path.read_bytes())
     data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
     path.write_bytes(bytes(data))
@@ -603,6 +604,9 @@ def _after(
         "logged": daemon.count(f"bundle v{version} is damaged"),
         "previous_served": http(url, "/v1/models/1/files/model.onnx")[0],
     }
+
+
+# --- (d) hostile HTTP
 
 
 MALFORMED = {
