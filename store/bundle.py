@@ -26,7 +26,9 @@ from typing import Any, BinaryIO
 from aftertune.store.errors import BundleError
 from aftertune.store.files import file_sha256, write_atomic
 
-SCHEMA = "aftertune.bundle/1"
+SCHEMA = "aftertune.bundle/2"  # what write_manifest writes: contents_sha256 required
+# Manifests written before contents_sha256 existed: still read, without that check.
+LEGACY_SCHEMAS = ("aftertune.bundle/1",)
 MANIFEST = "manifest.json"
 FORMAT_GENAI = "onnxruntime-genai"  # genai_config.json + model.onnx with KV cache
 FORMAT_LOGITS = "onnx-logits"  # model.onnx: (input_ids, attention_mask) -> logits
@@ -44,8 +46,8 @@ MAX_MANIFEST_BYTES = 16 << 20
 MAX_VERSION_DIGITS = 9
 _VERSION = re.compile(rf"v?([0-9]{{1,{MAX_VERSION_DIGITS}}})", re.ASCII)
 _SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
-# The manifest's checksum of its own contents. Optional when reading: manifests written
-# before it existed have none (a flip in this key's name leaves the rest intact).
+# The manifest's checksum of its own contents: required by SCHEMA, absent from legacy ones
+# (a flip in the schema string or in this key's name is then refused, not read as legacy).
 CONTENTS_SHA256 = "contents_sha256"
 
 
@@ -173,7 +175,7 @@ def check_manifest(manifest: Any, where: str) -> None:
     ``version`` a positive int (not a bool), ``format`` one we can run, ``files`` every file
     that format needs, each entry a 64-hex-digit lowercase ``sha256`` and an int ``bytes``.
     """
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+    if not isinstance(manifest, dict) or manifest.get("schema") not in (SCHEMA, *LEGACY_SCHEMAS):
         raise BundleError(f"{where}: not an {SCHEMA} manifest")
     version = manifest.get("version")
     if type(version) is not int:
@@ -212,6 +214,8 @@ def check_manifest(manifest: Any, where: str) -> None:
     _check_runtime_fields(manifest, where)
     # Last, so a manifest edited by hand is told its first real fault.
     checksum = manifest.get(CONTENTS_SHA256)
+    if checksum is None and manifest["schema"] == SCHEMA:
+        raise BundleError(f"{where}: an {SCHEMA} manifest needs its {CONTENTS_SHA256}")
     if checksum is not None and checksum != _contents_sha256(manifest):
         raise BundleError(
             f"{where}: its contents do not match its {CONTENTS_SHA256}: the manifest is damaged"

@@ -461,7 +461,7 @@ def test_an_endless_file_over_http_is_cut_off_past_its_declared_size(
         "tokenizer.json": {"sha256": hashlib.sha256(tokenizer).hexdigest(), "bytes": 13},
     }
     _Hostile.manifest = json.dumps(
-        {"schema": SCHEMA, "version": 1, "format": "onnx-logits", "files": files}
+        seal({"schema": SCHEMA, "version": 1, "format": "onnx-logits", "files": files})
     ).encode()
     received: list[int] = []
     source = HttpSource(hostile)
@@ -480,7 +480,7 @@ def test_an_endless_file_over_http_is_cut_off_past_its_declared_size(
 
     files["model.onnx"]["bytes"] = 1 << 20  # the server announces 300 MB: refused unread
     _Hostile.manifest = json.dumps(
-        {"schema": SCHEMA, "version": 1, "format": "onnx-logits", "files": files}
+        seal({"schema": SCHEMA, "version": 1, "format": "onnx-logits", "files": files})
     ).encode()
     with pytest.raises(BundleError, match="more than the 1048576 expected"):
         list(HttpSource(hostile).open(1, "announce", 1 << 20))
