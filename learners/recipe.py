@@ -309,35 +309,7 @@ class LoraRecipe:
             if not group:
                 break  # the epochs ran out (max_steps=None)
             started = time.perf_counter()
-            self.optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for chunk in group:
-                batch = {k: v.to(self.device) for k, v in collate(chunk, pad).items()}
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    logits = model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).logits
-                loss = response_loss(logits, batch["labels"], batch["weights"]) / len(group)
-                value = loss.item()
-                if not math.isfinite(value):  # a NaN step would poison the adapter for good
-                    raise NonFiniteLoss(
-                        pos.step + 1, value, [e.weight for e in chunk], [e.task for e in chunk]
-                    )
-                loss.backward()
-                step_loss += value
-                pos.tokens += int(batch["attention_mask"].sum())
-            if self.penalty is not None:
-                penalty = self.penalty()
-                pos.penalty = penalty.item()
-                if not math.isfinite(pos.penalty):
-                    weights = [e.weight for chunk in group for e in chunk]
-                    tasks = [e.task for chunk in group for e in chunk]
-                    raise NonFiniteLoss(pos.step + 1, pos.penalty, weights, tasks, "EWC penalty")
-                penalty.backward()  # once per optimizer step, whatever grad_accum is
-            if spec.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.params.values(), spec.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
+            step_loss = self._step(model, group, pad)
             pos.step += 1
             pos.seconds += time.perf_counter() - started
             pos.loss_first = step_loss if math.isnan(pos.loss_first) else pos.loss_first
@@ -354,6 +326,40 @@ class LoraRecipe:
                 bar.close()
                 raise TrainingInterrupted(pos.step, self.checkpoint_dir)
         bar.close()
+
+    def _step(self, model: nn.Module, group: list[list[Encoded]], pad: int) -> float:
+        """One optimizer step over ``group`` (grad_accum micro-batches); returns its loss."""
+        pos = self.pos
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for chunk in group:
+            batch = {k: v.to(self.device) for k, v in collate(chunk, pad).items()}
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+            loss = response_loss(logits, batch["labels"], batch["weights"]) / len(group)
+            value = loss.item()
+            if not math.isfinite(value):  # a NaN step would poison the adapter for good
+                raise NonFiniteLoss(
+                    pos.step + 1, value, [e.weight for e in chunk], [e.task for e in chunk]
+                )
+            loss.backward()
+            step_loss += value
+            pos.tokens += int(batch["attention_mask"].sum())
+        if self.penalty is not None:
+            penalty = self.penalty()
+            pos.penalty = penalty.item()
+            if not math.isfinite(pos.penalty):
+                weights = [e.weight for chunk in group for e in chunk]
+                tasks = [e.task for chunk in group for e in chunk]
+                raise NonFiniteLoss(pos.step + 1, pos.penalty, weights, tasks, "EWC penalty")
+            penalty.backward()  # once per optimizer step, whatever grad_accum is
+        if self.spec.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params.values(), self.spec.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return step_loss
 
     # --- save, cleanup
 
