@@ -54,6 +54,7 @@ import redis
 from aftertune.daemon.embedded_redis import RedisServer, free_port
 from aftertune.store.bundle import CONTENTS_SHA256, write_manifest
 from aftertune.store.bundles import install, new_staging_dir, set_latest
+from aftertune.store.layout import StateLayout
 
 STREAM, DEAD = "aftertune:feedback", "aftertune:feedback:dead"
 TOKEN = "bench-token"
@@ -139,7 +140,7 @@ def wait_for(what: str, done: Callable[[], bool], timeout_s: float, every: float
 
 
 def stored_count(state: Path) -> int:
-    db = state / "examples.sqlite3"
+    db = StateLayout(state).examples_db
     if not db.exists():
         return 0
     with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
@@ -150,7 +151,7 @@ def stored_count(state: Path) -> int:
 
 
 def stored_inputs(state: Path) -> list[str]:
-    with contextlib.closing(sqlite3.connect(state / "examples.sqlite3", timeout=10)) as conn:
+    with contextlib.closing(sqlite3.connect(StateLayout(state).examples_db, timeout=10)) as conn:
         return [row[0] for row in conn.execute("SELECT input FROM examples")]
 
 
@@ -498,7 +499,7 @@ def attack_bundles(
     is stopped, for its start-up sweep), then manifests flipped while it is stopped."""
     server = RedisServer(tmp / "redis-c", port=free_port()).start()
     state = tmp / "state-c"
-    bundles = state / "bundles"
+    bundles = StateLayout(state).bundles
     trials: list[dict[str, Any]] = []
     manifests: list[dict[str, Any]] = []
     try:
@@ -668,9 +669,9 @@ def idle_after_response(port: int, limit_s: float) -> float | None:
 def attack_http(rounds: int, rng: random.Random, tmp: Path) -> Case:
     server = RedisServer(tmp / "redis-d", port=free_port()).start()
     state = tmp / "state-d"
-    publish(state / "bundles", 1, rng)
+    publish(StateLayout(state).bundles, 1, rng)
     # Beside the bundle: a file inside one that its manifest does not list makes it damaged.
-    (state / "bundles" / "secret.txt").write_text("outside every bundle")
+    (StateLayout(state).bundles / "secret.txt").write_text("outside every bundle")
     statuses: dict[str, list[int]] = {}
     timings: dict[str, list[float | None]] = {}
     limit_s = 30.0

@@ -21,6 +21,7 @@ from conftest import cli_json, run_cli, write_jsonl
 
 from aftertune.daemon.embedded_redis import RedisServer, free_port
 from aftertune.store.failpoints import ENV as FAILPOINT
+from aftertune.store.layout import StateLayout
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +59,7 @@ def _wait_until_acked(client: redis.Redis, entry_id: bytes, timeout_s: float = 6
 
 def _stored(state: Path) -> int:
     """Examples in the daemon's store now (read beside it: SQLite WAL lets a reader in)."""
-    db = state / "examples.sqlite3"
+    db = StateLayout(state).examples_db
     if not db.exists():
         return 0
     with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
