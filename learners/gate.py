@@ -4,8 +4,11 @@ Rules in the style of TFX/TFMA model validation:
 
 - value thresholds: an absolute floor per metric (a ceiling for NLL, where lower is better);
 - change thresholds against the champion: the largest allowed drop, absolute and relative;
-- a minimum gain on the tasks that got new data; a task the champion has no score for
-  yet is held to its value thresholds only.
+- a minimum gain on the tasks that got new data;
+- a label task the champion has no score for yet must beat chance: its accuracy on the new
+  held-out records must exceed the share of the majority answer there by ``chance_z``
+  standard errors of that share (a one-sided binomial test: with the default 1.645, a model
+  that only ever gives the majority answer passes about one time in twenty).
 
 Two suites stay apart. *Regression* uses the held-out records that already existed when
 the champion was made; *gain* uses the held-out records that arrived with this cycle's
@@ -79,6 +82,8 @@ class GateRules:
     noise_z: float  # max_drop of a proportion is at least this many standard errors
     max_nll_rise_same_task: float  # nats; a task's new data vs its own old held-out
     max_conflict_share: float  # new records that contradict an older record's label
+    beat_chance: bool  # a label task new to the champion must beat its majority answer
+    chance_z: float  # ... by this many standard errors of the majority share
     require_approval: bool
 
     def for_task(self, task: str) -> MetricRules:
@@ -282,6 +287,26 @@ def _gain_checks(
     return out
 
 
+def chance_threshold(majority: float, n: int, z: float) -> float:
+    """Accuracy a model must exceed on ``n`` examples to beat always giving the majority
+    answer (which scores ``majority``): that share plus ``z`` of its standard errors."""
+    return majority + _noise("accuracy", majority, n, z)
+
+
+def _chance_check(task: str, challenger: Scores, majority: float, n: int, z: float) -> list[Check]:
+    if "accuracy" not in challenger or n <= 0:
+        return []  # free text has no majority class
+    value, threshold = challenger["accuracy"], chance_threshold(majority, n, z)
+    ok = value > threshold + 1e-12
+    verdict = "beats chance" if ok else "is at chance level"
+    message = (
+        f"{task}: accuracy {100 * value:.1f}% on {n} new held-out records {verdict}: always "
+        f"giving the majority answer scores {100 * majority:.1f}%, and beating that needs over "
+        f"{100 * threshold:.1f}% ({z:g} standard errors more, for n={n}; gate.chance_z)"
+    )
+    return [Check(task, Suite.GAIN, "accuracy", "chance", None, value, threshold, ok, message)]
+
+
 def _consistency_check(
     task: str, champion: Scores | None, challenger: Scores | None, rules: GateRules
 ) -> list[Check]:
@@ -337,9 +362,11 @@ def judge(
     new_data_tasks: set[str],
     rules: GateRules,
     conflicts: Mapping[str, tuple[int, int]] | None = None,
+    chance: Mapping[str, tuple[float, int]] | None = None,
 ) -> GateReport:
     """Decide. Each suite maps task -> (champion scores, challenger scores); a side is None
-    when that model was not scored on it (no held-out examples in that suite).
+    when that model was not scored on it (no held-out examples in that suite). ``chance``:
+    task -> (share of the majority answer, n) on the gain suite, for label tasks.
     """
     checks: list[Check] = []
     for task in sorted(regression):
@@ -375,6 +402,8 @@ def judge(
             continue
         checks += _value_checks(task, Suite.GAIN, challenger, rules.for_task(task))
         checks += _gain_checks(task, champion, challenger, rules)
+        if champion is None and rules.beat_chance and task in (chance or {}):
+            checks += _chance_check(task, challenger, *(chance or {})[task], rules.chance_z)
     if any(not c.passed for c in checks):
         decision = Decision.REJECTED
     elif rules.require_approval:

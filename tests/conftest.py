@@ -17,7 +17,8 @@ import redis
 from aftertune.daemon.embedded_redis import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-DATASETS = REPO.parent / "shared" / "datasets"
+# Real-task samples shipped in the repository (a plain clone has them; see their README).
+DATASETS = REPO / "daemon" / "demo_data" / "real"
 
 
 @pytest.fixture(scope="session")

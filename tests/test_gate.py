@@ -114,3 +114,29 @@ def test_relabelled_copies_of_stored_inputs_are_rejected_whatever_the_metrics() 
     ]
     fine = judge(good, good, {"a"}, RULES, conflicts={"a": (100, 2)})
     assert fine.decision is Decision.PROMOTED
+
+
+def test_a_new_label_task_at_chance_is_rejected_and_one_that_learned_passes() -> None:
+    """The Quick start's coin flip: 53 % on 100 held-out records, majority answer 51 %."""
+    coin = {"accuracy": 0.53, "nll": 0.7, "n": 100}
+    report = judge({}, {"sst2": (None, coin)}, {"sst2"}, RULES, chance={"sst2": (0.51, 100)})
+    assert report.decision is Decision.REJECTED
+    (failure,) = report.failures
+    assert failure.rule == "chance" and "at chance level" in failure.message
+    assert "51.0%" in failure.message and "59.2%" in failure.message  # 51 + 1.645 * 5.0
+    learned = {**coin, "accuracy": 0.62}
+    report = judge({}, {"sst2": (None, learned)}, {"sst2"}, RULES, chance={"sst2": (0.51, 100)})
+    assert report.decision is Decision.PROMOTED and "beats chance" in report.checks[0].message
+
+
+def test_the_chance_margin_shrinks_with_the_sample_and_can_be_switched_off() -> None:
+    score = {"accuracy": 0.60, "nll": 0.7, "n": 0}
+    for n, decision in ((40, Decision.REJECTED), (1000, Decision.PROMOTED)):
+        report = judge({}, {"t": (None, score)}, {"t"}, RULES, chance={"t": (0.5, n)})
+        assert report.decision is decision, n
+    off = gate_rules(default=RULES.default, beat_chance=False)
+    report = judge({}, {"t": (None, score)}, {"t"}, off, chance={"t": (0.5, 40)})
+    assert report.decision is Decision.PROMOTED and not report.checks
+    # A task the champion already has a score for is judged on its gain, not on chance.
+    report = judge({}, {"t": (score, score)}, {"t"}, RULES, chance={"t": (0.5, 40)})
+    assert "chance" not in {c.rule for c in report.checks}
