@@ -46,7 +46,7 @@ def stream_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
 def _count_after(client: redis.Redis, stream: str, last_id: bytes | str) -> int | None:
     """Entries after ``last_id``, or None past UNREAD_COUNT_LIMIT (a bounded read)."""
     last = last_id.decode() if isinstance(last_id, bytes) else str(last_id)
-    found = client.xrange(stream, min=f"({last}", max="+", count=UNREAD_COUNT_LIMIT + 1)
+    found = client.xrange(stream, min=f"({last}", max="+", count=UNREAD_COUNT_LIMIT + 1) or []
     return len(found) if len(found) <= UNREAD_COUNT_LIMIT else None
 
 
