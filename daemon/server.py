@@ -386,7 +386,7 @@ class HttpServer:
                     f"the HTTP server on {self.host}:{self._port} did not start; see the log above"
                 )
             time.sleep(0.01)
-        log.info("serving HTTP on %s:%d", self.host, self._port)
+        log.info("serving HTTP on http://%s:%d", self.host, self._port)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Finish requests in flight (up to ``timeout`` seconds), then close."""

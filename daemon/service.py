@@ -9,11 +9,14 @@ parts down in reverse on the way out: STOPPING=1, the cycle asked to checkpoint 
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import os
+import stat
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -43,7 +46,42 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATUS_EVERY_S = 2.0
+INGEST_LOG_EVERY_S = 5.0
 RELOADABLE = ("gate", "cycle", "log_level")
+
+
+class IngestLog:
+    """What was ingested, at INFO: at most one line per ``every_s``, none while idle."""
+
+    def __init__(self, every_s: float = INGEST_LOG_EVERY_S) -> None:
+        self.every_s = every_s
+        self.since_last = IngestStats()
+        self._next = 0.0
+
+    def add(self, stats: IngestStats, now: float) -> None:
+        self.since_last.add(stats)
+        s = self.since_last
+        if not s.read or now < self._next:
+            return
+        log.info(
+            "ingested %d entries (%d bytes): %d stored, %d duplicates, %d dead-lettered",
+            s.read,
+            s.read_bytes,
+            s.stored,
+            s.duplicates,
+            s.dead,
+            extra={
+                "fields": {
+                    "read": s.read,
+                    "bytes": s.read_bytes,
+                    "stored": s.stored,
+                    "duplicates": s.duplicates,
+                    "dead_lettered": s.dead,
+                }
+            },
+        )
+        self.since_last = IngestStats()
+        self._next = now + self.every_s
 
 
 def ingest_config(settings: Settings) -> IngestConfig:
@@ -96,6 +134,7 @@ class Daemon:
         self.bundle_watch = BundleWatch(self.audit)
         self._next_status = 0.0
         self._status_line = ""
+        self.ingest_log = IngestLog()
 
     def start(self) -> None:
         """Server and scheduler up, then READY=1 and watchdog pings."""
@@ -141,7 +180,6 @@ class Daemon:
         )
         self.server = HttpServer(app, s.host, s.port)
         self.server.start()
-        log.info("http server on http://%s:%d", s.host, self.server.port)
 
     def _bundle_damaged(self, version: int, reason: str) -> None:
         """A bundle went out of service (any thread): count it, have the champion's re-exported."""
@@ -160,6 +198,7 @@ class Daemon:
         self.alive.beat()
         self.metrics.count_ingest(stats)
         now = time.monotonic()
+        self.ingest_log.add(stats, now)
         if now < self._next_status:
             return
         self._next_status = now + STATUS_EVERY_S
@@ -275,6 +314,7 @@ def serve(
         redis_connection(settings.redis.url, settings.state_dir) as client,
         ExampleStore.in_state_dir(settings.state_dir) as store,
     ):
+        log_where_producers_push(settings, client)
         daemon = Daemon(settings, client, store, config, overrides)
         worker = Worker(
             Ingestor(client, store, ingest_config(settings)),
@@ -298,6 +338,46 @@ def serve(
     if abandoned:
         _exit_now(0)
     return 0
+
+
+def log_where_producers_push(settings: Settings, client: redis.Redis) -> None:
+    """One line at start: the Redis URL and stream producers must XADD to, and who can."""
+    stream = settings.redis.stream
+    if settings.redis.url is not None:
+        log.info(
+            "producers push to stream %s on %s (redis.url)",
+            stream,
+            _without_password(settings.redis.url),
+            extra={
+                "fields": {"redis_url": _without_password(settings.redis.url), "stream": stream}
+            },
+        )
+        return
+    path = Path(str(client.connection_pool.connection_kwargs.get("path", "")))
+    try:
+        mode = f"{stat.S_IMODE(path.stat().st_mode):o}"
+        group = grp.getgrgid(path.parent.stat().st_gid).gr_name
+    except (OSError, KeyError):
+        mode, group = "?", "?"
+    log.info(
+        "producers push to stream %s on the embedded Redis at unix://%s (directory group %s, "
+        "socket mode %s): only this host can; set redis.url to a shared Redis for remote "
+        "producers (docs/operations.md)",
+        stream,
+        path,
+        group,
+        mode,
+        extra={"fields": {"redis_url": f"unix://{path}", "stream": stream, "embedded": True}},
+    )
+
+
+def _without_password(url: str) -> str:
+    """The URL as it may be logged: a password in it becomes ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def prepare_state_dir(state_dir: Path) -> None:

@@ -96,13 +96,15 @@ def stage_bundle(
         }
         prompts = parity_prompts(store, version.data_seq, spec.parity_prompts, spec.template)
         result = export_bundle(model_dir, staging, spec, prompts, fields)
+        parity = result.manifest["parity"]
         log.info(
-            "v%d exported (%s, %s) in %.1fs; parity %s",
+            "v%d exported (%s, %s) in %.1fs; parity: %s",
             version.version,
             result.manifest["format"],
             spec.precision,
             result.seconds["export_s"],
-            result.manifest["parity"],
+            ", ".join(f"{k} {v}" for k, v in parity.items()),
+            extra={"fields": {"version": version.version, "parity": parity}},
         )
         return install(staging, bundles_dir(state_dir), version.version)
     except BaseException:
@@ -150,7 +152,7 @@ def _point_latest(state_dir: Path, version: int, keep: int) -> Published:
     set_latest(root, version)
     removed = prune(root, keep)
     if removed:
-        log.info("pruned bundles %s (export.keep = %d)", [f"v{v}" for v in removed], keep)
+        log.info("pruned bundles %s (export.keep = %d)", ", ".join(f"v{v}" for v in removed), keep)
     return published(root, version)
 
 
