@@ -168,15 +168,18 @@ class Daemon:
         return not left_running
 
     def start_server(self) -> None:
+        from aftertune.daemon.pull import why_unpublished
         from aftertune.daemon.server import HttpServer, build_app
 
         s = self.settings.server
+        state_dir = self.settings.state_dir
         app = build_app(
             StateLayout(self.settings.state_dir).bundles,
             token=s.token.get_secret_value() if s.token else None,
             ready=self.readiness.is_ready,
             metrics=self.metrics.registry,
             audit=self.audit,
+            explain=lambda version: why_unpublished(state_dir, version),
         )
         self.server = HttpServer(app, s.host, s.port)
         self.server.start()
