@@ -205,6 +205,29 @@ def _drop(metric: str, old: float, new: float) -> float:
     return (old - new) if HIGHER_IS_BETTER[metric] else (new - old)
 
 
+def _moved(
+    metric: str, old: float, new: float, ok: bool, limit: str, *, relative: bool = False
+) -> str:
+    """'0.82 -> 0.7, fell by 0.12 (over the allowed drop of 0.05)'; 'rose by 518.2% (...)'
+    relative to the old value; an improvement or no change says so instead of a limit."""
+    change = new - old
+    if change == 0:
+        return f"{_fmt(old)} -> {_fmt(new)}, unchanged"
+    amount = f"{100 * abs(change) / abs(old):.1f}%" if relative else f"{abs(change):.4g}"
+    moved = f"{_fmt(old)} -> {_fmt(new)}, {'rose' if change > 0 else 'fell'} by {amount}"
+    if (change > 0) == HIGHER_IS_BETTER[metric]:
+        return f"{moved} (an improvement)"
+    worse = "drop" if HIGHER_IS_BETTER[metric] else "rise"
+    return f"{moved} ({'within' if ok else 'over'} the allowed {worse} of {limit})"
+
+
+def _changed(old: float, new: float) -> str:
+    """'1.5 -> 1.6, rose by 0.1', '... fell by 0.1', '... unchanged'."""
+    if new == old:
+        return f"{_fmt(old)} -> {_fmt(new)}, unchanged"
+    return f"{_fmt(old)} -> {_fmt(new)}, {'rose' if new > old else 'fell'} by {abs(new - old):.4g}"
+
+
 def _missing_metric(task: str, metric: str, old: float) -> Check:
     message = f"{task}: challenger has no {metric} (champion {_fmt(old)})"
     return Check(task, Suite.REGRESSION, metric, "metric_present", old, None, None, False, message)
@@ -222,10 +245,7 @@ def _drop_check(
     limit = max(allowed, noise)
     widened = f"; widened from {allowed:g} for n={n:g}" if noise > allowed else ""
     ok = drop <= limit + 1e-12
-    message = (
-        f"{task}: {metric} {_fmt(old)} -> {_fmt(new)}, a drop of {drop:.4g} "
-        f"({'within' if ok else 'over'} the allowed {limit:.4g}{widened})"
-    )
+    message = f"{task}: {metric} " + _moved(metric, old, new, ok, f"{limit:.4g}{widened}")
     return Check(task, Suite.REGRESSION, metric, "max_drop", old, new, limit, ok, message)
 
 
@@ -235,9 +255,8 @@ def _relative_drop_check(
     limit = rules.max_drop_rel[metric]
     rel = _drop(metric, old, new) / abs(old)
     ok = rel <= limit + 1e-12
-    message = (
-        f"{task}: {metric} {_fmt(old)} -> {_fmt(new)}, a relative drop of "
-        f"{100 * rel:.1f}% ({'within' if ok else 'over'} the allowed {100 * limit:g}%)"
+    message = f"{task}: {metric} " + _moved(
+        metric, old, new, ok, f"{100 * limit:g}%", relative=True
     )
     return Check(task, Suite.REGRESSION, metric, "max_drop_rel", old, new, limit, ok, message)
 
@@ -263,8 +282,9 @@ def _gain_checks(
                 challenger[primary],
                 rules.min_gain,
                 ok,
-                f"{task}: {primary} on new held-out data {_fmt(champion[primary])} -> "
-                f"{_fmt(challenger[primary])}, gain {gain:+.4g} (minimum {rules.min_gain:g})",
+                f"{task}: {primary} on new held-out data "
+                f"{_changed(champion[primary], challenger[primary])} "
+                f"(it must rise by at least {rules.min_gain:g})",
             )
         )
     if "nll" in challenger and "nll" in champion:
@@ -280,8 +300,9 @@ def _gain_checks(
                 challenger["nll"],
                 rules.min_nll_gain,
                 ok,
-                f"{task}: nll on new held-out data {_fmt(champion['nll'])} -> "
-                f"{_fmt(challenger['nll'])}, improvement {gain:+.4g} (minimum {rules.min_nll_gain:g})",
+                f"{task}: nll on new held-out data "
+                f"{_changed(champion['nll'], challenger['nll'])} "
+                f"(it must fall by at least {rules.min_nll_gain:g})",
             )
         )
     return out
@@ -331,9 +352,9 @@ def _consistency_check(
             challenger["nll"],
             limit,
             ok,
-            f"{task}: new data for this task moved nll on its earlier held-out records "
-            f"{_fmt(champion['nll'])} -> {_fmt(challenger['nll'])} ({rise:+.4g}; "
-            f"{'within' if ok else 'over'} the allowed rise {limit:g})",
+            f"{task}: with this task's new data, nll on its earlier held-out records "
+            f"{_changed(champion['nll'], challenger['nll'])} "
+            f"({'within' if ok else 'over'} the allowed rise of {limit:g})",
         )
     ]
 

@@ -60,9 +60,12 @@ def run_cli(
     )
 
 
-def cli_json(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> Any:
+def cli_json(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600, code: int = 0
+) -> Any:
+    """The command's JSON answer; it must exit ``code`` (`cycle`: 3 rejected, 4 awaiting...)."""
     done = run_cli(*args, env=env, timeout=timeout)
-    if done.returncode != 0:
+    if done.returncode != code:
         raise AssertionError(f"aftertune {' '.join(args)} failed: {done.stderr}")
     return json.loads(done.stdout)
 
