@@ -296,7 +296,11 @@ def _differences(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
         for name in type(new).model_fields
     }
     differ = [name for name, (before, after) in dumps.items() if before != after]
-    changed = [f"{n}: {dumps[n][0]} -> {dumps[n][1]}" for n in RELOADABLE if n in differ]
+    changed = [
+        f"{n}: {json.dumps(dumps[n][0])} -> {json.dumps(dumps[n][1])}"
+        for n in RELOADABLE
+        if n in differ
+    ]
     return changed, [name for name in differ if name not in RELOADABLE]
 
 
