@@ -99,6 +99,12 @@ def _add_push(sub: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="check every line locally first; invalid lines are reported by line number and not sent",
     )
+    p.add_argument(
+        "--split",
+        choices=["auto", "train", "test"],
+        default=None,
+        help="the split of records that name none (test: held-out, e.g. a file of golden records)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_push)
 
@@ -227,6 +233,8 @@ def cmd_push(args: argparse.Namespace, settings: Settings) -> int:
             line = raw.rstrip(b"\r\n")
             if not line.strip():
                 continue
+            if args.split is not None:
+                line = _with_split(line, args.split)
             if args.validate:
                 try:
                     parse_record(line, max_bytes=settings.ingest.max_record_bytes)
@@ -246,6 +254,18 @@ def cmd_push(args: argparse.Namespace, settings: Settings) -> int:
         print(f"rejected {rejected} invalid lines (not sent)", file=sys.stderr)
         return 1
     return 0
+
+
+def _with_split(line: bytes, split: str) -> bytes:
+    """``line`` with ``split`` set when it is a JSON object that names none; else as it is
+    (a bad line goes on, to be dead-lettered with its reason)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(record, dict) or "split" in record:
+        return line
+    return json.dumps({**record, "split": split}, ensure_ascii=False).encode()
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:

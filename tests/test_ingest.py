@@ -114,6 +114,21 @@ def test_status_counts_unread_entries_on_a_redis_without_lag(tmp_path: Path) -> 
         server.wait(10)
 
 
+def test_push_split_test_makes_a_file_held_out_and_json_reports_counts(
+    redis_url: str, tmp_path: Path
+) -> None:
+    env = _env(redis_url, tmp_path / "state")
+    rows = [_valid(i) for i in range(12)] + [{**_valid(99), "split": "train"}]
+    pushed = run_cli(
+        "push", "--split", "test", "--json", str(write_jsonl(tmp_path / "g.jsonl", rows)), env=env
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    assert json.loads(pushed.stdout) == {"sent": 13, "rejected": 0, "stream": "aftertune:feedback"}
+    assert run_cli("serve", "--burst", env=env).returncode == 0
+    # A record that names its split keeps it.
+    assert cli_json("status", "--json", env=env)["examples"]["echo"] == {"train": 1, "test": 12}
+
+
 def test_push_validate_names_bad_lines(redis_url: str, tmp_path: Path) -> None:
     env = _env(redis_url, tmp_path / "state")
     path = write_jsonl(tmp_path / "in.jsonl", [_valid(1), "oops", _valid(2), {"task": "t"}])
