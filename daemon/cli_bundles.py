@@ -82,8 +82,8 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
     elif result.downloaded:
         rate = f", {size(round(result.bytes / seconds))}/s" if seconds > 0 else ""
         print(
-            f"v{result.version}: {size(result.bytes)} in {seconds:.1f} s{rate}, every sha256 "
-            f"verified; installed as {result.path}"
+            f"v{result.version} verified ({size(result.bytes)} in {seconds:.1f} s{rate}, every "
+            f"sha256) and installed: {result.path}"
         )
     else:
         print(f"v{result.version} is already current: {result.path}")
