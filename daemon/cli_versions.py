@@ -94,7 +94,7 @@ def _row(v: Version, champion: Version | None) -> dict[str, Any]:
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    with Registry(settings.state_dir) as registry:
+    with Registry(settings.state_dir, settings.store.url) as registry:
         champion = registry.champion()
         rows = [_row(v, champion) for v in registry.versions()]
     if args.json:
@@ -121,7 +121,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_show(args: argparse.Namespace, settings: Settings) -> int:
-    with Registry(settings.state_dir) as registry:
+    with Registry(settings.state_dir, settings.store.url) as registry:
         champion = registry.champion()
         v = registry.get(args.version)
         audit = registry.audit_log(v.version)
@@ -283,7 +283,7 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.daemon.report import render_report
 
-    with Registry(settings.state_dir) as registry:
+    with Registry(settings.state_dir, settings.store.url) as registry:
         page = render_report(registry, args.version)
         versions = [v.version for v in registry.versions()]
     target: Path = args.html

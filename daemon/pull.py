@@ -179,15 +179,15 @@ def _detail(body: str) -> str:
     return detail if isinstance(detail, str) else body[:500]
 
 
-def why_unpublished(state_dir: Path, version: int) -> str:
-    """Why ``state_dir`` has no bundle ``version``, from its registry: rejected (with the
-    gate's reasons), never promoted, or pruned."""
+def why_unpublished(state_dir: Path, version: int, store_url: str | None = None) -> str:
+    """Why ``state_dir`` has no bundle ``version``, from its registry (SQLite in the state
+    dir, or ``store_url``): rejected (with the gate's reasons), never promoted, or pruned."""
     from aftertune.store.errors import RegistryError
     from aftertune.store.registry import Registry, VersionState
 
-    if not StateLayout(state_dir).registry_db.is_file():
+    if store_url is None and not StateLayout(state_dir).registry_db.is_file():
         return f"v{version} is not published: {state_dir} has no registry"
-    with Registry(state_dir) as registry:
+    with Registry(state_dir, store_url) as registry:
         try:
             found = registry.get(version)
         except RegistryError:

@@ -190,7 +190,8 @@ def test_serve_with_an_empty_token_exits_2_with_one_line(tmp_path: Path) -> None
     ("name", "hint"),
     [
         ("AFTERTUNE_FOO", "no setting 'foo'"),
-        ("AFTERTUNE_STORE__URL", "did you mean AFTERTUNE_REDIS__URL?"),
+        ("AFTERTUNE_REDIS__URI", "did you mean AFTERTUNE_REDIS__URL?"),
+        ("AFTERTUNE_STORES__URL", "did you mean AFTERTUNE_STORE__URL?"),
         ("AFTERTUNE_TRAIN__EPOCH", "did you mean AFTERTUNE_TRAIN__EPOCHS?"),
         ("AFTERTUNE_REDIS__URL__HOST", "no setting 'redis.url.host'"),
     ],
@@ -221,10 +222,10 @@ def test_every_aftertune_variable_the_project_uses_is_accepted(
 
 def test_a_typo_in_the_environment_stops_the_cli_with_exit_2(tmp_path: Path) -> None:
     done = run_cli(
-        "status", env={"AFTERTUNE_STORE__URL": "redis://x", "AFTERTUNE_STATE_DIR": str(tmp_path)}
+        "status", env={"AFTERTUNE_REDIS__URI": "redis://x", "AFTERTUNE_STATE_DIR": str(tmp_path)}
     )
     assert done.returncode == 2
-    assert "AFTERTUNE_STORE__URL" in done.stderr and done.stderr.count("\n") == 1
+    assert "AFTERTUNE_REDIS__URI" in done.stderr and done.stderr.count("\n") == 1
 
 
 def test_log_level_is_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
