@@ -424,6 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StoreError, LearnerError) as exc:
         print(f"aftertune: {printable(str(exc))}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`aftertune models | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports SIGPIPE
     except OSError as exc:  # a path that is missing, not a directory, not writable...
         where = f": {exc.filename}" if exc.filename else ""
         print(f"aftertune: {printable(f'{exc.strerror or exc}{where}')}", file=sys.stderr)
