@@ -57,7 +57,8 @@ class CycleProgress:
         if not self.running:
             return f"last cycle {self.last_outcome}" if self.last_outcome else "no cycle yet"
         if self.total_steps and self.step < self.total_steps:
-            return f"training {100 * self.step // self.total_steps}%"
+            share = 100 * self.step // self.total_steps
+            return f"training {share}% (step {self.step} of {self.total_steps})"
         return "evaluating and publishing" if self.step else "preparing"
 
 
