@@ -25,6 +25,7 @@ def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         _add_eval,
         _add_base,
         _add_cycle,
+        _add_export,
         _add_models,
         _add_report,
         _add_rollback,
@@ -83,6 +84,26 @@ def _add_cycle(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_cycle)
+
+
+def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="export any registered version (candidate or champion) into a verified bundle, "
+        "without promoting or publishing it",
+        description="Merge the version's adapter chain into the base, export it to ONNX as a "
+        "promotion would ([export] settings: genai builder, torch.onnx fallback), check "
+        "parity against PyTorch on the regression prompts and write the manifest into DIR. "
+        "Nothing is promoted or published; `aftertune generate --bundle DIR` answers with it.",
+    )
+    p.add_argument("version", type=int, help="a registered version, in any state")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="new directory")
+    p.add_argument(
+        "--precision", choices=["fp32", "int8", "int4"], default=None, help="default: [export]"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_export)
 
 
 def _add_models(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -212,6 +233,33 @@ def cmd_cycle(args: argparse.Namespace, settings: Settings) -> int:
             f"  {task:<24} {metric} {100 * old[metric]:6.1f} -> {100 * new[metric]:6.1f}"
             f"   nll {old['nll']:.3f} -> {new['nll']:.3f}   n {new['n']}"
         )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.daemon.learning import export_to
+
+    result = export_to(settings, args.version, args.out, args.precision)
+    manifest = result.manifest
+    summary = {
+        "version": manifest["version"],
+        "path": str(result.bundle_dir),
+        "format": manifest["format"],
+        "precision": manifest["precision"],
+        "parity": manifest["parity"],
+        "export": manifest["export"],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    parity = manifest["parity"]
+    print(
+        f"v{summary['version']} exported to {summary['path']} ({summary['format']}, "
+        f"{summary['precision']}): {parity['identical']}/{parity['prompts']} parity prompts "
+        "answered as PyTorch does"
+    )
+    if manifest["export"]["fallback_reason"]:
+        print(f"  fell back to torch.onnx: {printable(manifest['export']['fallback_reason'])}")
     return 0
 
 
