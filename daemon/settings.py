@@ -175,7 +175,12 @@ class EwcSettings(_Section):
 
 class EvalSettings(_Section):
     batch_size: int = Field(default=32, ge=1)
-    max_new_tokens: int = Field(default=16, ge=1)
+    max_new_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="cap on a free-text answer's tokens; its budget is the task's longest "
+        "reference answer + 25 %, so a Chinese answer or a summary is not cut before scoring",
+    )
 
 
 GATE_METRICS = tuple(HIGHER_IS_BETTER)
