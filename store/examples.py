@@ -26,9 +26,17 @@ from typing import Any, NamedTuple
 
 from aftertune.store.layout import StateLayout
 from aftertune.store.records import Record
+from aftertune.store.schema import (
+    Migration,
+    SchemaPlan,
+    prompt_key,
+    run_script,
+    text_key,
+)
 from aftertune.store.sqlite_db import connect, open_failure, transaction
 
-SCHEMA = """
+# Version 1: the schema before versions (a UNIQUE id, an index on task and input).
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS examples (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
     id          TEXT    NOT NULL UNIQUE,
@@ -47,6 +55,71 @@ CREATE TABLE IF NOT EXISTS examples (
 CREATE INDEX IF NOT EXISTS examples_split_task ON examples (split, task, seq);
 CREATE INDEX IF NOT EXISTS examples_task_input ON examples (task, input);
 """
+
+# Version 2: ids and prompts are indexed by integer keys (store/schema.py: text_key), not
+# by their text. A 64-hex-char id in a UNIQUE index made each 1,000-record commit rewrite
+# ~1,000 random index pages; the keys' indexes are a sixth of the size. Ids stay unique
+# because ``add`` looks them up inside its write transaction (BEGIN IMMEDIATE: one writer).
+SCHEMA = """
+CREATE TABLE examples (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT    NOT NULL,
+    id_key      INTEGER NOT NULL,
+    prompt_key  INTEGER NOT NULL,
+    task        TEXT    NOT NULL,
+    instruction TEXT    NOT NULL,
+    input       TEXT    NOT NULL,
+    output      TEXT    NOT NULL,
+    split       TEXT    NOT NULL CHECK (split IN ('train', 'test')),
+    pinned      INTEGER NOT NULL,
+    weight      REAL    NOT NULL,
+    source      TEXT    NOT NULL,
+    meta        TEXT    NOT NULL,
+    added_at    REAL    NOT NULL,
+    quarantined_by INTEGER
+);
+CREATE INDEX examples_id_key ON examples (id_key);
+CREATE INDEX examples_prompt_key ON examples (prompt_key);
+CREATE INDEX examples_split_task ON examples (split, task, seq)
+"""
+
+
+def _to_v1(db: sqlite3.Connection) -> None:
+    run_script(db, _SCHEMA_V1)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(examples)")}
+    if "quarantined_by" not in columns:  # a store made before quarantine existed
+        db.execute("ALTER TABLE examples ADD COLUMN quarantined_by INTEGER")
+
+
+def _to_v2(db: sqlite3.Connection) -> None:
+    """Rebuild the table with key columns (SQLite cannot drop a UNIQUE constraint in place)."""
+    (next_seq,) = db.execute(
+        "SELECT COALESCE(MAX(seq), 0) FROM (SELECT seq FROM sqlite_sequence"
+        " WHERE name = 'examples' UNION ALL SELECT MAX(seq) FROM examples)"
+    ).fetchone()
+    db.execute("ALTER TABLE examples RENAME TO examples_v1")
+    db.execute("DROP INDEX IF EXISTS examples_split_task")
+    db.execute("DROP INDEX IF EXISTS examples_task_input")
+    run_script(db, SCHEMA)
+    db.execute(
+        f"INSERT INTO examples (id_key, prompt_key, {_COLUMNS}, quarantined_by)"
+        " SELECT aftertune_text_key(id), aftertune_prompt_key(task, instruction, input),"
+        f" {_COLUMNS}, quarantined_by FROM examples_v1 ORDER BY seq"
+    )
+    db.execute("DROP TABLE examples_v1")
+    db.execute("DELETE FROM sqlite_sequence WHERE name = 'examples'")
+    db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('examples', ?)", (next_seq,))
+
+
+SCHEMA_PLAN = SchemaPlan(
+    name="examples",
+    version=2,
+    create=SCHEMA,
+    migrations=(
+        Migration(1, "versioned; quarantined_by column", _to_v1),
+        Migration(2, "ids and prompts indexed by integer keys", _to_v2),
+    ),
+)
 
 _LIVE = " AND quarantined_by IS NULL"
 _COLUMNS = (
@@ -97,10 +170,12 @@ def _content(record: Record) -> tuple[Any, ...]:
     )
 
 
-def _rows(records: Sequence[Record], now: float) -> list[tuple[Any, ...]]:
+def _rows(records: Sequence[Record], keys: dict[str, int], now: float) -> list[tuple[Any, ...]]:
     return [
         (
             r.id,
+            keys[r.id],
+            prompt_key(r.task, r.instruction, r.input),
             r.task,
             r.instruction,
             r.input,
@@ -144,10 +219,7 @@ class ExampleStore:
         except OSError as exc:
             raise open_failure(self.path, exc) from exc
         self._lock = threading.RLock()
-        self._db = connect(self.path, SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(examples)")}
-        if "quarantined_by" not in columns:  # a store made before quarantine existed
-            self._db.execute("ALTER TABLE examples ADD COLUMN quarantined_by INTEGER")
+        self._db = connect(self.path, SCHEMA_PLAN)
 
     @classmethod
     def in_state_dir(cls, state_dir: Path | str) -> ExampleStore:
@@ -175,8 +247,9 @@ class ExampleStore:
         """
         if not records:
             return Added(0, 0)
+        keys = {r.id: text_key(r.id) for r in records}
         with self._transaction() as db:
-            known = self._stored_content(db, [r.id for r in records])
+            known = self._stored_content(db, keys)
             new: list[Record] = []
             duplicates, conflicts = 0, []
             for position, record in enumerate(records):
@@ -190,21 +263,26 @@ class ExampleStore:
                 else:
                     conflicts.append(position)
             db.executemany(
-                "INSERT INTO examples (id, task, instruction, input, output, split,"
-                " pinned, weight, source, meta, added_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                _rows(new, time.time()),
+                "INSERT INTO examples (id, id_key, prompt_key, task, instruction, input, output,"
+                " split, pinned, weight, source, meta, added_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                _rows(new, keys, time.time()),
             )
         return Added(len(new), duplicates, tuple(conflicts))
 
     @staticmethod
-    def _stored_content(db: sqlite3.Connection, ids: list[str]) -> dict[str, tuple[Any, ...]]:
+    def _stored_content(db: sqlite3.Connection, ids: dict[str, int]) -> dict[str, tuple[Any, ...]]:
+        """{id: content} of the stored records among ``ids`` ({id: key}), matched by text."""
+        wanted = ids.keys()
+        keys = list(set(ids.values()))
         found: dict[str, tuple[Any, ...]] = {}
-        unique = list(dict.fromkeys(ids))
-        for start in range(0, len(unique), 500):
-            chunk = unique[start : start + 500]
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in db.execute(f"SELECT {_CONTENT} FROM examples WHERE id IN ({marks})", chunk):
-                found[row[0]] = tuple(row)
+            sql = f"SELECT {_CONTENT} FROM examples WHERE id_key IN ({marks})"
+            for row in db.execute(sql, chunk):
+                if row[0] in wanted:
+                    found[row[0]] = tuple(row)
         return found
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
@@ -284,7 +362,8 @@ class ExampleStore:
         """
         rows = self._query(
             "SELECT n.task, COUNT(*), SUM(EXISTS (SELECT 1 FROM examples o WHERE"
-            " o.task = n.task AND o.input = n.input AND o.instruction = n.instruction"
+            " o.prompt_key = n.prompt_key AND o.task = n.task AND o.input = n.input"
+            " AND o.instruction = n.instruction"
             " AND o.output != n.output AND o.seq <= ? AND o.quarantined_by IS NULL))"
             " FROM examples n WHERE n.seq > ? AND n.seq <= ? AND n.quarantined_by IS NULL"
             " GROUP BY n.task",
@@ -307,12 +386,14 @@ class ExampleStore:
     def get(self, ids: Sequence[str]) -> list[Example]:
         if not ids:
             return []
+        wanted = set(ids)
+        keys = list({text_key(i) for i in wanted})
         out: list[Example] = []
-        for start in range(0, len(ids), 500):
-            chunk = list(ids[start : start + 500])
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self._query(f"SELECT {_COLUMNS} FROM examples WHERE id IN ({marks})", chunk)
-            out.extend(_example(r) for r in rows)
+            sql = f"SELECT {_COLUMNS} FROM examples WHERE id_key IN ({marks})"
+            out.extend(_example(r) for r in self._query(sql, chunk) if r[1] in wanted)
         return out
 
     def replay_sample(self, n: int, seed: int, until: int | None = None) -> list[Example]:

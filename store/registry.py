@@ -24,6 +24,7 @@ from typing import Any
 from aftertune.store.errors import RegistryError
 from aftertune.store.failpoints import failpoint
 from aftertune.store.layout import StateLayout
+from aftertune.store.schema import Migration, SchemaPlan, run_script
 from aftertune.store.sqlite_db import connect, transaction
 
 SCHEMA = """
@@ -53,6 +54,14 @@ CREATE TABLE IF NOT EXISTS audit (
     reason     TEXT    NOT NULL
 );
 """
+
+
+SCHEMA_PLAN = SchemaPlan(
+    name="registry",
+    version=1,
+    create=SCHEMA,
+    migrations=(Migration(1, "versioned", lambda db: run_script(db, SCHEMA)),),
+)
 
 
 class VersionState(str, Enum):
@@ -110,7 +119,7 @@ class Registry:
         self.adapters_dir = StateLayout(self.state_dir).adapters
         self.adapters_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = connect(StateLayout(self.state_dir).registry_db, SCHEMA)
+        self._db = connect(StateLayout(self.state_dir).registry_db, SCHEMA_PLAN)
 
     def close(self) -> None:
         with self._lock:

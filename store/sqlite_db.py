@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from aftertune.store.errors import StorageError
+from aftertune.store.schema import SchemaPlan, migrate_sqlite
 
 # SQLite's primary result codes that mean "the disk, not the data": a full or failing disk,
 # a file that cannot be opened or written. Extended codes (SQLITE_IOERR_WRITE, ...) carry
@@ -49,19 +50,22 @@ def open_failure(path: Path, exc: BaseException) -> StorageError:
     )
 
 
-def connect(path: Path, schema: str) -> sqlite3.Connection:
+def connect(path: Path, plan: SchemaPlan) -> sqlite3.Connection:
     """A connection shared by the threads of one process (callers hold their own lock).
 
     WAL so readers never block the writer; synchronous=FULL so a commit survives power loss,
-    not just a crash (ingest acknowledges stream entries only after it). A file that cannot
-    be opened or written raises StorageError naming it.
+    not just a crash (ingest acknowledges stream entries only after it). The schema is
+    brought to ``plan``'s version (store/schema.py); a newer one raises SchemaError. A
+    64 MiB page cache keeps the indexes a batch touches in memory. A file that cannot be
+    opened or written raises StorageError naming it.
     """
     try:
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA busy_timeout=10000")
-        db.executescript(schema)
+        db.execute("PRAGMA cache_size=-65536")
+        migrate_sqlite(db, plan, path)
     except (sqlite3.Error, OSError) as exc:
         if is_storage_error(exc):
             raise open_failure(path, exc) from exc
