@@ -172,7 +172,13 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         f"{report.loss_last:.3f}, {report.tokens_per_s:,.0f} tokens/s, "
         f"train {report.train_seconds:.1f}s, Fisher {report.fisher_seconds:.1f}s"
     )
+    print(f"  adapted: {_adapted(report.adapted_modules)}")
     return 0
+
+
+def _adapted(modules: dict[str, int]) -> str:
+    """``{"qkv_proj": 32, "o_proj": 32}`` -> ``"o_proj x32, qkv_proj x32"``."""
+    return ", ".join(f"{name} x{count}" for name, count in sorted(modules.items())) or "none"
 
 
 def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
@@ -222,6 +228,8 @@ def cmd_cycle(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(result.to_json(), indent=2))
         return 0
     print(f"v{result.version}: {result.decision.value}")
+    if result.trained is not None:
+        print(f"  adapted: {_adapted(result.trained.get('adapted_modules', {}))}")
     if result.bundle is not None:
         print(f"  published {result.bundle.path} (manifest sha256 {result.bundle.manifest_sha256})")
     for reason in result.reasons:

@@ -70,15 +70,18 @@ def resolve_base(spec: str | Path) -> Path:
 
 
 def _is_causal_lm(config: dict[str, Any]) -> bool:
-    """What AutoModelForCausalLM loads: a *ForCausalLM class, or a model type it maps
-    (GPT-2's is GPT2LMHeadModel). The mapping costs a torch import, so it is asked last."""
+    """What AutoModelForCausalLM loads as a causal LM: an architecture named *ForCausalLM or
+    one the auto mapping lists (GPT-2's GPT2LMHeadModel); with no architectures named, a model
+    type it maps. The mapping costs a torch import, so it is asked last."""
     architectures = [str(a) for a in config.get("architectures") or []]
     if any(a.endswith("ForCausalLM") for a in architectures):
         return True
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    return config.get("model_type") in causal or bool(set(architectures) & set(causal.values()))
+    if architectures:  # a BertForMaskedLM checkpoint is no causal LM, though bert maps
+        return bool(set(architectures) & set(causal.values()))
+    return config.get("model_type") in causal
 
 
 def resolve_device(device: str) -> torch.device:

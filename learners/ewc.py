@@ -186,27 +186,8 @@ def estimate_fisher_per_sample(
     weights = {
         f"{name}.weight": cast(torch.Tensor, module.weight) for name, module in modules.items()
     }
-    # Conv1D keeps its weight (in, out): its squared gradient is taken in that orientation.
-    transposed = {name for name, module in modules.items() if is_conv1d(module)}
     sums = {k: torch.zeros_like(w, dtype=torch.float32) for k, w in weights.items()}
     pad = pad_id(tokenizer)
-    inputs: dict[str, torch.Tensor] = {}
-
-    def capture(name: str) -> Callable[..., None]:
-        def forward_hook(
-            module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor
-        ) -> None:
-            inputs[name] = args[0].detach()
-
-            def backward_hook(grad: torch.Tensor) -> None:
-                per_example = torch.einsum("bto,bti->boi", grad.float(), inputs.pop(name).float())
-                if name in transposed:
-                    per_example = per_example.transpose(1, 2)
-                sums[f"{name}.weight"] += per_example.pow(2).sum(0)
-
-            out.register_hook(backward_hook)
-
-        return forward_hook
 
     def loss_fn(m: nn.Module, chunk: Any) -> torch.Tensor:
         logits, b = _response_logits(m, chunk, pad, dev)
@@ -216,7 +197,11 @@ def estimate_fisher_per_sample(
             torch.zeros((), device=dev),
         )
 
-    handles = [module.register_forward_hook(capture(name)) for name, module in modules.items()]
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(_square_per_example(name, module, inputs, sums))
+        for name, module in modules.items()
+    ]
     try:
         batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
         mean_squared_grads(model, batches, loss_fn, weights)  # drives the passes; hooks collect
@@ -225,6 +210,28 @@ def estimate_fisher_per_sample(
             handle.remove()
         inputs.clear()
     return {k: (s / len(encoded)).cpu() for k, s in sums.items()}
+
+
+def _square_per_example(
+    name: str, module: nn.Module, inputs: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]
+) -> Callable[..., None]:
+    """A forward hook on ``module`` that adds each example's squared weight gradient to
+    ``sums[name.weight]`` when the backward pass reaches the module's output."""
+    # Conv1D keeps its weight (in, out): its squared gradient is taken in that orientation.
+    transposed = is_conv1d(module)
+
+    def forward_hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        inputs[name] = args[0].detach()
+
+        def backward_hook(grad: torch.Tensor) -> None:
+            per_example = torch.einsum("bto,bti->boi", grad.float(), inputs.pop(name).float())
+            if transposed:
+                per_example = per_example.transpose(1, 2)
+            sums[f"{name}.weight"] += per_example.pow(2).sum(0)
+
+        out.register_hook(backward_hook)
+
+    return forward_hook
 
 
 def ewc_penalty(peft_model: nn.Module, fisher: dict[str, torch.Tensor], lam: float) -> torch.Tensor:

@@ -49,6 +49,7 @@ CHECKPOINT_FILES = (
     "special_tokens_map.json",
 )
 BUILDER_TIMEOUT_S = 1800
+EXTERNAL_DATA_BYTES = 1 << 30  # fp32 weights above this go to model.onnx.data (protobuf: 2 GiB)
 # int4 with the builder's defaults (RTN, block 32) agreed with fp32 on 88 % of greedy tokens
 # of the tiny base; k-quant with the last MatMul and sensitive layers in int8 on 96-99 %,
 # at 0.25x the fp32 size (bench/runtime.py, docs/benchmarks.md).
@@ -299,7 +300,9 @@ def _torch_export(model_dir: Path, out: Path) -> None:
             input_names=["input_ids", "attention_mask"],
             output_names=["logits"],
             dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-            external_data=False,
+            # One file while it fits; protobuf cannot hold more than 2 GiB, so a bigger model
+            # keeps its weights in model.onnx.data beside it (the manifest lists both).
+            external_data=model.num_parameters() * 4 > EXTERNAL_DATA_BYTES,
             optimize=True,
         )
     except Exception as exc:  # the exporter raises many types; the reason is what matters

@@ -361,3 +361,19 @@ def test_every_failure_inside_export_is_an_export_error_with_each_reason(
     assert list(out.iterdir()) == []  # nothing half-written is left to look like a bundle
     with pytest.raises(ExportError, match=r"^IndexError: list index out of range$"):
         _export(base_dir, tmp_path / "one", export_spec(method="torch"), reference.prompts[:2], 5)
+
+
+def test_an_answer_cut_inside_a_character_does_not_end_in_a_replacement_character(
+    logits: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = Bundle.open(logits.bundle_dir)
+    ids = bundle.encode("你好")
+    assert len(ids) == 6  # byte-level: 3 tokens per character
+    # Stands in for a model whose answer the budget cuts mid-character (the greedy loop
+    # itself is checked against PyTorch above); the consumer's decoding is what is tested.
+    monkeypatch.setattr(
+        bundle, "generate_ids", lambda _ids, max_new_tokens=32: ids[:max_new_tokens]
+    )
+    assert bundle.generate("x", max_new_tokens=4) == "你"
+    assert bundle.generate("x", max_new_tokens=5) == "你"
+    assert bundle.generate("x", max_new_tokens=6) == "你好"
