@@ -57,7 +57,8 @@ class CycleProgress:
         if not self.running:
             return f"last cycle {self.last_outcome}" if self.last_outcome else "no cycle yet"
         if self.total_steps and self.step < self.total_steps:
-            return f"training {100 * self.step // self.total_steps}%"
+            share = 100 * self.step // self.total_steps
+            return f"training {share}% (step {self.step} of {self.total_steps})"
         return "evaluating and publishing" if self.step else "preparing"
 
 
@@ -141,8 +142,8 @@ class CycleScheduler:
         """
         settings = self._settings()
         with (
-            ExampleStore.in_state_dir(settings.state_dir) as store,
-            Registry(settings.state_dir) as registry,
+            ExampleStore.in_state_dir(settings.state_dir, settings.store.url) as store,
+            Registry(settings.state_dir, settings.store.url) as registry,
         ):
             champion = registry.champion()
             watermark = champion.data_seq if champion is not None else 0
@@ -234,7 +235,7 @@ class CycleScheduler:
                 self._metrics.record_cycle(outcome, time.monotonic() - t0, result)
 
     def _max_seq(self, settings: Settings) -> int:
-        with ExampleStore.in_state_dir(settings.state_dir) as store:
+        with ExampleStore.in_state_dir(settings.state_dir, settings.store.url) as store:
             return store.max_seq()
 
     def _announce_latest(self, settings: Settings) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from aftertune.learners.errors import ExportError
+from aftertune.learners.progress import Progress
 from aftertune.store.bundle import FORMAT_GENAI, FORMAT_LOGITS, write_manifest
 from aftertune.store.consumer import Bundle
 from aftertune.store.prompt import PromptTemplate
@@ -422,7 +423,8 @@ def check_parity(
 def _verify(bundle: Bundle, reference: Reference, spec: ExportSpec) -> dict[str, Any]:
     identical_ids = _compare_prompt_ids(bundle, reference)
     max_new = spec.parity_max_new_tokens
-    got = [bundle.generate_ids(ids, max_new) for ids in reference.prompt_ids]
+    track = Progress("parity (ONNX Runtime)", len(reference.prompt_ids), "prompt")
+    got = [bundle.generate_ids(ids, max_new) for ids in track.track(reference.prompt_ids)]
     agreement, identical, first_diff = _compare_greedy(
         bundle, reference.prompts, reference.continuations, got
     )

@@ -87,6 +87,7 @@ class _Wire(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _WIRE = msgspec.json.Decoder(_Wire)
+_TEXT_FIELDS = ("id", "instruction", "input", "output", "source")
 _SPLITS = frozenset(s.value for s in Split)
 
 
@@ -119,6 +120,10 @@ def _check_values(obj: dict[str, Any]) -> None:
     for name in ("task", "instruction", "output"):
         if not obj[name].strip():
             raise RecordError(f"field '{name}' must not be empty or whitespace only")
+    for name in _TEXT_FIELDS:
+        if "\x00" in (obj.get(name) or ""):
+            # PostgreSQL's text cannot hold it, and no prompt needs it.
+            raise RecordError(f"field '{name}' must not contain the NUL character (\\u0000)")
     task = obj["task"]
     if len(task) > MAX_TASK_CHARS:
         raise RecordError(f"field 'task' must be at most {MAX_TASK_CHARS} characters")
@@ -241,6 +246,8 @@ def parse_record(payload: bytes | str, max_bytes: int = DEFAULT_MAX_RECORD_BYTES
     raw = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
     if len(raw) > max_bytes:
         raise RecordError(f"record is {len(raw)} bytes; the limit is {max_bytes} bytes")
+    if b"\\u0000" in raw:  # a NUL in a text field: the named path says which
+        return _parse_named(raw)
     try:
         wire = _WIRE.decode(raw)
     except (msgspec.MsgspecError, RecursionError):

@@ -1,7 +1,8 @@
 """Schema versions of the store's databases and the migrations between them.
 
 Each database (the example store, the registry) carries the version of its schema; on SQLite
-in ``PRAGMA user_version``. Opening a database brings an older schema up to date in one
+in ``PRAGMA user_version``, on PostgreSQL in the ``aftertune_schema`` table (one row per
+database, all in one PostgreSQL database). Opening a database brings an older schema up to date in one
 transaction per step, and refuses a schema newer than this code knows (a newer aftertune
 wrote it: running the older one against it could corrupt what the newer one relies on).
 
@@ -19,11 +20,20 @@ import sqlite3
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from aftertune.store.errors import SchemaError
 
 log = logging.getLogger(__name__)
+
+
+class Dialect(str, Enum):
+    """The engines the store runs on."""
+
+    SQLITE = "sqlite"
+    POSTGRESQL = "postgresql"
 
 
 def text_key(text: str) -> int:
@@ -47,17 +57,22 @@ class Migration:
 
     to: int
     what: str
-    apply: Callable[[sqlite3.Connection], None]
+    apply: Callable[[Any], None]  # given the open transaction (sqlite3 or psycopg)
 
 
 @dataclass(frozen=True)
 class SchemaPlan:
-    """A database's schema: the current DDL, its version, and the steps from older ones."""
+    """A database's schema on both engines: the current DDL, its version, the older ones' steps.
+
+    PostgreSQL support began at ``postgres_since``: a PostgreSQL database is never older.
+    """
 
     name: str
     version: int
-    create: str  # the current schema, for a new database (and version 0's tables)
-    migrations: Sequence[Migration]
+    create: str  # the current SQLite schema, for a new file
+    migrations: Sequence[Migration]  # SQLite's, from version 0 (a file from before versions)
+    postgres_create: str = ""
+    postgres_migrations: Sequence[Migration] = ()
 
 
 def sqlite_version(db: sqlite3.Connection) -> int:
@@ -109,7 +124,7 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-def run_script(db: sqlite3.Connection, script: str) -> None:
+def run_script(db: Any, script: str) -> None:
     """Execute ``;``-separated DDL inside the caller's transaction (executescript commits)."""
     for statement in _statements(script):
         db.execute(statement)
@@ -125,3 +140,41 @@ def _in_transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection],
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+
+
+POSTGRES_VERSIONS = """
+CREATE TABLE IF NOT EXISTS aftertune_schema (
+    name    TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
+)
+"""
+
+
+def migrate_postgres(tx: Any, plan: SchemaPlan, where: str) -> list[str]:
+    """Bring ``plan.name``'s tables to ``plan.version`` inside the caller's (locked) transaction.
+
+    The caller holds the database's write lock, so two daemons starting together migrate once.
+    """
+    tx.execute(POSTGRES_VERSIONS)
+    row = tx.execute("SELECT version FROM aftertune_schema WHERE name = ?", (plan.name,)).fetchone()
+    if row is None:
+        run_script(tx, plan.postgres_create)
+        tx.execute(
+            "INSERT INTO aftertune_schema (name, version) VALUES (?, ?)", (plan.name, plan.version)
+        )
+        return [f"created {plan.name} schema version {plan.version}"]
+    version = int(row[0])
+    if version > plan.version:
+        raise SchemaError(
+            f"{where} has {plan.name} schema version {version}, newer than this aftertune "
+            f"knows ({plan.version}); run the aftertune that wrote it, or a newer one"
+        )
+    done: list[str] = []
+    for step in plan.postgres_migrations:
+        if step.to > version:
+            step.apply(tx)
+            tx.execute(
+                "UPDATE aftertune_schema SET version = ? WHERE name = ?", (step.to, plan.name)
+            )
+            done.append(f"{plan.name} schema version {step.to}: {step.what}")
+    return done

@@ -152,3 +152,10 @@ def test_the_fast_path_accepts_and_refuses_exactly_what_the_named_path_does(
             return exc.reason
 
     assert outcome(lambda p: parse_record(p, max_bytes=10**6)) == outcome(_parse_named)
+
+
+def test_a_nul_character_in_a_text_field_is_refused_on_every_backend() -> None:
+    """PostgreSQL's text cannot hold U+0000: the record is dead-lettered, whatever the store."""
+    with pytest.raises(RecordError, match=r"field 'input' must not contain the NUL character"):
+        parse_record(json.dumps({**VALID, "input": "a\u0000b"}).encode())
+    assert parse_record(json.dumps({**VALID, "meta": {"k": "a\u0000b"}}).encode()).meta

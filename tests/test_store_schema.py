@@ -93,3 +93,83 @@ def test_an_unversioned_registry_is_adopted(tmp_path: Path) -> None:
         assert registry.champion() is None
     with contextlib.closing(sqlite3.connect(db_path)) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+def test_postgres_schema_newer_than_the_code_is_refused(tmp_path: Path, postgres_url: str) -> None:
+    import psycopg
+
+    ExampleStore(tmp_path / "unused", postgres_url).close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("UPDATE aftertune_schema SET version = version + 1 WHERE name = 'examples'")
+    with pytest.raises(SchemaError, match="examples schema version 3, newer"):
+        ExampleStore(tmp_path / "unused", postgres_url)
+
+
+def test_two_daemons_adding_the_same_records_at_once_store_each_once(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Two stores (two daemons' connections) race over overlapping batches: each record is
+    stored once, and seq order is the order the inserts became visible."""
+    import threading
+
+    records = [parse_record(_record(i)) for i in range(400)]
+    stores = [
+        ExampleStore(tmp_path / "a", postgres_url),
+        ExampleStore(tmp_path / "b", postgres_url),
+    ]
+    stored = [0, 0]
+
+    def add(which: int) -> None:
+        batches = [records[i : i + 50] for i in range(0, 400, 50)]
+        for batch in batches if which == 0 else reversed(batches):
+            stored[which] += stores[which].add(batch).stored
+
+    threads = [threading.Thread(target=add, args=(w,)) for w in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert sum(stored) == 400
+        assert stores[1].total() == 400 and len({e.seq for e in stores[0].train_after(0)}) == 400
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_an_unreachable_postgres_is_a_storage_error_without_the_password(tmp_path: Path) -> None:
+    from aftertune.daemon.embedded_redis import free_port
+    from aftertune.store.errors import StorageError
+
+    url = f"postgresql://someone:s3cret@127.0.0.1:{free_port()}/db"
+    with pytest.raises(StorageError) as caught:
+        ExampleStore(tmp_path, url)
+    assert "127.0.0.1" in str(caught.value) and "s3cret" not in str(caught.value)
+
+
+def test_store_migrate_upgrades_today_s_files_and_refuses_a_newer_schema(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    state = tmp_path / "state"
+    state.mkdir()
+    _unversioned_store(state / "examples.sqlite3", 3)
+    done = run_cli("store", "migrate", "--state-dir", str(state))
+    assert done.returncode == 0, done.stderr
+    assert "examples schema version 2: ids and prompts indexed by integer keys" in done.stdout
+    assert "created registry schema version 1" in done.stdout
+    again = run_cli("store", "migrate", "--state-dir", str(state))
+    assert again.stdout.count("schema up to date") == 2
+    with contextlib.closing(sqlite3.connect(state / "examples.sqlite3")) as db:
+        db.execute("PRAGMA user_version = 7")
+    refused = run_cli("store", "migrate", "--state-dir", str(state))
+    assert refused.returncode == 1
+    assert "examples schema version 7, newer than this aftertune knows (2)" in refused.stderr
+
+
+def test_store_migrate_on_postgres(tmp_path: Path, postgres_url: str) -> None:
+    from conftest import run_cli
+
+    done = run_cli("store", "migrate", "--state-dir", str(tmp_path), "--store-url", postgres_url)
+    assert done.returncode == 0, done.stderr
+    assert "created examples schema version 2" in done.stdout
+    assert not (tmp_path / "examples.sqlite3").exists()
