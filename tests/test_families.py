@@ -22,6 +22,7 @@ from aftertune.store.bundle import FORMAT_GENAI, FORMAT_LOGITS, verify_bundle
 from aftertune.store.consumer import Bundle
 from aftertune.store.examples import ExampleStore
 from aftertune.store.records import parse_record
+from aftertune.store.registry import Registry, VersionState
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +77,7 @@ def _records() -> list[str]:
 def _cli_json(capfd: pytest.CaptureFixture[str], *args: str) -> Any:
     code = main(list(args))
     out, err = capfd.readouterr()
-    assert code == 0, err[-2000:]
+    assert code == 0, (out[:3000], err[-2000:])
     return json.loads(out)  # the whole of stdout: nothing else may be printed there
 
 
@@ -149,18 +150,50 @@ def test_a_cycle_publishes_and_a_consumer_pulls_and_answers_with_json_only_on_st
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    # GPT-2 takes the torch.onnx path, whose exporter prints progress lines on stdout.
-    base = save_family(tmp_path / "gpt2", "gpt2", "bytebpe")
+    # The genai path (the quickest); the torch.onnx path, whose exporter prints progress on
+    # stdout, is held to JSON-only stdout by `export --json` above.
+    base = save_family(tmp_path / "qwen2", "qwen2", "bytebpe")
     monkeypatch.setenv("AFTERTUNE_MODEL__BASE", str(base))
+    # A random model cannot beat always answering the majority label: not what is tested.
+    monkeypatch.setenv("AFTERTUNE_GATE__BEAT_CHANCE", "false")
     cycle = _cli_json(capfd, "cycle", "--json")
     assert cycle["decision"] == "promoted", cycle["reasons"]
-    assert set(cycle["trained"]["adapted_modules"]) == {"c_attn", "c_proj", "c_fc"}
+    assert set(cycle["trained"]["adapted_modules"]) == LLAMA_LIKE
     state_dir = state[0]
     pulled = _cli_json(
         capfd, "pull", "--from", str(state_dir), "--to", str(tmp_path / "consumer"), "--json"
     )
     assert pulled["version"] == 1
     manifest = verify_bundle(Path(pulled["path"]))
-    assert manifest["format"] == FORMAT_LOGITS and manifest["parity"]["prompt_ids_identical"] > 0
+    assert manifest["format"] == FORMAT_GENAI and manifest["parity"]["prompt_ids_identical"] > 0
     code = main(["generate", "--bundle", str(tmp_path / "consumer" / "current"), "--prompt", "x"])
     assert code == 0 and "Traceback" not in capfd.readouterr().err
+
+
+def test_a_cycle_whose_exporters_both_fail_rejects_the_challenger_with_both_reasons(
+    state: tuple[Path, ExampleStore],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    import aftertune.learners.export as export_module
+
+    def crash(*_: Any) -> None:  # what onnxruntime-genai's tokenizer once did to parity
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(export_module, "_run_builder", crash)
+    monkeypatch.setattr(export_module, "_torch_export", crash)
+    monkeypatch.setenv(
+        "AFTERTUNE_MODEL__BASE", str(save_family(tmp_path / "m", "llama", "bytebpe"))
+    )
+    monkeypatch.setenv("AFTERTUNE_GATE__BEAT_CHANCE", "false")
+    assert main(["cycle", "--json"]) == 3  # rejected: no traceback, no exit 1
+    cycle = json.loads(capfd.readouterr().out)
+    assert cycle["decision"] == "rejected"
+    assert cycle["reasons"] == [
+        "export: genai: IndexError: list index out of range; "
+        "torch: IndexError: list index out of range"
+    ]
+    with Registry(state[0]) as registry:  # decided, not left `evaluating` for every rerun
+        assert registry.get(1).state is VersionState.REJECTED
+        assert registry.champion() is None
