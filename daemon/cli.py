@@ -437,8 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(getattr(args, "config", None), _overrides(args))
         from aftertune.daemon.logs import configure_logging
 
-        # Only the daemon talks at INFO by default; one-shot commands print their answer.
-        quiet = args.command != "serve" and "log_level" not in args
+        # Only the daemon talks at INFO by default; one-shot commands print their answer,
+        # unless a log was asked for (--log-level, or --log-format: progress, events).
+        asked = "log_level" in args or "log_format" in args
+        quiet = args.command != "serve" and not asked
         configure_logging("WARNING" if quiet else settings.log_level, settings.log_format)
         func: Command = args.func
         with _stdout_only_for_the_answer(bool(getattr(args, "json", False))):

@@ -312,7 +312,7 @@ def _announce(settings: Settings) -> None:
     """
     import redis
 
-    from aftertune.daemon.announce import announce_if_missed
+    from aftertune.daemon.announce import announce_latest
     from aftertune.daemon.embedded_redis import redis_connection
 
     bundles = StateLayout(settings.state_dir).bundles
@@ -320,7 +320,7 @@ def _announce(settings: Settings) -> None:
         return
     try:
         with redis_connection(settings.redis.url, settings.state_dir) as client:
-            announce_if_missed(client, settings.redis.promotions_stream, bundles)
+            announce_latest(client, settings)
     except (redis.RedisError, OSError) as exc:
         print(
             f"warning: the promotion event of the latest bundle was not sent ({exc}); "

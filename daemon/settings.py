@@ -294,6 +294,13 @@ class ServerSettings(_Section):
         default=False,
         description="serve /v1 and /metrics without a token on a non-loopback host",
     )
+    advertise_url: str | None = Field(
+        default=None,
+        description=(
+            "where other daemons pull this one's bundles; unset = http://HOST:PORT "
+            "(the host name when host is 0.0.0.0 or ::)"
+        ),
+    )
 
     @field_validator("token")
     @classmethod
