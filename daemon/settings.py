@@ -167,6 +167,15 @@ class TrainSettings(_Section):
     checkpoint_every: int = Field(default=25, ge=0, description="optimizer steps; 0 = never")
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda[:n]")
     progress: bool = True
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "data-parallel training processes on this host (torchrun; one GPU each on CUDA); "
+            "a step's grad_accum micro-batches are dealt out among them"
+        ),
+    )
 
 
 class PromptSettings(_Section):
