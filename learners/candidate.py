@@ -43,6 +43,7 @@ class CandidateReport:
     train_seconds: float
     truncated: int
     resumed_from_step: int
+    adapted_modules: dict[str, int]  # the layers the adapter covers: leaf name -> how many
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,9 @@ from aftertune.learners.errors import LearnerError, NonFiniteLoss, TrainingInter
 from aftertune.learners.ewc import EwcPenalty, EwcSpec, fisher_for_cycle
 from aftertune.learners.lora import (
     LoraSpec,
+    adapted_modules,
     attach_fresh_adapter,
+    describe_modules,
     detach_adapter,
     save_adapter,
 )
@@ -110,6 +112,7 @@ class TrainResult:
     truncated: int  # examples (new + replay) with their prompt or response cut
     resumed_from_step: int = 0
     ewc_penalty_last: float = 0.0
+    adapted_modules: dict[str, int] = field(default_factory=dict)  # leaf name -> layers
 
 
 @dataclass
@@ -212,6 +215,7 @@ class LoraRecipe:
         self.penalty: EwcPenalty | None = None
         self.fisher_seconds = 0.0
         self.peft_model: nn.Module | None = None
+        self.adapted: dict[str, int] = {}
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         self._plans: dict[int, list[list[Encoded]]] = {}
 
@@ -255,6 +259,7 @@ class LoraRecipe:
             self.fisher = {k: v.to(self.device) for k, v in self.fisher.items()}
 
         torch.manual_seed(spec.seed)
+        self.adapted = describe_modules(list(adapted_modules(self.model, self.lora.target_modules)))
         self.peft_model = attach_fresh_adapter(self.model, self.lora)
         self.params = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
         lam = self.ewc.lam if self.ewc is not None and self.ewc.enabled else 0.0
@@ -426,6 +431,7 @@ class LoraRecipe:
             truncated=self.truncated,
             resumed_from_step=self.resumed_from,
             ewc_penalty_last=pos.penalty,
+            adapted_modules=self.adapted,
         )
 
 
