@@ -41,7 +41,7 @@ from aftertune.store.bundle import (
     verify_bundle,
     version_dir_name,
 )
-from aftertune.store.bundles import LATEST, point, published
+from aftertune.store.bundles import LATEST, install, new_staging_dir, point, published
 from aftertune.store.errors import BundleError
 from aftertune.store.failpoints import failpoint
 from aftertune.store.files import fsync_dir, fsync_tree, replace_dir, write_atomic
@@ -249,6 +249,22 @@ def pull(source: Source, to_dir: Path, version: str = LATEST) -> PullResult:
             raise
         _remove_leftovers(to_dir)  # a stand-in ``current`` was on before
     return PullResult(number, final, digest, downloaded=True, bytes=total)
+
+
+def pull_published(source: Source, bundles_dir: Path, version: int) -> Path:
+    """Install ``version`` from ``source`` as ``bundles_dir/vN`` of a daemon (another daemon's
+    promotion, bundle_follow.py): staged, verified, renamed in; ``latest`` is not moved."""
+    raw = source.manifest(str(version))
+    manifest = parse_manifest(raw, "the source's manifest")
+    if manifest["version"] != version:
+        raise BundleError(f"asked for v{version}, the source sent v{manifest['version']}")
+    staging = new_staging_dir(bundles_dir, version)
+    try:
+        _fetch(source, manifest, raw, staging)
+        return install(staging, bundles_dir, version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _fetch(source: Source, manifest: dict[str, Any], raw: bytes, staging: Path) -> int:

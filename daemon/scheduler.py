@@ -25,7 +25,7 @@ import redis
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from aftertune.daemon.announce import announce_if_missed
+from aftertune.daemon.announce import announce_latest
 from aftertune.daemon.metrics import DaemonMetrics
 from aftertune.daemon.settings import CycleSettings, Settings
 from aftertune.daemon.trainer_lock import TrainerLock
@@ -241,11 +241,7 @@ class CycleScheduler:
     def _announce_latest(self, settings: Settings) -> None:
         """The promotion event of ``latest``, unless the stream's newest event names it."""
         try:
-            announce_if_missed(
-                self._client,
-                settings.redis.promotions_stream,
-                StateLayout(settings.state_dir).bundles,
-            )
+            announce_latest(self._client, settings)
         except redis.RedisError as exc:
             log.warning("promotion event not sent (%s); retried before the next cycle", exc)
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 
+from aftertune.daemon.bundle_follow import BundleFollower, FollowConfig
 from aftertune.daemon.bundle_watch import BundleWatch
 from aftertune.daemon.embedded_redis import redis_connection
 from aftertune.daemon.errors import SettingsError, StateDirError
@@ -132,12 +133,23 @@ class Daemon:
             StateLayout(settings.state_dir).bundles, on_damaged=self._bundle_damaged
         )
         self.bundle_watch = BundleWatch(self.audit)
+        self.follower = BundleFollower(
+            client,
+            FollowConfig(
+                stream=settings.redis.promotions_stream,
+                bundles_dir=StateLayout(settings.state_dir).bundles,
+                me=settings.redis.consumer,
+                token=settings.server.token.get_secret_value() if settings.server.token else None,
+            ),
+        )
         self._next_status = 0.0
         self._status_line = ""
         self.ingest_log = IngestLog()
 
     def start(self) -> None:
-        """Server and scheduler up, then READY=1 and watchdog pings."""
+        """Bundles other daemons published caught up, server and scheduler up, then READY=1
+        and watchdog pings."""
+        self.follower.start()  # before the scheduler: a champion's bundle is pulled, not rebuilt
         if self.settings.server.enabled:
             self.start_server()
         if self.settings.cycle.enabled:
@@ -160,6 +172,7 @@ class Daemon:
             timeout = self.settings.cycle.shutdown_timeout_s
             left_running = not self.scheduler.stop(timeout, give_up=give_up)
         self.bundle_watch.stop()
+        self.follower.stop()
         if self.server is not None:
             self.server.stop()
         if self.pinger is not None:

@@ -59,14 +59,29 @@ def resolve_base(spec: str | Path) -> Path:
     except (OSError, ValueError) as exc:
         raise BaseModelError(f"cannot read {str(config_path)!r}: {exc}") from exc
     architectures = config.get("architectures") or []
-    if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
+    if architectures and not _is_causal_lm(config):
         raise BaseModelError(
             f"{str(path)!r} holds {', '.join(architectures)}, not a causal language model "
-            "(expected an architecture ending in ForCausalLM)"
+            "(expected one that transformers' AutoModelForCausalLM loads)"
         )
     if not _weight_files(path):
         raise BaseModelError(f"{str(path)!r} has no weight files (*.safetensors or *.bin)")
     return path
+
+
+def _is_causal_lm(config: dict[str, Any]) -> bool:
+    """What AutoModelForCausalLM loads as a causal LM: an architecture named *ForCausalLM or
+    one the auto mapping lists (GPT-2's GPT2LMHeadModel); with no architectures named, a model
+    type it maps. The mapping costs a torch import, so it is asked last."""
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        return True
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if architectures:  # a BertForMaskedLM checkpoint is no causal LM, though bert maps
+        return bool(set(architectures) & set(causal.values()))
+    return config.get("model_type") in causal
 
 
 def resolve_device(device: str) -> torch.device:
@@ -81,7 +96,12 @@ def resolve_device(device: str) -> torch.device:
 def load_base(
     spec: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the base model (default `embedded:tiny`) in eval mode, with a pad token set."""
+    """Load the base model (default `embedded:tiny`) in eval mode, with a pad token set.
+
+    ``dtype`` None: fp32 on CPU, whatever the checkpoint's dtype (bf16/fp16 matmuls on CPU
+    are 2-4x slower than fp32 and lose precision the parity check needs); on CUDA the
+    checkpoint's own dtype.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -89,9 +109,7 @@ def load_base(
     hf_logging.disable_progress_bar()
 
     path = resolve_base(EMBEDDED_TINY if spec is None else spec)
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": _load_dtype(device, dtype)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -109,6 +127,14 @@ def load_base(
     # DEBUG: a cycle loads the base several times (train, champion, challenger, export).
     logger.debug("loaded base model %s (%d parameters)", path, model.num_parameters())
     return model, tokenizer
+
+
+def _load_dtype(device: str, dtype: torch.dtype | None) -> torch.dtype | str:
+    import torch
+
+    if dtype is not None:
+        return dtype
+    return "auto" if torch.device(device).type == "cuda" else torch.float32
 
 
 def base_sha256(spec: str | Path) -> str:

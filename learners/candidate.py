@@ -43,6 +43,7 @@ class CandidateReport:
     train_seconds: float
     truncated: int
     resumed_from_step: int
+    adapted_modules: dict[str, int]  # the layers the adapter covers: leaf name -> how many
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,21 +115,7 @@ def train_candidate(
     champion = registry.champion()
     data = training_data(store, state_dir, champion, specs)
     work = StateLayout(state_dir).training_run(data.parent, data.until)
-    model, tokenizer = load_version(registry, specs.base, state_dir, champion)
-    result = train_adapter(
-        model,
-        tokenizer,
-        data.new,
-        data.past,
-        train=specs.train,
-        lora=specs.lora,
-        replay_spec=specs.replay,
-        ewc=specs.ewc if specs.ewc.enabled else None,
-        fisher_path=StateLayout(state_dir).fisher,
-        out_dir=work / "adapter",
-        checkpoint_dir=work / "checkpoints",
-        should_stop=should_stop,
-    )
+    result = _train(registry, state_dir, champion, specs, data, work, should_stop)
     version = _register(registry, specs, data, result, actor)
     shutil.rmtree(work, ignore_errors=True)
     log.info(
@@ -140,6 +127,38 @@ def train_candidate(
         result.steps,
     )
     return CandidateReport.of(version.version, data.parent, result)
+
+
+def _train(
+    registry: Registry,
+    state_dir: Path,
+    champion: Version | None,
+    specs: LearningSpecs,
+    data: TrainingData,
+    work: Path,
+    should_stop: Callable[[int, int], bool] | None,
+) -> TrainResult:
+    """The adapter, trained here or, with ``train.processes`` > 1, by torchrun."""
+    common: dict[str, Any] = {
+        "train": specs.train,
+        "lora": specs.lora,
+        "replay_spec": specs.replay,
+        "ewc": specs.ewc if specs.ewc.enabled else None,
+        "fisher_path": StateLayout(state_dir).fisher,
+        "out_dir": work / "adapter",
+        "checkpoint_dir": work / "checkpoints",
+        "should_stop": should_stop,
+    }
+    if specs.train.processes > 1:
+        from aftertune.learners.train_job import ModelSource, train_in_processes
+
+        chain = registry.chain(champion.version) if champion is not None else []
+        source = ModelSource(
+            specs.base, [v.adapter_dir for v in chain], StateLayout(state_dir).champions
+        )
+        return train_in_processes(specs.train.processes, source, data.new, data.past, **common)
+    model, tokenizer = load_version(registry, specs.base, state_dir, champion)
+    return train_adapter(model, tokenizer, data.new, data.past, **common)
 
 
 def _register(
