@@ -19,6 +19,7 @@ from typing import Any
 
 from aftertune.learners.champion import load_version
 from aftertune.learners.errors import NothingToTrain
+from aftertune.learners.kinds import kind_for
 from aftertune.learners.lineage import candidate_lineage
 from aftertune.learners.recipe import TrainResult, train_adapter
 from aftertune.learners.specs import LearningSpecs
@@ -115,6 +116,8 @@ def train_candidate(
     data = training_data(store, state_dir, champion, specs)
     work = StateLayout(state_dir).training_run(data.parent, data.until)
     model, tokenizer = load_version(registry, specs.base, state_dir, champion)
+    kind = kind_for(specs.base)
+    objective = kind.objective(tokenizer, store, data.until, specs)
     result = train_adapter(
         model,
         tokenizer,
@@ -128,7 +131,9 @@ def train_candidate(
         out_dir=work / "adapter",
         checkpoint_dir=work / "checkpoints",
         should_stop=should_stop,
+        objective=objective,
     )
+    objective.save_beside(result.adapter_dir)  # e.g. the candidates a ranking version knows
     version = _register(registry, specs, data, result, actor)
     shutil.rmtree(work, ignore_errors=True)
     log.info(

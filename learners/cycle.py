@@ -18,8 +18,9 @@ from typing import Any
 from aftertune.learners.candidate import train_candidate
 from aftertune.learners.champion import load_version
 from aftertune.learners.errors import CycleBlocked, ExportError
-from aftertune.learners.evaluate import TaskScore, held_out, label_sets, score, score_dict
+from aftertune.learners.evaluate import TaskScore, held_out, score_dict
 from aftertune.learners.gate import Decision, GateReport, judge
+from aftertune.learners.kinds import AnswerSets, ModelKind, kind_for
 from aftertune.learners.promote import promote_and_publish, sync_latest
 from aftertune.learners.specs import LearningSpecs
 from aftertune.store.bundles import Published
@@ -45,6 +46,7 @@ class CycleResult:
     timings: dict[str, float] = field(default_factory=dict)
     trained: dict[str, Any] | None = None  # the training report when this run trained
     bundle: Published | None = None  # the bundle published as latest with a promotion
+    refused: dict[str, str] = field(default_factory=dict)  # tasks the model kind cannot score
 
     def to_json(self) -> dict[str, Any]:
         bundle = self.bundle
@@ -56,6 +58,7 @@ class CycleResult:
             "checks": [c.to_json() for c in self.report.checks],
             "timings": self.timings,
             "trained": self.trained,
+            "refused": self.refused,
             "bundle": None
             if bundle is None
             else {
@@ -161,9 +164,18 @@ def run_cycle(
         decision, reasons, bundle = run.await_approval(challenger, gate)
     else:
         decision, reasons, bundle = run.reject(champion, challenger, gate)
+    reasons += [f"not scored: {why}" for why in run.refused.values()]
     log.info("v%d %s: %s", challenger.version, decision.value, "; ".join(reasons))
     return CycleResult(
-        challenger.version, decision, reasons, metrics, gate, run.timings, trained, bundle
+        challenger.version,
+        decision,
+        reasons,
+        metrics,
+        gate,
+        run.timings,
+        trained,
+        bundle,
+        run.refused,
     )
 
 
@@ -177,6 +189,11 @@ class _CycleRun:
     specs: LearningSpecs
     actor: str
     timings: dict[str, float] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # tasks the model kind cannot score
+
+    @property
+    def kind(self) -> ModelKind:
+        return kind_for(self.specs.base)
 
     def train_or_resume(
         self, champion: Version | None, should_stop: Callable[[int, int], bool] | None
@@ -218,19 +235,23 @@ class _CycleRun:
         suites = suites_for(
             self.store, champion_seq, challenger.data_seq, self.specs.eval.max_per_task
         )
-        labels = label_sets(self.store, sorted({t for s in suites.values() for t in s}))
-        champion_scores = self._score_suites(champion, suites, labels)
+        tasks = sorted({t for s in suites.values() for t in s})
+        judged = self.kind.answer_sets(self.store, tasks, challenger.data_seq, self.specs)
+        self.refused = judged.refused
+        for name, by_task in suites.items():
+            suites[name] = {t: v for t, v in by_task.items() if t not in judged.refused}
+        champion_scores = self._score_suites(champion, suites, judged.sets)
         failpoint("cycle.during_eval")
-        challenger_scores = self._score_suites(challenger, suites, labels)
+        challenger_scores = self._score_suites(challenger, suites, judged.sets)
         self.timings["evaluate_s"] = time.monotonic() - t0
         return champion_scores, challenger_scores
 
     def _score_suites(
-        self, version: Version | None, suites: Suites, labels: dict[str, set[str] | None]
+        self, version: Version | None, suites: Suites, sets: AnswerSets
     ) -> SuiteScores:
         model, tokenizer = load_version(self.registry, self.specs.base, self.state_dir, version)
         return {
-            name: score(model, tokenizer, by_task, labels, self.specs.eval)
+            name: self.kind.score(model, tokenizer, by_task, sets, self.specs)
             for name, by_task in suites.items()
         }
 

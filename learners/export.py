@@ -58,6 +58,7 @@ class ExportSpec:
     parity_max_new_tokens: int
     min_token_agreement: float  # int8/int4 only; fp32 must agree on every token
     logits_atol: float  # fallback fp32: max |logit difference| on the parity prompts
+    embedding_atol: float  # ranking bundles: max |embedding difference| on the parity prompts
     template: PromptTemplate  # written to the manifest: consumers render prompts with it
 
     def __post_init__(self) -> None:

@@ -43,8 +43,13 @@ class LoraSpec:
         return float(self.alpha or 2 * self.r) / self.r
 
 
-def attach_fresh_adapter(model: nn.Module, spec: LoraSpec) -> nn.Module:
+def attach_fresh_adapter(
+    model: nn.Module, spec: LoraSpec, task_type: str = "CAUSAL_LM"
+) -> nn.Module:
     """Wrap ``model`` with a new, zero-delta LoRA adapter (peft; B starts at zero).
+
+    ``task_type`` is peft's name for the model kind's task (``CAUSAL_LM`` for the generative
+    kind, ``FEATURE_EXTRACTION`` for the ranking encoder).
 
     Uses the global torch RNG for A's init: seed it first for a reproducible adapter.
     """
@@ -56,7 +61,7 @@ def attach_fresh_adapter(model: nn.Module, spec: LoraSpec) -> nn.Module:
         lora_dropout=spec.dropout,
         target_modules=list(spec.target_modules),
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, config)
 
