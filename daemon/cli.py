@@ -39,6 +39,9 @@ def _common() -> argparse.ArgumentParser:
     group.add_argument(
         "--redis-url", default=sup, help="Redis URL; unset = embedded Redis in the state dir"
     )
+    group.add_argument(
+        "--store-url", default=sup, help="postgresql:// URL; unset = SQLite in the state dir"
+    )
     group.add_argument("--log-level", default=sup, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     group.add_argument(
         "--log-format", default=sup, choices=["text", "json"], help="json = JSON lines"
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(AFTERTUNE_REDIS__URL=...) and these options. See README.md.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_push, _add_serve, _add_demo, _add_status, _add_dlq):
+    for add in (_add_push, _add_serve, _add_demo, _add_status, _add_dlq, _add_store):
         add(sub, common)
     register_model_commands(sub, common)
     register_bundle_commands(sub, common)
@@ -139,12 +142,25 @@ def _add_dlq(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_dlq_requeue)
 
 
+def _add_store(sub: Any, common: argparse.ArgumentParser) -> None:
+    store = sub.add_parser("store", parents=[common], help="the durable store's schema")
+    store_sub = store.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+    p = store_sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="bring the store's schema up to this version's (the daemon also does on start)",
+    )
+    p.set_defaults(func=cmd_store_migrate)
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "state_dir" in args:
         out["state_dir"] = str(args.state_dir)
     if "redis_url" in args:
         out["redis"] = {"url": args.redis_url}
+    if "store_url" in args:
+        out["store"] = {"url": args.store_url}
     if "log_level" in args:
         out["log_level"] = args.log_level
     if "log_format" in args:
@@ -168,7 +184,7 @@ def _redis(settings: Settings) -> Iterator[redis.Redis]:
 def _open_store(settings: Settings) -> Any:
     from aftertune.store.examples import ExampleStore
 
-    return ExampleStore.in_state_dir(settings.state_dir)
+    return ExampleStore.in_state_dir(settings.state_dir, settings.store.url)
 
 
 def cmd_push(args: argparse.Namespace, settings: Settings) -> int:
@@ -233,7 +249,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     with (
         _redis(settings) as client,
         _open_store(settings) as store,
-        Registry(settings.state_dir) as registry,
+        Registry(settings.state_dir, settings.store.url) as registry,
     ):
         status = gather_status(client, store, registry, settings)
     print(json.dumps(status, indent=2) if args.json else render_status(status))
@@ -268,6 +284,21 @@ def cmd_dlq_requeue(args: argparse.Namespace, settings: Settings) -> int:
         print(printable(problem), file=sys.stderr)
     print(f"requeued {done} entries onto {cfg.stream}")
     return 1 if problems else 0
+
+
+def cmd_store_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.store.examples import ExampleStore
+    from aftertune.store.registry import Registry
+
+    url = settings.store.url
+    with (
+        ExampleStore.in_state_dir(settings.state_dir, url) as store,
+        Registry(settings.state_dir, url) as registry,
+    ):
+        for database in (store.db, registry.db):
+            for step in database.migrated or ["schema up to date"]:
+                print(f"{database.where}: {step}")
+    return 0
 
 
 def _offline_and_quiet() -> None:

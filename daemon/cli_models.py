@@ -228,7 +228,7 @@ def _headline(metrics: dict[str, Any]) -> str:
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.store.registry import Registry
 
-    with Registry(settings.state_dir) as registry:
+    with Registry(settings.state_dir, settings.store.url) as registry:
         champion = registry.champion()
         rows = [
             {
@@ -259,7 +259,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.daemon.report import render_report
     from aftertune.store.registry import Registry
 
-    with Registry(settings.state_dir) as registry:
+    with Registry(settings.state_dir, settings.store.url) as registry:
         page = render_report(registry, args.version)
     target: Path = args.html
     if not target.parent.is_dir():
@@ -320,7 +320,7 @@ def cmd_approve(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.daemon.learning import approve
     from aftertune.store.registry import Registry
 
-    with Registry(settings.state_dir) as registry:
+    with Registry(settings.state_dir, settings.store.url) as registry:
         _awaiting(registry, args.version, "approve")
     bundle = approve(settings, args.version, actor=_actor(), why=args.why)
     print(f"v{args.version} approved and promoted to champion")
@@ -334,11 +334,11 @@ def cmd_reject(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.store.examples import ExampleStore
     from aftertune.store.registry import Registry, VersionState
 
-    with Registry(settings.state_dir) as registry:
+    with Registry(settings.state_dir, settings.store.url) as registry:
         version = _awaiting(registry, args.version, "reject")
         seq_range = version.lineage.get("trained_on", {}).get("seq_range")
         if seq_range:  # set the batch aside first, as the gate does, then decide
-            with ExampleStore.in_state_dir(settings.state_dir) as store:
+            with ExampleStore.in_state_dir(settings.state_dir, settings.store.url) as store:
                 store.quarantine(int(seq_range[0]), int(seq_range[1]), args.version)
         registry.transition(args.version, VersionState.REJECTED, actor=_actor(), reason=args.why)
     print(f"v{args.version} rejected")

@@ -58,27 +58,30 @@ class IngestConfig:
 
 
 class Entry(NamedTuple):
-    """One stream entry as Redis sent it; ``repeated`` names fields it carries twice or more."""
+    """One stream entry as Redis sent it; ``repeated`` names fields it carries twice or more.
+
+    ``size``: bytes of its field names and values (what holding it costs, near enough).
+    """
 
     id: bytes
     fields: dict[bytes, bytes]
+    size: int
     repeated: tuple[bytes, ...] = ()
-
-    @property
-    def size(self) -> int:
-        """Bytes of its field names and values (what holding it costs, near enough)."""
-        return sum(len(k) + len(v) for k, v in self.fields.items())
 
 
 def _entry(entry_id: bytes, flat: list[bytes] | None) -> Entry:
     """An entry from Redis' flat [name, value, name, value, ...] list, repeats kept in view."""
+    if flat and len(flat) == 2:  # the wire format's one field: the common case, made short
+        return Entry(entry_id, {flat[0]: flat[1]}, len(flat[0]) + len(flat[1]))
     fields: dict[bytes, bytes] = {}
     repeated: list[bytes] = []
+    size = 0
     for name, value in zip(flat[::2], flat[1::2], strict=True) if flat else ():
         if name in fields and name not in repeated:
             repeated.append(name)
         fields[name] = value
-    return Entry(entry_id, fields, tuple(repeated))
+        size += len(name) + len(value)
+    return Entry(entry_id, fields, size, tuple(repeated))
 
 
 def _parse_xreadgroup(response: Any, **options: Any) -> list[Entry]:
@@ -253,7 +256,7 @@ class Ingestor:
 
     def _triage(self, entries: Sequence[Entry]) -> _Triage:
         out = _Triage()
-        for entry_id, fields, repeated in entries:
+        for entry_id, fields, _, repeated in entries:
             payload = fields.get(RECORD_FIELD)
             if payload is None:
                 names = sorted(k.decode("utf-8", "replace") for k in fields)

@@ -25,8 +25,8 @@ from aftertune.store.registry import Registry, Version, VersionState
 @contextmanager
 def _state(settings: Settings) -> Iterator[tuple[ExampleStore, Registry]]:
     with (
-        ExampleStore.in_state_dir(settings.state_dir) as store,
-        Registry(settings.state_dir) as registry,
+        ExampleStore.in_state_dir(settings.state_dir, settings.store.url) as store,
+        Registry(settings.state_dir, settings.store.url) as registry,
     ):
         yield store, registry
 
@@ -67,7 +67,7 @@ def approve(settings: Settings, version: int, actor: str, why: str) -> Published
 
 def rollback(settings: Settings, version: int, actor: str, why: str) -> Published | None:
     """Move the champion back to ``version`` and republish its bundle as latest."""
-    with Registry(settings.state_dir) as registry:
+    with Registry(settings.state_dir, settings.store.url) as registry:
         registry.rollback(version, actor=actor, reason=why)
     return recover_publication(settings)
 
@@ -112,7 +112,7 @@ def recover_publication(settings: Settings) -> Published | None:
 
 def interrupted_versions(settings: Settings) -> list[int]:
     """Versions a crash left between training and a decision (the next cycle resumes them)."""
-    with Registry(settings.state_dir) as registry:
+    with Registry(settings.state_dir, settings.store.url) as registry:
         return [
             v.version
             for state in (VersionState.CANDIDATE, VersionState.EVALUATING)

@@ -141,8 +141,8 @@ class CycleScheduler:
         """
         settings = self._settings()
         with (
-            ExampleStore.in_state_dir(settings.state_dir) as store,
-            Registry(settings.state_dir) as registry,
+            ExampleStore.in_state_dir(settings.state_dir, settings.store.url) as store,
+            Registry(settings.state_dir, settings.store.url) as registry,
         ):
             champion = registry.champion()
             watermark = champion.data_seq if champion is not None else 0
@@ -234,7 +234,7 @@ class CycleScheduler:
                 self._metrics.record_cycle(outcome, time.monotonic() - t0, result)
 
     def _max_seq(self, settings: Settings) -> int:
-        with ExampleStore.in_state_dir(settings.state_dir) as store:
+        with ExampleStore.in_state_dir(settings.state_dir, settings.store.url) as store:
             return store.max_seq()
 
     def _announce_latest(self, settings: Settings) -> None:

@@ -182,7 +182,7 @@ class Daemon:
         examples = sum(c["train"] + c["test"] for c in counts.values())
         self.metrics.examples.labels("train").set(sum(c["train"] for c in counts.values()))
         self.metrics.examples.labels("test").set(sum(c["test"] for c in counts.values()))
-        with Registry(self.settings.state_dir) as registry:
+        with Registry(self.settings.state_dir, self.settings.store.url) as registry:
             champion = registry.champion()
         self.metrics.champion_version.set(champion.version if champion else 0)
         pending = self._pending()
@@ -273,7 +273,7 @@ def serve(
     prepare_state_dir(settings.state_dir)
     with (
         redis_connection(settings.redis.url, settings.state_dir) as client,
-        ExampleStore.in_state_dir(settings.state_dir) as store,
+        ExampleStore.in_state_dir(settings.state_dir, settings.store.url) as store,
     ):
         daemon = Daemon(settings, client, store, config, overrides)
         worker = Worker(

@@ -49,6 +49,24 @@ MAX_SECONDS = 365 * 24 * 3600.0
 MAX_BLOCK_MS = 20_000
 
 
+class StoreSettings(_Section):
+    url: str | None = Field(
+        default=None,
+        description=(
+            "postgresql:// URL shared by several daemons; unset = SQLite files in the state dir"
+        ),
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql:// (or be unset for SQLite)")
+        return value
+
+
 class RedisSettings(_Section):
     url: str | None = Field(
         default=None,
@@ -349,6 +367,7 @@ class Settings(BaseSettings):
     state_dir: Path = Path(".aftertune")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    store: StoreSettings = Field(default_factory=StoreSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)

@@ -35,3 +35,7 @@ class StorageError(StoreError):
         super().__init__(f"{message}; {action}" if action else message)
         self.path = path
         self.cause = cause
+
+
+class SchemaError(StoreError):
+    """A database's schema is newer than this code, or a migration cannot run; says which."""

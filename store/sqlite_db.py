@@ -6,11 +6,13 @@ import contextlib
 import errno
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 from aftertune.store.errors import StorageError
+from aftertune.store.schema import Dialect, SchemaPlan, migrate_sqlite
 
 # SQLite's primary result codes that mean "the disk, not the data": a full or failing disk,
 # a file that cannot be opened or written. Extended codes (SQLITE_IOERR_WRITE, ...) carry
@@ -49,24 +51,54 @@ def open_failure(path: Path, exc: BaseException) -> StorageError:
     )
 
 
-def connect(path: Path, schema: str) -> sqlite3.Connection:
+class SQLiteDatabase:
+    """One SQLite file of the store (store/database.py's Database, embedded)."""
+
+    dialect = Dialect.SQLITE
+
+    def __init__(self, path: Path, plan: SchemaPlan) -> None:
+        self.path = path
+        self.where = str(path)
+        self._lock = threading.RLock()
+        self.connection, self.migrated = connect(path, plan)
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.connection, self._lock, self.path)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self._lock:
+            return self.connection.execute(sql, tuple(params)).fetchall()
+
+    def iterate(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Any]:
+        with self._lock:
+            yield from self.connection.execute(sql, tuple(params))
+
+    def close(self) -> None:
+        with self._lock:
+            self.connection.close()
+
+
+def connect(path: Path, plan: SchemaPlan) -> tuple[sqlite3.Connection, list[str]]:
     """A connection shared by the threads of one process (callers hold their own lock).
 
-    WAL so readers never block the writer; synchronous=FULL so a commit survives power loss,
-    not just a crash (ingest acknowledges stream entries only after it). A file that cannot
-    be opened or written raises StorageError naming it.
+    Returns the connection and what was migrated. WAL so readers never block the writer; synchronous=FULL so a commit survives power loss,
+    not just a crash (ingest acknowledges stream entries only after it). The schema is
+    brought to ``plan``'s version (store/schema.py); a newer one raises SchemaError. A
+    64 MiB page cache keeps the indexes a batch touches in memory. A file that cannot be
+    opened or written raises StorageError naming it.
     """
     try:
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA busy_timeout=10000")
-        db.executescript(schema)
+        db.execute("PRAGMA cache_size=-65536")
+        migrated = migrate_sqlite(db, plan, path)
     except (sqlite3.Error, OSError) as exc:
         if is_storage_error(exc):
             raise open_failure(path, exc) from exc
         raise
-    return db
+    return db, migrated
 
 
 @contextmanager

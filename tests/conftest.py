@@ -1,4 +1,5 @@
-"""Test session fixtures: a real Redis server on a free port, started and stopped here."""
+"""Test session fixtures: a real Redis server and a real PostgreSQL on free ports, started
+and stopped here."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 
 import pytest
 import redis
+from postgres_server import PostgresServer
+from postgres_server import bindir as postgres_bindir
 
 from aftertune.daemon.embedded_redis import RedisServer, free_port
 
@@ -26,6 +29,37 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    bin_dir = postgres_bindir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (no pg_config); the SQLite tests still run")
+    server = PostgresServer(bin_dir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The session server's database, emptied for this test."""
+    import psycopg
+
+    with psycopg.connect(postgres_server.url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    return postgres_server.url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """Run a test on both store backends: None (SQLite in the state dir), then PostgreSQL."""
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("postgres_url")
+    return url
 
 
 @pytest.fixture

@@ -50,8 +50,12 @@ def test_round_trip_valid_and_invalid(redis_url: str, tmp_path: Path) -> None:
     assert any("must be a JSON object" in r for r in reasons)
 
 
-def test_same_file_twice_is_stored_once(redis_url: str, tmp_path: Path) -> None:
+def test_same_file_twice_is_stored_once(
+    redis_url: str, tmp_path: Path, store_url: str | None
+) -> None:
     env = _env(redis_url, tmp_path / "state")
+    if store_url:
+        env["AFTERTUNE_STORE__URL"] = store_url
     path = write_jsonl(tmp_path / "in.jsonl", [_valid(i) for i in range(25)])
     for _ in range(2):
         assert run_cli("push", str(path), env=env).returncode == 0
@@ -168,11 +172,11 @@ def _hostile_corpus() -> list[dict[bytes, bytes]]:
 
 
 @pytest.fixture
-def ingestor(redis_client: redis.Redis, tmp_path: Path) -> Ingestor:
+def ingestor(redis_client: redis.Redis, tmp_path: Path, store_url: str | None) -> Ingestor:
     config = IngestConfig(
         stream="s", dead_letter_stream="s:dead", group="g", consumer="c", batch_size=64, block_ms=0
     )
-    ing = Ingestor(redis_client, ExampleStore.in_state_dir(tmp_path), config)
+    ing = Ingestor(redis_client, ExampleStore.in_state_dir(tmp_path, store_url), config)
     ing.ensure_group()
     return ing
 

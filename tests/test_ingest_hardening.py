@@ -106,8 +106,8 @@ def test_a_full_store_acks_nothing_reports_not_ready_and_resumes(
     store = ingestor.store
     redis_client.xadd(STREAM, {"record": _record(0)})
     ingestor.drain()
-    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
-    store._db.execute(f"PRAGMA max_page_count = {pages}")  # full: the next write fails
+    pages = store.db.connection.execute("PRAGMA page_count").fetchone()[0]
+    store.db.connection.execute(f"PRAGMA max_page_count = {pages}")  # full: the next write fails
     for i in range(1, 300):
         redis_client.xadd(STREAM, {"record": _record(i)})
     redis_client.xadd(STREAM, {"nothing": b"here"})  # a bad entry waits with its batch
@@ -126,7 +126,7 @@ def test_a_full_store_acks_nothing_reports_not_ready_and_resumes(
         assert store.total() == stored_before < 300
         assert redis_client.xpending(STREAM, "g")["pending"] > 0  # read, not acknowledged
         assert redis_client.xlen(DEAD) == 0
-        store._db.execute("PRAGMA max_page_count = 1073741823")  # space returns
+        store.db.connection.execute("PRAGMA max_page_count = 1073741823")  # space returns
         _wait(lambda: store.total() == 300 and readiness.is_ready(), timeout=15)
         _wait(lambda: redis_client.xpending(STREAM, "g")["pending"] == 0)
         assert redis_client.xlen(DEAD) == 1

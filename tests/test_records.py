@@ -108,3 +108,54 @@ def test_weight_is_bounded_to_a_documented_range(weight: float, shown: str) -> N
 def test_weight_at_the_bound_is_accepted() -> None:
     assert record_from_obj({**VALID, "weight": 1000}).weight == 1000.0
     assert record_from_obj({**VALID, "weight": 1e-6}).weight == 1e-6
+
+
+_EDGE_PAYLOADS = [
+    json.dumps(VALID).encode(),
+    json.dumps({**VALID, "id": "", "split": "train"}).encode(),
+    json.dumps({**VALID, "id": None}).encode(),
+    json.dumps({**VALID, "weight": True}).encode(),
+    json.dumps({**VALID, "weight": 0}).encode(),
+    json.dumps({**VALID, "weight": -0.0}).encode(),
+    json.dumps({**VALID, "weight": 1000}).encode(),
+    json.dumps({**VALID, "task": "x" * 129}).encode(),
+    json.dumps({**VALID, "task": "a\u200bb"}).encode(),
+    json.dumps({**VALID, "task": "a\u00a0b"}).encode(),
+    json.dumps({**VALID, "input": "a\u0000b", "meta": {"k": [1, {"x": None}]}}).encode(),
+    json.dumps({**VALID, "meta": []}).encode(),
+    json.dumps({**VALID, "source": 3}).encode(),
+    b'{"task": "t", "task": "u", "instruction": "i", "output": "o"}',
+    b'{"task": "t", "instruction": "i", "output": "o", "weight": 1e400}',
+    b'{"task": "t", "instruction": "i", "output": "o", "meta": {"a": 1e400}}',
+    b'\xef\xbb\xbf{"task": "t", "instruction": "i", "output": "o"}',
+    b'{"task": "\xff", "instruction": "i", "output": "o"}',
+    b'{"task": "t", "instruction": "i", "output": "o", "meta": {"\\ud800": 1}}',
+    b'{"task": "t", "instruction": "i", "output": "o", "meta": ' + b"[" * 9 + b"]" * 9 + b"}",
+    b'{"task": "t", "instruction": "i", "output": "o", "meta": {"a": '
+    + b"[" * 3000
+    + b"]" * 3000
+    + b"}}",
+]
+
+
+@pytest.mark.parametrize("payload", _EDGE_PAYLOADS)
+def test_the_fast_path_accepts_and_refuses_exactly_what_the_named_path_does(
+    payload: bytes,
+) -> None:
+    """parse_record tries msgspec first; a record must read the same whichever path took it."""
+    from aftertune.store.records import _parse_named
+
+    def outcome(parse: object) -> object:
+        try:
+            return parse(payload)  # type: ignore[operator]
+        except RecordError as exc:
+            return exc.reason
+
+    assert outcome(lambda p: parse_record(p, max_bytes=10**6)) == outcome(_parse_named)
+
+
+def test_a_nul_character_in_a_text_field_is_refused_on_every_backend() -> None:
+    """PostgreSQL's text cannot hold U+0000: the record is dead-lettered, whatever the store."""
+    with pytest.raises(RecordError, match=r"field 'input' must not contain the NUL character"):
+        parse_record(json.dumps({**VALID, "input": "a\u0000b"}).encode())
+    assert parse_record(json.dumps({**VALID, "meta": {"k": "a\u0000b"}}).encode()).meta

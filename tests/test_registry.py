@@ -17,8 +17,8 @@ def _adapter(tmp: Path, name: str) -> Path:
     return path
 
 
-def test_candidates_get_monotonic_versions_and_audit(tmp_path: Path) -> None:
-    with Registry(tmp_path / "state") as reg:
+def test_candidates_get_monotonic_versions_and_audit(tmp_path: Path, store_url: str | None) -> None:
+    with Registry(tmp_path / "state", store_url) as reg:
         assert reg.champion() is None and reg.versions() == []
         v1 = reg.register_candidate(
             _adapter(tmp_path, "a"),
@@ -41,13 +41,15 @@ def test_candidates_get_monotonic_versions_and_audit(tmp_path: Path) -> None:
             (1, "candidate", "daemon"),
             (2, "candidate", "daemon"),
         ]
-    with Registry(tmp_path / "state") as reopened:
+    with Registry(tmp_path / "state", store_url) as reopened:
         assert reopened.get(1).training == {"steps": 5}
         assert reopened.get(1).lineage == {"base_sha256": "x"}
 
 
-def test_orphan_from_a_crash_is_replaced_and_bad_input_refused(tmp_path: Path) -> None:
-    with Registry(tmp_path / "state") as reg:
+def test_orphan_from_a_crash_is_replaced_and_bad_input_refused(
+    tmp_path: Path, store_url: str | None
+) -> None:
+    with Registry(tmp_path / "state", store_url) as reg:
         orphan = reg.adapter_dir(1)
         orphan.mkdir(parents=True)
         (orphan / "junk").write_text("half-moved")
@@ -70,8 +72,10 @@ def _register(reg: Registry, tmp: Path, name: str, parent: int | None) -> int:
     ).version
 
 
-def test_promotion_retires_the_old_champion_and_rollback_restores_it(tmp_path: Path) -> None:
-    with Registry(tmp_path / "state") as reg:
+def test_promotion_retires_the_old_champion_and_rollback_restores_it(
+    tmp_path: Path, store_url: str | None
+) -> None:
+    with Registry(tmp_path / "state", store_url) as reg:
         v1 = _register(reg, tmp_path, "a", None)
         reg.transition(v1, VersionState.EVALUATING, actor="daemon", reason="gate")
         reg.promote(v1, actor="daemon", reason="passed", gate={"decision": "promoted"})
@@ -92,8 +96,10 @@ def test_promotion_retires_the_old_champion_and_rollback_restores_it(tmp_path: P
         }
 
 
-def test_invalid_transitions_are_refused_with_a_clear_message(tmp_path: Path) -> None:
-    with Registry(tmp_path / "state") as reg:
+def test_invalid_transitions_are_refused_with_a_clear_message(
+    tmp_path: Path, store_url: str | None
+) -> None:
+    with Registry(tmp_path / "state", store_url) as reg:
         v1 = _register(reg, tmp_path, "a", None)
         reg.transition(v1, VersionState.REJECTED, actor="daemon", reason="bad")
         with pytest.raises(RegistryError, match="version 1 is rejected; it cannot become promoted"):

@@ -22,20 +22,20 @@ def _records(task: str, n: int, split: str = "train", start: int = 0) -> list[Re
     ]
 
 
-def test_add_is_idempotent_and_counts(tmp_path: Path) -> None:
-    with ExampleStore.in_state_dir(tmp_path) as store:
+def test_add_is_idempotent_and_counts(tmp_path: Path, store_url: str | None) -> None:
+    with ExampleStore.in_state_dir(tmp_path, store_url) as store:
         assert store.add(_records("a", 10)) == Added(stored=10, duplicates=0)
         assert store.add(_records("a", 10)) == Added(stored=0, duplicates=10)  # redelivery
         assert store.add(_records("a", 12)) == Added(stored=2, duplicates=10)
         store.add(_records("b", 3, split="test"))
         assert store.counts() == {"a": {"train": 12, "test": 0}, "b": {"train": 0, "test": 3}}
         assert store.total() == 15
-    with ExampleStore.in_state_dir(tmp_path) as reopened:  # durable
+    with ExampleStore.in_state_dir(tmp_path, store_url) as reopened:  # durable
         assert reopened.total() == 15
 
 
-def test_train_after_watermark_and_held_out(tmp_path: Path) -> None:
-    with ExampleStore.in_state_dir(tmp_path) as store:
+def test_train_after_watermark_and_held_out(tmp_path: Path, store_url: str | None) -> None:
+    with ExampleStore.in_state_dir(tmp_path, store_url) as store:
         store.add(_records("a", 5))
         mark = store.max_seq()
         store.add(_records("b", 4))
@@ -48,8 +48,8 @@ def test_train_after_watermark_and_held_out(tmp_path: Path) -> None:
         assert store.tasks(max_seq=mark) == ["a"]
 
 
-def test_replay_sample_is_seeded_and_task_balanced(tmp_path: Path) -> None:
-    with ExampleStore.in_state_dir(tmp_path) as store:
+def test_replay_sample_is_seeded_and_task_balanced(tmp_path: Path, store_url: str | None) -> None:
+    with ExampleStore.in_state_dir(tmp_path, store_url) as store:
         store.add(_records("big", 500))
         store.add(_records("mid", 60))
         store.add(_records("small", 5))
@@ -74,8 +74,10 @@ def test_balanced_quota_water_fills() -> None:
     assert _balanced_quota({"a": 10, "b": 10, "c": 10}, 7) == {"a": 3, "b": 2, "c": 2}
 
 
-def test_quarantined_batches_are_neither_trained_replayed_nor_evaluated(tmp_path: Path) -> None:
-    with ExampleStore.in_state_dir(tmp_path) as store:
+def test_quarantined_batches_are_neither_trained_replayed_nor_evaluated(
+    tmp_path: Path, store_url: str | None
+) -> None:
+    with ExampleStore.in_state_dir(tmp_path, store_url) as store:
         store.add(_records("a", 20) + _records("a", 5, split="test", start=100))
         mark = store.max_seq()
         store.add(_records("a", 10, start=200) + _records("a", 3, split="test", start=300))
@@ -89,8 +91,10 @@ def test_quarantined_batches_are_neither_trained_replayed_nor_evaluated(tmp_path
         assert store.total() == 38  # kept for inspection
 
 
-def test_conflicts_count_new_records_that_relabel_stored_inputs(tmp_path: Path) -> None:
-    with ExampleStore.in_state_dir(tmp_path) as store:
+def test_conflicts_count_new_records_that_relabel_stored_inputs(
+    tmp_path: Path, store_url: str | None
+) -> None:
+    with ExampleStore.in_state_dir(tmp_path, store_url) as store:
         store.add(_records("a", 10))
         mark = store.max_seq()
         relabelled = [

@@ -25,8 +25,8 @@ def _record(i: int, **extra: object) -> Record:
 
 def _fill_up(store: ExampleStore) -> None:
     """Leave the database one page short of its cap (max_page_count)."""
-    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
-    store._db.execute(f"PRAGMA max_page_count = {pages + 1}")
+    pages = store.db.connection.execute("PRAGMA page_count").fetchone()[0]
+    store.db.connection.execute(f"PRAGMA max_page_count = {pages + 1}")
 
 
 def test_full_disk_raises_storage_error_with_sqlites_words(tmp_path: Path) -> None:
@@ -41,7 +41,7 @@ def test_full_disk_raises_storage_error_with_sqlites_words(tmp_path: Path) -> No
         assert str(store.path) in message
         assert store.total() == 5  # nothing half-written
         # Space returns: the same connection writes again, the failed batch in full.
-        store._db.execute("PRAGMA max_page_count = 1073741823")
+        store.db.connection.execute("PRAGMA max_page_count = 1073741823")
         assert store.add([_record(i) for i in range(100, 400)]).stored == 300
         assert store.total() == 305
 
