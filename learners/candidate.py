@@ -118,6 +118,11 @@ def train_candidate(
     model, tokenizer = load_version(registry, specs.base, state_dir, champion)
     kind = kind_for(specs.base)
     objective = kind.objective(tokenizer, store, data.until, specs)
+    if not objective.kept(data.new, "new examples"):
+        raise NothingToTrain(
+            "every new train example belongs to a task this model kind cannot learn (see the"
+            " warning above); nothing to train until other feedback arrives"
+        )
     result = train_adapter(
         model,
         tokenizer,

@@ -235,7 +235,8 @@ class _CycleRun:
         suites = suites_for(
             self.store, champion_seq, challenger.data_seq, self.specs.eval.max_per_task
         )
-        tasks = sorted({t for s in suites.values() for t in s})
+        trained = set(challenger.lineage.get("trained_on", {}).get("count_by_task", {}))
+        tasks = sorted(trained.union(*suites.values()))
         judged = self.kind.answer_sets(self.store, tasks, challenger.data_seq, self.specs)
         self.refused = judged.refused
         for name, by_task in suites.items():
@@ -274,6 +275,7 @@ class _CycleRun:
             for t, s in challenger_scores["gain"].items()
         }
         new_tasks = set(challenger.lineage.get("trained_on", {}).get("count_by_task", {}))
+        new_tasks -= set(self.refused)  # not learned or scored by this kind: said in reasons
         champion_seq = champion.data_seq if champion is not None else 0
         conflicts = self.store.conflicts(champion_seq, challenger.data_seq)
         return judge(regression, gain, new_tasks, self.specs.rules, conflicts)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -25,6 +25,8 @@ from aftertune.learners.data import (
     response_loss,
 )
 from aftertune.store.prompt import PromptTemplate
+
+ExampleT = TypeVar("ExampleT", bound=ExampleLike)
 
 
 class Objective(Protocol):
@@ -63,6 +65,10 @@ class Objective(Protocol):
 
     def save_beside(self, adapter_dir: Path) -> None:
         """Write what a version of this kind needs besides its adapter (into its dir)."""
+        ...
+
+    def kept(self, examples: Sequence[ExampleT], what: str) -> list[ExampleT]:
+        """The examples this objective can learn from (the others logged, with why)."""
         ...
 
 
@@ -114,3 +120,7 @@ class ResponseObjective:
 
     def save_beside(self, adapter_dir: Path) -> None:
         """Nothing: a generative version is its adapter."""
+
+    def kept(self, examples: Sequence[ExampleT], what: str) -> list[ExampleT]:
+        """All of them: a causal LM learns any answer."""
+        return list(examples)

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from aftertune.store.prompt import PromptTemplate
 
 log = logging.getLogger(__name__)
 
+ExampleT = TypeVar("ExampleT", bound=ExampleLike)
 CANDIDATES_FILE = "candidates.json"  # in each ranking adapter dir: its version's candidates
 Candidates = Mapping[str, Sequence[str]]
 
@@ -167,14 +168,15 @@ class RankingObjective:
         template: PromptTemplate,
         what: str = "examples",
     ) -> tuple[list[Encoded], TruncationCount]:
-        """Prompt ids and, as ``labels[0]``, the index of the reference among its candidates."""
-        kept = [ex for ex in examples if ex.output.strip() in self._index.get(ex.task, {})]
-        if len(kept) < len(examples):
-            log.warning(
-                "%d of %d %s skipped: their task is not ranked (too many distinct outputs)",
-                len(examples) - len(kept),
-                len(examples),
-                what,
+        """Prompt ids and, as ``labels[0]``, the index of the reference among its candidates.
+
+        Every example must be ``kept`` (its task ranked, its answer a candidate).
+        """
+        kept = list(examples)
+        unknown = [ex for ex in kept if ex.output.strip() not in self._index.get(ex.task, {})]
+        if unknown:
+            raise LearnerError(
+                f"{len(unknown)} {what} have no candidate answer, e.g. task {unknown[0].task!r}"
             )
         prompts = [template.render(ex.instruction, ex.input) for ex in kept]
         full = tokenizer(prompts, truncation=False)["input_ids"] if prompts else []
@@ -215,6 +217,22 @@ class RankingObjective:
                 tokens += sum(len(e.input_ids) for e in group)
         weight_sum = sum(e.weight for e in chunk)
         return total / max(weight_sum, 1e-12), tokens
+
+    def kept(self, examples: Sequence[ExampleT], what: str) -> list[ExampleT]:
+        """Examples of ranked tasks whose answer is a candidate; the rest are logged."""
+        kept = [ex for ex in examples if ex.output.strip() in self._index.get(ex.task, {})]
+        if len(kept) < len(examples):
+            skipped = sorted({ex.task for ex in examples} - {ex.task for ex in kept})
+            log.warning(
+                "%d of %d %s left out: tasks %s are not ranked (more distinct outputs than"
+                " ranking.max_candidates=%d)",
+                len(examples) - len(kept),
+                len(examples),
+                what,
+                ", ".join(skipped) or "(answers not among the candidates)",
+                self.spec.max_candidates,
+            )
+        return kept
 
     def save_beside(self, adapter_dir: Path) -> None:
         """The candidates this version ranks among: its bundle and evaluation read them."""

@@ -220,6 +220,17 @@ class LoraRecipe:
     ) -> None:
         spec = self.spec
         self.model.to(self.device)
+        # Examples of tasks the model kind refuses (a ranking kind's free-text tasks) are left
+        # out of the batches and of the Fisher; the objective logs how many and why.
+        new, replay = (
+            self.objective.kept(new, "new examples"),
+            self.objective.kept(replay, "replay"),
+        )
+        if not new:
+            raise LearnerError(
+                "every new example belongs to a task this model kind cannot learn; see the"
+                " warning above"
+            )
         self.new = new
         self.pool = [replay[i] for i in cap_pool(replay, self.replay_spec, spec.seed)]
         kw: dict[str, Any] = {"max_length": spec.max_length, "template": spec.template}

@@ -41,7 +41,7 @@ def _rows(task: str, split: str, n: int) -> list[dict[str, Any]]:
     return [{**json.loads(line), "split": split} for line in lines]
 
 
-def _free_text(n: int, split: str) -> list[dict[str, Any]]:
+def _free_text(n: int, split: str, start: int = 0) -> list[dict[str, Any]]:
     return [
         {
             "task": "echo",
@@ -50,7 +50,7 @@ def _free_text(n: int, split: str) -> list[dict[str, Any]]:
             "output": f"word{i}",
             "split": split,
         }
-        for i in range(n)
+        for i in range(start, start + n)
     ]
 
 
@@ -66,8 +66,9 @@ def cycled(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> dict[
         "AFTERTUNE_REDIS__STREAM": f"ranking-{tmp.name}",
     }
     rows = _rows("agnews", "train", 48) + _rows("agnews", "test", 16)
-    ingest(env, tmp / "records.jsonl", rows + _free_text(12, "train") + _free_text(4, "test"))
+    ingest(env, tmp / "records.jsonl", rows + _free_text(12, "train") + _free_text(4, "test", 100))
     result = cli_json("cycle", "--json", env=env, timeout=900)
+    assert result["decision"] == "promoted", result
     pulled = cli_json("pull", "--from", str(tmp / "state"), "--to", str(tmp / "consumer"), "--json")
     return {
         "env": env,
