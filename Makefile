@@ -7,11 +7,12 @@ STAMP := $(VENV)/.installed
 .PHONY: run test lint typecheck pytest test-avalanche clean
 
 # torch first and pinned: an unpinned torch (or torchvision) pulls a multi-GB CUDA build.
+# -qq: errors only, so `make run` shows the demo, not pip's progress and notices.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install -qq --upgrade pip
+	$(BIN)/pip install -qq torch==2.13.0
+	$(BIN)/pip install -qq -e '.[dev]'
 	touch $(STAMP)
 
 $(VENV): $(STAMP)

@@ -1,22 +1,33 @@
 """Ingest throughput: plain pipelined XADD (the producer's rate) vs stream → store ingest.
 
     .venv/bin/python bench/ingest.py [--records 50000] [--batch-size 1000] [--breakdown]
+    .venv/bin/python bench/ingest.py --store-url postgresql://USER@HOST/DB [--consumers 2]
 
 Starts a private redis-server on a free port, prints records/s for both and the ratio.
 Targets: ingest ≥ 1.0 × the single-producer push rate and ≥ 20,000 records/s.
 ``--breakdown`` then ingests the records again into a fresh store and stream, one stage at
 a time, and prints µs a record for each: read (XREADGROUP and its parse), validate, store
 (one SQLite transaction a batch), acknowledge (XACK).
+
+``--store-url`` ingests into PostgreSQL instead (a scratch database created next to the
+one named, dropped after), first with one consumer, then with ``--consumers`` processes
+in the same group (as that many daemons would), each on its own copy of the stream, and
+prints both rates and their ratio. Target: two consumers ≥ 1.4 × one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import platform
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -89,7 +100,12 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=50_000)
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--breakdown", action="store_true", help="time each stage too")
+    parser.add_argument("--store-url", help="postgresql:// URL: ingest into PostgreSQL")
+    parser.add_argument("--consumers", type=int, default=2, help="with --store-url")
     args = parser.parse_args()
+    if args.store_url:
+        _postgres(args)
+        return
     payloads = _payloads(args.records)
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -128,6 +144,93 @@ def _ingest(client: redis.Redis, tmp: Path, records: int, batch: int) -> float:
     if totals.stored != records:
         raise SystemExit(f"stored {totals.stored} of {records}")
     return ingest_s
+
+
+def _postgres(args: argparse.Namespace) -> None:
+    """One consumer, then ``args.consumers`` processes, into fresh PostgreSQL databases."""
+    payloads = _payloads(args.records)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        RedisServer(Path(tmp) / "redis", port=free_port()) as server,
+    ):
+        client = redis.Redis.from_url(server.url)
+        push_s = _push(client, "bench", payloads)
+        rates = []
+        for n, stream in ((1, "bench"), (args.consumers, "bench-n")):
+            if stream != "bench":
+                _push(client, stream, payloads)
+            with _scratch_database(args.store_url) as url:
+                seconds = _ingest_in_processes(server.url, url, stream, n, args)
+                with ExampleStore(Path(tmp) / "unused", url) as store:
+                    if store.total() != args.records:
+                        raise SystemExit(f"stored {store.total()} of {args.records}")
+            rates.append(args.records / seconds)
+    print(f"machine: {platform.machine()}, {platform.python_version()}, PostgreSQL store")
+    print(f"records: {args.records}, ingest batch size {args.batch_size}")
+    print(f"(a) redis-py pipelined XADD   : {args.records / push_s:10,.0f} records/s")
+    print(f"(b) one consumer -> PostgreSQL: {rates[0]:10,.0f} records/s")
+    print(f"(c) {args.consumers} consumers -> PostgreSQL : {rates[1]:10,.0f} records/s")
+    print(f"ratio b/a                     : {rates[0] * push_s / args.records:10.2f}")
+    print(f"ratio c/b                     : {rates[1] / rates[0]:10.2f}")
+
+
+@contextmanager
+def _scratch_database(url: str) -> Iterator[str]:
+    import psycopg
+
+    name = f"aftertune_bench_{os.getpid()}"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name}")
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def _ingest_in_processes(
+    redis_url: str, store_url: str, stream: str, n: int, args: argparse.Namespace
+) -> float:
+    """Seconds from a common start until ``n`` consumer processes drained ``stream``."""
+    ctx = multiprocessing.get_context("spawn")
+    ready, go = ctx.Barrier(n + 1), ctx.Event()
+    ExampleStore(Path(tempfile.gettempdir()) / "unused", store_url).close()  # schema, once
+    redis.Redis.from_url(redis_url).xgroup_create(stream, "g", id="0")
+    workers = [
+        ctx.Process(
+            target=_consume,
+            args=(redis_url, store_url, stream, f"c{i}", args.batch_size, ready, go),
+        )
+        for i in range(n)
+    ]
+    for worker in workers:
+        worker.start()
+    ready.wait()
+    t0 = time.perf_counter()
+    go.set()
+    for worker in workers:
+        worker.join()
+    return time.perf_counter() - t0
+
+
+def _consume(
+    redis_url: str, store_url: str, stream: str, name: str, batch: int, ready: Any, go: Any
+) -> None:
+    config = IngestConfig(
+        stream=stream,
+        dead_letter_stream=f"{stream}:dead",
+        group="g",
+        consumer=name,
+        batch_size=batch,
+        block_ms=0,
+    )
+    client = redis.Redis.from_url(redis_url)
+    with ExampleStore(Path(tempfile.gettempdir()) / "unused", store_url) as store:
+        ingestor = Ingestor(client, store, config)
+        ready.wait()
+        go.wait()
+        ingestor.drain()
 
 
 if __name__ == "__main__":

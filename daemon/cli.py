@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import sys
+import textwrap
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,7 +18,7 @@ from typing import Any
 import redis
 
 from aftertune.daemon.cli_bundles import register_bundle_commands
-from aftertune.daemon.cli_models import register_model_commands
+from aftertune.daemon.cli_models import EXIT_CODES_HELP, register_model_commands
 from aftertune.daemon.errors import DaemonError, RedisUnavailable
 from aftertune.daemon.settings import Settings, load_settings
 from aftertune.learners.errors import LearnerError
@@ -42,7 +44,13 @@ def _common() -> argparse.ArgumentParser:
     group.add_argument(
         "--store-url", default=sup, help="postgresql:// URL; unset = SQLite in the state dir"
     )
-    group.add_argument("--log-level", default=sup, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    group.add_argument(
+        "--log-level",
+        default=sup,
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="any case: debug, INFO...",
+    )
     group.add_argument(
         "--log-format", default=sup, choices=["text", "json"], help="json = JSON lines"
     )
@@ -54,18 +62,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aftertune",
         parents=[common],
-        description="Keep a deployed language model learning from labelled feedback without "
-        "forgetting. Producers XADD records to a Redis stream; the daemon stores them, "
-        "trains LoRA adapters with replay and EWC, gates and publishes them.",
-        epilog="Settings come from --config TOML, AFTERTUNE_* environment variables "
-        "(AFTERTUNE_REDIS__URL=...) and these options. See README.md.",
+        description=textwrap.fill(
+            "Keep a deployed language model learning from labelled feedback without "
+            "forgetting. Producers XADD records to a Redis stream; the daemon stores them, "
+            "trains LoRA adapters with replay and EWC, gates and publishes them."
+        ),
+        epilog=textwrap.fill(
+            "Settings come from --config TOML, AFTERTUNE_* environment variables "
+            "(AFTERTUNE_REDIS__URL=...) and these options. See README.md."
+        )
+        + "\n\n"
+        + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"aftertune {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_push, _add_serve, _add_demo, _add_status, _add_dlq, _add_store):
         add(sub, common)
+    _add_completion(sub, common)
     register_model_commands(sub, common)
     register_bundle_commands(sub, common)
     return parser
+
+
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml's, once installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aftertune")
+    except PackageNotFoundError:  # run from a tree that was never installed
+        return "unknown (not installed)"
 
 
 def _add_push(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -76,6 +103,13 @@ def _add_push(sub: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="check every line locally first; invalid lines are reported by line number and not sent",
     )
+    p.add_argument(
+        "--split",
+        choices=["auto", "train", "test"],
+        default=None,
+        help="the split of records that name none (test: held-out, e.g. a file of golden records)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_push)
 
 
@@ -126,6 +160,15 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
 def _add_status(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("status", parents=[common], help="stream, store and champion at a glance")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C; with --json, one JSON line each time",
+    )
     p.set_defaults(func=cmd_status)
 
 
@@ -139,7 +182,20 @@ def _add_dlq(sub: Any, common: argparse.ArgumentParser) -> None:
     p = dlq_sub.add_parser("requeue", parents=[common], help="put dead letters back on the stream")
     p.add_argument("ids", nargs="*", help="dead-letter ids (from `dlq list`)")
     p.add_argument("--all", action="store_true", help="requeue every dead letter")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_dlq_requeue)
+
+
+def _add_completion(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description="Print a tab-completion script for the shell. Bash: "
+        "`aftertune completion bash > ~/.local/share/bash-completion/completions/aftertune`; "
+        'zsh: `aftertune completion zsh > "${fpath[1]}/_aftertune"`.',
+    )
+    p.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+    p.set_defaults(func=cmd_completion)
 
 
 def _add_store(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -202,6 +258,8 @@ def cmd_push(args: argparse.Namespace, settings: Settings) -> int:
             line = raw.rstrip(b"\r\n")
             if not line.strip():
                 continue
+            if args.split is not None:
+                line = _with_split(line, args.split)
             if args.validate:
                 try:
                     parse_record(line, max_bytes=settings.ingest.max_record_bytes)
@@ -213,11 +271,26 @@ def cmd_push(args: argparse.Namespace, settings: Settings) -> int:
 
     with stream, _redis(settings) as client:
         sent = Producer(client=client, stream=settings.redis.stream).push(lines())
-    print(f"sent {sent} records to {settings.redis.stream}")
+    if args.json:
+        print(json.dumps({"sent": sent, "rejected": rejected, "stream": settings.redis.stream}))
+    else:
+        print(f"sent {sent} records to {settings.redis.stream}")
     if rejected:
         print(f"rejected {rejected} invalid lines (not sent)", file=sys.stderr)
         return 1
     return 0
+
+
+def _with_split(line: bytes, split: str) -> bytes:
+    """``line`` with ``split`` set when it is a JSON object that names none; else as it is
+    (a bad line goes on, to be dead-lettered with its reason)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(record, dict) or "split" in record:
+        return line
+    return json.dumps({**record, "split": split}, ensure_ascii=False).encode()
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -246,14 +319,35 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.daemon.status import gather_status, render_status
     from aftertune.store.registry import Registry
 
+    if args.watch is not None and not 0 < args.watch <= 3600:
+        raise DaemonError("--watch takes seconds between refreshes, more than 0 and at most 3600")
     with (
         _redis(settings) as client,
         _open_store(settings) as store,
         Registry(settings.state_dir, settings.store.url) as registry,
     ):
-        status = gather_status(client, store, registry, settings)
-    print(json.dumps(status, indent=2) if args.json else render_status(status))
-    return 0
+        while True:
+            status = gather_status(client, store, registry, settings)
+            if args.watch is None:
+                print(json.dumps(status, indent=2) if args.json else render_status(status))
+                return 0
+            if args.json:
+                print(json.dumps(status), flush=True)
+            else:
+                _redraw(f"{render_status(status)}\n\nevery {args.watch:g} s; Ctrl-C to stop")
+            try:
+                time.sleep(args.watch)
+            except KeyboardInterrupt:
+                return 0
+
+
+def _redraw(text: str) -> None:
+    """Replace the screen's contents on a terminal; elsewhere, separate the frames."""
+    if sys.stdout.isatty():
+        sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
+    else:
+        sys.stdout.write(text + "\n\n")
+    sys.stdout.flush()
 
 
 def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -282,8 +376,18 @@ def cmd_dlq_requeue(args: argparse.Namespace, settings: Settings) -> int:
         )
     for problem in problems:
         print(printable(problem), file=sys.stderr)
-    print(f"requeued {done} entries onto {cfg.stream}")
+    if args.json:
+        print(json.dumps({"requeued": done, "stream": cfg.stream, "problems": problems}))
+    else:
+        print(f"requeued {done} entries onto {cfg.stream}")
     return 1 if problems else 0
+
+
+def cmd_completion(args: argparse.Namespace, settings: Settings) -> int:
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
 
 
 def cmd_store_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -316,8 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(getattr(args, "config", None), _overrides(args))
         from aftertune.daemon.logs import configure_logging
 
-        # Only the daemon talks at INFO by default; one-shot commands print their answer.
-        quiet = args.command != "serve" and "log_level" not in args
+        # Only the daemon talks at INFO by default; one-shot commands print their answer,
+        # unless a log was asked for (--log-level, or --log-format: progress, events).
+        asked = "log_level" in args or "log_format" in args
+        quiet = args.command != "serve" and not asked
         configure_logging("WARNING" if quiet else settings.log_level, settings.log_format)
         func: Command = args.func
         return func(args, settings)
@@ -328,6 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StoreError, LearnerError) as exc:
         print(f"aftertune: {printable(str(exc))}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`aftertune models | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports SIGPIPE
     except OSError as exc:  # a path that is missing, not a directory, not writable...
         where = f": {exc.filename}" if exc.filename else ""
         print(f"aftertune: {printable(f'{exc.strerror or exc}{where}')}", file=sys.stderr)

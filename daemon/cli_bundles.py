@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from aftertune.daemon.errors import DaemonError
 from aftertune.daemon.settings import Settings
+from aftertune.daemon.tables import size
 
 
 def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -31,7 +33,7 @@ def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "--from", dest="from_dir", type=Path, help="a state directory on this machine"
     )
     p.add_argument("--to", type=Path, required=True, help="install directory (DIR)")
-    p.add_argument("--version", default="latest", help="version number or 'latest' (default)")
+    p.add_argument("--version", default="latest", help="3, v3 or 'latest' (default)")
     p.add_argument(
         "--token",
         default=os.environ.get("AFTERTUNE_TOKEN"),
@@ -69,7 +71,9 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
     source: Source = (
         HttpSource(args.server, args.token) if args.server else DirSource(args.from_dir)
     )
+    started = time.monotonic()
     result = pull(source, args.to, args.version)
+    seconds = time.monotonic() - started
     if args.json:
         print(
             json.dumps(
@@ -79,11 +83,16 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
                     "manifest_sha256": result.manifest_sha256,
                     "downloaded": result.downloaded,
                     "bytes": result.bytes,
+                    "seconds": round(seconds, 3),
                 }
             )
         )
     elif result.downloaded:
-        print(f"v{result.version} verified ({result.bytes} bytes) and installed: {result.path}")
+        rate = f", {size(round(result.bytes / seconds))}/s" if seconds > 0 else ""
+        print(
+            f"v{result.version} verified ({size(result.bytes)} in {seconds:.1f} s{rate}, every "
+            f"sha256) and installed: {result.path}"
+        )
     else:
         print(f"v{result.version} is already current: {result.path}")
     return 0

@@ -8,25 +8,44 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from aftertune.daemon.cli_versions import metrics_table, register_version_commands, version_arg
 from aftertune.daemon.settings import Settings
-from aftertune.store.files import write_atomic
+from aftertune.daemon.tables import nats, percent, seconds, table
 from aftertune.store.layout import StateLayout
 from aftertune.store.records import printable
 
 
+class CycleExit(IntEnum):
+    """How `aftertune cycle` ends, for scripts and CI to branch on (1 and 2 are errors)."""
+
+    PROMOTED = 0
+    REJECTED = 3
+    AWAITING_APPROVAL = 4
+    NOTHING_TO_DO = 5
+
+
+EXIT_CODES_HELP = """exit codes:
+  0  success; `cycle`: the challenger was promoted
+  1  an error (the message says what to do)
+  2  invalid usage or setting
+  3  `cycle`: the challenger was rejected
+  4  `cycle`: a version awaits approval (`aftertune approve N` or `reject N`)
+  5  `cycle`: nothing to do (no new train examples)
+  130  interrupted (Ctrl-C)"""
+
+
 def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the model commands to the top-level subparsers."""
+    register_version_commands(sub, common)
     for add in (
         _add_train,
         _add_eval,
         _add_base,
         _add_cycle,
-        _add_models,
-        _add_report,
         _add_rollback,
         _add_approve,
         _add_reject,
@@ -48,7 +67,13 @@ def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "eval", parents=[common], help="score the champion (and a candidate) on held-out data"
     )
-    p.add_argument("--candidate", type=int, default=None, metavar="VERSION", help="also score it")
+    p.add_argument(
+        "--candidate",
+        type=version_arg,
+        default=None,
+        metavar="VERSION",
+        help="also score it (3 or v3)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_eval)
 
@@ -80,26 +105,13 @@ def _add_cycle(sub: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="one learning cycle: train (or resume) a challenger, evaluate, gate, decide; "
         "a promotion exports, parity-checks and publishes the bundle",
+        description="Train (or resume) a challenger, evaluate champion and challenger, gate, "
+        "decide; a promotion exports, parity-checks and publishes the bundle.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_cycle)
-
-
-def _add_models(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("models", parents=[common], help="model versions, states, key metrics")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_models)
-
-
-def _add_report(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "report",
-        parents=[common],
-        help="an HTML page: gate checks, task x version heatmap, per-task charts, lineage, audit",
-    )
-    p.add_argument("version", type=int, nargs="?", default=None, help="version (default: latest)")
-    p.add_argument("--html", type=Path, required=True, metavar="FILE", help="page to write")
-    p.set_defaults(func=cmd_report)
 
 
 def _add_rollback(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -108,7 +120,7 @@ def _add_rollback(sub: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="make a retired former champion the champion again and republish its bundle",
     )
-    p.add_argument("version", type=int, help="version to roll back to")
+    p.add_argument("version", type=version_arg, help="version to roll back to (3 or v3)")
     p.add_argument("--why", default="", help="reason, kept in the audit log")
     p.set_defaults(func=cmd_rollback)
 
@@ -117,14 +129,14 @@ def _add_approve(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "approve", parents=[common], help="export, promote and publish a version awaiting approval"
     )
-    p.add_argument("version", type=int)
+    p.add_argument("version", type=version_arg, help="3 or v3")
     p.add_argument("--why", default="approved by hand", help="reason, kept in the audit log")
     p.set_defaults(func=cmd_approve)
 
 
 def _add_reject(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("reject", parents=[common], help="reject a version awaiting approval")
-    p.add_argument("version", type=int)
+    p.add_argument("version", type=version_arg, help="3 or v3")
     p.add_argument("--why", required=True, help="reason, kept in the audit log")
     p.set_defaults(func=cmd_reject)
 
@@ -166,12 +178,23 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{who}:")
         if not scores:
             print("  no held-out examples yet")
-        for task, score in scores.items():
-            metric = "accuracy" if "accuracy" in score else "token_f1"
-            print(
-                f"  {task:<24} {metric} {100 * score[metric]:6.1f}  nll {score['nll']:.3f}  n {score['n']}"
-            )
+            continue
+        rows = [
+            [
+                task,
+                _primary(score),
+                percent(score.get(_primary(score))),
+                nats(score["nll"]),
+                score["n"],
+            ]
+            for task, score in scores.items()
+        ]
+        print(table(["task", "metric", "score", "NLL", "held-out n"], rows, indent=2))
     return 0
+
+
+def _primary(scores: dict[str, Any]) -> str:
+    return "accuracy" if "accuracy" in scores else "token_f1"
 
 
 def cmd_base_build(args: argparse.Namespace, settings: Settings) -> int:
@@ -192,81 +215,38 @@ def cmd_base_build(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_cycle(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.daemon.learning import run_cycle_once
+    from aftertune.learners.errors import CycleBlocked, NothingToTrain
 
     try:
         result = run_cycle_once(settings, actor=_actor())
+    except NothingToTrain as exc:
+        return _no_cycle(args, "nothing_to_do", str(exc), CycleExit.NOTHING_TO_DO)
+    except CycleBlocked as exc:
+        return _no_cycle(args, "awaiting_approval", str(exc), CycleExit.AWAITING_APPROVAL)
     finally:  # also a bundle this run repaired as latest before it stopped
         _announce(settings)
+    code = CycleExit[result.decision.name]
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
-        return 0
+        print(json.dumps({**result.to_json(), "exit_code": int(code)}, indent=2))
+        return code
     print(f"v{result.version}: {result.decision.value}")
     if result.bundle is not None:
         print(f"  published {result.bundle.path} (manifest sha256 {result.bundle.manifest_sha256})")
     for reason in result.reasons:
         print(f"  - {printable(reason)}")
-    for task, m in result.metrics.items():
-        old, new = m["champion"], m["challenger"]
-        metric = "accuracy" if "accuracy" in new else "token_f1"
-        print(
-            f"  {task:<24} {metric} {100 * old[metric]:6.1f} -> {100 * new[metric]:6.1f}"
-            f"   nll {old['nll']:.3f} -> {new['nll']:.3f}   n {new['n']}"
-        )
-    return 0
+    print(metrics_table(result.metrics))
+    timings = ", ".join(f"{k.removesuffix('_s')} {seconds(v)}" for k, v in result.timings.items())
+    if timings:
+        print(f"  time: {timings}")
+    return code
 
 
-def _headline(metrics: dict[str, Any]) -> str:
-    parts = []
-    for task, m in sorted(metrics.items()):
-        new = m.get("challenger", {})
-        metric = "accuracy" if "accuracy" in new else "token_f1"
-        if metric in new:
-            parts.append(f"{task} {100 * new[metric]:.0f}")
-    return ", ".join(parts)
-
-
-def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    from aftertune.store.registry import Registry
-
-    with Registry(settings.state_dir, settings.store.url) as registry:
-        champion = registry.champion()
-        rows = [
-            {
-                "version": v.version,
-                "state": v.state.value,
-                "champion": champion is not None and v.version == champion.version,
-                "parent": v.parent,
-                "created_at": v.created_at,
-                "trained_on": v.lineage.get("trained_on", {}).get("count_by_task", {}),
-                "metrics": v.metrics,
-                "reasons": v.gate.get("reasons", []),
-            }
-            for v in registry.versions()
-        ]
+def _no_cycle(args: argparse.Namespace, outcome: str, why: str, code: CycleExit) -> int:
     if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("no model versions yet; the base model serves")
-    for row in rows:
-        mark = "*" if row["champion"] else " "
-        made = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created_at"]))
-        print(f"{mark} v{row['version']:<4} {row['state']:<18} {made}  {_headline(row['metrics'])}")
-    return 0
-
-
-def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from aftertune.daemon.report import render_report
-    from aftertune.store.registry import Registry
-
-    with Registry(settings.state_dir, settings.store.url) as registry:
-        page = render_report(registry, args.version)
-    target: Path = args.html
-    if not target.parent.is_dir():
-        raise_refused(f"cannot write {target}: the directory {target.parent} does not exist")
-    write_atomic(target, page.encode("utf-8"))
-    print(target)
-    return 0
+        print(json.dumps({"decision": outcome, "reasons": [why], "exit_code": int(code)}))
+    else:
+        print(f"no cycle: {printable(why)}")
+    return code
 
 
 def _announce(settings: Settings) -> None:
@@ -276,7 +256,7 @@ def _announce(settings: Settings) -> None:
     """
     import redis
 
-    from aftertune.daemon.announce import announce_if_missed
+    from aftertune.daemon.announce import announce_latest
     from aftertune.daemon.embedded_redis import redis_connection
 
     bundles = StateLayout(settings.state_dir).bundles
@@ -284,7 +264,7 @@ def _announce(settings: Settings) -> None:
         return
     try:
         with redis_connection(settings.redis.url, settings.state_dir) as client:
-            announce_if_missed(client, settings.redis.promotions_stream, bundles)
+            announce_latest(client, settings)
     except (redis.RedisError, OSError) as exc:
         print(
             f"warning: the promotion event of the latest bundle was not sent ({exc}); "
@@ -304,15 +284,19 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _refused(message: str) -> None:
+    from aftertune.daemon.errors import DaemonError
+
+    raise DaemonError(message)
+
+
 def _awaiting(registry: Any, version: int, verb: str) -> Any:
     """The version, refused unless it awaits a human decision."""
     from aftertune.store.registry import VersionState
 
     found = registry.get(version)
     if found.state is not VersionState.AWAITING_APPROVAL:
-        raise_refused(
-            f"v{version} is {found.state.value}, not awaiting approval; nothing to {verb}"
-        )
+        _refused(f"v{version} is {found.state.value}, not awaiting approval; nothing to {verb}")
     return found
 
 
@@ -343,9 +327,3 @@ def cmd_reject(args: argparse.Namespace, settings: Settings) -> int:
         registry.transition(args.version, VersionState.REJECTED, actor=_actor(), reason=args.why)
     print(f"v{args.version} rejected")
     return 0
-
-
-def raise_refused(message: str) -> None:
-    from aftertune.daemon.errors import DaemonError
-
-    raise DaemonError(message)

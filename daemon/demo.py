@@ -33,6 +33,7 @@ from aftertune.daemon.embedded_redis import free_port, redis_connection
 from aftertune.daemon.errors import DaemonError
 from aftertune.daemon.producer import Producer
 from aftertune.daemon.settings import Settings
+from aftertune.store.layout import StateLayout
 from aftertune.store.registry import Registry, Version, VersionState
 
 DECIDED = (VersionState.PROMOTED, VersionState.REJECTED, VersionState.RETIRED)
@@ -189,7 +190,9 @@ class Demo:
 
     def _wait(self, done: Any, what: str) -> Any:
         deadline = time.monotonic() + self.timeout_s
+        shown = ""
         while time.monotonic() < deadline:
+            shown = self._show_cycle(shown)
             if self.daemon is not None and self.daemon.poll() is not None:
                 raise DaemonError(
                     f"the daemon exited ({self.daemon.returncode}) while waiting for {what}; "
@@ -200,6 +203,17 @@ class Demo:
                 return found
             time.sleep(0.5)
         raise DaemonError(f"timed out after {self.timeout_s:.0f}s waiting for {what}")
+
+    def _show_cycle(self, shown: str) -> str:
+        """Say what the daemon's cycle does now (its status file), when that changes."""
+        try:
+            cycle = json.loads(StateLayout(self.state).daemon_status.read_text()).get("cycle", {})
+        except (OSError, ValueError, AttributeError):
+            return shown
+        now = f"cycle: {cycle['state']}" if cycle.get("running") else ""
+        if now and now != shown:
+            self.say(now)
+        return now
 
     def push(self, rows: list[dict[str, Any]]) -> None:
         with redis_connection(None, self.state) as client:
@@ -255,10 +269,11 @@ def _pull_and_answer(
     demo: Demo, prompts: tuple[tuple[str, str, str, str], ...]
 ) -> list[tuple[str, str, str, str]]:
     from aftertune.daemon.pull import HttpSource, pull
+    from aftertune.daemon.tables import size
     from aftertune.store.consumer import Bundle
 
     pulled = pull(HttpSource(f"http://127.0.0.1:{demo.port}"), demo.state / "consumer")
-    demo.say(f"pulled v{pulled.version} over HTTP: {pulled.bytes} bytes, every sha256 verified")
+    demo.say(f"pulled v{pulled.version} over HTTP: {size(pulled.bytes)}, every sha256 verified")
     bundle = Bundle.open(demo.state / "consumer" / "current")
     return [
         (task, text, bundle.answer(task, instruction, text), want)
@@ -266,11 +281,25 @@ def _pull_and_answer(
     ]
 
 
+def _before_after(version: Version) -> str:
+    """Each task's held-out accuracy before (the champion) and after (this version)."""
+    return (
+        ", ".join(
+            f"{task} {100 * m['champion'].get('accuracy', 0):.0f}% -> "
+            f"{100 * m['challenger'].get('accuracy', 0):.0f}%"
+            for task, m in sorted(version.metrics.items())
+            if "accuracy" in m.get("challenger", {})
+        )
+        or "-"
+    )
+
+
 def _summary(
     demo: Demo, timings: dict[int, float], answers: list[tuple[str, str, str, str]]
 ) -> list[str]:
     """Print the table; returns each version's decision, in order."""
     from aftertune.daemon.report import render_report
+    from aftertune.daemon.tables import seconds, table
 
     with Registry(demo.state) as registry:
         versions = registry.versions()
@@ -278,19 +307,19 @@ def _summary(
         page = render_report(registry, None)
     report = demo.state / "report.html"
     report.write_text(page, encoding="utf-8")
-    print("\nversion  decision   cycle   per-task accuracy on held-out (champion -> challenger)")
+    rows = []
     for v in versions:
-        scores = ", ".join(
-            f"{task} {100 * m['champion'].get('accuracy', 0):.0f}% -> "
-            f"{100 * m['challenger'].get('accuracy', 0):.0f}%"
-            for task, m in sorted(v.metrics.items())
-            if "accuracy" in m.get("challenger", {})
-        )
         mark = "*" if champion is not None and v.version == champion.version else " "
         decision = "promoted" if v.state is VersionState.RETIRED else v.state.value
-        print(f"{mark} v{v.version:<6} {decision:<10} {timings.get(v.version, 0):5.0f}s   {scores}")
+        rows.append(
+            [f"{mark}v{v.version}", decision, seconds(timings.get(v.version)), _before_after(v)]
+        )
+    print()
+    header = "accuracy on held-out records (champion -> challenger)"
+    print(table(["version", "decision", "cycle", header], rows))
+    for v in versions:
         for reason in v.gate.get("reasons", [])[:3]:
-            print(f"            - {reason}")
+            print(f"  v{v.version}: {reason}")
     print("\nanswers from the pulled bundle (ONNX Runtime, no torch):")
     for task, text, answer, want in answers:
         mark = "right" if answer.strip() == want else f"wrong, expected {want!r}"

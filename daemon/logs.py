@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
 from aftertune.store.records import printable
 
@@ -41,26 +42,38 @@ def _printable_lines(text: str) -> str:
 
 
 class JsonLines(logging.Formatter):
+    """One JSON object per event: ts, level, logger, msg, and the event's own figures.
+
+    A call that passes ``extra={"fields": {...}}`` (progress, ingest batches, promotions)
+    gets those as keys of the object, values kept as JSON numbers, strings or lists, so a
+    reader never parses them back out of ``msg``.
+    """
+
+    emits_json = True  # learners/progress.py: no tqdm bar while this formats the log
+
     def format(self, record: logging.LogRecord) -> str:
-        event = {
+        event: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            event.update({k: v for k, v in fields.items() if k not in event})
         if record.exc_info:
             event["exc"] = self.formatException(record.exc_info)
         return _json_line(event)
 
 
-def _json_line(event: dict[str, str]) -> str:
+def _json_line(event: dict[str, Any]) -> str:
     """``event`` as one JSON line with no control or invisible character left raw.
 
     json.dumps escapes U+0000-U+001F only; DEL, C1 controls (U+009B acts as ESC [), U+2028
     and the like get their JSON escape here, so the decoded value stays exactly the same.
     """
-    line = json.dumps(event, ensure_ascii=False)
+    line = json.dumps(event, ensure_ascii=False, default=str)
     if line.isprintable():
         return line
     return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in line)
@@ -74,3 +87,5 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level)
     # APScheduler logs every job run at INFO (every few seconds here): keep its warnings only.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # uvicorn's "Started server process" repeats what server.py says once.
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)

@@ -7,9 +7,19 @@ touches Redis or SQLite from the server's thread.
 
 from __future__ import annotations
 
+import platform
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
 
 from aftertune.daemon.ingest import IngestStats
 
@@ -18,6 +28,10 @@ class DaemonMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds...
+        ProcessCollector(registry=r)
+        self.build = Info("aftertune_build", "Version of aftertune and of Python", registry=r)
+        self.build.info({"version": _aftertune_version(), "python": platform.python_version()})
         self.ingested = Counter(
             "aftertune_records_ingested", "Stream entries stored as new examples", registry=r
         )
@@ -92,3 +106,10 @@ class DaemonMetrics:
                 for metric, value in entry.get(model, {}).items():
                     if metric != "n":
                         self.gate_metric.labels(task, metric, model).set(float(value))
+
+
+def _aftertune_version() -> str:
+    try:
+        return package_version("aftertune")
+    except PackageNotFoundError:
+        return "unknown"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from aftertune.learners.progress import Progress
 from aftertune.store.bundle import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
@@ -39,7 +41,7 @@ from aftertune.store.bundle import (
     verify_bundle,
     version_dir_name,
 )
-from aftertune.store.bundles import LATEST, point, published
+from aftertune.store.bundles import LATEST, install, new_staging_dir, point, published
 from aftertune.store.errors import BundleError
 from aftertune.store.failpoints import failpoint
 from aftertune.store.files import fsync_dir, fsync_tree, replace_dir, write_atomic
@@ -90,11 +92,15 @@ class DirSource:
     """
 
     def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
         self.root = StateLayout(state_dir).bundles
         if not self.root.is_dir():
             raise BundleError(f"{state_dir} has no bundles/ directory; nothing was published there")
 
     def _bundle_dir(self, version: int | str) -> Path:
+        number = None if version == LATEST else parse_version(version)
+        if number is not None and not (self.root / version_dir_name(number)).is_dir():
+            raise BundleError(why_unpublished(self.state_dir, number))
         path = published(self.root, version).path
         if path.is_symlink() or not path.resolve().is_relative_to(self.root.resolve()):
             raise BundleError(f"refused {path}: a bundle directory must lie inside {self.root}")
@@ -133,11 +139,17 @@ class HttpSource:
         try:
             response = urllib.request.urlopen(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
-            detail = exc.read(500).decode("utf-8", "replace")
+            detail = _detail(exc.read(2000).decode("utf-8", "replace"))
             hint = " (give the server's token with --token)" if exc.code == 401 else ""
-            raise BundleError(f"GET {self.url}{path}: HTTP {exc.code} {detail}{hint}") from None
+            raise BundleError(f"GET {self.url}{path}: HTTP {exc.code}: {detail}{hint}") from None
         except (urllib.error.URLError, OSError) as exc:
-            raise BundleError(f"cannot reach {self.url}: {exc}") from None
+            reason = getattr(exc, "reason", exc)
+            raise BundleError(
+                f"cannot reach the aftertune server at {self.url} ({reason}): is the daemon "
+                "running (`aftertune serve`, `systemctl status aftertune`) and listening on "
+                "that address (server.host, server.port)? On the daemon's machine, "
+                "`aftertune pull --from STATE_DIR` needs no server"
+            ) from None
         length = response.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > limit:
             response.close()
@@ -155,6 +167,40 @@ class HttpSource:
         quoted = urllib.parse.quote(safe_relpath(path))
         with self._get(f"/v1/models/{version}/files/{quoted}", size) as response:
             yield from _chunks(response.read, size)
+
+
+def _detail(body: str) -> str:
+    """FastAPI's ``{"detail": "..."}`` as its text; any other body as it came."""
+    try:
+        found = json.loads(body)
+    except ValueError:
+        return body[:500]
+    detail = found.get("detail") if isinstance(found, dict) else None
+    return detail if isinstance(detail, str) else body[:500]
+
+
+def why_unpublished(state_dir: Path, version: int, store_url: str | None = None) -> str:
+    """Why ``state_dir`` has no bundle ``version``, from its registry (SQLite in the state
+    dir, or ``store_url``): rejected (with the gate's reasons), never promoted, or pruned."""
+    from aftertune.store.errors import RegistryError
+    from aftertune.store.registry import Registry, VersionState
+
+    if store_url is None and not StateLayout(state_dir).registry_db.is_file():
+        return f"v{version} is not published: {state_dir} has no registry"
+    with Registry(state_dir, store_url) as registry:
+        try:
+            found = registry.get(version)
+        except RegistryError:
+            return f"v{version} does not exist; `aftertune models` lists the versions"
+    if found.state is VersionState.REJECTED:
+        reasons = "; ".join(found.gate.get("reasons", [])) or "no reason recorded"
+        return f"v{version} was rejected, so it was never published: {reasons}"
+    if found.state in (VersionState.PROMOTED, VersionState.RETIRED):
+        return (
+            f"v{version} was promoted but its bundle is gone (pruned: export.keep keeps the "
+            "newest bundles); pull a newer version or `aftertune rollback` to republish it"
+        )
+    return f"v{version} is {found.state.value}: only promoted versions are published"
 
 
 @dataclass(frozen=True)
@@ -205,11 +251,31 @@ def pull(source: Source, to_dir: Path, version: str = LATEST) -> PullResult:
     return PullResult(number, final, digest, downloaded=True, bytes=total)
 
 
+def pull_published(source: Source, bundles_dir: Path, version: int) -> Path:
+    """Install ``version`` from ``source`` as ``bundles_dir/vN`` of a daemon (another daemon's
+    promotion, bundle_follow.py): staged, verified, renamed in; ``latest`` is not moved."""
+    raw = source.manifest(str(version))
+    manifest = parse_manifest(raw, "the source's manifest")
+    if manifest["version"] != version:
+        raise BundleError(f"asked for v{version}, the source sent v{manifest['version']}")
+    staging = new_staging_dir(bundles_dir, version)
+    try:
+        _fetch(source, manifest, raw, staging)
+        return install(staging, bundles_dir, version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def _fetch(source: Source, manifest: dict[str, Any], raw: bytes, staging: Path) -> int:
     """Every file of ``manifest`` into ``staging``, then the manifest, verified and fsynced."""
     total = 0
-    for rel, entry in sorted(manifest["files"].items()):
-        total += _download(source, manifest["version"], rel, entry, staging / safe_relpath(rel))
+    expected = sum(int(entry["bytes"]) for entry in manifest["files"].values())
+    progress = Progress(f"pull v{manifest['version']}", expected, "B", unit_scale=True)
+    with progress:
+        for rel, entry in sorted(manifest["files"].items()):
+            dest = staging / safe_relpath(rel)
+            total += _download(source, manifest["version"], rel, entry, dest, progress)
     write_atomic(staging / MANIFEST, raw)
     verify_bundle(staging)
     fsync_tree(staging)
@@ -278,7 +344,14 @@ def _installed(final: Path, digest: str) -> bool:
     return True
 
 
-def _download(source: Source, version: int, rel: str, entry: dict[str, Any], dest: Path) -> int:
+def _download(
+    source: Source,
+    version: int,
+    rel: str,
+    entry: dict[str, Any],
+    dest: Path,
+    progress: Progress | None = None,
+) -> int:
     """Stream one file to ``dest``, refusing it at the first byte past the manifest's size.
 
     Hashed as the bytes arrive rather than with ``store.files.file_sha256`` afterwards: a
@@ -295,6 +368,8 @@ def _download(source: Source, version: int, rel: str, entry: dict[str, Any], des
                 raise BundleError(f"{rel}: more than the manifest's {entry['bytes']} bytes")
             digest.update(chunk)
             fh.write(chunk)
+            if progress is not None:
+                progress.update(len(chunk))
     if size != entry["bytes"]:
         raise BundleError(f"{rel}: {size} bytes arrived, the manifest says {entry['bytes']}")
     if digest.hexdigest() != entry["sha256"]:

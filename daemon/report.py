@@ -26,8 +26,9 @@ from aftertune.store.registry import Registry, Version, VersionState
 
 # Versions that were champion at some point: their points carry the deployed model's line.
 WAS_CHAMPION = frozenset({VersionState.PROMOTED, VersionState.RETIRED})
-# Viridis stops (colour-blind safe, dark = low): heatmap cells from score 0 to 1.
-VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
+# One hue, light to dark: score 0 is near white, 100 the darkest blue, so "darker = better"
+# reads without a key (a legend is drawn anyway). Stops of ColorBrewer's sequential "Blues".
+BLUES = ((247, 251, 255), (198, 219, 239), (107, 174, 214), (33, 113, 181), (8, 48, 107))
 STATE_COLOUR = {
     VersionState.PROMOTED: "#1e7b34",
     VersionState.RETIRED: "#5b7f65",
@@ -46,6 +47,11 @@ class Point:
     metric: str  # accuracy or token_f1
     score: float
     nll: float | None
+    chance: float | None = None  # accuracy needed to beat the majority answer (label tasks)
+
+    @property
+    def at_chance(self) -> bool:
+        return self.chance is not None and self.score <= self.chance + 1e-12
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,9 @@ def task_points(versions: Sequence[Version]) -> dict[str, list[Point]]:
             if found is None:
                 continue
             nll = _finite(scores.get("nll"))
-            out.setdefault(task, []).append(Point(v.version, v.state, found[0], found[1], nll))
+            chance = _finite((entry.get("chance") or {}).get("threshold"))
+            point = Point(v.version, v.state, found[0], found[1], nll, chance)
+            out.setdefault(task, []).append(point)
     return dict(sorted(out.items()))
 
 
@@ -149,6 +157,8 @@ def render_report(registry: Registry, version: int | None = None) -> str:
         summary=_state_summary(versions),
         generated=time.time(),
         checks=_failures_first(selected.gate.get("checks", [])),
+        scores=_score_rows(selected),
+        legend=[(i / 4, score_colour(i / 4)) for i in range(5)],
         heatmap=_heatmap(versions, points, selected.version) if points else None,
         charts=_task_charts(versions, points),
         trained_rows=_trained_rows(selected.lineage),
@@ -167,7 +177,7 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
         finalize=_escape,
     )
-    env.filters.update(when=_when, num=_num, short=_short, viridis=_viridis)
+    env.filters.update(when=_when, num=_num, short=_short, colour=score_colour)
     env.globals.update(badge_colour=_badge_colour, state_colour=_state_colour)
     return env
 
@@ -204,10 +214,11 @@ def _state_colour(state: VersionState) -> str:
     return STATE_COLOUR.get(state, OTHER_COLOUR)
 
 
-def _viridis(t: float) -> str:
-    t = min(max(t, 0.0), 1.0) * (len(VIRIDIS) - 1)
-    i = min(int(t), len(VIRIDIS) - 2)
-    a, b = VIRIDIS[i], VIRIDIS[i + 1]
+def score_colour(t: float) -> str:
+    """The heatmap's colour of a score in [0, 1]: monotone, lighter is lower."""
+    t = min(max(t, 0.0), 1.0) * (len(BLUES) - 1)
+    i = min(int(t), len(BLUES) - 2)
+    a, b = BLUES[i], BLUES[i + 1]
     r, g, bl = (round(x + (y - x) * (t - i)) for x, y in zip(a, b, strict=True))
     return f"#{r:02x}{g:02x}{bl:02x}"
 
@@ -219,6 +230,35 @@ def _state_summary(versions: Sequence[Version]) -> str:
 
 def _failures_first(checks: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return sorted(checks, key=lambda c: c.get("passed") is not False)  # stable: order kept
+
+
+def _score_rows(version: Version) -> list[dict[str, Any]]:
+    """The selected version's scores per task, champion beside challenger, with chance."""
+    rows = []
+    for task, entry in sorted(version.metrics.items()):
+        if not isinstance(entry, dict):
+            continue
+        new, old = entry.get("challenger", {}), entry.get("champion", {})
+        found = headline(new)
+        if found is None:
+            continue
+        metric, score = found
+        chance = entry.get("chance") or {}
+        rows.append(
+            {
+                "task": task,
+                "metric": metric,
+                "champion": _finite(old.get(metric)),
+                "challenger": score,
+                "nll_champion": _finite(old.get("nll")),
+                "nll_challenger": _finite(new.get("nll")),
+                "n": new.get("n"),
+                "majority": _finite(chance.get("majority")),
+                "needed": _finite(chance.get("threshold")),
+                "at_chance": bool(chance.get("at_chance")),
+            }
+        )
+    return rows
 
 
 def _heatmap(versions: Sequence[Version], points: dict[str, list[Point]], mark: int) -> Heatmap:
@@ -237,7 +277,7 @@ def _task_charts(versions: Sequence[Version], points: dict[str, list[Point]]) ->
     for task, pts in points.items():
         score = line_chart([(p, p.score) for p in pts], span, lambda v: f"{100 * v:.0f}", (0, 1))
         with_nll = [(p, p.nll) for p in pts if p.nll is not None]
-        nll = line_chart(with_nll, span, lambda v: f"{v:.2f}") if with_nll else None
+        nll = line_chart(with_nll, span, None, floor=0.0) if with_nll else None
         out.append(TaskCharts(task, pts[-1].metric, score, nll))
     return out
 
@@ -248,20 +288,50 @@ def _marker_kind(state: VersionState) -> str:
     return "rejected" if state is VersionState.REJECTED else "other"
 
 
+def nice_ticks(lo: float, hi: float, count: int = 4) -> tuple[list[float], int]:
+    """Round tick values covering [lo, hi] (steps of 1, 2 or 5 x 10^k) and the decimals that
+    tell every one apart."""
+    if hi - lo < 1e-12:
+        lo, hi = lo - max(abs(lo) * 0.1, 0.05), hi + max(abs(hi) * 0.1, 0.05)
+    raw = (hi - lo) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.floor(lo / step + 1e-9) * step
+    ticks = []
+    value = first
+    while value < hi + step * 0.999:
+        ticks.append(round(value, 12))
+        value += step
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    return ticks, decimals
+
+
 def line_chart(
     points: Sequence[tuple[Point, float]],
     span: tuple[int, int],
-    fmt: Callable[[float], str],
+    fmt: Callable[[float], str] | None,
     fixed: tuple[float, float] | None = None,
+    floor: float | None = None,
 ) -> Chart:
-    """A chart of (point, value) over versions; champions joined by a line."""
+    """A chart of (point, value) over versions; champions joined by a line.
+
+    ``fixed``: the axis range (scores: 0 to 1) with five grid lines; otherwise the axis is
+    scaled to the data, on round ticks, never below ``floor`` (an NLL is never negative).
+    """
     w, h, left, right, top, bottom = 270, 170, 44, 12, 10, 26
-    lo, hi = fixed or (min(v for _, v in points), max(v for _, v in points))
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    if fixed is None:
-        pad = 0.08 * (hi - lo)
-        lo, hi = lo - pad, hi + pad
+    decimals = 2
+    if fixed is not None:
+        lo, hi = fixed
+        values = [lo + (hi - lo) * i / 4 for i in range(5)]
+    else:
+        values, decimals = nice_ticks(min(v for _, v in points), max(v for _, v in points))
+        if floor is not None:
+            values = [v for v in values if v >= floor] or [floor]
+        lo, hi = values[0], values[-1]
+        if hi - lo < 1e-12:
+            hi = lo + 1.0
+            values = [lo, hi]
+    label = fmt or (lambda v: f"{v:.{decimals}f}")
     first, last = span
     step = max(1, last - first)
 
@@ -271,7 +341,7 @@ def line_chart(
     def sy(value: float) -> float:
         return top + (h - top - bottom) * (1 - (value - lo) / (hi - lo))
 
-    grid = [(sy(value), fmt(value)) for value in (lo + (hi - lo) * i / 4 for i in range(5))]
+    grid = [(sy(value), label(value)) for value in values]
     every = -(-(last - first + 1) // 6)  # at most six version labels fit under a chart
     ticks = [(sx(version), f"v{version}") for version in range(first, last + 1, every)]
     line = " ".join(
@@ -279,7 +349,10 @@ def line_chart(
     )
     markers = [
         Marker(
-            _marker_kind(p.state), sx(p.version), sy(v), f"v{p.version} ({p.state.value}): {fmt(v)}"
+            _marker_kind(p.state),
+            sx(p.version),
+            sy(v),
+            f"v{p.version} ({p.state.value}): {label(v)}",
         )
         for p, v in points
     ]

@@ -25,7 +25,7 @@ import redis
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from aftertune.daemon.announce import announce_if_missed
+from aftertune.daemon.announce import announce_latest
 from aftertune.daemon.metrics import DaemonMetrics
 from aftertune.daemon.settings import CycleSettings, Settings
 from aftertune.daemon.trainer_lock import TrainerLock
@@ -57,7 +57,8 @@ class CycleProgress:
         if not self.running:
             return f"last cycle {self.last_outcome}" if self.last_outcome else "no cycle yet"
         if self.total_steps and self.step < self.total_steps:
-            return f"training {100 * self.step // self.total_steps}%"
+            share = 100 * self.step // self.total_steps
+            return f"training {share}% (step {self.step} of {self.total_steps})"
         return "evaluating and publishing" if self.step else "preparing"
 
 
@@ -240,11 +241,7 @@ class CycleScheduler:
     def _announce_latest(self, settings: Settings) -> None:
         """The promotion event of ``latest``, unless the stream's newest event names it."""
         try:
-            announce_if_missed(
-                self._client,
-                settings.redis.promotions_stream,
-                StateLayout(settings.state_dir).bundles,
-            )
+            announce_latest(self._client, settings)
         except redis.RedisError as exc:
             log.warning("promotion event not sent (%s); retried before the next cycle", exc)
 

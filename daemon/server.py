@@ -79,7 +79,12 @@ class LatestModel(BaseModel):
     manifest: dict[str, Any]
 
 
-def _find(bundles_dir: Path, version: str, audit: BundleAudit) -> Published:
+def _find(
+    bundles_dir: Path,
+    version: str,
+    audit: BundleAudit,
+    explain: Callable[[int], str] | None = None,
+) -> Published:
     """The published bundle a URL names ('3', 'v3' or 'latest'), or the HTTP error to answer."""
     if version == LATEST:
         number = latest_version(bundles_dir)
@@ -91,9 +96,8 @@ def _find(bundles_dir: Path, version: str, audit: BundleAudit) -> Published:
         except BundleError as exc:
             raise HTTPException(400, str(exc)) from None
     if not (bundles_dir / version_dir_name(number) / MANIFEST).is_file():
-        raise HTTPException(
-            404, f"model v{number} is not published; GET /v1/models lists those that are"
-        )
+        why = explain(number) if explain is not None else f"model v{number} is not published"
+        raise HTTPException(404, f"{why}; GET /v1/models lists the published ones")
     try:
         return published(bundles_dir, number)
     except BundleError as exc:
@@ -139,11 +143,13 @@ def build_app(
     ready: Callable[[], bool],
     metrics: prometheus_client.CollectorRegistry,
     audit: BundleAudit | None = None,
+    explain: Callable[[int], str] | None = None,
 ) -> FastAPI:
     """The read-only app over ``bundles_dir``; ``token`` guards /v1 and /metrics when set.
 
     ``audit`` holds the verdicts on published files (the daemon shares its own with its
     sweeps); a file is hashed before it is first served and whenever it changed on disk.
+    ``explain(version)`` says why a version has no bundle (rejected, pruned...) in a 404.
     """
     if token == "":
         # An empty token would leave the server open while the operator believes it guarded.
@@ -153,7 +159,8 @@ def build_app(
     app.include_router(_probe_routes(ready))
     app.include_router(_metrics_routes(metrics), dependencies=guarded)
     audit = audit or BundleAudit(Path(bundles_dir))
-    app.include_router(_model_routes(Path(bundles_dir), audit), prefix="/v1", dependencies=guarded)
+    routes = _model_routes(Path(bundles_dir), audit, explain)
+    app.include_router(routes, prefix="/v1", dependencies=guarded)
     return app
 
 
@@ -187,7 +194,9 @@ def _metrics_routes(metrics: prometheus_client.CollectorRegistry) -> APIRouter:
     return router
 
 
-def _model_routes(bundles_dir: Path, audit: BundleAudit) -> APIRouter:
+def _model_routes(
+    bundles_dir: Path, audit: BundleAudit, explain: Callable[[int], str] | None
+) -> APIRouter:
     """/models…: the published bundles, their manifests and the files they list."""
     router = APIRouter()
 
@@ -206,7 +215,7 @@ def _model_routes(bundles_dir: Path, audit: BundleAudit) -> APIRouter:
 
     @router.get("/models/{version}/manifest")
     def manifest(version: str, request: Request) -> Response:
-        bundle = _find(bundles_dir, version, audit)
+        bundle = _find(bundles_dir, version, audit, explain)
         etag = f'"{bundle.manifest_sha256}"'
         if _etag_matches(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers={"ETag": etag})
@@ -215,7 +224,7 @@ def _model_routes(bundles_dir: Path, audit: BundleAudit) -> APIRouter:
 
     @router.api_route("/models/{version}/files/{path:path}", methods=["GET", "HEAD"])
     def bundle_file(version: str, path: str, request: Request) -> Response:
-        return _file_response(bundles_dir, audit, version, path, request)
+        return _file_response(bundles_dir, audit, version, path, request, explain)
 
     return router
 
@@ -242,14 +251,19 @@ def _model_list(bundles_dir: Path) -> ModelList:
 
 
 def _file_response(
-    bundles_dir: Path, audit: BundleAudit, version: str, path: str, request: Request
+    bundles_dir: Path,
+    audit: BundleAudit,
+    version: str,
+    path: str,
+    request: Request,
+    explain: Callable[[int], str] | None = None,
 ) -> Response:
     """One file a bundle's manifest lists, with its sha256 as ETag once its bytes match it."""
     try:
         rel = safe_relpath(path)
     except BundleError as exc:
         raise HTTPException(400, str(exc)) from None
-    bundle = _find(bundles_dir, version, audit)
+    bundle = _find(bundles_dir, version, audit, explain)
     entry = bundle.manifest["files"].get(rel)
     root = bundle.path.resolve()
     real = (root / rel).resolve()
@@ -386,7 +400,7 @@ class HttpServer:
                     f"the HTTP server on {self.host}:{self._port} did not start; see the log above"
                 )
             time.sleep(0.01)
-        log.info("serving HTTP on %s:%d", self.host, self._port)
+        log.info("serving HTTP on http://%s:%d", self.host, self._port)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Finish requests in flight (up to ``timeout`` seconds), then close."""

@@ -9,17 +9,21 @@ parts down in reverse on the way out: STOPPING=1, the cycle asked to checkpoint 
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import os
+import stat
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 
+from aftertune.daemon.bundle_follow import BundleFollower, FollowConfig
 from aftertune.daemon.bundle_watch import BundleWatch
 from aftertune.daemon.embedded_redis import redis_connection
 from aftertune.daemon.errors import SettingsError, StateDirError
@@ -43,7 +47,42 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATUS_EVERY_S = 2.0
+INGEST_LOG_EVERY_S = 5.0
 RELOADABLE = ("gate", "cycle", "log_level")
+
+
+class IngestLog:
+    """What was ingested, at INFO: at most one line per ``every_s``, none while idle."""
+
+    def __init__(self, every_s: float = INGEST_LOG_EVERY_S) -> None:
+        self.every_s = every_s
+        self.since_last = IngestStats()
+        self._next = 0.0
+
+    def add(self, stats: IngestStats, now: float) -> None:
+        self.since_last.add(stats)
+        s = self.since_last
+        if not s.read or now < self._next:
+            return
+        log.info(
+            "ingested %d entries (%d bytes): %d stored, %d duplicates, %d dead-lettered",
+            s.read,
+            s.read_bytes,
+            s.stored,
+            s.duplicates,
+            s.dead,
+            extra={
+                "fields": {
+                    "read": s.read,
+                    "bytes": s.read_bytes,
+                    "stored": s.stored,
+                    "duplicates": s.duplicates,
+                    "dead_lettered": s.dead,
+                }
+            },
+        )
+        self.since_last = IngestStats()
+        self._next = now + self.every_s
 
 
 def ingest_config(settings: Settings) -> IngestConfig:
@@ -94,11 +133,23 @@ class Daemon:
             StateLayout(settings.state_dir).bundles, on_damaged=self._bundle_damaged
         )
         self.bundle_watch = BundleWatch(self.audit)
+        self.follower = BundleFollower(
+            client,
+            FollowConfig(
+                stream=settings.redis.promotions_stream,
+                bundles_dir=StateLayout(settings.state_dir).bundles,
+                me=settings.redis.consumer,
+                token=settings.server.token.get_secret_value() if settings.server.token else None,
+            ),
+        )
         self._next_status = 0.0
         self._status_line = ""
+        self.ingest_log = IngestLog()
 
     def start(self) -> None:
-        """Server and scheduler up, then READY=1 and watchdog pings."""
+        """Bundles other daemons published caught up, server and scheduler up, then READY=1
+        and watchdog pings."""
+        self.follower.start()  # before the scheduler: a champion's bundle is pulled, not rebuilt
         if self.settings.server.enabled:
             self.start_server()
         if self.settings.cycle.enabled:
@@ -121,6 +172,7 @@ class Daemon:
             timeout = self.settings.cycle.shutdown_timeout_s
             left_running = not self.scheduler.stop(timeout, give_up=give_up)
         self.bundle_watch.stop()
+        self.follower.stop()
         if self.server is not None:
             self.server.stop()
         if self.pinger is not None:
@@ -129,19 +181,21 @@ class Daemon:
         return not left_running
 
     def start_server(self) -> None:
+        from aftertune.daemon.pull import why_unpublished
         from aftertune.daemon.server import HttpServer, build_app
 
         s = self.settings.server
+        state_dir = self.settings.state_dir
         app = build_app(
             StateLayout(self.settings.state_dir).bundles,
             token=s.token.get_secret_value() if s.token else None,
             ready=self.readiness.is_ready,
             metrics=self.metrics.registry,
             audit=self.audit,
+            explain=lambda version: why_unpublished(state_dir, version, self.settings.store.url),
         )
         self.server = HttpServer(app, s.host, s.port)
         self.server.start()
-        log.info("http server on http://%s:%d", s.host, self.server.port)
 
     def _bundle_damaged(self, version: int, reason: str) -> None:
         """A bundle went out of service (any thread): count it, have the champion's re-exported."""
@@ -160,6 +214,7 @@ class Daemon:
         self.alive.beat()
         self.metrics.count_ingest(stats)
         now = time.monotonic()
+        self.ingest_log.add(stats, now)
         if now < self._next_status:
             return
         self._next_status = now + STATUS_EVERY_S
@@ -254,7 +309,11 @@ def _differences(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
         for name in type(new).model_fields
     }
     differ = [name for name, (before, after) in dumps.items() if before != after]
-    changed = [f"{n}: {dumps[n][0]} -> {dumps[n][1]}" for n in RELOADABLE if n in differ]
+    changed = [
+        f"{n}: {json.dumps(dumps[n][0])} -> {json.dumps(dumps[n][1])}"
+        for n in RELOADABLE
+        if n in differ
+    ]
     return changed, [name for name in differ if name not in RELOADABLE]
 
 
@@ -275,6 +334,7 @@ def serve(
         redis_connection(settings.redis.url, settings.state_dir) as client,
         ExampleStore.in_state_dir(settings.state_dir, settings.store.url) as store,
     ):
+        log_where_producers_push(settings, client)
         daemon = Daemon(settings, client, store, config, overrides)
         worker = Worker(
             Ingestor(client, store, ingest_config(settings)),
@@ -298,6 +358,46 @@ def serve(
     if abandoned:
         _exit_now(0)
     return 0
+
+
+def log_where_producers_push(settings: Settings, client: redis.Redis) -> None:
+    """One line at start: the Redis URL and stream producers must XADD to, and who can."""
+    stream = settings.redis.stream
+    if settings.redis.url is not None:
+        log.info(
+            "producers push to stream %s on %s (redis.url)",
+            stream,
+            _without_password(settings.redis.url),
+            extra={
+                "fields": {"redis_url": _without_password(settings.redis.url), "stream": stream}
+            },
+        )
+        return
+    path = Path(str(client.connection_pool.connection_kwargs.get("path", "")))
+    try:
+        mode = f"{stat.S_IMODE(path.stat().st_mode):o}"
+        group = grp.getgrgid(path.parent.stat().st_gid).gr_name
+    except (OSError, KeyError):
+        mode, group = "?", "?"
+    log.info(
+        "producers push to stream %s on the embedded Redis at unix://%s (directory group %s, "
+        "socket mode %s): only this host can; set redis.url to a shared Redis for remote "
+        "producers (docs/operations.md)",
+        stream,
+        path,
+        group,
+        mode,
+        extra={"fields": {"redis_url": f"unix://{path}", "stream": stream, "embedded": True}},
+    )
+
+
+def _without_password(url: str) -> str:
+    """The URL as it may be logged: a password in it becomes ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def prepare_state_dir(state_dir: Path) -> None:

@@ -6,10 +6,13 @@ Sources, strongest first: command-line overrides, environment (``AFTERTUNE_*``, 
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import socket
 import tomllib
+import typing
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -256,6 +259,16 @@ class GateSettings(TaskGateSettings):
     max_conflict_share: float = Field(
         default=0.05, ge=0, le=1, description="new records contradicting a stored label"
     )
+    beat_chance: bool = Field(
+        default=True,
+        description="a label task new to the champion must beat always giving its majority answer",
+    )
+    chance_z: float = Field(
+        default=1.645,
+        ge=0,
+        le=10,
+        description="...by this many standard errors of the majority share (1.645: 5 % one-sided)",
+    )
     require_approval: bool = False
     max_per_task: int = Field(default=200, ge=1, description="held-out examples per task and suite")
     tasks: dict[str, TaskGateSettings] = Field(default_factory=dict)
@@ -295,6 +308,13 @@ class ServerSettings(_Section):
     allow_anonymous: bool = Field(
         default=False,
         description="serve /v1 and /metrics without a token on a non-loopback host",
+    )
+    advertise_url: str | None = Field(
+        default=None,
+        description=(
+            "where other daemons pull this one's bundles; unset = http://HOST:PORT "
+            "(the host name when host is 0.0.0.0 or ::)"
+        ),
     )
 
     @field_validator("token")
@@ -383,6 +403,11 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     cycle: CycleSettings = Field(default_factory=CycleSettings)
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_any_case(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -409,6 +434,7 @@ def load_settings(
 
     Raises SettingsError with a one-line message naming the field and why.
     """
+    check_environment(os.environ)
     path = config if config is not None else os.environ.get("AFTERTUNE_CONFIG") or None
     if path is not None and not Path(path).is_file():
         why = "is not a file" if Path(path).exists() else "does not exist"
@@ -422,6 +448,65 @@ def load_settings(
         raise SettingsError(_one_line(exc)) from None
     finally:
         _CONFIG_FILE.reset(token)
+
+
+ENV_PREFIX = "AFTERTUNE_"
+# AFTERTUNE_* variables that are not settings: each is read where it is named.
+ENV_NOT_SETTINGS = frozenset(
+    {
+        "AFTERTUNE_CONFIG",  # the TOML file (load_settings)
+        "AFTERTUNE_TOKEN",  # `aftertune pull --token`'s default (daemon/cli_bundles.py)
+        "AFTERTUNE_FAILPOINT",  # crash-safety tests (store/failpoints.py)
+        "AFTERTUNE_REQUIRE_AVALANCHE",  # tests/avalanche: fail instead of skip (Makefile)
+        "AFTERTUNE_TEST_PG_BINDIR",  # tests: where the PostgreSQL server binaries are
+    }
+)
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse an ``AFTERTUNE_*`` variable that names no setting, as the TOML file's keys are.
+
+    pydantic-settings ignores such a variable silently, so a typo (a misspelt section or key)
+    would leave the default in force without a word.
+    """
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in ENV_NOT_SETTINGS:
+            continue
+        path = upper.removeprefix(ENV_PREFIX).lower().split("__")
+        if not _names_a_setting(Settings, path):
+            close = difflib.get_close_matches(upper, _setting_env_names(Settings), n=1, cutoff=0.8)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise SettingsError(
+                f"unknown environment variable {name}: no setting {'.'.join(path)!r}; {hint}"
+                "settings are AFTERTUNE_<SECTION>__<KEY> (every one in systemd/aftertune.toml); "
+                "unset it"
+            )
+
+
+def _setting_env_names(model: type[BaseModel], prefix: str = ENV_PREFIX) -> list[str]:
+    out = []
+    for key, info in model.model_fields.items():
+        name = prefix + key.upper()
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out += _setting_env_names(annotation, name + "__")
+        else:
+            out.append(name)
+    return out
+
+
+def _names_a_setting(model: type[BaseModel], path: list[str]) -> bool:
+    info = model.model_fields.get(path[0])
+    if info is None:
+        return False
+    rest = path[1:]
+    if not rest:
+        return True
+    annotation = info.annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return _names_a_setting(annotation, rest)
+    return typing.get_origin(annotation) is dict  # gate.max_drop.accuracy, gate.tasks.NAME...
 
 
 def _one_line(exc: ValidationError) -> str:

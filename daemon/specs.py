@@ -63,6 +63,8 @@ _GATE_ONLY = (
     "noise_z",
     "max_nll_rise_same_task",
     "max_conflict_share",
+    "beat_chance",
+    "chance_z",
     "require_approval",
     "max_per_task",
     "tasks",

@@ -4,31 +4,50 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import redis
 
 from aftertune.daemon.settings import Settings
+from aftertune.daemon.tables import table
 from aftertune.store.examples import ExampleStore
 from aftertune.store.layout import StateLayout
 from aftertune.store.records import printable
 from aftertune.store.registry import Registry
 
+# Redis before 7 does not count a group's unread entries (XINFO GROUPS has no "lag"): they
+# are counted here, reading at most this many ids past the group's last delivered one.
+UNREAD_COUNT_LIMIT = 1000
+
 
 def stream_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
+    """Entries in the stream, unread by the group, pending (read, not acked), dead-lettered.
+
+    ``unread`` is None only when neither Redis nor the count below can say it.
+    """
     cfg = settings.redis
     length = int(client.xlen(cfg.stream))
     dead = int(client.xlen(cfg.dead_letter_stream))
     pending = 0
-    lag: int | None = None
+    unread: int | None = None
     try:
         pending = int(client.xpending(cfg.stream, cfg.group)["pending"])
         for group in client.xinfo_groups(cfg.stream):
             if group["name"] in (cfg.group, cfg.group.encode()):
-                lag = group.get("lag")
+                unread = group.get("lag")
+                if unread is None:
+                    unread = _count_after(client, cfg.stream, group["last-delivered-id"])
     except redis.ResponseError:  # no stream or no group yet: nothing was ever read
-        lag = length
-    return {"length": length, "pending": pending, "unread": lag, "dead": dead}
+        unread = length
+    return {"length": length, "pending": pending, "unread": unread, "dead": dead}
+
+
+def _count_after(client: redis.Redis, stream: str, last_id: bytes | str) -> int | None:
+    """Entries after ``last_id``, or None past UNREAD_COUNT_LIMIT (a bounded read)."""
+    last = last_id.decode() if isinstance(last_id, bytes) else str(last_id)
+    found = client.xrange(stream, min=f"({last}", max="+", count=UNREAD_COUNT_LIMIT + 1) or []
+    return len(found) if len(found) <= UNREAD_COUNT_LIMIT else None
 
 
 def champion_status(registry: Registry) -> dict[str, Any] | None:
@@ -66,23 +85,28 @@ def gather_status(
 
 def render_status(status: dict[str, Any]) -> str:
     s = status["stream"]
-    unread = "?" if s["unread"] is None else s["unread"]
+    unread = s["unread"]
+    if unread is None:
+        unread = f"more than {UNREAD_COUNT_LIMIT}"
     lines = [
-        f"stream: {s['length']} entries, {unread} unread, {s['pending']} pending, "
-        f"{s['dead']} dead-lettered",
+        f"stream: {s['length']} entries; {unread} unread, {s['pending']} pending (read, not "
+        f"yet stored), {s['dead']} dead-lettered",
     ]
     examples = status["examples"]
     if examples:
         lines.append(f"examples: {sum(c['train'] + c['test'] for c in examples.values())}")
-        width = max(len(t) for t in examples)
-        for task, c in examples.items():
-            lines.append(f"  {task:<{width}}  train {c['train']:>7}  test {c['test']:>6}")
+        rows = [[task, c["train"], c["test"]] for task, c in examples.items()]
+        lines.append(table(["task", "train examples", "held-out examples"], rows, indent=2))
     else:
         lines.append("examples: none yet")
     champion = status["champion"]
     lines.append(
         "champion: " + ("none (the base model)" if champion is None else f"v{champion['version']}")
     )
+    if champion is not None and champion.get("promoted_at"):
+        lines[-1] += (
+            f", promoted {time.strftime('%Y-%m-%d %H:%M', time.localtime(champion['promoted_at']))} (local)"
+        )
     daemon = status.get("daemon")
     if daemon is None:
         lines.append("daemon: not running")
@@ -94,4 +118,4 @@ def render_status(status: dict[str, Any]) -> str:
         if daemon.get("server"):
             lines.append(f"  serving {daemon['server']}")
     # daemon.json and task names come from outside this process: nothing raw to the terminal.
-    return "\n".join(printable(line) for line in lines)
+    return "\n".join(printable(line) if "\n" not in line else line for line in lines)

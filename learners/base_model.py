@@ -151,7 +151,8 @@ def load_base(
     # transformers wraps `to` in functools.wraps(nn.Module.to), whose stub loses `self`.
     model.to(device)  # type: ignore[arg-type]
     model.eval()
-    logger.info("loaded base model %s (%d parameters)", path, model.num_parameters())
+    # DEBUG: a cycle loads the base several times (train, champion, challenger, export).
+    logger.debug("loaded base model %s (%d parameters)", path, model.num_parameters())
     return model, tokenizer
 
 

@@ -66,7 +66,10 @@ def build_champion(base_spec: str | Path, adapter_dirs: Sequence[Path], cache_di
     if (final / MANIFEST).is_file():
         return final
     log.info(
-        "building champion %s: base + %d adapters merged in order", key[:12], len(adapter_dirs)
+        "building champion %s: base + %d adapter%s merged in order",
+        key[:12],
+        len(adapter_dirs),
+        "" if len(adapter_dirs) == 1 else "s",
     )
     with staged_dir(final) as tmp:
         model, tokenizer = merge_chain(base_spec, adapter_dirs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,8 @@ from typing import Any
 from aftertune.learners.candidate import train_candidate
 from aftertune.learners.champion import load_version
 from aftertune.learners.errors import CycleBlocked, ExportError
-from aftertune.learners.evaluate import TaskScore, held_out, score_dict
-from aftertune.learners.gate import Decision, GateReport, judge
+from aftertune.learners.evaluate import TaskScore, held_out, normalize, score_dict
+from aftertune.learners.gate import Decision, GateReport, chance_threshold, judge
 from aftertune.learners.kinds import AnswerSets, ModelKind, kind_for
 from aftertune.learners.promote import promote_and_publish, sync_latest
 from aftertune.learners.specs import LearningSpecs
@@ -34,6 +35,7 @@ SUITES = ("regression", "gain")
 Suites = dict[str, dict[str, list[Example]]]  # suite -> task -> held-out examples
 SuiteScores = dict[str, dict[str, TaskScore]]  # suite -> task -> score
 Outcome = tuple[Decision, list[str], Published | None]  # what was decided, why, what published
+Chance = dict[str, tuple[float, int]]  # task -> (share of its majority answer, n), label tasks
 
 
 @dataclass
@@ -103,6 +105,29 @@ def _metrics(champion: SuiteScores, challenger: SuiteScores) -> dict[str, dict[s
     return out
 
 
+def chance_levels(by_task: dict[str, list[Example]], labels: AnswerSets) -> Chance:
+    """Per label task, how often always giving the most frequent answer would be right."""
+    out: Chance = {}
+    for task, examples in by_task.items():
+        if labels.get(task) and examples:
+            counts = Counter(normalize(e.output) for e in examples)
+            out[task] = (counts.most_common(1)[0][1] / len(examples), len(examples))
+    return out
+
+
+def _mark_chance(metrics: dict[str, dict[str, Any]], chance: Chance, z: float) -> None:
+    """Add to each label task's metrics its chance level on all its held-out records."""
+    for task, (majority, n) in chance.items():
+        if task in metrics and "accuracy" in metrics[task]["challenger"]:
+            threshold = chance_threshold(majority, n, z)
+            metrics[task]["chance"] = {
+                "majority": majority,
+                "n": n,
+                "threshold": threshold,
+                "at_chance": metrics[task]["challenger"]["accuracy"] <= threshold + 1e-12,
+            }
+
+
 def _floats(score: TaskScore) -> dict[str, float]:
     return {k: float(v) for k, v in score_dict(score).items()}
 
@@ -157,6 +182,7 @@ def run_cycle(
     champion_scores, challenger_scores = run.score_both(champion, challenger)
     gate = run.judge(champion, challenger, champion_scores, challenger_scores)
     metrics = _metrics(champion_scores, challenger_scores)
+    _mark_chance(metrics, run.chance["all"], specs.rules.chance_z)
     registry.set_metrics(challenger.version, metrics)
     if gate.decision is Decision.PROMOTED:
         decision, reasons, bundle = run.promote(challenger, gate)
@@ -190,6 +216,7 @@ class _CycleRun:
     actor: str
     timings: dict[str, float] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # tasks the model kind cannot score
+    chance: dict[str, Chance] = field(default_factory=dict)  # "gain" / "all" -> chance levels
 
     @property
     def kind(self) -> ModelKind:
@@ -241,7 +268,15 @@ class _CycleRun:
         self.refused = judged.refused
         for name, by_task in suites.items():
             suites[name] = {t: v for t, v in by_task.items() if t not in judged.refused}
-        champion_scores = self._score_suites(champion, suites, judged.sets)
+        labels = judged.sets
+        everything = {
+            t: [*suites["regression"].get(t, []), *suites["gain"].get(t, [])] for t in labels
+        }
+        self.chance = {
+            "gain": chance_levels(suites["gain"], labels),
+            "all": chance_levels(everything, labels),
+        }
+        champion_scores = self._score_suites(champion, suites, labels)
         failpoint("cycle.during_eval")
         challenger_scores = self._score_suites(challenger, suites, judged.sets)
         self.timings["evaluate_s"] = time.monotonic() - t0
@@ -278,7 +313,9 @@ class _CycleRun:
         new_tasks -= set(self.refused)  # not learned or scored by this kind: said in reasons
         champion_seq = champion.data_seq if champion is not None else 0
         conflicts = self.store.conflicts(champion_seq, challenger.data_seq)
-        return judge(regression, gain, new_tasks, self.specs.rules, conflicts)
+        return judge(
+            regression, gain, new_tasks, self.specs.rules, conflicts, self.chance.get("gain")
+        )
 
     def promote(self, challenger: Version, gate: GateReport) -> Outcome:
         """Export, parity, promote, publish; a failed export rejects instead."""

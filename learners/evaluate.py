@@ -25,6 +25,7 @@ import torch
 from aftertune.learners.champion import load_version
 from aftertune.learners.data import cut_middle, left_pad, pad_id
 from aftertune.learners.generate import greedy_continuations
+from aftertune.learners.progress import Progress
 from aftertune.store.examples import Example, ExampleStore
 from aftertune.store.prompt import DEFAULT_PROMPT, PromptTemplate
 from aftertune.store.registry import Registry, Version
@@ -250,7 +251,8 @@ def evaluate(
     sets learned from train data where held-out sets are small.
     """
     scores: dict[str, TaskScore] = {}
-    for task in sorted(examples_by_task):
+    tasks = sorted(examples_by_task)
+    for task in Progress(f"evaluate {len(tasks)} tasks", len(tasks), "task").track(tasks):
         examples = list(examples_by_task[task])
         if labels is not None and task in labels:
             label_set = labels[task]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -39,6 +39,7 @@ from aftertune.learners.data import (
     response_loss,
 )
 from aftertune.learners.errors import FisherMismatch
+from aftertune.learners.progress import Progress
 from aftertune.store.files import write_atomic
 
 if TYPE_CHECKING:
@@ -116,7 +117,8 @@ def mean_squared_grads(
     was_training = model.training
     model.eval()  # as avalanche: no dropout noise in the importances
     try:
-        for batch in batches:
+        total = len(batches) if isinstance(batches, Sized) else None
+        for batch in Progress("Fisher", total, "batch").track(batches):
             loss = loss_fn(model, batch)
             loss.backward()
             for k, w in params.items():

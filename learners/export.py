@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aftertune.learners.errors import ExportError
+from aftertune.learners.progress import Progress
 from aftertune.store.bundle import FORMAT_GENAI, FORMAT_LOGITS, write_manifest
 from aftertune.store.consumer import Bundle
 from aftertune.store.prompt import PromptTemplate
@@ -303,7 +304,8 @@ def check_parity(
     prompts = list(prompts)[: spec.parity_prompts]
     prompt_ids = [bundle.encode(p) for p in prompts]
     want, model, _ = reference_continuations(model_dir, prompt_ids, spec.parity_max_new_tokens)
-    got = [bundle.generate_ids(ids, spec.parity_max_new_tokens) for ids in prompt_ids]
+    track = Progress("parity (ONNX Runtime)", len(prompt_ids), "prompt").track(prompt_ids)
+    got = [bundle.generate_ids(ids, spec.parity_max_new_tokens) for ids in track]
     agreement, identical, first_diff = _compare_greedy(bundle, prompts, want, got)
     report: dict[str, Any] = {
         "prompts": len(prompts),

@@ -4,8 +4,11 @@ Rules in the style of TFX/TFMA model validation:
 
 - value thresholds: an absolute floor per metric (a ceiling for NLL, where lower is better);
 - change thresholds against the champion: the largest allowed drop, absolute and relative;
-- a minimum gain on the tasks that got new data; a task the champion has no score for
-  yet is held to its value thresholds only.
+- a minimum gain on the tasks that got new data;
+- a label task the champion has no score for yet must beat chance: its accuracy on the new
+  held-out records must exceed the share of the majority answer there by ``chance_z``
+  standard errors of that share (a one-sided binomial test: with the default 1.645, a model
+  that only ever gives the majority answer passes about one time in twenty).
 
 Two suites stay apart. *Regression* uses the held-out records that already existed when
 the champion was made; *gain* uses the held-out records that arrived with this cycle's
@@ -79,6 +82,8 @@ class GateRules:
     noise_z: float  # max_drop of a proportion is at least this many standard errors
     max_nll_rise_same_task: float  # nats; a task's new data vs its own old held-out
     max_conflict_share: float  # new records that contradict an older record's label
+    beat_chance: bool  # a label task new to the champion must beat its majority answer
+    chance_z: float  # ... by this many standard errors of the majority share
     require_approval: bool
 
     def for_task(self, task: str) -> MetricRules:
@@ -200,6 +205,29 @@ def _drop(metric: str, old: float, new: float) -> float:
     return (old - new) if HIGHER_IS_BETTER[metric] else (new - old)
 
 
+def _moved(
+    metric: str, old: float, new: float, ok: bool, limit: str, *, relative: bool = False
+) -> str:
+    """'0.82 -> 0.7, fell by 0.12 (over the allowed drop of 0.05)'; 'rose by 518.2% (...)'
+    relative to the old value; an improvement or no change says so instead of a limit."""
+    change = new - old
+    if change == 0:
+        return f"{_fmt(old)} -> {_fmt(new)}, unchanged"
+    amount = f"{100 * abs(change) / abs(old):.1f}%" if relative else f"{abs(change):.4g}"
+    moved = f"{_fmt(old)} -> {_fmt(new)}, {'rose' if change > 0 else 'fell'} by {amount}"
+    if (change > 0) == HIGHER_IS_BETTER[metric]:
+        return f"{moved} (an improvement)"
+    worse = "drop" if HIGHER_IS_BETTER[metric] else "rise"
+    return f"{moved} ({'within' if ok else 'over'} the allowed {worse} of {limit})"
+
+
+def _changed(old: float, new: float) -> str:
+    """'1.5 -> 1.6, rose by 0.1', '... fell by 0.1', '... unchanged'."""
+    if new == old:
+        return f"{_fmt(old)} -> {_fmt(new)}, unchanged"
+    return f"{_fmt(old)} -> {_fmt(new)}, {'rose' if new > old else 'fell'} by {abs(new - old):.4g}"
+
+
 def _missing_metric(task: str, metric: str, old: float) -> Check:
     message = f"{task}: challenger has no {metric} (champion {_fmt(old)})"
     return Check(task, Suite.REGRESSION, metric, "metric_present", old, None, None, False, message)
@@ -217,10 +245,7 @@ def _drop_check(
     limit = max(allowed, noise)
     widened = f"; widened from {allowed:g} for n={n:g}" if noise > allowed else ""
     ok = drop <= limit + 1e-12
-    message = (
-        f"{task}: {metric} {_fmt(old)} -> {_fmt(new)}, a drop of {drop:.4g} "
-        f"({'within' if ok else 'over'} the allowed {limit:.4g}{widened})"
-    )
+    message = f"{task}: {metric} " + _moved(metric, old, new, ok, f"{limit:.4g}{widened}")
     return Check(task, Suite.REGRESSION, metric, "max_drop", old, new, limit, ok, message)
 
 
@@ -230,9 +255,8 @@ def _relative_drop_check(
     limit = rules.max_drop_rel[metric]
     rel = _drop(metric, old, new) / abs(old)
     ok = rel <= limit + 1e-12
-    message = (
-        f"{task}: {metric} {_fmt(old)} -> {_fmt(new)}, a relative drop of "
-        f"{100 * rel:.1f}% ({'within' if ok else 'over'} the allowed {100 * limit:g}%)"
+    message = f"{task}: {metric} " + _moved(
+        metric, old, new, ok, f"{100 * limit:g}%", relative=True
     )
     return Check(task, Suite.REGRESSION, metric, "max_drop_rel", old, new, limit, ok, message)
 
@@ -258,8 +282,9 @@ def _gain_checks(
                 challenger[primary],
                 rules.min_gain,
                 ok,
-                f"{task}: {primary} on new held-out data {_fmt(champion[primary])} -> "
-                f"{_fmt(challenger[primary])}, gain {gain:+.4g} (minimum {rules.min_gain:g})",
+                f"{task}: {primary} on new held-out data "
+                f"{_changed(champion[primary], challenger[primary])} "
+                f"(it must rise by at least {rules.min_gain:g})",
             )
         )
     if "nll" in challenger and "nll" in champion:
@@ -275,11 +300,32 @@ def _gain_checks(
                 challenger["nll"],
                 rules.min_nll_gain,
                 ok,
-                f"{task}: nll on new held-out data {_fmt(champion['nll'])} -> "
-                f"{_fmt(challenger['nll'])}, improvement {gain:+.4g} (minimum {rules.min_nll_gain:g})",
+                f"{task}: nll on new held-out data "
+                f"{_changed(champion['nll'], challenger['nll'])} "
+                f"(it must fall by at least {rules.min_nll_gain:g})",
             )
         )
     return out
+
+
+def chance_threshold(majority: float, n: int, z: float) -> float:
+    """Accuracy a model must exceed on ``n`` examples to beat always giving the majority
+    answer (which scores ``majority``): that share plus ``z`` of its standard errors."""
+    return majority + _noise("accuracy", majority, n, z)
+
+
+def _chance_check(task: str, challenger: Scores, majority: float, n: int, z: float) -> list[Check]:
+    if "accuracy" not in challenger or n <= 0:
+        return []  # free text has no majority class
+    value, threshold = challenger["accuracy"], chance_threshold(majority, n, z)
+    ok = value > threshold + 1e-12
+    verdict = "beats chance" if ok else "is at chance level"
+    message = (
+        f"{task}: accuracy {100 * value:.1f}% on {n} new held-out records {verdict}: always "
+        f"giving the majority answer scores {100 * majority:.1f}%, and beating that needs over "
+        f"{100 * threshold:.1f}% ({z:g} standard errors more, for n={n}; gate.chance_z)"
+    )
+    return [Check(task, Suite.GAIN, "accuracy", "chance", None, value, threshold, ok, message)]
 
 
 def _consistency_check(
@@ -306,9 +352,9 @@ def _consistency_check(
             challenger["nll"],
             limit,
             ok,
-            f"{task}: new data for this task moved nll on its earlier held-out records "
-            f"{_fmt(champion['nll'])} -> {_fmt(challenger['nll'])} ({rise:+.4g}; "
-            f"{'within' if ok else 'over'} the allowed rise {limit:g})",
+            f"{task}: with this task's new data, nll on its earlier held-out records "
+            f"{_changed(champion['nll'], challenger['nll'])} "
+            f"({'within' if ok else 'over'} the allowed rise of {limit:g})",
         )
     ]
 
@@ -337,9 +383,11 @@ def judge(
     new_data_tasks: set[str],
     rules: GateRules,
     conflicts: Mapping[str, tuple[int, int]] | None = None,
+    chance: Mapping[str, tuple[float, int]] | None = None,
 ) -> GateReport:
     """Decide. Each suite maps task -> (champion scores, challenger scores); a side is None
-    when that model was not scored on it (no held-out examples in that suite).
+    when that model was not scored on it (no held-out examples in that suite). ``chance``:
+    task -> (share of the majority answer, n) on the gain suite, for label tasks.
     """
     checks: list[Check] = []
     for task in sorted(regression):
@@ -375,6 +423,8 @@ def judge(
             continue
         checks += _value_checks(task, Suite.GAIN, challenger, rules.for_task(task))
         checks += _gain_checks(task, champion, challenger, rules)
+        if champion is None and rules.beat_chance and task in (chance or {}):
+            checks += _chance_check(task, challenger, *(chance or {})[task], rules.chance_z)
     if any(not c.passed for c in checks):
         decision = Decision.REJECTED
     elif rules.require_approval:

@@ -24,6 +24,7 @@ from aftertune.learners.champion import build_champion
 from aftertune.learners.errors import ExportError
 from aftertune.learners.kinds import kind_for
 from aftertune.learners.lineage import manifest_lineage
+from aftertune.learners.progress import ticking
 from aftertune.learners.specs import LearningSpecs
 from aftertune.store.bundle import read_manifest, resolve_inside, version_dir_name
 from aftertune.store.bundles import (
@@ -99,14 +100,17 @@ def stage_bundle(
         }
         prompts = parity_prompts(store, version.data_seq, spec.parity_prompts, spec.template)
         adapter = chain[-1].adapter_dir if chain else None
-        result = kind_for(base).export(model_dir, staging, specs, prompts, fields, adapter)
+        with ticking(f"export v{version.version} to ONNX and check parity"):
+            result = kind_for(base).export(model_dir, staging, specs, prompts, fields, adapter)
+        parity = result.manifest["parity"]
         log.info(
-            "v%d exported (%s, %s) in %.1fs; parity %s",
+            "v%d exported (%s, %s) in %.1fs; parity: %s",
             version.version,
             result.manifest["format"],
             spec.precision,
             result.seconds["export_s"],
-            result.manifest["parity"],
+            ", ".join(f"{k} {v}" for k, v in parity.items()),
+            extra={"fields": {"version": version.version, "parity": parity}},
         )
         return install(staging, bundles_dir(state_dir), version.version)
     except BaseException:
@@ -154,7 +158,7 @@ def _point_latest(state_dir: Path, version: int, keep: int) -> Published:
     set_latest(root, version)
     removed = prune(root, keep)
     if removed:
-        log.info("pruned bundles %s (export.keep = %d)", [f"v{v}" for v in removed], keep)
+        log.info("pruned bundles %s (export.keep = %d)", ", ".join(f"v{v}" for v in removed), keep)
     return published(root, version)
 
 

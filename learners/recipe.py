@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from aftertune.learners.base_model import resolve_device
 from aftertune.learners.checkpoint import clear_checkpoints, load_checkpoint, save_checkpoint
@@ -37,6 +36,7 @@ from aftertune.learners.lora import (
     save_adapter,
 )
 from aftertune.learners.objectives import Objective, ResponseObjective
+from aftertune.learners.progress import Progress
 from aftertune.learners.replay import ReplaySpec, cap_pool, mix_batches
 from aftertune.store.prompt import PromptTemplate
 
@@ -313,12 +313,8 @@ class LoraRecipe:
         if model is None:
             raise LearnerError("LoraRecipe.train() called before setup()")
         stream = self._micro_batches(pos.step * spec.grad_accum)
-        bar = tqdm(
-            total=self.total_steps,
-            initial=pos.step,
-            disable=not spec.progress,
-            desc="adapter",
-            unit="step",
+        bar = Progress(
+            "train adapter", self.total_steps, "step", enabled=spec.progress, initial=pos.step
         )
         model.train()
         while pos.step < self.total_steps:
@@ -331,8 +327,7 @@ class LoraRecipe:
             pos.seconds += time.perf_counter() - started
             pos.loss_first = step_loss if math.isnan(pos.loss_first) else pos.loss_first
             pos.loss_last = step_loss
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", ewc=f"{pos.penalty:.2e}", refresh=False)
+            bar.update(1, loss=round(step_loss, 4), ewc=float(f"{pos.penalty:.3g}"))
             every = spec.checkpoint_every
             if self.checkpoint_dir is not None and every and pos.step % every == 0:
                 self.save_checkpoint(self.checkpoint_dir)

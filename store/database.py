@@ -70,6 +70,30 @@ def open_database(path: Path, url: str | None, plan: SchemaPlan) -> Database:
     return SQLiteDatabase(path, plan)
 
 
+def is_postgres(tx: Transaction) -> bool:
+    return isinstance(tx, _PostgresTransaction)
+
+
+def member_of(dialect: Dialect, column: str, values: Sequence[Any]) -> tuple[str, tuple[Any, ...]]:
+    """``column IN (values)`` as SQL and parameters: one array parameter on PostgreSQL (a
+    query of 500 placeholders costs psycopg more to parse than the server to run)."""
+    if dialect is Dialect.POSTGRESQL:
+        return f"{column} = ANY(?)", (list(values),)
+    return f"{column} IN ({','.join('?' * len(values))})", tuple(values)
+
+
+def insert_rows(
+    tx: Transaction, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """Insert ``rows`` in the caller's transaction: COPY on PostgreSQL (measured ~3x faster
+    than a batched INSERT there), ``executemany`` on SQLite."""
+    if isinstance(tx, _PostgresTransaction):
+        tx.copy_in(table, columns, rows)
+        return
+    marks = ",".join("?" * len(columns))
+    tx.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+
+
 def redacted(url: str) -> str:
     """``url`` without its password: what messages and logs may show."""
     head, sep, tail = url.partition("://")
@@ -149,6 +173,14 @@ class _PostgresTransaction:
     def executemany(self, sql: str, rows: Any, /) -> Any:
         with self._conn.cursor() as cursor:
             cursor.executemany(_pg(sql), rows)
+
+    def copy_in(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        with (
+            self._conn.cursor() as cursor,
+            cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy,
+        ):
+            for row in rows:
+                copy.write_row(row)
 
 
 _PG_SQL: dict[str, str] = {}

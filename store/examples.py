@@ -23,10 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from aftertune.store.database import Database, Transaction, open_database
+from aftertune.store.database import (
+    Database,
+    Transaction,
+    insert_rows,
+    is_postgres,
+    member_of,
+    open_database,
+)
 from aftertune.store.layout import StateLayout
 from aftertune.store.records import Record
 from aftertune.store.schema import (
+    Dialect,
     Migration,
     SchemaPlan,
     prompt_key,
@@ -194,6 +202,23 @@ def _content(record: Record) -> tuple[Any, ...]:
     )
 
 
+_INSERTED = (
+    "id",
+    "id_key",
+    "prompt_key",
+    "task",
+    "instruction",
+    "input",
+    "output",
+    "split",
+    "pinned",
+    "weight",
+    "source",
+    "meta",
+    "added_at",
+)
+
+
 def _rows(records: Sequence[Record], keys: dict[str, int], now: float) -> list[tuple[Any, ...]]:
     return [
         (
@@ -281,12 +306,7 @@ class ExampleStore:
                     duplicates += 1
                 else:
                     conflicts.append(position)
-            db.executemany(
-                "INSERT INTO examples (id, id_key, prompt_key, task, instruction, input, output,"
-                " split, pinned, weight, source, meta, added_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                _rows(new, keys, time.time()),
-            )
+            insert_rows(db, "examples", _INSERTED, _rows(new, keys, time.time()))
         return Added(len(new), duplicates, tuple(conflicts))
 
     @staticmethod
@@ -295,11 +315,10 @@ class ExampleStore:
         wanted = ids.keys()
         keys = list(set(ids.values()))
         found: dict[str, tuple[Any, ...]] = {}
+        dialect = Dialect.POSTGRESQL if is_postgres(db) else Dialect.SQLITE
         for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            sql = f"SELECT {_CONTENT} FROM examples WHERE id_key IN ({marks})"
-            for row in db.execute(sql, chunk):
+            where, params = member_of(dialect, "id_key", keys[start : start + 500])
+            for row in db.execute(f"SELECT {_CONTENT} FROM examples WHERE {where}", params):
                 if row[0] in wanted:
                     found[row[0]] = tuple(row)
         return found
@@ -421,10 +440,9 @@ class ExampleStore:
         keys = list({text_key(i) for i in wanted})
         out: list[Example] = []
         for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            sql = f"SELECT {_COLUMNS} FROM examples WHERE id_key IN ({marks})"
-            out.extend(_example(r) for r in self._query(sql, chunk) if r[1] in wanted)
+            where, params = member_of(self.db.dialect, "id_key", keys[start : start + 500])
+            rows = self._query(f"SELECT {_COLUMNS} FROM examples WHERE {where}", params)
+            out.extend(_example(r) for r in rows if r[1] in wanted)
         return out
 
     def replay_sample(self, n: int, seed: int, until: int | None = None) -> list[Example]:

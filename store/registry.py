@@ -5,6 +5,11 @@ was trained on. ``parent`` is the champion it was trained on (None = the base mo
 a version's adapter chain is its parent's chain plus itself. The ``champion`` alias names
 the version serving now (none = the base model). Every state change is appended to the
 audit log in the same transaction as the change.
+
+On PostgreSQL the adapter files are kept in the database too (``adapter_files``, written in
+the registering transaction): a daemon on another host that takes over training, or
+evaluates a candidate another one left, finds each version's adapter written into its own
+``adapters/`` the first time it reads that version.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -22,8 +28,9 @@ from typing import Any
 from aftertune.store.database import Database, Transaction, open_database
 from aftertune.store.errors import RegistryError
 from aftertune.store.failpoints import failpoint
+from aftertune.store.files import write_atomic
 from aftertune.store.layout import StateLayout
-from aftertune.store.schema import Migration, SchemaPlan, run_script
+from aftertune.store.schema import Dialect, Migration, SchemaPlan, run_script
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -79,6 +86,12 @@ CREATE TABLE audit (
     to_state   TEXT    NOT NULL,
     actor      TEXT    NOT NULL,
     reason     TEXT    NOT NULL
+);
+CREATE TABLE adapter_files (
+    version INTEGER NOT NULL,
+    name    TEXT    NOT NULL,
+    content BYTEA   NOT NULL,
+    PRIMARY KEY (version, name)
 )
 """
 
@@ -169,6 +182,35 @@ class Registry:
     def adapter_dir(self, version: int) -> Path:
         return self.adapters_dir / f"v{version}"
 
+    def _keep_adapter_files(self, db: Transaction, version: int, adapter: Path) -> None:
+        if self.db.dialect is not Dialect.POSTGRESQL:
+            return  # one host: the adapters directory is the record
+        for path in sorted(adapter.iterdir()):
+            if path.is_file():
+                db.execute(
+                    "INSERT INTO adapter_files (version, name, content) VALUES (?, ?, ?)",
+                    (version, path.name, path.read_bytes()),
+                )
+
+    def _local_adapter(self, version: int) -> Path:
+        """``adapter_dir(version)``, written from the database first when only it has it."""
+        target = self.adapter_dir(version)
+        if self.db.dialect is not Dialect.POSTGRESQL or target.exists():
+            return target
+        rows = self.db.query(
+            "SELECT name, content FROM adapter_files WHERE version = ?", (version,)
+        )
+        if not rows:
+            return target  # the learners say what is missing when they need it
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-v{version}-", dir=self.adapters_dir))
+        for name, content in rows:
+            write_atomic(staging / Path(name).name, bytes(content))
+        try:
+            os.replace(staging, target)
+        except OSError:  # another thread of this daemon wrote it first
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
     def register_candidate(
         self,
         adapter_src: Path,
@@ -190,6 +232,7 @@ class Registry:
             if target.exists():  # left by a crash between the move and the commit
                 shutil.rmtree(target)
             os.replace(adapter_src, target)
+            self._keep_adapter_files(db, version, target)
             db.execute(
                 "INSERT INTO versions (version, state, parent, data_seq, created_at, updated_at,"
                 " training, lineage) VALUES (?,?,?,?,?,?,?,?)",
@@ -238,7 +281,7 @@ class Registry:
             data_seq=data_seq,
             created_at=created,
             updated_at=updated,
-            adapter_dir=self.adapter_dir(version),
+            adapter_dir=self._local_adapter(version),
             training=json.loads(training),
             lineage=json.loads(lineage),
             metrics=json.loads(metrics),

@@ -20,7 +20,8 @@ from postgres_server import bindir as postgres_bindir
 from aftertune.daemon.embedded_redis import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-DATASETS = REPO.parent / "shared" / "datasets"
+# Real-task samples shipped in the repository (a plain clone has them; see their README).
+DATASETS = REPO / "daemon" / "demo_data" / "real"
 
 
 @pytest.fixture(scope="session")
@@ -93,9 +94,12 @@ def run_cli(
     )
 
 
-def cli_json(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> Any:
+def cli_json(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600, code: int = 0
+) -> Any:
+    """The command's JSON answer; it must exit ``code`` (`cycle`: 3 rejected, 4 awaiting...)."""
     done = run_cli(*args, env=env, timeout=timeout)
-    if done.returncode != 0:
+    if done.returncode != code:
         raise AssertionError(f"aftertune {' '.join(args)} failed: {done.stderr}")
     return json.loads(done.stdout)
 

@@ -41,6 +41,9 @@ def test_crash_at_each_step_then_clean_promotion_then_poison_rejected(
         "AFTERTUNE_STATE_DIR": str(state),
         "AFTERTUNE_TRAIN__MAX_STEPS": "60",
         "AFTERTUNE_TRAIN__PROGRESS": "false",
+        # About crash safety, not the gate: 60 steps take parity to ~64 % against a 61 %
+        # majority answer, which the chance rule rightly rejects (tests/test_gate.py).
+        "AFTERTUNE_GATE__BEAT_CHANCE": "false",
     }
     ingest(env, tmp_path / "clean.jsonl", parity_rows(300, seed=1))
 
@@ -59,8 +62,17 @@ def test_crash_at_each_step_then_clean_promotion_then_poison_rejected(
 
     # Labels flipped for a task the champion knows: the regression suite must catch it.
     ingest(env, tmp_path / "poison.jsonl", parity_rows(300, seed=2, flip=True))
-    second = cli_json("cycle", "--json", env=env, timeout=900)
-    assert second["decision"] == "rejected"
+    # With a JSON log and progress on, stderr is JSON lines only: progress comes as events.
+    logged = {**env, "AFTERTUNE_TRAIN__PROGRESS": "true"}
+    json_log = ("--log-format", "json", "--log-level", "info")
+    done = run_cli("cycle", "--json", *json_log, env=logged, timeout=900)
+    assert done.returncode == 3, done.stderr  # 3: rejected
+    second = json.loads(done.stdout)
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    phases = {e["phase"] for e in events if "phase" in e}
+    assert "train adapter" in phases, phases
+    assert all(isinstance(e.get("done"), int | float) for e in events if "phase" in e)
+    assert second["decision"] == "rejected" and second["exit_code"] == 3
     assert any(reason.startswith("parity:") for reason in second["reasons"]), second["reasons"]
     status = cli_json("status", "--json", env=env)
     assert status["champion"]["version"] == 1

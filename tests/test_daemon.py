@@ -72,6 +72,9 @@ def daemon_env(redis_url: str, state: Path, port: int, **settings: str) -> dict[
             "AFTERTUNE_CYCLE__CHECK_EVERY_S": "0.5",
             "AFTERTUNE_TRAIN__MAX_STEPS": "40",
             "AFTERTUNE_TRAIN__PROGRESS": "false",
+            # These tests are about the daemon, not the gate: 40 steps teach parity little
+            # (~64 % against a 61 % majority answer), which the chance rule would reject.
+            "AFTERTUNE_GATE__BEAT_CHANCE": "false",
             "AFTERTUNE_LOG_FORMAT": "json",
             "OMP_NUM_THREADS": "1",
         }
@@ -297,6 +300,18 @@ def test_reload_lowers_the_threshold_then_a_scheduled_cycle_promotes_and_serves_
     push(env, tmp_path / "batch.jsonl", parity(300, seed=1))
     wait_for("300 examples stored", lambda: stored(env) == 300, 60, daemon)
     stored_at = time.monotonic()
+    # Where producers push, and what was ingested, are logged with their figures as keys.
+    (where,) = [e for e in daemon.events() if str(e.get("msg")).startswith("producers push")]
+    assert (where["redis_url"], where["stream"]) == (redis_url, "aftertune:feedback")
+
+    def ingest_lines() -> list[dict[str, Any]] | None:
+        lines = [e for e in daemon.events() if "stored" in e and "dead_lettered" in e]
+        return lines if sum(e["stored"] for e in lines) >= 300 else None
+
+    # At most one line per 5 s: the 300 records may be told in one line or a few.
+    ingested = wait_for("ingest log lines telling 300 stored", ingest_lines, 30, daemon)
+    assert sum(e["stored"] for e in ingested) == 300
+    assert len(ingested) <= 3
     running = status(env)["daemon"]
     assert running is not None and running["pid"] == daemon.proc.pid
     assert running["server"] == daemon.url
@@ -317,7 +332,7 @@ def test_reload_lowers_the_threshold_then_a_scheduled_cycle_promotes_and_serves_
     daemon.send(signal.SIGHUP)
     reloaded = daemon.wait_log("reloaded settings:", 30)
     assert reloaded.startswith("reloaded settings: cycle: ")
-    assert "'min_new_examples': 100000" in reloaded and "'min_new_examples': 100," in reloaded
+    assert '"min_new_examples": 100000' in reloaded and '"min_new_examples": 100,' in reloaded
     starting = daemon.wait_log("cycle starting", 60)
     assert re.fullmatch(r"cycle starting \(\d+ new examples\)", starting), starting
     assert http_get(daemon.url + "/readyz")[0] == 200  # the cycle runs beside the server
@@ -362,6 +377,9 @@ def test_reload_lowers_the_threshold_then_a_scheduled_cycle_promotes_and_serves_
 
     daemon.send(signal.SIGTERM)
     assert daemon.wait_exit(STOP_TIMEOUT_S + 10) == 0
+    # The whole log, a cycle included, is JSON lines: no progress bar, no stray line.
+    assert [e["msg"] for e in daemon.events() if e["level"] == "RAW"] == []
+    assert len(daemon.messages("serving HTTP on")) == 1
     assert not answers(daemon.url + "/healthz")
     assert status(env)["daemon"] is None
     assert versions(state) == [(1, "promoted", None)]

@@ -28,7 +28,7 @@ def test_drop_over_threshold_is_rejected_naming_task_metric_and_values() -> None
     assert report.decision is Decision.REJECTED
     (failure,) = report.failures
     assert (failure.task, failure.metric, failure.rule) == ("a", "accuracy", "max_drop")
-    assert "0.8 -> 0.7" in failure.message and "over the allowed 0.05" in failure.message
+    assert failure.message == "a: accuracy 0.8 -> 0.7, fell by 0.1 (over the allowed drop of 0.05)"
 
 
 def test_nll_rise_is_a_drop_and_checked_relatively() -> None:
@@ -99,7 +99,7 @@ def test_new_data_must_not_worsen_the_same_tasks_old_held_out() -> None:
     report = judge(regression, gain, {"a"}, RULES)
     assert report.decision is Decision.REJECTED
     assert [c.rule for c in report.failures] == ["same_task_consistency"]
-    assert report.reasons[0].startswith("a: new data for this task moved nll")
+    assert report.reasons[0].startswith("a: with this task's new data, nll on its earlier held-out")
     clean = judge({"a": (OLD, {**OLD, "nll": 0.95})}, gain, {"a"}, RULES)
     assert clean.decision is Decision.PROMOTED
 
@@ -114,3 +114,43 @@ def test_relabelled_copies_of_stored_inputs_are_rejected_whatever_the_metrics() 
     ]
     fine = judge(good, good, {"a"}, RULES, conflicts={"a": (100, 2)})
     assert fine.decision is Decision.PROMOTED
+
+
+def test_a_new_label_task_at_chance_is_rejected_and_one_that_learned_passes() -> None:
+    """The Quick start's coin flip: 53 % on 100 held-out records, majority answer 51 %."""
+    coin = {"accuracy": 0.53, "nll": 0.7, "n": 100}
+    report = judge({}, {"sst2": (None, coin)}, {"sst2"}, RULES, chance={"sst2": (0.51, 100)})
+    assert report.decision is Decision.REJECTED
+    (failure,) = report.failures
+    assert failure.rule == "chance" and "at chance level" in failure.message
+    assert "51.0%" in failure.message and "59.2%" in failure.message  # 51 + 1.645 * 5.0
+    learned = {**coin, "accuracy": 0.62}
+    report = judge({}, {"sst2": (None, learned)}, {"sst2"}, RULES, chance={"sst2": (0.51, 100)})
+    assert report.decision is Decision.PROMOTED and "beats chance" in report.checks[0].message
+
+
+def test_the_chance_margin_shrinks_with_the_sample_and_can_be_switched_off() -> None:
+    score = {"accuracy": 0.60, "nll": 0.7, "n": 0}
+    for n, decision in ((40, Decision.REJECTED), (1000, Decision.PROMOTED)):
+        report = judge({}, {"t": (None, score)}, {"t"}, RULES, chance={"t": (0.5, n)})
+        assert report.decision is decision, n
+    off = gate_rules(default=RULES.default, beat_chance=False)
+    report = judge({}, {"t": (None, score)}, {"t"}, off, chance={"t": (0.5, 40)})
+    assert report.decision is Decision.PROMOTED and not report.checks
+    # A task the champion already has a score for is judged on its gain, not on chance.
+    report = judge({}, {"t": (score, score)}, {"t"}, RULES, chance={"t": (0.5, 40)})
+    assert "chance" not in {c.rule for c in report.checks}
+
+
+def test_messages_say_which_way_a_metric_moved() -> None:
+    """A rise in NLL is a rise, not a 'relative drop of 518 %'; an improvement says so."""
+    report = judge({"a": (OLD, {**OLD, "nll": 6.182})}, {}, set(), RULES)
+    messages = {c.rule: c.message for c in report.checks}
+    assert messages["max_drop_rel"] == (
+        "a: nll 1 -> 6.182, rose by 518.2% (over the allowed rise of 25%)"
+    )
+    better = judge({"a": (OLD, {**OLD, "accuracy": 0.9, "nll": 0.9})}, {}, set(), RULES)
+    texts = [c.message for c in better.checks]
+    assert "a: accuracy 0.8 -> 0.9, rose by 0.1 (an improvement)" in texts
+    assert "a: nll 1 -> 0.9, fell by 10.0% (an improvement)" in texts
+    assert not any("drop of -" in t for t in texts)

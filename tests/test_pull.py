@@ -112,7 +112,9 @@ def test_pull_installs_current_and_a_second_pull_downloads_nothing(
     done = run_cli("pull", "--from", str(source), "--to", str(to), "--json", env=env)
     assert done.returncode == 0, done.stderr
     sizes = sum(e["bytes"] for e in read_manifest(published)["files"].values())
-    assert json.loads(done.stdout) == {
+    answer = json.loads(done.stdout)
+    assert answer.pop("seconds") >= 0
+    assert answer == {
         "version": 1,
         "path": str(to / "v1"),
         "manifest_sha256": file_sha256(published / MANIFEST),
@@ -484,3 +486,28 @@ def test_an_endless_file_over_http_is_cut_off_past_its_declared_size(
     ).encode()
     with pytest.raises(BundleError, match="more than the 1048576 expected"):
         list(HttpSource(hostile).open(1, "announce", 1 << 20))
+
+
+def test_pull_says_why_a_version_has_no_bundle_and_what_to_do_without_a_server(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    from aftertune.store.registry import Registry, VersionState
+
+    state = tmp_path / "state"
+    (state / "bundles").mkdir(parents=True)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"x")
+    with Registry(state) as registry:
+        registry.register_candidate(adapter, parent=None, data_seq=1, training={}, lineage={})
+        registry.transition(1, VersionState.EVALUATING, actor="t", reason="gate evaluation")
+        gate = {"decision": "rejected", "reasons": ["t: accuracy 53.0% ... at chance level"]}
+        registry.transition(1, VersionState.REJECTED, actor="t", reason="chance", gate=gate)
+    to = str(tmp_path / "to")
+    done = run_cli("pull", "--from", str(state), "--version", "v1", "--to", to, env=env)
+    assert done.returncode == 1
+    assert "v1 was rejected, so it was never published: t: accuracy 53.0%" in done.stderr
+    refused = run_cli("pull", "--server", "http://127.0.0.1:1", "--to", to, env=env)
+    assert refused.returncode == 1
+    assert "is the daemon running" in refused.stderr and "--from STATE_DIR" in refused.stderr

@@ -108,3 +108,20 @@ def test_invalid_transitions_are_refused_with_a_clear_message(
             reg.rollback(v1, actor="cli")
         assert reg.champion() is None
         assert [e.to_state for e in reg.audit_log(v1)] == ["candidate", "rejected"]
+
+
+def test_on_postgres_another_daemon_finds_each_version_s_adapter(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Daemon b takes over training from a: it needs the champion's chain of adapters, which
+    a wrote on its own disk. The registry kept them in PostgreSQL."""
+    with Registry(tmp_path / "a", postgres_url) as a, Registry(tmp_path / "b", postgres_url) as b:
+        v1 = a.register_candidate(
+            _adapter(tmp_path, "x"), parent=None, data_seq=3, training={}, lineage={}
+        )
+        assert not (tmp_path / "b" / "adapters" / "v1").exists()
+        seen = b.get(1)
+        assert seen.adapter_dir == tmp_path / "b" / "adapters" / "v1"
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            assert (seen.adapter_dir / name).read_bytes() == (v1.adapter_dir / name).read_bytes()
+        assert b.chain(1)[0].adapter_dir.is_dir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from conftest import run_cli
 from pydantic import BaseModel
 
 from aftertune.daemon.errors import SettingsError
-from aftertune.daemon.settings import Settings, load_settings
+from aftertune.daemon.settings import Settings, check_environment, load_settings
 
 
 def _toml(tmp_path: Path, text: str) -> Path:
@@ -183,3 +184,51 @@ def test_serve_with_an_empty_token_exits_2_with_one_line(tmp_path: Path) -> None
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0
     assert "server.token" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("AFTERTUNE_FOO", "no setting 'foo'"),
+        ("AFTERTUNE_REDIS__URI", "did you mean AFTERTUNE_REDIS__URL?"),
+        ("AFTERTUNE_STORES__URL", "did you mean AFTERTUNE_STORE__URL?"),
+        ("AFTERTUNE_TRAIN__EPOCH", "did you mean AFTERTUNE_TRAIN__EPOCHS?"),
+        ("AFTERTUNE_REDIS__URL__HOST", "no setting 'redis.url.host'"),
+    ],
+)
+def test_an_unknown_environment_variable_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, name: str, hint: str
+) -> None:
+    monkeypatch.setenv(name, "1")
+    with pytest.raises(SettingsError, match=f"unknown environment variable {name}") as info:
+        load_settings()
+    assert hint in str(info.value)
+
+
+def test_every_aftertune_variable_the_project_uses_is_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Settings, nested dict keys, and the variables that are not settings (failpoints...)."""
+    root = Path(__file__).resolve().parents[1]
+    files = [*root.glob("*/*.py"), root / "Makefile", *root.glob("systemd/*")]
+    used = set()
+    for path in files:
+        if path.name != "test_settings.py":
+            used |= set(re.findall(r"AFTERTUNE_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
+    assert {"AFTERTUNE_FAILPOINT", "AFTERTUNE_REQUIRE_AVALANCHE", "AFTERTUNE_TOKEN"} <= used
+    check_environment(dict.fromkeys(used, "1"))  # raises on the first unknown one
+    check_environment({"AFTERTUNE_GATE__MAX_DROP__ACCURACY": "0.1", "aftertune_redis__url": ""})
+
+
+def test_a_typo_in_the_environment_stops_the_cli_with_exit_2(tmp_path: Path) -> None:
+    done = run_cli(
+        "status", env={"AFTERTUNE_REDIS__URI": "redis://x", "AFTERTUNE_STATE_DIR": str(tmp_path)}
+    )
+    assert done.returncode == 2
+    assert "AFTERTUNE_REDIS__URI" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_log_level_is_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AFTERTUNE_LOG_LEVEL", "debug")
+    assert load_settings().log_level == "DEBUG"
+    assert load_settings(overrides={"log_level": "Warning"}).log_level == "WARNING"
