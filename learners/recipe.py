@@ -220,28 +220,7 @@ class LoraRecipe:
     ) -> None:
         spec = self.spec
         self.model.to(self.device)
-        # Examples of tasks the model kind refuses (a ranking kind's free-text tasks) are left
-        # out of the batches and of the Fisher; the objective logs how many and why.
-        new, replay = (
-            self.objective.kept(new, "new examples"),
-            self.objective.kept(replay, "replay"),
-        )
-        if not new:
-            raise LearnerError(
-                "every new example belongs to a task this model kind cannot learn; see the"
-                " warning above"
-            )
-        self.new = new
-        self.pool = [replay[i] for i in cap_pool(replay, self.replay_spec, spec.seed)]
-        kw: dict[str, Any] = {"max_length": spec.max_length, "template": spec.template}
-        encode = self.objective.encode
-        self.new_enc, new_cut = encode(self.tokenizer, new, what="new examples", **kw)
-        self.pool_enc, pool_cut = encode(self.tokenizer, self.pool, what="replay examples", **kw)
-        self.truncated = new_cut.truncated + pool_cut.truncated
-        self.micro_per_epoch = len(self._epoch(0))
-        self.total_steps = spec.max_steps or math.ceil(
-            spec.epochs * self.micro_per_epoch / spec.grad_accum
-        )
+        new, replay = self._data(new, replay)
         # The Fisher is taken on the champion before the adapter exists (plain module names),
         # on past examples whether or not they are also replayed in batches.
         self.fisher, self.fisher_seconds = fisher_for_cycle(
@@ -280,6 +259,35 @@ class LoraRecipe:
             log.info(
                 "resuming at step %d/%d from %s", self.pos.step, self.total_steps, checkpoint_dir
             )
+
+    def _data(
+        self, new: Sequence[ExampleLike], replay: Sequence[ExampleLike]
+    ) -> tuple[Sequence[ExampleLike], Sequence[ExampleLike]]:
+        """Encode the new examples and the capped replay pool; plan the steps.
+
+        Examples of tasks the model kind refuses (a ranking kind's free-text tasks) are left
+        out of the batches and of the Fisher; the objective logs how many and why.
+        """
+        spec = self.spec
+        new = self.objective.kept(new, "new examples")
+        replay = self.objective.kept(replay, "replay")
+        if not new:
+            raise LearnerError(
+                "every new example belongs to a task this model kind cannot learn; see the"
+                " warning above"
+            )
+        self.new = new
+        self.pool = [replay[i] for i in cap_pool(replay, self.replay_spec, spec.seed)]
+        kw: dict[str, Any] = {"max_length": spec.max_length, "template": spec.template}
+        encode = self.objective.encode
+        self.new_enc, new_cut = encode(self.tokenizer, new, what="new examples", **kw)
+        self.pool_enc, pool_cut = encode(self.tokenizer, self.pool, what="replay examples", **kw)
+        self.truncated = new_cut.truncated + pool_cut.truncated
+        self.micro_per_epoch = len(self._epoch(0))
+        self.total_steps = spec.max_steps or math.ceil(
+            spec.epochs * self.micro_per_epoch / spec.grad_accum
+        )
+        return new, replay
 
     def _epoch(self, epoch: int) -> list[list[Encoded]]:
         """The micro-batches of one epoch (the current epoch's plan is kept)."""

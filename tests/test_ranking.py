@@ -117,6 +117,9 @@ def test_free_text_task_is_refused_with_its_reason(cycled: dict[str, Any]) -> No
     scores = cli_json("eval", "--json", env=cycled["env"])
     assert "max_candidates" in scores["echo"]["refused"]
     assert 0 <= scores["agnews"]["accuracy"] <= 1
+    text = run_cli("eval", env=cycled["env"], timeout=300)
+    assert text.returncode == 0, text.stderr
+    assert "not scored: task 'echo'" in text.stdout and "agnews" in text.stdout
 
 
 @pytest.mark.slow
