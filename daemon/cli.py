@@ -413,6 +413,31 @@ def _offline_and_quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
+@contextmanager
+def _stdout_only_for_the_answer(json_only: bool) -> Iterator[None]:
+    """With ``--json``, stdout carries the command's JSON and nothing else.
+
+    While the command runs, file descriptor 1 points at stderr, so whatever a library or a
+    subprocess writes there (torch.onnx's progress lines, native code) lands in the log
+    stream; ``sys.stdout``, where the command prints its answer, keeps the real stdout.
+    """
+    if not json_only:
+        yield
+        return
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    saved, sys.stdout = sys.stdout, open(real, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout.close()
+        sys.stdout = saved
+        os.dup2(real, 1)
+        os.close(real)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _offline_and_quiet()
     args = build_parser().parse_args(argv)
@@ -426,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet = args.command != "serve" and not asked
         configure_logging("WARNING" if quiet else settings.log_level, settings.log_format)
         func: Command = args.func
-        return func(args, settings)
+        with _stdout_only_for_the_answer(bool(getattr(args, "json", False))):
+            return func(args, settings)
     # Errors can quote input (a path, a manifest's contents, a server's answer): escaped.
     except DaemonError as exc:
         print(f"aftertune: {printable(str(exc))}", file=sys.stderr)

@@ -46,6 +46,7 @@ def register_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         _add_eval,
         _add_base,
         _add_cycle,
+        _add_export,
         _add_rollback,
         _add_approve,
         _add_reject,
@@ -114,6 +115,26 @@ def _add_cycle(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_cycle)
 
 
+def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="export any registered version (candidate or champion) into a verified bundle, "
+        "without promoting or publishing it",
+        description="Merge the version's adapter chain into the base, export it to ONNX as a "
+        "promotion would ([export] settings: genai builder, torch.onnx fallback), check "
+        "parity against PyTorch on the regression prompts and write the manifest into DIR. "
+        "Nothing is promoted or published; `aftertune generate --bundle DIR` answers with it.",
+    )
+    p.add_argument("version", type=version_arg, help="a registered version in any state (3 or v3)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="new directory")
+    p.add_argument(
+        "--precision", choices=["fp32", "int8", "int4"], default=None, help="default: [export]"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_export)
+
+
 def _add_rollback(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "rollback",
@@ -163,7 +184,13 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         f"{report.loss_last:.3f}, {report.tokens_per_s:,.0f} tokens/s, "
         f"train {report.train_seconds:.1f}s, Fisher {report.fisher_seconds:.1f}s"
     )
+    print(f"  adapted: {_adapted(report.adapted_modules)}")
     return 0
+
+
+def _adapted(modules: dict[str, int]) -> str:
+    """``{"qkv_proj": 32, "o_proj": 32}`` -> ``"o_proj x32, qkv_proj x32"``."""
+    return ", ".join(f"{name} x{count}" for name, count in sorted(modules.items())) or "none"
 
 
 def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
@@ -234,6 +261,8 @@ def cmd_cycle(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps({**result.to_json(), "exit_code": int(code)}, indent=2))
         return code
     print(f"v{result.version}: {result.decision.value}")
+    if result.trained is not None:
+        print(f"  adapted: {_adapted(result.trained.get('adapted_modules', {}))}")
     if result.bundle is not None:
         print(f"  published {result.bundle.path} (manifest sha256 {result.bundle.manifest_sha256})")
     for reason in result.reasons:
@@ -243,6 +272,33 @@ def cmd_cycle(args: argparse.Namespace, settings: Settings) -> int:
     if timings:
         print(f"  time: {timings}")
     return code
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from aftertune.daemon.learning import export_to
+
+    result = export_to(settings, args.version, args.out, args.precision)
+    manifest = result.manifest
+    summary = {
+        "version": manifest["version"],
+        "path": str(result.bundle_dir),
+        "format": manifest["format"],
+        "precision": manifest["precision"],
+        "parity": manifest["parity"],
+        "export": manifest["export"],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    parity = manifest["parity"]
+    print(
+        f"v{summary['version']} exported to {summary['path']} ({summary['format']}, "
+        f"{summary['precision']}): {parity['identical']}/{parity['prompts']} parity prompts "
+        "answered as PyTorch does"
+    )
+    if manifest["export"]["fallback_reason"]:
+        print(f"  fell back to torch.onnx: {printable(manifest['export']['fallback_reason'])}")
+    return 0
 
 
 def _no_cycle(args: argparse.Namespace, outcome: str, why: str, code: CycleExit) -> int:

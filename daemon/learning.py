@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from aftertune.daemon.settings import Settings
@@ -16,9 +18,11 @@ from aftertune.learners.candidate import CandidateReport, train_candidate
 from aftertune.learners.cycle import CycleResult, run_cycle
 from aftertune.learners.errors import LearnerError
 from aftertune.learners.evaluate import TaskScore, evaluate_version, score_dict
-from aftertune.learners.promote import promote_and_publish, sync_latest
+from aftertune.learners.export import ExportResult
+from aftertune.learners.promote import export_version, promote_and_publish, sync_latest
 from aftertune.store.bundles import Published
 from aftertune.store.examples import ExampleStore
+from aftertune.store.files import staged_dir
 from aftertune.store.registry import Registry, Version, VersionState
 
 
@@ -70,6 +74,42 @@ def rollback(settings: Settings, version: int, actor: str, why: str) -> Publishe
     with Registry(settings.state_dir, settings.store.url) as registry:
         registry.rollback(version, actor=actor, reason=why)
     return recover_publication(settings)
+
+
+def export_to(
+    settings: Settings, version: int, out: Path, precision: str | None = None
+) -> ExportResult:
+    """Export any registered ``version`` into the new directory ``out`` as a verified bundle,
+    without promoting or publishing it (``export.enabled`` does not apply: it was asked for)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LearnerError(f"{out} already exists and is not empty; export into a new directory")
+    specs = specs_from(
+        settings.model_copy(update={"export": _export_settings(settings, precision)})
+    )
+    if specs.export is None:  # enabled above; keeps the type checker honest
+        raise LearnerError("export settings did not produce an export spec")
+    with _state(settings) as (store, registry):
+        found = registry.get(version)
+        with staged_dir(out) as staging:
+            return replace(
+                export_version(
+                    store,
+                    registry,
+                    settings.state_dir,
+                    found,
+                    specs=specs,
+                    out=staging,
+                ),
+                bundle_dir=out,
+            )
+
+
+def _export_settings(settings: Settings, precision: str | None) -> Any:
+    changes: dict[str, Any] = {"enabled": True}
+    if precision is not None:
+        changes["precision"] = precision
+    return settings.export.model_copy(update=changes)
 
 
 def run_train(settings: Settings, actor: str) -> CandidateReport:

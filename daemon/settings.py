@@ -130,16 +130,21 @@ class ModelSettings(_Section):
     )
 
 
-# Every Linear layer of a Llama-like block (attention and MLP): for small models LoRA on all
-# of them learns clearly more than on q/v only, at little cost.
-LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every linear layer of the decoder (attention and MLP, fused projections and GPT-2's Conv1D
+# included; not the output layer), as peft's "all-linear" means it: for small models LoRA on
+# all of them learns clearly more than on q/v only, at little cost. Or a list of module names.
+ALL_LINEAR = "all-linear"
 
 
 class LoraSettings(_Section):
     r: int = Field(default=16, ge=1)
     alpha: int | None = Field(default=None, ge=1, description="default 2 * r")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LINEAR), min_length=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: [ALL_LINEAR],
+        min_length=1,
+        description="['all-linear'] or module names (peft's rules)",
+    )
 
 
 # What train.lr and train.epochs mean when left unset, per model kind (the kind follows from
@@ -175,6 +180,15 @@ class TrainSettings(_Section):
     checkpoint_every: int = Field(default=25, ge=0, description="optimizer steps; 0 = never")
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda[:n]")
     progress: bool = True
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "data-parallel training processes on this host (torchrun; one GPU each on CUDA); "
+            "a step's grad_accum micro-batches are dealt out among them"
+        ),
+    )
 
 
 class PromptSettings(_Section):
@@ -213,7 +227,12 @@ class EwcSettings(_Section):
 
 class EvalSettings(_Section):
     batch_size: int = Field(default=32, ge=1)
-    max_new_tokens: int = Field(default=16, ge=1)
+    max_new_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="cap on a free-text answer's tokens; its budget is the task's longest "
+        "reference answer + 25 %, so a Chinese answer or a summary is not cut before scoring",
+    )
 
 
 GATE_METRICS = tuple(HIGHER_IS_BETTER)

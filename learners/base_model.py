@@ -86,8 +86,8 @@ def resolve_base(spec: str | Path) -> Path:
         architectures = config.get("architectures") or [config.get("model_type", "?")]
         raise BaseModelError(
             f"{str(path)!r} holds {', '.join(map(str, architectures))}, neither a causal language"
-            " model (an architecture ending in ForCausalLM) nor a sentence encoder (model_type"
-            f" one of {', '.join(sorted(ENCODER_TYPES))})"
+            " model (one that transformers' AutoModelForCausalLM loads) nor a sentence encoder"
+            f" (model_type one of {', '.join(sorted(ENCODER_TYPES))})"
         )
     if not _weight_files(path):
         raise BaseModelError(f"{str(path)!r} has no weight files (*.safetensors or *.bin)")
@@ -95,12 +95,15 @@ def resolve_base(spec: str | Path) -> Path:
 
 
 def _kind_of_config(config: dict[str, Any]) -> str | None:
+    """RANKING for an encoder family (unless it names a causal-LM head), GENERATIVE for what
+    AutoModelForCausalLM loads (or names no architecture), None for anything else."""
     architectures = [str(a) for a in config.get("architectures") or []]
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        return GENERATIVE
-    if config.get("model_type") in ENCODER_TYPES:
+    causal_head = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    if config.get("model_type") in ENCODER_TYPES and not causal_head:
         return RANKING
-    return None if architectures else GENERATIVE
+    if not architectures or _is_causal_lm(config):
+        return GENERATIVE
+    return None
 
 
 def model_kind(spec: str | Path) -> str:
@@ -108,6 +111,21 @@ def model_kind(spec: str | Path) -> str:
     path = resolve_base(spec)
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     return _kind_of_config(config) or GENERATIVE
+
+
+def _is_causal_lm(config: dict[str, Any]) -> bool:
+    """What AutoModelForCausalLM loads as a causal LM: an architecture named *ForCausalLM or
+    one the auto mapping lists (GPT-2's GPT2LMHeadModel); with no architectures named, a model
+    type it maps. The mapping costs a torch import, so it is asked last."""
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        return True
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if architectures:  # a BertForMaskedLM checkpoint is no causal LM, though bert maps
+        return bool(set(architectures) & set(causal.values()))
+    return config.get("model_type") in causal
 
 
 def resolve_device(device: str) -> torch.device:
@@ -125,6 +143,9 @@ def load_base(
     """Load the base model (default `embedded:tiny`) in eval mode, with a pad token set.
 
     A ranking base loads as the bare encoder (``AutoModel``), a generative one as a causal LM.
+    ``dtype`` None: fp32 on CPU, whatever the checkpoint's dtype (bf16/fp16 matmuls on CPU
+    are 2-4x slower than fp32 and lose precision the parity check needs); on CUDA the
+    checkpoint's own dtype.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -133,9 +154,7 @@ def load_base(
     hf_logging.disable_progress_bar()
 
     path = resolve_base(EMBEDDED_TINY if spec is None else spec)
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": _load_dtype(device, dtype)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         loader = AutoModel if model_kind(path) == RANKING else AutoModelForCausalLM
@@ -154,6 +173,14 @@ def load_base(
     # DEBUG: a cycle loads the base several times (train, champion, challenger, export).
     logger.debug("loaded base model %s (%d parameters)", path, model.num_parameters())
     return model, tokenizer
+
+
+def _load_dtype(device: str, dtype: torch.dtype | None) -> torch.dtype | str:
+    import torch
+
+    if dtype is not None:
+        return dtype
+    return "auto" if torch.device(device).type == "cuda" else torch.float32
 
 
 def base_sha256(spec: str | Path) -> str:

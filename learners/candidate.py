@@ -21,6 +21,7 @@ from aftertune.learners.champion import load_version
 from aftertune.learners.errors import NothingToTrain
 from aftertune.learners.kinds import kind_for
 from aftertune.learners.lineage import candidate_lineage
+from aftertune.learners.objectives import Objective
 from aftertune.learners.recipe import TrainResult, train_adapter
 from aftertune.learners.specs import LearningSpecs
 from aftertune.store.examples import Example, ExampleStore
@@ -44,6 +45,7 @@ class CandidateReport:
     train_seconds: float
     truncated: int
     resumed_from_step: int
+    adapted_modules: dict[str, int]  # the layers the adapter covers: leaf name -> how many
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,27 +118,14 @@ def train_candidate(
     data = training_data(store, state_dir, champion, specs)
     work = StateLayout(state_dir).training_run(data.parent, data.until)
     model, tokenizer = load_version(registry, specs.base, state_dir, champion)
-    kind = kind_for(specs.base)
-    objective = kind.objective(tokenizer, store, data.until, specs)
+    objective = kind_for(specs.base).objective(tokenizer, store, data.until, specs)
     if not objective.kept(data.new, "new examples"):
         raise NothingToTrain(
             "every new train example belongs to a task this model kind cannot learn (see the"
             " warning above); nothing to train until other feedback arrives"
         )
-    result = train_adapter(
-        model,
-        tokenizer,
-        data.new,
-        data.past,
-        train=specs.train,
-        lora=specs.lora,
-        replay_spec=specs.replay,
-        ewc=specs.ewc if specs.ewc.enabled else None,
-        fisher_path=StateLayout(state_dir).fisher,
-        out_dir=work / "adapter",
-        checkpoint_dir=work / "checkpoints",
-        should_stop=should_stop,
-        objective=objective,
+    result = _train(
+        registry, state_dir, champion, specs, data, work, should_stop, (model, tokenizer, objective)
     )
     objective.save_beside(result.adapter_dir)  # e.g. the candidates a ranking version knows
     version = _register(registry, specs, data, result, actor)
@@ -150,6 +139,40 @@ def train_candidate(
         result.steps,
     )
     return CandidateReport.of(version.version, data.parent, result)
+
+
+def _train(
+    registry: Registry,
+    state_dir: Path,
+    champion: Version | None,
+    specs: LearningSpecs,
+    data: TrainingData,
+    work: Path,
+    should_stop: Callable[[int, int], bool] | None,
+    loaded: tuple[Any, Any, Objective],
+) -> TrainResult:
+    """The adapter, trained here or, with ``train.processes`` > 1, by torchrun (generative
+    kind only: the ranking objective runs in this process)."""
+    common: dict[str, Any] = {
+        "train": specs.train,
+        "lora": specs.lora,
+        "replay_spec": specs.replay,
+        "ewc": specs.ewc if specs.ewc.enabled else None,
+        "fisher_path": StateLayout(state_dir).fisher,
+        "out_dir": work / "adapter",
+        "checkpoint_dir": work / "checkpoints",
+        "should_stop": should_stop,
+    }
+    model, tokenizer, objective = loaded
+    if specs.train.processes > 1 and objective.peft_task_type == "CAUSAL_LM":
+        from aftertune.learners.train_job import ModelSource, train_in_processes
+
+        chain = registry.chain(champion.version) if champion is not None else []
+        source = ModelSource(
+            specs.base, [v.adapter_dir for v in chain], StateLayout(state_dir).champions
+        )
+        return train_in_processes(specs.train.processes, source, data.new, data.past, **common)
+    return train_adapter(model, tokenizer, data.new, data.past, objective=objective, **common)
 
 
 def _register(

@@ -1,7 +1,9 @@
 """Evaluation: how well a model answers each task's held-out examples.
 
 Per task: exact match (normalised) and the valid-answer share for label tasks, SQuAD-style
-token F1 for free text, and for every task the mean negative log-likelihood of the
+token F1 and exact match for free text (in any language: a CJK character is one token, as
+Chinese reading-comprehension benchmarks count it, and Unicode punctuation is dropped), and
+for every task the mean negative log-likelihood of the
 reference answer per response token (teacher-forced). NLL moves before accuracy does, so
 the gate and the forgetting benchmarks watch it even where a tiny model never gets the
 answer right.
@@ -12,8 +14,10 @@ batch compute exactly what each example computes alone (tests check batched == u
 
 from __future__ import annotations
 
+import math
 import re
 import string
+import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +53,7 @@ class TaskScore:
     token_f1: float | None
     nll: float
     valid: float | None
+    exact_match: float | None = None  # free text: normalised answer equals the reference
 
     @property
     def score(self) -> float:
@@ -61,7 +66,12 @@ class TaskScore:
 
 _SPACES = re.compile(r"\s+")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
+# Scripts written without spaces between words: each character is a token (CMRC 2018's and
+# DuReader's mixed segmentation). CJK ideographs (with extensions and compatibility forms),
+# kana, Hangul syllables.
+_CJK = re.compile(
+    "([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003134f])"
+)
 
 
 def normalize(text: str) -> str:
@@ -69,14 +79,26 @@ def normalize(text: str) -> str:
     return _SPACES.sub(" ", text.strip().casefold())
 
 
+def _is_punctuation(char: str) -> bool:
+    # Unicode's P* categories ("，", "。", "？", "«") plus ASCII's symbols SQuAD drops too.
+    return unicodedata.category(char).startswith("P") or char in string.punctuation
+
+
 def _squad_tokens(text: str) -> list[str]:
-    # SQuAD's normalize_answer: lower case, no punctuation, no articles, single spaces.
-    text = text.casefold().translate(_PUNCT)
-    return _ARTICLES.sub(" ", text).split()
+    # SQuAD's normalize_answer (lower case, no punctuation, no articles, single spaces), with
+    # punctuation of every script removed and each CJK character a token of its own.
+    text = "".join(" " if _is_punctuation(c) else c for c in text.casefold())
+    return _CJK.sub(r" \1 ", _ARTICLES.sub(" ", text)).split()
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when both answers have the same tokens in the same order (:func:`token_f1`'s)."""
+    return float(_squad_tokens(prediction) == _squad_tokens(reference))
 
 
 def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD-style token F1 (bag of tokens); two empty answers agree (SQuAD v2 rule)."""
+    """SQuAD-style token F1 (bag of tokens; a CJK character is a token); two empty answers
+    agree (SQuAD v2 rule). '医生' vs '一名医生' scores 2/3, not 0."""
     pred, ref = _squad_tokens(prediction), _squad_tokens(reference)
     if not pred or not ref:
         return float(pred == ref)
@@ -156,16 +178,36 @@ def _answers(
     batch: Sequence[_Encoded],
     max_new_tokens: int,
     device: str | torch.device,
+    stop_at_newline: bool = True,
 ) -> list[str]:
-    """Greedy answers for a batch of prompts, cut at EOS and at the first newline."""
+    """Greedy answers for a batch of prompts, cut at EOS and (unless the task's answers span
+    lines) at the first newline."""
     prompts = [e.prompt for e in batch]
     continuations = greedy_continuations(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, device=device
     )
-    # The template separates fields by newlines: a newline ends the answer.
-    return [
-        tokenizer.decode(ids, skip_special_tokens=True).split("\n", 1)[0] for ids in continuations
-    ]
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in continuations]
+    # The template separates fields by newlines: a newline ends a one-line answer.
+    return [t.split("\n", 1)[0] for t in texts] if stop_at_newline else texts
+
+
+ANSWER_MARGIN = 1.25  # free-text budget: the longest reference answer, 25 % more, + EOS + 1
+
+
+def answer_budget(
+    tokenizer: Any, references: Sequence[str], label_set: set[str] | None, cap: int
+) -> int:
+    """New tokens a task's answers may take: its longest label + EOS for a label task; for
+    free text the longest reference answer in this tokenizer's tokens (bytes, for a
+    byte-level model: a Chinese character is 3) with a margin, at most ``cap``."""
+    if label_set:
+        # A longer answer cannot be a label, and a label longer than the free-text budget
+        # ("Science or Technology") must not be cut.
+        return 1 + max(len(tokenizer.encode(x, add_special_tokens=False)) for x in label_set)
+    longest = max(
+        (len(tokenizer.encode(r, add_special_tokens=False)) for r in references), default=0
+    )
+    return max(1, min(cap, math.ceil(longest * ANSWER_MARGIN) + 2))
 
 
 @torch.no_grad()
@@ -175,10 +217,11 @@ def predict(
     examples: Sequence[Example],
     *,
     batch_size: int = 32,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = 256,
     max_length: int = DEFAULT_MAX_LENGTH,
     device: str | torch.device = "cpu",
     template: PromptTemplate = DEFAULT_PROMPT,
+    stop_at_newline: bool = True,
 ) -> tuple[list[str], float, int]:
     """Greedy answers (in input order), summed reference NLL and the token count it covers."""
     if batch_size < 1:
@@ -201,7 +244,9 @@ def predict(
             s, t = _answer_nll(model, batch, pad, device)
             nll_sum, tokens = nll_sum + s, tokens + t
             for i, text in zip(
-                idx, _answers(model, tokenizer, batch, max_new_tokens, device), strict=True
+                idx,
+                _answers(model, tokenizer, batch, max_new_tokens, device, stop_at_newline),
+                strict=True,
             ):
                 answers[i] = text
     finally:
@@ -221,8 +266,10 @@ def score_task(
     n = len(examples)
     nll = nll_sum / tokens if tokens else float("nan")
     if label_set is None:
-        f1 = sum(token_f1(a, ex.output) for a, ex in zip(answers, examples, strict=True))
-        return TaskScore(task, "text", n, None, f1 / n if n else 0.0, nll, None)
+        pairs = list(zip(answers, examples, strict=True))
+        f1 = sum(token_f1(a, ex.output) for a, ex in pairs) / n if n else 0.0
+        em = sum(exact_match(a, ex.output) for a, ex in pairs) / n if n else 0.0
+        return TaskScore(task, "text", n, None, f1, nll, None, em)
     labels = {normalize(label) for label in label_set}
     hits = sum(
         normalize(a) == normalize(ex.output) for a, ex in zip(answers, examples, strict=True)
@@ -238,15 +285,15 @@ def evaluate(
     *,
     labels: Mapping[str, set[str] | None] | None = None,
     batch_size: int = 32,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = 256,
     max_length: int = DEFAULT_MAX_LENGTH,
     device: str | torch.device = "cpu",
     template: PromptTemplate = DEFAULT_PROMPT,
 ) -> dict[str, TaskScore]:
     """Score ``model`` on every task's examples (the model must already sit on ``device``).
 
-    ``max_new_tokens`` bounds free-text answers; a label task generates just enough tokens
-    for its longest label plus EOS. ``labels`` gives each task's label set (None: free text). A task missing from it is
+    ``max_new_tokens`` caps free-text answers, whose budget follows the longest reference
+    answer (:func:`answer_budget`); a label task generates its longest label plus EOS. ``labels`` gives each task's label set (None: free text). A task missing from it is
     classified by :func:`task_kind` on the evaluated examples' own outputs; pass the label
     sets learned from train data where held-out sets are small.
     """
@@ -258,11 +305,8 @@ def evaluate(
             label_set = labels[task]
         else:
             label_set = task_kind([ex.output for ex in examples])[1]
-        budget = max_new_tokens
-        if label_set:
-            # Enough for the longest label and EOS: a longer answer cannot be a label, and a
-            # label longer than max_new_tokens ("Science or Technology") must not be cut.
-            budget = 1 + max(len(tokenizer.encode(x, add_special_tokens=False)) for x in label_set)
+        references = [ex.output for ex in examples]
+        budget = answer_budget(tokenizer, references, label_set, max_new_tokens)
         answers, nll_sum, tokens = predict(
             model,
             tokenizer,
@@ -272,6 +316,7 @@ def evaluate(
             max_length=max_length,
             device=device,
             template=template,
+            stop_at_newline=not any("\n" in r.strip() for r in references),
         )
         scores[task] = score_task(task, examples, answers, nll_sum, tokens, label_set)
     return scores
@@ -284,6 +329,8 @@ def score_dict(score: TaskScore) -> dict[str, float | int]:
         out["accuracy"] = score.accuracy if score.accuracy is not None else 0.0
     else:
         out["token_f1"] = score.token_f1 if score.token_f1 is not None else 0.0
+        if score.exact_match is not None:
+            out["exact_match"] = score.exact_match
     out["nll"] = score.nll
     out["n"] = score.n
     if score.valid is not None:
@@ -296,7 +343,7 @@ class EvalSpec:
     """How a version is scored on held-out examples (by ``aftertune eval`` and the gate)."""
 
     batch_size: int
-    max_new_tokens: int  # free-text answers; a label task generates its longest label + EOS
+    max_new_tokens: int  # cap on free-text answers (longest reference + 25 %); labels: + EOS
     max_length: int  # tokens of prompt + answer, as in training
     max_per_task: int  # held-out examples per task and suite (the first by arrival)
     template: PromptTemplate

@@ -4,8 +4,8 @@ The Fisher is the empirical one, defined exactly as avalanche's ``EWCPlugin`` co
 importances: the squared gradient of each *minibatch's* mean loss, averaged over minibatches
 (with ``batch_size=1`` that is the per-sample empirical Fisher, which the learning cycle
 uses; ``estimate_fisher_per_sample`` computes it several examples per backward pass, ~2x
-faster on the embedded model). Only the base ``weight`` of every targeted Linear module
-gets a gradient, so memory is one fp32 copy of those weights, never of the whole model.
+faster on the embedded model). Only the base ``weight`` of every targeted linear-like module
+gets a gradient (GPT-2's Conv1D included), so memory is one fp32 copy of those weights, never of the whole model.
 
 Penalty = λ/2 · Σ F ⊙ ΔW², ΔW = scaling · B @ A (the adapter's delta, zero for a fresh
 adapter). Note avalanche adds λ·Σ F ⊙ Δ² without the 1/2: our λ is twice its ``ewc_lambda``.
@@ -38,7 +38,8 @@ from aftertune.learners.data import (
     pad_id,
     response_loss,
 )
-from aftertune.learners.errors import FisherMismatch
+from aftertune.learners.errors import FisherMismatch, LearnerError
+from aftertune.learners.lora import adapted_modules, is_conv1d
 from aftertune.learners.progress import Progress
 from aftertune.store.files import write_atomic
 
@@ -71,29 +72,21 @@ class EwcSpec:
             raise ValueError(f"EWC fisher_samples must be >= 1, got {self.fisher_samples}")
 
 
-def matches_target(name: str, target_modules: Sequence[str]) -> bool:
-    """peft's rule for a list of names: the module name equals one or ends with ``.<name>``."""
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def target_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
-    """``{module_name: module}`` of every Linear module the adapter targets."""
-    found = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and matches_target(name, target_modules)
-    }
-    if not found:
-        raise FisherMismatch(
-            f"no Linear module of the model matches target_modules={list(target_modules)};"
-            " check the LoRA target module names against model.named_modules()"
-        )
-    return found
+def target_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Module]:
+    """``{module_name: module}`` of every linear-like layer the adapter targets (Linear or
+    Conv1D), resolved as :func:`aftertune.learners.lora.adapted_modules` resolves them."""
+    try:
+        return adapted_modules(model, target_modules)
+    except LearnerError as exc:
+        raise FisherMismatch(str(exc)) from None
 
 
 def target_weights(model: nn.Module, target_modules: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``{module_name.weight: weight}`` of every Linear module the adapter targets."""
-    return {f"{n}.weight": m.weight for n, m in target_linears(model, target_modules).items()}
+    """``{module_name.weight: weight}`` of every linear-like module the adapter targets."""
+    return {
+        f"{n}.weight": cast(torch.Tensor, m.weight)
+        for n, m in target_linears(model, target_modules).items()
+    }
 
 
 def mean_squared_grads(
@@ -156,7 +149,7 @@ def estimate_fisher(
     max_length: int = 256,
     device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher of ``model`` on ``examples`` over the targeted Linear weights.
+    """Diagonal empirical Fisher of ``model`` on ``examples`` over the targeted linear-like weights.
 
     Keys are module names + ``.weight`` as in the plain (not peft-wrapped) model; the loss is
     the training loss (response tokens only, example weights applied).
@@ -195,24 +188,11 @@ def estimate_fisher_per_sample(
     if not encoded:
         raise ValueError("cannot estimate a Fisher from zero examples")
     modules = target_linears(model, target_modules)
-    weights = {f"{name}.weight": module.weight for name, module in modules.items()}
+    weights = {
+        f"{name}.weight": cast(torch.Tensor, module.weight) for name, module in modules.items()
+    }
     sums = {k: torch.zeros_like(w, dtype=torch.float32) for k, w in weights.items()}
     pad = pad_id(tokenizer)
-    inputs: dict[str, torch.Tensor] = {}
-
-    def capture(name: str) -> Callable[..., None]:
-        def forward_hook(
-            module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor
-        ) -> None:
-            inputs[name] = args[0].detach()
-
-            def backward_hook(grad: torch.Tensor) -> None:
-                per_example = torch.einsum("bto,bti->boi", grad.float(), inputs.pop(name).float())
-                sums[f"{name}.weight"] += per_example.pow(2).sum(0)
-
-            out.register_hook(backward_hook)
-
-        return forward_hook
 
     def loss_fn(m: nn.Module, chunk: Any) -> torch.Tensor:
         logits, b = _response_logits(m, chunk, pad, dev)
@@ -222,7 +202,11 @@ def estimate_fisher_per_sample(
             torch.zeros((), device=dev),
         )
 
-    handles = [module.register_forward_hook(capture(name)) for name, module in modules.items()]
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(_square_per_example(name, module, inputs, sums))
+        for name, module in modules.items()
+    ]
     try:
         batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
         mean_squared_grads(model, batches, loss_fn, weights)  # drives the passes; hooks collect
@@ -231,6 +215,28 @@ def estimate_fisher_per_sample(
             handle.remove()
         inputs.clear()
     return {k: (s / len(encoded)).cpu() for k, s in sums.items()}
+
+
+def _square_per_example(
+    name: str, module: nn.Module, inputs: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]
+) -> Callable[..., None]:
+    """A forward hook on ``module`` that adds each example's squared weight gradient to
+    ``sums[name.weight]`` when the backward pass reaches the module's output."""
+    # Conv1D keeps its weight (in, out): its squared gradient is taken in that orientation.
+    transposed = is_conv1d(module)
+
+    def forward_hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        inputs[name] = args[0].detach()
+
+        def backward_hook(grad: torch.Tensor) -> None:
+            per_example = torch.einsum("bto,bti->boi", grad.float(), inputs.pop(name).float())
+            if transposed:
+                per_example = per_example.transpose(1, 2)
+            sums[f"{name}.weight"] += per_example.pow(2).sum(0)
+
+        out.register_hook(backward_hook)
+
+    return forward_hook
 
 
 def ewc_penalty(peft_model: nn.Module, fisher: dict[str, torch.Tensor], lam: float) -> torch.Tensor:

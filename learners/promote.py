@@ -22,6 +22,7 @@ from typing import Any
 
 from aftertune.learners.champion import build_champion
 from aftertune.learners.errors import ExportError
+from aftertune.learners.export import ExportResult
 from aftertune.learners.kinds import kind_for
 from aftertune.learners.lineage import manifest_lineage
 from aftertune.learners.progress import ticking
@@ -73,6 +74,47 @@ def parity_prompts(
     return out
 
 
+def export_version(
+    store: ExampleStore,
+    registry: Registry,
+    state_dir: Path,
+    version: Version,
+    *,
+    specs: LearningSpecs,
+    out: Path,
+) -> ExportResult:
+    """Export ``version`` (base + its adapter chain merged) into the empty directory ``out``:
+    a parity-checked bundle with its manifest, published nowhere. ExportError: why not."""
+    spec, base = specs.export, specs.base
+    if spec is None:
+        raise ExportError("export is disabled (export.enabled = false)")
+    chain = registry.chain(version.version)
+    model_dir = build_champion(
+        base, [v.adapter_dir for v in chain], StateLayout(state_dir).champions
+    )
+    fields: dict[str, Any] = {
+        "name": BUNDLE_NAME,
+        "version": version.version,
+        **manifest_lineage(version),
+        "metrics": version.metrics,
+    }
+    prompts = parity_prompts(store, version.data_seq, spec.parity_prompts, spec.template)
+    adapter = chain[-1].adapter_dir if chain else None
+    with ticking(f"export v{version.version} to ONNX and check parity"):
+        result = kind_for(base).export(model_dir, out, specs, prompts, fields, adapter)
+    parity = result.manifest["parity"]
+    log.info(
+        "v%d exported (%s, %s) in %.1fs; parity: %s",
+        version.version,
+        result.manifest["format"],
+        result.manifest["precision"],
+        result.seconds["export_s"],
+        ", ".join(f"{k} {v}" for k, v in parity.items()),
+        extra={"fields": {"version": version.version, "parity": parity}},
+    )
+    return result
+
+
 def stage_bundle(
     store: ExampleStore,
     registry: Registry,
@@ -81,37 +123,11 @@ def stage_bundle(
     *,
     specs: LearningSpecs,
 ) -> Path:
-    """Export ``version`` (base + its adapter chain merged) into ``bundles/vN``, unpublished."""
-    spec, base = specs.export, specs.base
-    if spec is None:
-        raise ExportError("export is disabled (export.enabled = false)")
-    chain = registry.chain(version.version)
-    model_dir = build_champion(
-        base, [v.adapter_dir for v in chain], StateLayout(state_dir).champions
-    )
+    """Export ``version`` into ``bundles/vN``, unpublished."""
     staging = new_staging_dir(bundles_dir(state_dir), version.version)
     try:
         failpoint("export.staging")
-        fields: dict[str, Any] = {
-            "name": BUNDLE_NAME,
-            "version": version.version,
-            **manifest_lineage(version),
-            "metrics": version.metrics,
-        }
-        prompts = parity_prompts(store, version.data_seq, spec.parity_prompts, spec.template)
-        adapter = chain[-1].adapter_dir if chain else None
-        with ticking(f"export v{version.version} to ONNX and check parity"):
-            result = kind_for(base).export(model_dir, staging, specs, prompts, fields, adapter)
-        parity = result.manifest["parity"]
-        log.info(
-            "v%d exported (%s, %s) in %.1fs; parity: %s",
-            version.version,
-            result.manifest["format"],
-            spec.precision,
-            result.seconds["export_s"],
-            ", ".join(f"{k} {v}" for k, v in parity.items()),
-            extra={"fields": {"version": version.version, "parity": parity}},
-        )
+        export_version(store, registry, state_dir, version, specs=specs, out=staging)
         return install(staging, bundles_dir(state_dir), version.version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

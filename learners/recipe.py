@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,14 @@ from torch import nn
 from aftertune.learners.base_model import resolve_device
 from aftertune.learners.checkpoint import clear_checkpoints, load_checkpoint, save_checkpoint
 from aftertune.learners.data import Encoded, ExampleLike
+from aftertune.learners.distributed import Ranks, any_rank, sum_gradients, summed
 from aftertune.learners.errors import LearnerError, NonFiniteLoss, TrainingInterrupted
 from aftertune.learners.ewc import EwcPenalty, EwcSpec, fisher_for_cycle
 from aftertune.learners.lora import (
     LoraSpec,
+    adapted_modules,
     attach_fresh_adapter,
+    describe_modules,
     detach_adapter,
     save_adapter,
 )
@@ -67,6 +70,7 @@ class TrainSpec:
     progress: bool
     schedule: str  # decay after warmup, to 0: "cosine" or "linear"
     template: PromptTemplate
+    processes: int  # data-parallel processes (learners/train_job.py); 1 = this process
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -75,7 +79,7 @@ class TrainSpec:
             raise ValueError("weight_decay and warmup_steps must be >= 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
-        for name in ("epochs", "batch_size", "grad_accum", "max_length"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "processes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_grad_norm < 0 or self.checkpoint_every < 0:
@@ -102,6 +106,7 @@ class TrainResult:
     truncated: int  # examples (new + replay) with their prompt or response cut
     resumed_from_step: int = 0
     ewc_penalty_last: float = 0.0
+    adapted_modules: dict[str, int] = field(default_factory=dict)  # leaf name -> layers
 
 
 @dataclass
@@ -146,6 +151,7 @@ def train_adapter(
     checkpoint_dir: Path | None = None,
     should_stop: Callable[[int, int], bool] | None = None,
     objective: Objective | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """Train a fresh LoRA adapter on ``model`` (the champion) and save it to ``out_dir``.
 
@@ -154,7 +160,8 @@ def train_adapter(
     its last checkpoint and reaches the same adapter. ``should_stop(step, total_steps)`` is
     asked after every step; True checkpoints (when a directory is set) and raises
     ``TrainingInterrupted``. ``objective`` is the model kind's loss (default: the generative
-    kind's response cross-entropy).
+    kind's response cross-entropy). With ``ranks`` this process is one of a data-parallel job
+    (learners/distributed.py); rank 0 writes the checkpoints and the adapter.
     """
     if not new:
         raise LearnerError("train_adapter needs at least one new example; nothing to learn")
@@ -166,6 +173,7 @@ def train_adapter(
         replay_spec=replay_spec,
         ewc=ewc,
         objective=objective or ResponseObjective(tokenizer),
+        ranks=ranks,
     )
     device = recipe.device
     # Seeding inside fork_rng: A's init and dropout are reproducible, the caller's RNG untouched.
@@ -173,10 +181,11 @@ def train_adapter(
         try:
             recipe.setup(new, replay, fisher_path=fisher_path, checkpoint_dir=checkpoint_dir)
             recipe.train(should_stop)
-            save_adapter(recipe.peft_model, out_dir)
+            if recipe.leader:
+                save_adapter(recipe.peft_model, out_dir)
         finally:
             recipe.cleanup()
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and recipe.leader:
         clear_checkpoints(checkpoint_dir)  # the adapter is saved: nothing left to resume
     return recipe.result(Path(out_dir))
 
@@ -194,10 +203,15 @@ class LoraRecipe:
         replay_spec: ReplaySpec,
         ewc: EwcSpec | None,
         objective: Objective,
+        ranks: Ranks | None = None,
     ) -> None:
         self.model, self.tokenizer, self.objective = model, tokenizer, objective
         self.spec, self.lora, self.replay_spec, self.ewc = train, lora, replay_spec, ewc
+        self.ranks = ranks
+        self.leader = ranks is None or ranks.leader
         self.device = resolve_device(train.device)
+        if ranks is not None and self.device.type == "cuda":
+            self.device = torch.device("cuda", ranks.local_rank)  # one GPU per process
         self.amp = self.device.type == "cuda"  # bf16 autocast on CUDA; fp32 on CPU
         self.pos = _Position()
         self.resumed_from = 0
@@ -205,6 +219,7 @@ class LoraRecipe:
         self.penalty: EwcPenalty | None = None
         self.fisher_seconds = 0.0
         self.peft_model: nn.Module | None = None
+        self.adapted: dict[str, int] = {}
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         self._plans: dict[int, list[list[Encoded]]] = {}
 
@@ -238,6 +253,7 @@ class LoraRecipe:
             self.fisher = {k: v.to(self.device) for k, v in self.fisher.items()}
 
         torch.manual_seed(spec.seed)
+        self.adapted = describe_modules(list(adapted_modules(self.model, self.lora.target_modules)))
         self.peft_model = attach_fresh_adapter(
             self.model, self.lora, task_type=self.objective.peft_task_type
         )
@@ -340,6 +356,8 @@ class LoraRecipe:
             if self.checkpoint_dir is not None and every and pos.step % every == 0:
                 self.save_checkpoint(self.checkpoint_dir)
             stop = should_stop is not None and should_stop(pos.step, self.total_steps)
+            if self.ranks is not None:
+                stop = any_rank(stop, self.device)  # every rank stops at the same step
             if stop and pos.step < self.total_steps:
                 if self.checkpoint_dir is not None and not (every and pos.step % every == 0):
                     self.save_checkpoint(self.checkpoint_dir)
@@ -351,9 +369,10 @@ class LoraRecipe:
         """One optimizer step over ``group`` (grad_accum micro-batches); returns its loss."""
         pos = self.pos
         self.optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for chunk in group:
-            loss, tokens = self.objective.loss(model, chunk, self.device, self.amp)
+        step_loss, tokens = 0.0, 0
+        share = group if self.ranks is None else self.ranks.share(group)
+        for chunk in share:
+            loss, seen = self.objective.loss(model, chunk, self.device, self.amp)
             loss = loss / len(group)
             value = loss.item()
             if not math.isfinite(value):  # a NaN step would poison the adapter for good
@@ -362,24 +381,35 @@ class LoraRecipe:
                 )
             loss.backward()
             step_loss += value
-            pos.tokens += tokens
-        if self.penalty is not None:
-            penalty = self.penalty()
-            pos.penalty = penalty.item()
-            if not math.isfinite(pos.penalty):
-                weights = [e.weight for chunk in group for e in chunk]
-                tasks = [e.task for chunk in group for e in chunk]
-                raise NonFiniteLoss(pos.step + 1, pos.penalty, weights, tasks, "EWC penalty")
-            penalty.backward()  # once per optimizer step, whatever grad_accum is
+            tokens += seen
+        if self.penalty is not None and self.leader:
+            self._add_penalty(self.penalty, group)  # before the sum across ranks: counted once
+        if self.ranks is not None:
+            sum_gradients(self.params.values())
+            step_loss, tokens_seen = summed([step_loss, tokens], self.device)
+            tokens = int(tokens_seen)
+        pos.tokens += tokens
         if self.spec.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params.values(), self.spec.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         return step_loss
 
+    def _add_penalty(self, ewc: EwcPenalty, group: list[list[Encoded]]) -> None:
+        """The EWC term's gradient, once per optimizer step, whatever grad_accum is."""
+        penalty = ewc()
+        self.pos.penalty = penalty.item()
+        if not math.isfinite(self.pos.penalty):
+            weights = [e.weight for chunk in group for e in chunk]
+            tasks = [e.task for chunk in group for e in chunk]
+            raise NonFiniteLoss(self.pos.step + 1, self.pos.penalty, weights, tasks, "EWC penalty")
+        penalty.backward()
+
     # --- save, cleanup
 
     def save_checkpoint(self, checkpoint_dir: Path) -> Path:
+        if not self.leader:
+            return checkpoint_dir  # rank 0 writes it; every rank holds the same state
         return save_checkpoint(
             checkpoint_dir,
             self.run_id,
@@ -421,6 +451,7 @@ class LoraRecipe:
             truncated=self.truncated,
             resumed_from_step=self.resumed_from,
             ewc_penalty_last=pos.penalty,
+            adapted_modules=self.adapted,
         )
 
 
@@ -434,7 +465,7 @@ def _run_id(
 ) -> str:
     """What a checkpoint must match to be resumed: the data and every setting that shapes it."""
     settings = asdict(train)
-    for volatile in ("progress", "checkpoint_every", "device"):
+    for volatile in ("progress", "checkpoint_every", "device", "processes"):
         settings.pop(volatile)
     settings["template"] = [train.template.with_input, train.template.without_input]
     blob: dict[str, Any] = {"train": settings, "lora": asdict(lora), "replay": asdict(replay_spec)}

@@ -114,11 +114,13 @@ class Bundle:
         return self.prompt.render(instruction, input)
 
     def encode(self, text: str) -> list[int]:
+        """The prompt's ids, special tokens (BOS) included exactly as training added them:
+        the export's parity check compares these ids with the training tokenizer's."""
         if self.format == FORMAT_RANKING:  # an encoder's ids carry its special tokens
             return list(self._tokenizer.encode(text).ids)
         if self.format == FORMAT_GENAI:
             return [int(t) for t in self._tokenizer.encode(text)]
-        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        return list(self._tokenizer.encode(text, add_special_tokens=True).ids)
 
     def decode(self, ids: list[int]) -> str:
         if self.format == FORMAT_GENAI:
@@ -146,7 +148,21 @@ class Bundle:
             if not instruction:
                 raise BundleError("give a prompt, or an instruction (and an input)")
             prompt = self.render(instruction, input)
-        return self.decode(self.generate_ids(self.encode(prompt), max_new_tokens))
+        ids = self.generate_ids(self.encode(prompt), max_new_tokens)
+        if len(ids) == max_new_tokens:  # cut by the budget, maybe inside a character
+            ids = self._whole_characters(ids)
+        return self.decode(ids)
+
+    def _whole_characters(self, ids: list[int]) -> list[int]:
+        """``ids`` without the trailing tokens of a character the budget cut off.
+
+        A byte-level model spends 3 tokens on a CJK character; cut after one or two, the
+        answer would end in U+FFFD. A UTF-8 character is at most 4 bytes, so at most 3
+        tokens go."""
+        for drop in range(min(4, len(ids))):
+            if not self.decode(ids[: len(ids) - drop]).endswith("\ufffd"):
+                return ids[: len(ids) - drop]
+        return ids
 
     def answer(self, task: str | None, instruction: str, input: str = "") -> str:
         """The answer to one record: ranked among ``task``'s candidates, or generated

@@ -194,3 +194,31 @@ def test_onnxruntime_genai_builder_converts_and_matches_torch_greedy(tiny, tmp_p
             tokens.append(int(generator.get_next_tokens()[0]))
         got = onnx_tok.decode([t for t in tokens if t != tok.eos_token_id])
         assert got == want, example
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_checkpoint_loads_in_fp32_on_cpu(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    from family_fixtures import save_family
+
+    path = save_family(tmp_path / "half", "qwen2", "bytebpe", dtype=dtype)
+    assert AutoModelForCausalLM.from_pretrained(path).dtype == dtype  # saved as half
+    model, _ = load_base(path)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    # Asked for explicitly, a dtype is kept.
+    assert load_base(path, dtype=dtype)[0].dtype == dtype
+
+
+def test_gpt2_is_accepted_as_a_causal_lm_and_a_masked_lm_is_not(tmp_path: Path) -> None:
+    from family_fixtures import save_family
+
+    path = save_family(tmp_path / "gpt2", "gpt2", "bytebpe")
+    assert "GPT2LMHeadModel" in (path / "config.json").read_text()
+    assert resolve_base(path) == path
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(
+        '{"architectures": ["BertForMaskedLM"], "model_type": "bert"}'
+    )
+    with pytest.raises(BaseModelError, match="not a causal language model"):
+        resolve_base(tmp_path / "bert")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import pytest
@@ -11,7 +12,9 @@ import torch
 from aftertune.learners.base_model import load_base
 from aftertune.learners.evaluate import (
     TaskScore,
+    answer_budget,
     evaluate,
+    exact_match,
     normalize,
     predict,
     score_dict,
@@ -96,7 +99,38 @@ def test_score_task_accuracy_and_valid_share() -> None:
 
     text = score_task("t", examples[:2], ["yes", "nope"], 3.0, 3, label_set=None)
     assert text.kind == "text" and text.accuracy is None and text.valid is None
-    assert score_dict(text) == {"token_f1": 0.5, "nll": 1.0, "n": 2}
+    assert score_dict(text) == {"token_f1": 0.5, "exact_match": 0.5, "nll": 1.0, "n": 2}
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "f1", "em"),
+    [
+        # A Chinese answer is one whitespace "token": word-level F1 gave these 0.
+        ("医生", "一名医生", 2 * (1.0 * 0.5) / 1.5, 0.0),
+        ("一名医生。", "一名医生", 1.0, 1.0),  # full-width punctuation is not an answer
+        ("他在北京工作", "北京", 2 * (2 / 6 * 1.0) / (2 / 6 + 1.0), 0.0),
+        ("«Le médecin»", "le médecin", 1.0, 1.0),  # Unicode quotes, and French is words
+        ("The doctor, in (北京)", "doctor in 北京!", 1.0, 1.0),  # mixed scripts, articles
+        ("お医者さん", "医者", 2 * (2 / 5 * 1.0) / (2 / 5 + 1.0), 0.0),  # kana too
+    ],
+)
+def test_free_text_metrics_count_cjk_characters_and_drop_unicode_punctuation(
+    prediction: str, reference: str, f1: float, em: float
+) -> None:
+    assert token_f1(prediction, reference) == pytest.approx(f1)
+    assert exact_match(prediction, reference) == em
+
+
+def test_answer_budget_follows_the_longest_reference_in_the_models_tokens(tiny: Any) -> None:
+    tokenizer = tiny[1]
+    # The embedded tokenizer is byte-level: a Chinese character costs 3 tokens, so the old
+    # fixed 16 cut "指令微调让模型学会回答问题" (13 characters, 39 bytes) after 5 characters.
+    references = ["北京", "指令微调让模型学会回答问题"]
+    assert answer_budget(tokenizer, references, None, cap=256) == math.ceil(39 * 1.25) + 2
+    summary = "a summary that runs well past sixteen tokens " * 10
+    assert answer_budget(tokenizer, [summary], None, cap=256) == 256  # the cap holds
+    # A label task: its longest label, plus EOS.
+    assert answer_budget(tokenizer, references, {"yes", "maybe"}, cap=256) == 6
 
 
 # --- the real tiny model ----------------------------------------------------------------------

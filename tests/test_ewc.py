@@ -40,8 +40,10 @@ def test_fisher_covers_exactly_the_targeted_linear_weights(tok, fisher) -> None:
     expected = {
         f"{name}.weight"
         for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS
+        if isinstance(m, torch.nn.Linear) and name != "lm_head"
     }
+    # all-linear: the 7 projections of each of the 2 layers, not the output layer.
+    assert TARGETS == ("all-linear",)
     assert set(fisher) == expected and len(expected) == 2 * 7
     assert not any("embed" in k or "norm" in k or "lm_head" in k for k in fisher)
     params = dict(model.named_parameters())
@@ -173,3 +175,37 @@ def test_spec_validation() -> None:
         ewc_spec(lam=-1)
     with pytest.raises(ValueError, match="fisher_samples"):
         ewc_spec(fisher_samples=0)
+
+
+def _tiny_gpt2() -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=259, n_embd=32, n_layer=1, n_head=4, n_positions=128, eos_token_id=2
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_gpt2_conv1d_layers_get_a_fisher_and_a_penalty_in_their_own_orientation(tok) -> None:
+    # GPT-2's projections are Conv1D (weight stored (in, out)): all-linear covers them, the
+    # per-sample shortcut must square gradients in that orientation, the penalty must read it.
+    examples = copy_task(5, seed=3)
+    one = estimate_fisher(_tiny_gpt2(), tok, examples, TARGETS, batch_size=1, max_length=64)
+    fast = estimate_fisher_per_sample(_tiny_gpt2(), tok, examples, TARGETS, max_length=64)
+    layers = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+    assert set(one) == {f"transformer.h.0.{m}.weight" for m in layers}
+    params = dict(_tiny_gpt2().named_parameters())
+    for key, f in one.items():
+        assert f.shape == params[key].shape and f.sum() > 0
+        torch.testing.assert_close(fast[key], f, rtol=1e-4, atol=1e-10, msg=key)
+
+    model = attach_fresh_adapter(_tiny_gpt2(), lora_spec(r=4, alpha=12))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    merged = copy.deepcopy(model).merge_and_unload().state_dict()
+    plain = _tiny_gpt2().state_dict()
+    brute = sum((one[k] * (merged[k] - plain[k]).pow(2)).sum() for k in one)
+    torch.testing.assert_close(ewc_penalty(model, one, lam=3.0), 1.5 * brute, rtol=1e-4, atol=0)

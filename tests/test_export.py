@@ -248,9 +248,14 @@ def test_int4_below_required_agreement_fails_parity_and_leaves_no_manifest(
 def test_parity_catches_a_bundle_of_another_model(
     genai: Any, logits: Any, reference: Reference, tmp_path: Path
 ) -> None:
-    # Same byte vocabulary, different weights: the bundle is not this model's export.
+    # Another byte tokenizer (other ids for the same bytes): caught before any answer.
     other = save_tiny_base(tmp_path / "other", seed=1)
     bundle = Bundle.open(genai.bundle_dir)
+    with pytest.raises(ExportError, match=r"^tokenizer: the bundle encodes 10/10 prompts unlike"):
+        check_parity(other, bundle, export_spec(), reference.prompts)
+    # Same tokenizer, different weights: the bundle is not this model's export.
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(resolve_base(EMBEDDED_TINY) / name, other / name)
     with pytest.raises(ExportError, match=r"^parity: \d+/10 greedy answers differ from PyTorch"):
         check_parity(other, bundle, export_spec(), reference.prompts)
     # The fallback's logits check: its real error (~1e-5) is above an absurdly tight bound.
@@ -333,3 +338,42 @@ def test_parse_version() -> None:
     for bad in ("latest", "v", "3.0", "-1", "vv3", "V3", "", "v\u0661", "9" * 3000):
         with pytest.raises(BundleError, match="is not a version"):
             parse_version(bad)
+
+
+def test_every_failure_inside_export_is_an_export_error_with_each_reason(
+    base_dir: Path, reference: Reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def builder_fails(*_: Any) -> None:
+        raise ExportError("genai builder exited 1: NotImplementedError")
+
+    def exporter_crashes(*_: Any) -> None:
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(export_module, "_run_builder", builder_fails)
+    monkeypatch.setattr(export_module, "_torch_export", exporter_crashes)
+    out = tmp_path / "both"
+    with pytest.raises(ExportError) as caught:
+        _export(base_dir, out, export_spec(method="auto"), reference.prompts[:2], 4)
+    assert str(caught.value) == (
+        "genai: genai builder exited 1: NotImplementedError; "
+        "torch: IndexError: list index out of range"
+    )
+    assert list(out.iterdir()) == []  # nothing half-written is left to look like a bundle
+    with pytest.raises(ExportError, match=r"^IndexError: list index out of range$"):
+        _export(base_dir, tmp_path / "one", export_spec(method="torch"), reference.prompts[:2], 5)
+
+
+def test_an_answer_cut_inside_a_character_does_not_end_in_a_replacement_character(
+    logits: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = Bundle.open(logits.bundle_dir)
+    ids = bundle.encode("你好")
+    assert len(ids) == 6  # byte-level: 3 tokens per character
+    # Stands in for a model whose answer the budget cuts mid-character (the greedy loop
+    # itself is checked against PyTorch above); the consumer's decoding is what is tested.
+    monkeypatch.setattr(
+        bundle, "generate_ids", lambda _ids, max_new_tokens=32: ids[:max_new_tokens]
+    )
+    assert bundle.generate("x", max_new_tokens=4) == "你"
+    assert bundle.generate("x", max_new_tokens=5) == "你"
+    assert bundle.generate("x", max_new_tokens=6) == "你好"

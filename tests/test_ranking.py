@@ -20,8 +20,6 @@ DEMO = Path(__file__).resolve().parents[1] / "daemon" / "demo_data" / "real"
 CONFIG = """
 [model]
 base = "embedded:minilm"
-[lora]
-target_modules = ["query", "key", "value", "dense"]
 [train]
 lr = 2e-3
 max_steps = 6

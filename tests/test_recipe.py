@@ -149,7 +149,11 @@ def test_training_lowers_the_loss_and_leaves_the_base_untouched(tmp_path) -> Non
     # The saved adapter is a valid PEFT adapter and carries what was learned.
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 16
-    assert set(config["target_modules"]) == set(DEFAULTS.lora.target_modules)
+    # all-linear (the default): every projection of both layers, not the output layer.
+    llama = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert DEFAULTS.lora.target_modules == ("all-linear",)
+    assert result.adapted_modules == dict.fromkeys(sorted(llama), model.config.num_hidden_layers)
+    assert {name.rsplit(".", 1)[-1] for name in config["target_modules"]} == llama
     tuned = PeftModel.from_pretrained(model, str(result.adapter_dir))
     assert data_loss(tuned, tok, NEW) < 0.6 * loss_before
 
