@@ -31,9 +31,10 @@ LLAMA_LIKE = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 CASES = [
     ("llama", "bytebpe", FORMAT_GENAI, LLAMA_LIKE),
     ("qwen2", "bytebpe", FORMAT_GENAI, LLAMA_LIKE),
-    # SentencePiece-style: onnxruntime-genai's tokenizer gives other ids -> torch fallback.
+    ("gemma", "bytebpe", FORMAT_GENAI, LLAMA_LIKE),
+    # SentencePiece-style (as Llama 2, Mistral and Gemma ship): onnxruntime-genai's tokenizer
+    # gives other ids -> torch fallback. One family is enough: the fallback is ~2x the cost.
     ("mistral", "metaspace", FORMAT_LOGITS, LLAMA_LIKE),
-    ("gemma", "metaspace", FORMAT_LOGITS, LLAMA_LIKE),
     # Fused projections: all-linear must cover them, not just o_proj and down_proj.
     ("phi3", "bytebpe", FORMAT_GENAI, {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
     # Conv1D layers; the genai builder does not know GPT-2 -> torch fallback.
