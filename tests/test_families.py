@@ -198,3 +198,13 @@ def test_a_cycle_whose_exporters_both_fail_rejects_the_challenger_with_both_reas
     with Registry(state[0]) as registry:  # decided, not left `evaluating` for every rerun
         assert registry.get(1).state is VersionState.REJECTED
         assert registry.champion() is None
+    # `aftertune export` of that rejected version says why it cannot, and writes nothing.
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("a user's file")
+    assert main(["export", "v1", "--out", str(taken)]) == 1
+    assert "already exists and is not empty" in capfd.readouterr().err
+    assert main(["export", "1", "--out", str(tmp_path / "new")]) == 1
+    err = capfd.readouterr().err
+    assert "genai: IndexError" in err and "Traceback" not in err
+    assert not (tmp_path / "new").exists() and [p.name for p in taken.iterdir()] == ["keep.txt"]
