@@ -4,7 +4,7 @@ Several daemons share one Redis and one PostgreSQL; one of them trains and publi
 other daemon reads ``aftertune:promotions`` (``XREAD BLOCK``) and, for an event another
 daemon published, pulls that bundle from the publisher's HTTP server into its own
 ``bundles/`` (staged, every byte checked against the manifest, renamed in:
-``pull.pull_published``) and moves its ``latest``. So a consumer may point at any daemon.
+``pull.pull_published``), moves its ``latest`` and keeps ``export.keep`` bundles. So a consumer may point at any daemon.
 
 At start the newest event is followed first: a daemon that was down, or starts late,
 catches up before it serves. A failed pull (publisher unreachable, a bad byte) is logged
@@ -24,7 +24,7 @@ import redis
 from aftertune.daemon.announce import Promotion, newest_promotion, promotion
 from aftertune.daemon.pull import HttpSource, pull_published
 from aftertune.store.bundle import manifest_sha256, version_dir_name
-from aftertune.store.bundles import latest_version, set_latest
+from aftertune.store.bundles import latest_version, prune, set_latest
 from aftertune.store.errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class FollowConfig:
     bundles_dir: Path
     me: str  # this daemon's publisher name (redis.consumer): its own events are skipped
     token: str | None  # the server token this cluster shares, to pull from the others
+    keep: int  # export.keep: bundles kept, as the publisher keeps them
 
 
 class BundleFollower:
@@ -104,6 +105,7 @@ class BundleFollower:
                 pull_published(source, bundles, event.version)
                 self.pulled.append(event.version)
             set_latest(bundles, event.version)
+            prune(bundles, self.config.keep)
         except (BundleError, OSError) as exc:
             self._unfollowed = event
             log.warning("v%d from %s not pulled: %s", event.version, event.publisher, exc)

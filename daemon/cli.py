@@ -318,19 +318,20 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         _open_store(settings) as store,
         Registry(settings.state_dir, settings.store.url) as registry,
     ):
-        while True:
+        if args.watch is None:
             status = gather_status(client, store, registry, settings)
-            if args.watch is None:
-                print(json.dumps(status, indent=2) if args.json else render_status(status))
-                return 0
-            if args.json:
-                print(json.dumps(status), flush=True)
-            else:
-                _redraw(f"{render_status(status)}\n\nevery {args.watch:g} s; Ctrl-C to stop")
-            try:
+            print(json.dumps(status, indent=2) if args.json else render_status(status))
+            return 0
+        try:
+            while True:
+                status = gather_status(client, store, registry, settings)
+                if args.json:
+                    print(json.dumps(status), flush=True)
+                else:
+                    _redraw(f"{render_status(status)}\n\nevery {args.watch:g} s; Ctrl-C to stop")
                 time.sleep(args.watch)
-            except KeyboardInterrupt:
-                return 0
+        except KeyboardInterrupt:  # how a watch ends
+            return 0
 
 
 def _redraw(text: str) -> None:

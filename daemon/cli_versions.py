@@ -252,7 +252,7 @@ def check_threshold(metric: str, rule: str, value: float | None) -> str:
         return "—"
     if rule in ("max_drop_rel", "max_conflict_share"):
         return percent(value)
-    if metric in PROPORTIONS and rule in ("max_drop", "min_gain", "chance"):
+    if metric in PROPORTIONS and rule in ("max_drop", "min_gain"):
         return points(value).lstrip("+")
     return check_value(metric, value)
 
@@ -274,10 +274,19 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
                 nats(old.get("nll")),
                 nats(new.get("nll")),
                 new.get("n", "—"),
+                chance_text(m.get("chance")),
             ]
         )
     headers = ["task", "metric", "champion", "challenger", "change", "NLL champion"]
-    return table([*headers, "NLL challenger", "held-out n"], rows, indent=2)
+    return table([*headers, "NLL challenger", "held-out n", "vs chance"], rows, indent=2)
+
+
+def chance_text(chance: Mapping[str, Any] | None) -> str:
+    """'above (needs > 67.4 %)', 'AT CHANCE (needs > 59.2 %)', or '—' (free text)."""
+    if not chance:
+        return "—"
+    verdict = "AT CHANCE" if chance.get("at_chance") else "above"
+    return f"{verdict} (needs > {percent(chance.get('threshold'))})"
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:

@@ -30,6 +30,7 @@ from aftertune.store.layout import StateLayout
 from aftertune.store.registry import Registry, Version, VersionState
 
 DECIDED = (VersionState.PROMOTED, VersionState.REJECTED, VersionState.RETIRED)
+SHOW_EVERY_S = 10.0  # while waiting, what the cycle does is printed this often
 # Steps: (what the user sees, files to push, poisoned?)
 STEPS = (
     ("feedback for two new tasks: parity, vowel_end", ("parity", "vowel_end"), False),
@@ -117,9 +118,9 @@ class Demo:
 
     def _wait(self, done: Any, what: str) -> Any:
         deadline = time.monotonic() + self.timeout_s
-        shown = ""
+        since, shown = time.time(), ("", 0.0)
         while time.monotonic() < deadline:
-            shown = self._show_cycle(shown)
+            shown = self._show_cycle(since, shown)
             if self.daemon is not None and self.daemon.poll() is not None:
                 raise DaemonError(
                     f"the daemon exited ({self.daemon.returncode}) while waiting for {what}; "
@@ -131,16 +132,21 @@ class Demo:
             time.sleep(0.5)
         raise DaemonError(f"timed out after {self.timeout_s:.0f}s waiting for {what}")
 
-    def _show_cycle(self, shown: str) -> str:
-        """Say what the daemon's cycle does now (its status file), when that changes."""
+    def _show_cycle(self, since: float, shown: tuple[str, float]) -> tuple[str, float]:
+        """Say what the daemon's cycle started after ``since`` does now (its status file):
+        when its phase changes, and every SHOW_EVERY_S while it stays in one."""
         try:
             cycle = json.loads(StateLayout(self.state).daemon_status.read_text()).get("cycle", {})
         except (OSError, ValueError, AttributeError):
             return shown
-        now = f"cycle: {cycle['state']}" if cycle.get("running") else ""
-        if now and now != shown:
-            self.say(now)
-        return now
+        if not cycle.get("running") or cycle.get("started_at", 0) < since:
+            return shown
+        state, now = str(cycle["state"]), time.monotonic()
+        phase = state.split(" ")[0]
+        if phase != shown[0].split(" ")[0] or now - shown[1] >= SHOW_EVERY_S:
+            self.say(f"cycle: {state}")
+            return state, now
+        return shown
 
     def push(self, rows: list[dict[str, Any]]) -> None:
         with redis_connection(None, self.state) as client:

@@ -140,6 +140,7 @@ class Daemon:
                 bundles_dir=StateLayout(settings.state_dir).bundles,
                 me=settings.redis.consumer,
                 token=settings.server.token.get_secret_value() if settings.server.token else None,
+                keep=settings.export.keep,
             ),
         )
         self._next_status = 0.0

@@ -24,6 +24,9 @@ def test_train_registers_a_candidate_that_beats_the_base(redis_url: str, tmp_pat
     }
     empty = run_cli("train", env=env, timeout=300)
     assert empty.returncode == 1 and "no new train examples" in empty.stderr
+    idle = run_cli("cycle", env=env, timeout=300)
+    assert idle.returncode == 5, idle.stderr  # nothing to do, for scripts to branch on
+    assert idle.stdout.startswith("no cycle: no new train examples")
 
     write_jsonl(tmp_path / "in.jsonl", parity_rows(400, seed=3, high=10_000))
     assert run_cli("push", str(tmp_path / "in.jsonl"), env=env).returncode == 0

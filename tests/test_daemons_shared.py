@@ -38,6 +38,7 @@ def _env(redis_url: str, postgres_url: str, state: Path, name: str) -> dict[str,
         AFTERTUNE_STORE__URL=postgres_url,
         AFTERTUNE_REDIS__CONSUMER=f"daemon-{name}",
         AFTERTUNE_CYCLE__LOCK_TTL_S="3",  # a killed trainer's lock expires quickly
+        AFTERTUNE_TRAIN__MAX_STEPS="10",  # the test is about who finishes the cycle
         AFTERTUNE_INGEST__CLAIM_IDLE_MS="2000",
         AFTERTUNE_INGEST__CLAIM_INTERVAL_S="1",
     )

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -131,6 +134,17 @@ def test_push_split_test_makes_a_file_held_out_and_json_reports_counts(
     assert run_cli("serve", "--burst", env=env).returncode == 0
     # A record that names its split keeps it.
     assert cli_json("status", "--json", env=env)["examples"]["echo"] == {"train": 1, "test": 12}
+
+
+def test_status_watch_prints_a_json_line_each_refresh(redis_url: str, tmp_path: Path) -> None:
+    env = {**os.environ, **_env(redis_url, tmp_path / "state")}
+    command = [sys.executable, "-m", "aftertune.daemon.cli", "status", "--watch", "0.2", "--json"]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) as watch:
+        assert watch.stdout is not None
+        lines = [watch.stdout.readline() for _ in range(3)]
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(30) == 0  # Ctrl-C ends a watch normally
+    assert all(json.loads(line)["stream"]["length"] == 0 for line in lines)
 
 
 def test_push_validate_names_bad_lines(redis_url: str, tmp_path: Path) -> None:

@@ -215,3 +215,50 @@ def test_report_path_does_not_import_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "[]", done.stderr
+
+
+# capfd, not capsys: with --json the answer is written to file descriptor 1 itself.
+def test_models_and_models_show_print_labelled_tables_with_units(
+    state: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["models", "--state-dir", str(state)]) == 0
+    out = capfd.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header[:3] == ["version", "state", "parent"] and "%" in out
+    assert main(["models", "show", "v3", "--state-dir", str(state)]) == 0
+    card = capfd.readouterr().out
+    assert card.startswith("v3: rejected\n")
+    for text in (
+        "metrics (held-out):",
+        "nats/token",
+        " pp ",
+        "gate: rejected",
+        "FAIL",
+        "audit log:",
+    ):
+        assert text in card, text
+    assert "not published" in card  # a rejected version has no bundle
+    assert main(["models", "show", "3", "--json", "--state-dir", str(state)]) == 0
+    shown = json.loads(capfd.readouterr().out)
+    assert shown["version"] == 3 and shown["gate"]["decision"] == "rejected"
+
+
+def test_version_help_exit_codes_completion_and_report_json(
+    state: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and re.fullmatch(r"aftertune \S+\n", capfd.readouterr().out)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    helped = capfd.readouterr().out
+    assert "3  `cycle`: the challenger was rejected" in helped and "5  `cycle`: nothing" in helped
+    assert main(["completion", "bash"]) == 0
+    script = capfd.readouterr().out
+    assert "models" in script and "--log-level" in script
+    target = tmp_path / "r.html"
+    assert main(["report", "v2", "--json", "--html", str(target), "--state-dir", str(state)]) == 0
+    assert json.loads(capfd.readouterr().out)["version"] == 2
+    with pytest.raises(SystemExit) as bad:
+        main(["models", "show", "three", "--state-dir", str(state)])
+    assert bad.value.code == 2 and "not a version" in capfd.readouterr().err
