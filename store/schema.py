@@ -150,11 +150,17 @@ CREATE TABLE IF NOT EXISTS aftertune_schema (
 """
 
 
+POSTGRES_SCHEMA_LOCK = zlib.crc32(b"aftertune:schema")
+
+
 def migrate_postgres(tx: Any, plan: SchemaPlan, where: str) -> list[str]:
     """Bring ``plan.name``'s tables to ``plan.version`` inside the caller's (locked) transaction.
 
-    The caller holds the database's write lock, so two daemons starting together migrate once.
+    The caller holds the database's write lock, so two daemons starting together migrate once;
+    one more lock, shared by every database of the store, keeps two of them from creating
+    ``aftertune_schema`` at once (concurrent CREATE TABLE IF NOT EXISTS can fail).
     """
+    tx.execute("SELECT pg_advisory_xact_lock(?)", (POSTGRES_SCHEMA_LOCK,))
     tx.execute(POSTGRES_VERSIONS)
     row = tx.execute("SELECT version FROM aftertune_schema WHERE name = ?", (plan.name,)).fetchone()
     if row is None:
