@@ -30,7 +30,7 @@ from typing import Any
 
 from aftertune.daemon.settings import load_settings
 from aftertune.daemon.specs import LearningSpecs, specs_from
-from aftertune.learners.evaluate import TaskScore, evaluate, task_kind
+from aftertune.learners.evaluate import TaskScore, task_kind
 from aftertune.learners.forgetting import continual_metrics
 from aftertune.store.examples import Example, ExampleStore
 from aftertune.store.records import record_from_obj
@@ -301,6 +301,7 @@ def _prime_fisher(
     targets: tuple[str, ...],
     fisher_path: Path,
     result: StrategyResult,
+    objective: Any,
 ) -> None:
     """EWC without replay: estimate the champion's Fisher on stored past examples ourselves.
 
@@ -317,9 +318,15 @@ def _prime_fisher(
     start = time.perf_counter()
     stride = max(1, len(past) // cfg.fisher_samples)
     samples = past[::stride][: cfg.fisher_samples]
-    fresh = estimate_fisher(
-        model, tokenizer, samples, targets, batch_size=1, max_length=cfg.max_length
-    )
+    if objective.peft_task_type == "CAUSAL_LM":
+        fresh = estimate_fisher(
+            model, tokenizer, samples, targets, batch_size=1, max_length=cfg.max_length
+        )
+    else:
+        device = next(model.parameters()).device
+        fresh = objective.fisher(
+            model, tokenizer, samples, targets, max_length=cfg.max_length, device=device
+        )
     champion = weights_fingerprint(target_weights(model, targets))
     update_online_fisher(fisher_path, fresh, cfg.ewc_decay, champion=champion)
     seconds = time.perf_counter() - start
@@ -368,21 +375,57 @@ class _Strategy:
     tokenizer: Any
 
     def evaluate(self, model: Any) -> dict[str, TaskScore]:
+        """The daemon's scoring path for the base's model kind, with the bench's knobs."""
         start = time.perf_counter()
         cfg = self.cfg
-        scores = evaluate(
-            model,
-            self.tokenizer,
-            self.suite.test,
-            labels=self.suite.labels,
-            batch_size=cfg.eval_batch_size,
-            max_new_tokens=cfg.max_new_tokens,
-            max_length=cfg.max_length,
-            device=cfg.device,
-            template=self.daemon.eval.template,
+        specs = replace(
+            self.daemon,
+            eval=replace(
+                self.daemon.eval,
+                batch_size=cfg.eval_batch_size,
+                max_new_tokens=cfg.max_new_tokens,
+                max_length=cfg.max_length,
+            ),
+            train=replace(self.daemon.train, max_length=cfg.max_length),
         )
+        scores = self.kind.score(model, self.tokenizer, self.suite.test, self.sets, specs)
         self.result.eval_seconds += time.perf_counter() - start
         return scores
+
+    @property
+    def kind(self) -> Any:
+        from aftertune.learners.kinds import kind_for
+
+        return kind_for(self.daemon.base)
+
+    @property
+    def sets(self) -> dict[str, Any]:
+        """What answers are judged against: label sets, or a ranking task's candidates."""
+        if self.kind.name != "ranking":
+            return dict(self.suite.labels)
+        from aftertune.learners.ranking import candidates_of
+
+        cap = self.daemon.ranking.max_candidates
+        return {
+            t: candidates_of([e.output for e in self.suite.train[t]], cap) for t in self.suite.tasks
+        }
+
+    @property
+    def objective(self) -> Any:
+        """The kind's training loss (a ranking objective knows every task's candidates)."""
+        from aftertune.learners.objectives import ResponseObjective
+        from aftertune.learners.ranking import RankingObjective
+
+        if self.kind.name != "ranking":
+            return ResponseObjective(self.tokenizer)
+        candidates = {t: list(c) for t, c in self.sets.items() if c}
+        return RankingObjective(
+            self.tokenizer,
+            candidates,
+            self.daemon.ranking,
+            max_length=self.cfg.max_length,
+            template=self.daemon.train.template,
+        )
 
     def joint(self, model: Any) -> None:
         """One training on the union, with the whole sequence's budget."""
@@ -390,6 +433,7 @@ class _Strategy:
         union = [ex for t in suite.tasks for ex in suite.train[t]]
         steps = cfg.steps * len(suite.tasks) if cfg.steps else None
         specs = _specs(cfg, self.daemon, steps=steps, replay=False, ewc=False, seed=cfg.seed)
+        specs["objective"] = self.objective
         model = _train_and_merge(
             model, self.tokenizer, union, [], specs, self.workdir, 0, self.result
         )
@@ -412,10 +456,13 @@ class _Strategy:
                     ewc=ewc and bool(past),
                     seed=cfg.seed + i,
                 )
+                specs["objective"] = objective = self.objective
                 if ewc and not replay and past:
                     targets = self.daemon.lora.target_modules
                     fisher = self.workdir / "fisher.safetensors"
-                    _prime_fisher(model, self.tokenizer, past, cfg, targets, fisher, self.result)
+                    _prime_fisher(
+                        model, self.tokenizer, past, cfg, targets, fisher, self.result, objective
+                    )
                 model = _train_and_merge(
                     model,
                     self.tokenizer,
@@ -511,7 +558,9 @@ def _parser(defaults: BenchConfig, base: str) -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="folder of <task>.train/.test.jsonl")
     p.add_argument("--tasks", required=True, help="comma-separated, in training order")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
-    p.add_argument("--base", default=base, help="embedded:tiny or a local HF model dir")
+    p.add_argument(
+        "--base", default=base, help="embedded:tiny, embedded:minilm or a local HF model dir"
+    )
     p.add_argument("--max-train", type=int, default=None, help="train examples per task")
     p.add_argument("--max-test", type=int, default=None, help="test examples per task")
     p.add_argument(
@@ -549,7 +598,16 @@ def _parser(defaults: BenchConfig, base: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    daemon = specs_from(load_settings())
+    # --base first: the model kind decides what an unset train.lr / train.epochs mean.
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--base", default=None)
+    chosen = early.parse_known_args(argv)[0].base
+    settings = load_settings()
+    if chosen is not None:
+        settings = settings.model_copy(
+            update={"model": settings.model.model_copy(update={"base": chosen})}
+        )
+    daemon = specs_from(settings)
     defaults = BenchConfig.of(daemon)
     args = _parser(defaults, daemon.base).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -1,7 +1,12 @@
 """Gate benchmark: clean cycles should be promoted, poisoned cycles rejected.
 
     .venv/bin/python bench/gate.py --data DIR [--tasks t1,t2,...] [--k 4] [--train N]
-        [--steps S] [--poison flip|shuffle|both] [--json FILE]
+        [--steps S] [--poison flip|shuffle|both] [--base BASE] [--json FILE]
+
+Real tasks on the ranking kind (MiniLM):
+
+    .venv/bin/python bench/gate.py --data ../shared/datasets --base embedded:minilm \
+        --tasks agnews,sni_emotion,dbpedia --k 2 --train 200 --steps 25 --poison flip
 
 A champion first learns the first task. Then, alternately, a clean batch (the next task, or
 more data of a known one once all are known) and a poisoned batch (a known task's labels
@@ -73,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--train", type=int, default=300, help="records per batch")
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps per cycle")
     parser.add_argument("--poison", choices=["flip", "shuffle", "both"], default="both")
+    parser.add_argument(
+        "--base", default=None, help="model.base for this run (e.g. embedded:minilm on real tasks)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     return parser
 
@@ -96,7 +104,11 @@ def main() -> None:
     args = _parser().parse_args()
     tasks = args.tasks.split(",")
     rng = random.Random(0)
-    specs = gate_specs(specs_from(load_settings()), args.steps)
+    settings = load_settings()
+    if args.base is not None:  # before specs_from: the kind decides unset train.lr/epochs
+        model = settings.model.model_copy(update={"base": args.base})
+        settings = settings.model_copy(update={"model": model})
+    specs = gate_specs(specs_from(settings), args.steps)
     results: list[dict[str, Any]] = []
     offsets = dict.fromkeys(tasks, 0)
     with tempfile.TemporaryDirectory() as tmp:

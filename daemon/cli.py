@@ -138,10 +138,18 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
         "demo",
         parents=[common],
         help="the whole loop on embedded defaults in a few minutes (what `make run` runs)",
-        description="Start the daemon (embedded Redis, shipped tiny base) in STATE_DIR/demo "
-        "(wiped first), push feedback for two tasks, then a third, then a poisoned batch; "
-        "wait for two promotions and a rejection; pull the latest bundle over HTTP and answer "
-        "with ONNX Runtime; print a summary and the HTML report's path; stop the daemon.",
+        description="Start the daemon (embedded Redis, an embedded base) in STATE_DIR/demo "
+        "(wiped first), push feedback for a task (or two), then another, then a poisoned batch "
+        "(a known task with flipped labels); wait for two promotions and a rejection; pull the "
+        "latest bundle over HTTP and answer with ONNX Runtime; print a summary (per-task "
+        "accuracy before and after) and the HTML report's path; stop the daemon. "
+        "--base embedded:minilm runs it on real text (news topics, then emotions).",
+    )
+    p.add_argument(
+        "--base",
+        choices=("embedded:tiny", "embedded:minilm"),
+        default="embedded:tiny",
+        help="embedded:tiny (character puzzles, ~2 min) or embedded:minilm (real text)",
     )
     p.add_argument(
         "--timeout", type=float, default=300.0, help="seconds to wait for each step (default 300)"
@@ -304,7 +312,7 @@ def _env_config() -> Path | None:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.daemon.demo import run_demo
 
-    return run_demo(settings, timeout_s=args.timeout)
+    return run_demo(settings, timeout_s=args.timeout, base=args.base)
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:

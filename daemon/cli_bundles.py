@@ -45,15 +45,23 @@ def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "generate",
         parents=[common],
-        help="answer with a pulled bundle (ONNX Runtime, greedy)",
+        help="answer with a pulled bundle (ONNX Runtime; one record or a JSONL file)",
         description="Verify and load a bundle, render the prompt template from its manifest "
-        "and print the greedy answer.",
+        "and print the answer: greedy decoding for a generative bundle, the nearest of the "
+        "task's candidate answers for a ranking bundle (which needs --task). With --jsonl, "
+        "answer every record of a file (wire format: instruction, input, task, id; output "
+        "ignored) and print one JSON line per record, in order: {task, answer} plus id when "
+        "given. A malformed line stops the run before any answer, naming the line.",
     )
     p.add_argument("--bundle", type=Path, required=True, help="bundle dir, e.g. DIR/current")
+    p.add_argument("--task", help="the task (ranking bundles rank among its known answers)")
     p.add_argument("--instruction", help="the instruction (rendered with the bundle's template)")
     p.add_argument("--input", default="", help="the input, may be empty")
-    p.add_argument("--prompt", help="a raw prompt instead of --instruction/--input")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompt", help="a raw prompt instead of --instruction/--input (generative)")
+    p.add_argument("--jsonl", type=Path, help="answer every record of this file ('-': stdin)")
+    p.add_argument("--batch-size", type=int, default=32, help="records per ONNX call (--jsonl)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generative bundles only")
+    p.add_argument("--json", action="store_true", help="print {task, answer} as JSON")
     p.set_defaults(func=cmd_generate)
 
 
@@ -93,17 +101,70 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.store.consumer import Bundle
 
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise DaemonError("--max-new-tokens and --batch-size must be at least 1")
+    if args.jsonl is not None:
+        if args.instruction is not None or args.prompt is not None:
+            raise DaemonError("--jsonl answers a file: leave out --instruction and --prompt")
+        records = read_requests(args.jsonl)
+        bundle = Bundle.open(args.bundle)
+        for start in range(0, len(records), args.batch_size):
+            chunk = records[start : start + args.batch_size]
+            answers = bundle.answer_many(
+                [(r.get("task"), r["instruction"], r["input"]) for r in chunk]
+            )
+            for record, answer in zip(chunk, answers, strict=True):
+                out = {"task": record.get("task"), "answer": answer}
+                if "id" in record:
+                    out["id"] = record["id"]
+                print(json.dumps(out, ensure_ascii=False))
+        return 0
     if (args.prompt is None) == (args.instruction is None):
-        raise DaemonError("give either --instruction (and --input) or --prompt")
-    if args.max_new_tokens < 1:
-        raise DaemonError("--max-new-tokens must be at least 1")
+        raise DaemonError("give --instruction (and --input), --prompt, or --jsonl FILE")
     bundle = Bundle.open(args.bundle)
-    print(
-        bundle.generate(
-            args.prompt,
-            instruction=args.instruction,
-            input=args.input,
-            max_new_tokens=args.max_new_tokens,
+    if args.prompt is not None:
+        answer = bundle.generate(args.prompt, max_new_tokens=args.max_new_tokens)
+    elif bundle.candidates:
+        answer = bundle.answer(args.task, args.instruction, args.input)
+    else:
+        answer = bundle.generate(
+            instruction=args.instruction, input=args.input, max_new_tokens=args.max_new_tokens
         )
+    print(
+        json.dumps({"task": args.task, "answer": answer}, ensure_ascii=False)
+        if args.json
+        else answer
     )
     return 0
+
+
+def read_requests(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file to answer; a malformed line is an error naming it."""
+    import sys
+
+    text = sys.stdin.read() if str(path) == "-" else _read_text(path)
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise DaemonError(f"{path}:{number}: not JSON: {exc}") from None
+        if not isinstance(record, dict):
+            raise DaemonError(f"{path}:{number}: a record is a JSON object")
+        for key in ("instruction", "input", "task"):
+            if key in record and record[key] is not None and not isinstance(record[key], str):
+                raise DaemonError(f"{path}:{number}: {key!r} must be a string")
+        if not (record.get("instruction") or "").strip():
+            raise DaemonError(f"{path}:{number}: 'instruction' is missing or empty")
+        record["input"] = record.get("input") or ""
+        records.append(record)
+    return records
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DaemonError(f"cannot read {path}: {exc}") from None

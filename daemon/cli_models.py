@@ -215,8 +215,12 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
                 score["n"],
             ]
             for task, score in scores.items()
+            if "refused" not in score
         ]
         print(table(["task", "metric", "score", "NLL", "held-out n"], rows, indent=2))
+        for score in scores.values():
+            if "refused" in score:
+                print(f"  not scored: {score['refused']}")
     return 0
 
 

@@ -1,11 +1,16 @@
 """``aftertune demo``: the whole loop on embedded defaults, in a few minutes, then a summary.
 
-It starts the real daemon (``aftertune serve``: embedded Redis, the shipped tiny base, the HTTP
-server) in a fresh state dir, pushes feedback for two learnable tasks, then a third task,
-then a poisoned batch (parity with flipped labels), and waits for each decision: two
-promotions and a rejection. It pulls the latest bundle over HTTP, answers a few prompts with
-ONNX Runtime, prints versions, decisions with reasons, per-task scores and timings, writes
-the HTML report, and stops the daemon (SIGTERM), leaving no process behind.
+It starts the real daemon (``aftertune serve``: embedded Redis, an embedded base, the HTTP
+server) in a fresh state dir, pushes feedback for a first task (or two), then another task,
+then a poisoned batch (a known task with flipped labels on fresh inputs), and waits for each
+decision: two promotions and a rejection. It pulls the latest bundle over HTTP, answers a few
+prompts with ONNX Runtime, prints versions, decisions with reasons, per-task accuracy before
+and after, timings, writes the HTML report, and stops the daemon (SIGTERM), leaving no
+process behind.
+
+Two scenarios: ``embedded:tiny`` (the default, what ``make run`` runs) learns character
+puzzles; ``embedded:minilm`` (``--base embedded:minilm``) learns real text, a news-topic task
+then an emotion task, from ``demo_data/real``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -31,6 +38,19 @@ from aftertune.store.registry import Registry, Version, VersionState
 
 DECIDED = (VersionState.PROMOTED, VersionState.REJECTED, VersionState.RETIRED)
 SHOW_EVERY_S = 10.0  # while waiting, what the cycle does is printed this often
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What the demo pushes for one base, and the prompts it answers at the end."""
+
+    steps: tuple[tuple[str, tuple[str, ...], bool], ...]  # (what, tasks to push, poisoned?)
+    prompts: tuple[tuple[str, str, str, str], ...]  # (task, instruction, input, right answer)
+    rows: Callable[[str], list[dict[str, Any]]]
+    poison: Callable[[], list[dict[str, Any]]]
+    env: dict[str, str]  # AFTERTUNE_* settings of the daemon
+
+
 # Steps: (what the user sees, files to push, poisoned?)
 STEPS = (
     ("feedback for two new tasks: parity, vowel_end", ("parity", "vowel_end"), False),
@@ -46,13 +66,42 @@ PROMPTS = (  # (task, instruction, input, the right answer)
 )
 
 
-def _rows(task: str) -> list[dict[str, Any]]:
+def _rows(task: str, folder: str = "", train: int | None = None) -> list[dict[str, Any]]:
+    """A shipped task's records (``train``: the first N train lines only), split marked."""
     rows = []
     data = resources.files("aftertune.daemon") / "demo_data"
+    if folder:
+        data = data / folder
     for split in ("train", "test"):
-        text = (data / f"{task}.{split}.jsonl").read_text(encoding="utf-8")
-        rows += [{**json.loads(line), "split": split} for line in text.splitlines() if line]
+        lines = (data / f"{task}.{split}.jsonl").read_text(encoding="utf-8").splitlines()
+        lines = lines[:train] if split == "train" and train is not None else lines
+        rows += [{**json.loads(line), "split": split} for line in lines if line]
     return rows
+
+
+REAL_TRAIN = 300  # agnews and sni_emotion records learned; lines past it feed the poison
+
+
+def _real_poison() -> list[dict[str, Any]]:
+    """agnews records the demo never pushed, each labelled with the next topic (flipped)."""
+    data = resources.files("aftertune.daemon") / "demo_data" / "real"
+    lines = (data / "agnews.train.jsonl").read_text(encoding="utf-8").splitlines()[REAL_TRAIN:]
+    topics = ["World", "Sports", "Business", "Science or Technology"]
+    rows = []
+    for i, line in enumerate(lines):
+        row = json.loads(line)
+        wrong = topics[(topics.index(row["output"]) + 1) % len(topics)]
+        split = "test" if i % 10 == 0 else "train"
+        rows.append({**row, "output": wrong, "split": split, "source": "demo-poison"})
+    return rows
+
+
+def _real_prompts() -> tuple[tuple[str, str, str, str], ...]:
+    out = []
+    for task in ("agnews", "sni_emotion"):
+        for row in [r for r in _rows(task, "real", 0) if r["split"] == "test"][:3]:
+            out.append((task, row["instruction"], row["input"], row["output"]))
+    return tuple(out)
 
 
 def _poison(n: int = 300, seed: int = 99) -> list[dict[str, Any]]:
@@ -71,6 +120,31 @@ def _poison(n: int = 300, seed: int = 99) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def scenario(base: str) -> Scenario:
+    """The demo's scenario for ``base``: embedded:tiny or embedded:minilm."""
+    if base == "embedded:tiny":
+        return Scenario(
+            STEPS, PROMPTS, _rows, _poison, {"AFTERTUNE_CYCLE__MIN_NEW_EXAMPLES": "200"}
+        )
+    if base == "embedded:minilm":
+        return Scenario(
+            steps=(
+                ("a news-topic task: agnews", ("agnews",), False),
+                ("an emotion task: sni_emotion", ("sni_emotion",), False),
+                ("a poisoned batch: agnews with flipped labels", (), True),
+            ),
+            prompts=_real_prompts(),
+            rows=lambda task: _rows(task, "real", REAL_TRAIN),
+            poison=_real_poison,
+            env={
+                "AFTERTUNE_MODEL__BASE": base,
+                "AFTERTUNE_CYCLE__MIN_NEW_EXAMPLES": "90",
+                "AFTERTUNE_EXPORT__PARITY_PROMPTS": "16",
+            },
+        )
+    raise DaemonError(f"the demo runs on embedded:tiny or embedded:minilm, not {base!r}")
 
 
 class Demo:
@@ -92,7 +166,6 @@ class Demo:
             **os.environ,
             "AFTERTUNE_STATE_DIR": str(self.state),
             "AFTERTUNE_SERVER__PORT": str(self.port),
-            "AFTERTUNE_CYCLE__MIN_NEW_EXAMPLES": "200",
             "AFTERTUNE_CYCLE__CHECK_EVERY_S": "1",
             "AFTERTUNE_TRAIN__PROGRESS": "false",
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
@@ -169,14 +242,15 @@ class Demo:
             self.daemon.wait()
 
 
-def run_demo(settings: Settings, *, timeout_s: float = 300.0) -> int:
+def run_demo(settings: Settings, *, timeout_s: float = 300.0, base: str = "embedded:tiny") -> int:
     """Run the demo; returns 0 when it saw two promotions, a rejection and answers."""
+    plan = scenario(base)
     demo = Demo(settings, timeout_s)
     timings: dict[int, float] = {}
     try:
-        demo.start_daemon()
-        for number, (what, tasks, poisoned) in enumerate(STEPS, start=1):
-            rows = _poison() if poisoned else [r for t in tasks for r in _rows(t)]
+        demo.start_daemon(**plan.env)
+        for number, (what, tasks, poisoned) in enumerate(plan.steps, start=1):
+            rows = plan.poison() if poisoned else [r for t in tasks for r in plan.rows(t)]
             demo.say(f"push {len(rows)} records: {what}")
             started = time.monotonic()
             demo.push(rows)
@@ -185,7 +259,7 @@ def run_demo(settings: Settings, *, timeout_s: float = 300.0) -> int:
             demo.say(
                 f"v{number} {version.state.value}: {'; '.join(version.gate.get('reasons', []))}"
             )
-        answers = _pull_and_answer(demo)
+        answers = _pull_and_answer(demo, plan.prompts)
         outcomes = _summary(demo, timings, answers)
     finally:
         demo.stop_daemon()
@@ -197,7 +271,9 @@ def run_demo(settings: Settings, *, timeout_s: float = 300.0) -> int:
     return 0
 
 
-def _pull_and_answer(demo: Demo) -> list[tuple[str, str, str, str]]:
+def _pull_and_answer(
+    demo: Demo, prompts: tuple[tuple[str, str, str, str], ...]
+) -> list[tuple[str, str, str, str]]:
     from aftertune.daemon.pull import HttpSource, pull
     from aftertune.daemon.tables import size
     from aftertune.store.consumer import Bundle
@@ -206,16 +282,28 @@ def _pull_and_answer(demo: Demo) -> list[tuple[str, str, str, str]]:
     demo.say(f"pulled v{pulled.version} over HTTP: {size(pulled.bytes)}, every sha256 verified")
     bundle = Bundle.open(demo.state / "consumer" / "current")
     return [
-        (task, text, bundle.generate(instruction=instruction, input=text, max_new_tokens=8), want)
-        for task, instruction, text, want in PROMPTS
+        (task, text, bundle.answer(task, instruction, text), want)
+        for task, instruction, text, want in prompts
     ]
+
+
+def _before_after(version: Version) -> str:
+    """Each task's held-out accuracy before (the champion) and after (this version)."""
+    return (
+        ", ".join(
+            f"{task} {100 * m['champion'].get('accuracy', 0):.0f}% -> "
+            f"{100 * m['challenger'].get('accuracy', 0):.0f}%"
+            for task, m in sorted(version.metrics.items())
+            if "accuracy" in m.get("challenger", {})
+        )
+        or "-"
+    )
 
 
 def _summary(
     demo: Demo, timings: dict[int, float], answers: list[tuple[str, str, str, str]]
 ) -> list[str]:
     """Print the table; returns each version's decision, in order."""
-    from aftertune.daemon.cli_versions import headline
     from aftertune.daemon.report import render_report
     from aftertune.daemon.tables import seconds, table
 
@@ -230,19 +318,19 @@ def _summary(
         mark = "*" if champion is not None and v.version == champion.version else " "
         decision = "promoted" if v.state is VersionState.RETIRED else v.state.value
         rows.append(
-            [f"{mark}v{v.version}", decision, seconds(timings.get(v.version)), headline(v.metrics)]
+            [f"{mark}v{v.version}", decision, seconds(timings.get(v.version)), _before_after(v)]
         )
     print()
-    print(
-        table(["version", "decision", "cycle", "accuracy on held-out records (challenger)"], rows)
-    )
+    header = "accuracy on held-out records (champion -> challenger)"
+    print(table(["version", "decision", "cycle", header], rows))
     for v in versions:
         for reason in v.gate.get("reasons", [])[:3]:
             print(f"  v{v.version}: {reason}")
     print("\nanswers from the pulled bundle (ONNX Runtime, no torch):")
     for task, text, answer, want in answers:
         mark = "right" if answer.strip() == want else f"wrong, expected {want!r}"
-        print(f"  {task:<11} {text!r:<10} -> {answer!r:<8} {mark}")
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        print(f"  {task:<11} {shown!r:<44} -> {answer!r:<8} {mark}")
     print(f"\nHTML report: {report}")
     print(f"state dir:   {demo.state} (daemon log: {demo.state / 'daemon.log'})")
     return ["promoted" if v.state is VersionState.RETIRED else v.state.value for v in versions]

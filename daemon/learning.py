@@ -109,8 +109,7 @@ def export_to(
                     registry,
                     settings.state_dir,
                     found,
-                    base=specs.base,
-                    spec=specs.export,
+                    specs=specs,
                     out=staging,
                 ),
                 bundle_dir=out,
@@ -140,10 +139,8 @@ def run_eval(settings: Settings, candidate: int | None) -> dict[str, Any]:
     with _state(settings) as (store, registry):
 
         def scores(version: Version | None) -> dict[str, Any]:
-            found = evaluate_version(
-                store, registry, settings.state_dir, version, base=specs.base, spec=specs.eval
-            )
-            return _as_json(found)
+            found, refused = evaluate_version(store, registry, settings.state_dir, version, specs)
+            return {**_as_json(found), **{t: {"refused": why} for t, why in refused.items()}}
 
         champion = scores(registry.champion())
         if candidate is None:

@@ -124,7 +124,9 @@ class IngestSettings(_Section):
 
 class ModelSettings(_Section):
     base: str = Field(
-        default="embedded:tiny", description="'embedded:tiny' or a local Hugging Face model dir"
+        default="embedded:tiny",
+        description="'embedded:tiny' (generative), 'embedded:minilm' (ranking) or a local"
+        " Hugging Face model dir (a causal LM or a sentence encoder)",
     )
 
 
@@ -145,8 +147,19 @@ class LoraSettings(_Section):
     )
 
 
+# What train.lr and train.epochs mean when left unset, per model kind (the kind follows from
+# model.base): the tiny generative base takes a high LoRA lr over a few epochs; the MiniLM
+# encoder learns a task in one epoch at a lower lr (bench/ranking.py, docs/benchmarks.md).
+KIND_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "generative": {"lr": 4e-3, "epochs": 3},
+    "ranking": {"lr": 2e-3, "epochs": 1},
+}
+
+
 class TrainSettings(_Section):
-    lr: float = Field(default=4e-3, gt=0, description="peak learning rate")
+    lr: float | None = Field(
+        default=None, gt=0, description="peak learning rate; unset: 4e-3 generative, 2e-3 ranking"
+    )
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=10, ge=0, description="linear warmup from 0 to lr")
     schedule: Literal["cosine", "linear"] = Field(
@@ -158,7 +171,7 @@ class TrainSettings(_Section):
     # Passes over the new data; replayed examples ride along in each batch. A fixed step
     # count instead gives a replaying cycle half the new data (bench/continual.py measured
     # the last task at ~40 points with 200 steps, ~90 with 3 passes).
-    epochs: int = Field(default=3, ge=1)
+    epochs: int | None = Field(default=None, ge=1, description="unset: 3 generative, 1 ranking")
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     max_grad_norm: float = Field(default=1.0, ge=0)
@@ -188,6 +201,15 @@ class PromptSettings(_Section):
     def _placeholders(self) -> PromptSettings:
         PromptTemplate(self.with_input, self.without_input)  # ValueError names what is missing
         return self
+
+
+class RankingSettings(_Section):
+    """The ranking kind (a sentence-encoder base such as embedded:minilm)."""
+
+    temperature: float = Field(default=0.05, gt=0, description="cosine / temperature → softmax")
+    max_candidates: int = Field(
+        default=256, ge=2, description="more distinct outputs: a free-text task, refused"
+    )
 
 
 class ReplaySettings(_Section):
@@ -287,6 +309,9 @@ class ExportSettings(_Section):
         default=0.95, ge=0, le=1, description="int8/int4: greedy tokens equal to PyTorch"
     )
     logits_atol: float = Field(default=1e-3, gt=0, description="fp32 max |Δ logit| allowed")
+    embedding_atol: float = Field(
+        default=1e-4, gt=0, description="ranking bundles: max |Δ embedding| allowed"
+    )
     keep: int = Field(default=5, ge=1, description="published bundles kept (latest included)")
 
 
@@ -388,6 +413,7 @@ class Settings(BaseSettings):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     prompt: PromptSettings = Field(default_factory=PromptSettings)
+    ranking: RankingSettings = Field(default_factory=RankingSettings)
     replay: ReplaySettings = Field(default_factory=ReplaySettings)
     ewc: EwcSettings = Field(default_factory=EwcSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)

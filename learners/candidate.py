@@ -19,7 +19,9 @@ from typing import Any
 
 from aftertune.learners.champion import load_version
 from aftertune.learners.errors import NothingToTrain
+from aftertune.learners.kinds import kind_for
 from aftertune.learners.lineage import candidate_lineage
+from aftertune.learners.objectives import Objective
 from aftertune.learners.recipe import TrainResult, train_adapter
 from aftertune.learners.specs import LearningSpecs
 from aftertune.store.examples import Example, ExampleStore
@@ -115,7 +117,17 @@ def train_candidate(
     champion = registry.champion()
     data = training_data(store, state_dir, champion, specs)
     work = StateLayout(state_dir).training_run(data.parent, data.until)
-    result = _train(registry, state_dir, champion, specs, data, work, should_stop)
+    model, tokenizer = load_version(registry, specs.base, state_dir, champion)
+    objective = kind_for(specs.base).objective(tokenizer, store, data.until, specs)
+    if not objective.kept(data.new, "new examples"):
+        raise NothingToTrain(
+            "every new train example belongs to a task this model kind cannot learn (see the"
+            " warning above); nothing to train until other feedback arrives"
+        )
+    result = _train(
+        registry, state_dir, champion, specs, data, work, should_stop, (model, tokenizer, objective)
+    )
+    objective.save_beside(result.adapter_dir)  # e.g. the candidates a ranking version knows
     version = _register(registry, specs, data, result, actor)
     shutil.rmtree(work, ignore_errors=True)
     log.info(
@@ -137,8 +149,10 @@ def _train(
     data: TrainingData,
     work: Path,
     should_stop: Callable[[int, int], bool] | None,
+    loaded: tuple[Any, Any, Objective],
 ) -> TrainResult:
-    """The adapter, trained here or, with ``train.processes`` > 1, by torchrun."""
+    """The adapter, trained here or, with ``train.processes`` > 1, by torchrun (generative
+    kind only: the ranking objective runs in this process)."""
     common: dict[str, Any] = {
         "train": specs.train,
         "lora": specs.lora,
@@ -149,7 +163,8 @@ def _train(
         "checkpoint_dir": work / "checkpoints",
         "should_stop": should_stop,
     }
-    if specs.train.processes > 1:
+    model, tokenizer, objective = loaded
+    if specs.train.processes > 1 and objective.peft_task_type == "CAUSAL_LM":
         from aftertune.learners.train_job import ModelSource, train_in_processes
 
         chain = registry.chain(champion.version) if champion is not None else []
@@ -157,8 +172,7 @@ def _train(
             specs.base, [v.adapter_dir for v in chain], StateLayout(state_dir).champions
         )
         return train_in_processes(specs.train.processes, source, data.new, data.past, **common)
-    model, tokenizer = load_version(registry, specs.base, state_dir, champion)
-    return train_adapter(model, tokenizer, data.new, data.past, **common)
+    return train_adapter(model, tokenizer, data.new, data.past, objective=objective, **common)
 
 
 def _register(

@@ -19,15 +19,9 @@ from typing import Any
 from aftertune.learners.candidate import train_candidate
 from aftertune.learners.champion import load_version
 from aftertune.learners.errors import CycleBlocked, ExportError
-from aftertune.learners.evaluate import (
-    TaskScore,
-    held_out,
-    label_sets,
-    normalize,
-    score,
-    score_dict,
-)
+from aftertune.learners.evaluate import TaskScore, held_out, normalize, score_dict
 from aftertune.learners.gate import Decision, GateReport, chance_threshold, judge
+from aftertune.learners.kinds import AnswerSets, ModelKind, kind_for
 from aftertune.learners.promote import promote_and_publish, sync_latest
 from aftertune.learners.specs import LearningSpecs
 from aftertune.store.bundles import Published
@@ -54,6 +48,7 @@ class CycleResult:
     timings: dict[str, float] = field(default_factory=dict)
     trained: dict[str, Any] | None = None  # the training report when this run trained
     bundle: Published | None = None  # the bundle published as latest with a promotion
+    refused: dict[str, str] = field(default_factory=dict)  # tasks the model kind cannot score
 
     def to_json(self) -> dict[str, Any]:
         bundle = self.bundle
@@ -65,6 +60,7 @@ class CycleResult:
             "checks": [c.to_json() for c in self.report.checks],
             "timings": self.timings,
             "trained": self.trained,
+            "refused": self.refused,
             "bundle": None
             if bundle is None
             else {
@@ -109,7 +105,7 @@ def _metrics(champion: SuiteScores, challenger: SuiteScores) -> dict[str, dict[s
     return out
 
 
-def chance_levels(by_task: dict[str, list[Example]], labels: dict[str, set[str] | None]) -> Chance:
+def chance_levels(by_task: dict[str, list[Example]], labels: AnswerSets) -> Chance:
     """Per label task, how often always giving the most frequent answer would be right."""
     out: Chance = {}
     for task, examples in by_task.items():
@@ -194,9 +190,18 @@ def run_cycle(
         decision, reasons, bundle = run.await_approval(challenger, gate)
     else:
         decision, reasons, bundle = run.reject(champion, challenger, gate)
+    reasons += [f"not scored: {why}" for why in run.refused.values()]
     log.info("v%d %s: %s", challenger.version, decision.value, "; ".join(reasons))
     return CycleResult(
-        challenger.version, decision, reasons, metrics, gate, run.timings, trained, bundle
+        challenger.version,
+        decision,
+        reasons,
+        metrics,
+        gate,
+        run.timings,
+        trained,
+        bundle,
+        run.refused,
     )
 
 
@@ -210,7 +215,12 @@ class _CycleRun:
     specs: LearningSpecs
     actor: str
     timings: dict[str, float] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # tasks the model kind cannot score
     chance: dict[str, Chance] = field(default_factory=dict)  # "gain" / "all" -> chance levels
+
+    @property
+    def kind(self) -> ModelKind:
+        return kind_for(self.specs.base)
 
     def train_or_resume(
         self, champion: Version | None, should_stop: Callable[[int, int], bool] | None
@@ -252,7 +262,13 @@ class _CycleRun:
         suites = suites_for(
             self.store, champion_seq, challenger.data_seq, self.specs.eval.max_per_task
         )
-        labels = label_sets(self.store, sorted({t for s in suites.values() for t in s}))
+        trained = set(challenger.lineage.get("trained_on", {}).get("count_by_task", {}))
+        tasks = sorted(trained.union(*suites.values()))
+        judged = self.kind.answer_sets(self.store, tasks, challenger.data_seq, self.specs)
+        self.refused = judged.refused
+        for name, by_task in suites.items():
+            suites[name] = {t: v for t, v in by_task.items() if t not in judged.refused}
+        labels = judged.sets
         everything = {
             t: [*suites["regression"].get(t, []), *suites["gain"].get(t, [])] for t in labels
         }
@@ -262,16 +278,16 @@ class _CycleRun:
         }
         champion_scores = self._score_suites(champion, suites, labels)
         failpoint("cycle.during_eval")
-        challenger_scores = self._score_suites(challenger, suites, labels)
+        challenger_scores = self._score_suites(challenger, suites, judged.sets)
         self.timings["evaluate_s"] = time.monotonic() - t0
         return champion_scores, challenger_scores
 
     def _score_suites(
-        self, version: Version | None, suites: Suites, labels: dict[str, set[str] | None]
+        self, version: Version | None, suites: Suites, sets: AnswerSets
     ) -> SuiteScores:
         model, tokenizer = load_version(self.registry, self.specs.base, self.state_dir, version)
         return {
-            name: score(model, tokenizer, by_task, labels, self.specs.eval)
+            name: self.kind.score(model, tokenizer, by_task, sets, self.specs)
             for name, by_task in suites.items()
         }
 
@@ -294,6 +310,7 @@ class _CycleRun:
             for t, s in challenger_scores["gain"].items()
         }
         new_tasks = set(challenger.lineage.get("trained_on", {}).get("count_by_task", {}))
+        new_tasks -= set(self.refused)  # not learned or scored by this kind: said in reasons
         champion_seq = champion.data_seq if champion is not None else 0
         conflicts = self.store.conflicts(champion_seq, challenger.data_seq)
         return judge(

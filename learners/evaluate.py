@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -33,6 +33,9 @@ from aftertune.learners.progress import Progress
 from aftertune.store.examples import Example, ExampleStore
 from aftertune.store.prompt import DEFAULT_PROMPT, PromptTemplate
 from aftertune.store.registry import Registry, Version
+
+if TYPE_CHECKING:
+    from aftertune.learners.specs import LearningSpecs
 
 TaskKindName = Literal["label", "text"]
 
@@ -398,13 +401,17 @@ def evaluate_version(
     registry: Registry,
     state_dir: Path,
     version: Version | None,
-    *,
-    base: str,
-    spec: EvalSpec,
-) -> dict[str, TaskScore]:
-    """Scores of ``version`` (None = base) on every task's held-out split."""
-    by_task = held_out(store, spec.max_per_task)
+    specs: LearningSpecs,
+) -> tuple[dict[str, TaskScore], dict[str, str]]:
+    """Scores of ``version`` (None = base) on every task's held-out split, and the tasks its
+    model kind refuses to score (task → why)."""
+    from aftertune.learners.kinds import kind_for
+
+    by_task = held_out(store, specs.eval.max_per_task)
     if not by_task:
-        return {}
-    model, tokenizer = load_version(registry, base, state_dir, version)
-    return score(model, tokenizer, by_task, label_sets(store, list(by_task)), spec)
+        return {}, {}
+    kind = kind_for(specs.base)
+    judged = kind.answer_sets(store, sorted(by_task), None, specs)
+    scored = {t: v for t, v in by_task.items() if t not in judged.refused}
+    model, tokenizer = load_version(registry, specs.base, state_dir, version)
+    return kind.score(model, tokenizer, scored, judged.sets, specs), judged.refused

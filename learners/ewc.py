@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors import safe_open
@@ -42,6 +42,9 @@ from aftertune.learners.errors import FisherMismatch, LearnerError
 from aftertune.learners.lora import adapted_modules, is_conv1d
 from aftertune.learners.progress import Progress
 from aftertune.store.files import write_atomic
+
+if TYPE_CHECKING:
+    from aftertune.learners.objectives import Objective
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +353,7 @@ def fisher_for_cycle(
     max_length: int,
     fisher_path: Path | None,
     device: torch.device,
+    objective: Objective | None = None,
 ) -> tuple[dict[str, torch.Tensor] | None, float]:
     """The Fisher this cycle penalises with (None: no EWC), and the seconds it took.
 
@@ -378,14 +382,14 @@ def fisher_for_cycle(
     # An even stride over the pool keeps every task in the sample when it is capped.
     stride = max(1, len(pool) // spec.fisher_samples)
     samples = list(pool[::stride])[: spec.fisher_samples]
-    fisher = estimate_fisher_per_sample(
-        model,
-        tokenizer,
-        samples,
-        target_modules,
-        max_length=max_length,
-        device=device,
-    )
+    if objective is None:
+        fisher = estimate_fisher_per_sample(
+            model, tokenizer, samples, target_modules, max_length=max_length, device=device
+        )
+    else:  # the model kind's own loss (the generative one is the per-sample path above)
+        fisher = objective.fisher(
+            model, tokenizer, samples, target_modules, max_length=max_length, device=device
+        )
     if fisher_path is not None:
         fisher = update_online_fisher(fisher_path, fisher, spec.decay, champion=champion)
     seconds = time.perf_counter() - started

@@ -69,6 +69,7 @@ class ExportSpec:
     parity_max_new_tokens: int
     min_token_agreement: float  # int8/int4 only; fp32 must agree on every token
     logits_atol: float  # fallback fp32: max |logit difference| on the parity prompts
+    embedding_atol: float  # ranking bundles: max |embedding difference| on the parity prompts
     template: PromptTemplate  # written to the manifest: consumers render prompts with it
 
     def __post_init__(self) -> None:
@@ -111,7 +112,7 @@ def export_bundle(
     except ExportError:
         raise
     except Exception as exc:  # a library failing in a way nobody foresaw is still a reason
-        log.warning("export of %s failed", model_dir, exc_info=True)
+        log.debug("export of %s failed", model_dir, exc_info=True)  # the reason is raised
         raise ExportError(_reason(exc)) from exc
 
 
@@ -149,7 +150,8 @@ def _export_verified(
             seconds["parity_s"] = time.monotonic() - t0
         except Exception as exc:
             failures.append(f"{method}: {_reason(exc)}" if spec.method == "auto" else _reason(exc))
-            log.warning("%s export failed: %s", method, failures[-1], exc_info=True)
+            log.warning("%s export failed: %s", method, failures[-1])
+            log.debug("%s export failure in full", method, exc_info=True)
             _empty(staging)
             continue
         manifest = write_manifest(

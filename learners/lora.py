@@ -103,9 +103,14 @@ def describe_modules(names: Sequence[str]) -> dict[str, int]:
     return dict(sorted(Counter(name.rsplit(".", 1)[-1] for name in names).items()))
 
 
-def attach_fresh_adapter(model: nn.Module, spec: LoraSpec) -> nn.Module:
+def attach_fresh_adapter(
+    model: nn.Module, spec: LoraSpec, task_type: str = "CAUSAL_LM"
+) -> nn.Module:
     """Wrap ``model`` with a new, zero-delta LoRA adapter (peft; B starts at zero) on the
     modules :func:`adapted_modules` selects.
+
+    ``task_type`` is peft's name for the model kind's task (``CAUSAL_LM`` for the generative
+    kind, ``FEATURE_EXTRACTION`` for the ranking encoder).
 
     Uses the global torch RNG for A's init: seed it first for a reproducible adapter.
     """
@@ -120,7 +125,7 @@ def attach_fresh_adapter(model: nn.Module, spec: LoraSpec) -> nn.Module:
         # Conv1D stores its weight transposed; peft must know, or it warns and flips it itself.
         fan_in_fan_out=any(is_conv1d(m) for m in modules.values()),
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, config)
 

@@ -22,7 +22,8 @@ from typing import Any
 
 from aftertune.learners.champion import build_champion
 from aftertune.learners.errors import ExportError
-from aftertune.learners.export import ExportResult, ExportSpec, export_bundle
+from aftertune.learners.export import ExportResult
+from aftertune.learners.kinds import kind_for
 from aftertune.learners.lineage import manifest_lineage
 from aftertune.learners.progress import ticking
 from aftertune.learners.specs import LearningSpecs
@@ -55,12 +56,13 @@ def bundles_dir(state_dir: Path) -> Path:
 
 def parity_prompts(
     store: ExampleStore, until: int, limit: int, template: PromptTemplate
-) -> list[str]:
-    """Regression prompts: held-out records up to ``until``, round-robin over tasks."""
+) -> list[tuple[str, str]]:
+    """Regression (task, prompt) pairs: held-out records up to ``until``, round-robin over
+    tasks."""
     by_task: dict[str, list[Example]] = {}
     for ex in store.held_out(until=until):
         by_task.setdefault(ex.task, []).append(ex)
-    out: list[str] = []
+    out: list[tuple[str, str]] = []
     queues = [iter(v) for _, v in sorted(by_task.items())]
     while queues and len(out) < limit:
         for it in list(queues):
@@ -68,7 +70,7 @@ def parity_prompts(
             if ex is None:
                 queues.remove(it)
             elif len(out) < limit:
-                out.append(template.render(ex.instruction, ex.input))
+                out.append((ex.task, template.render(ex.instruction, ex.input)))
     return out
 
 
@@ -78,12 +80,14 @@ def export_version(
     state_dir: Path,
     version: Version,
     *,
-    base: str,
-    spec: ExportSpec,
+    specs: LearningSpecs,
     out: Path,
 ) -> ExportResult:
     """Export ``version`` (base + its adapter chain merged) into the empty directory ``out``:
     a parity-checked bundle with its manifest, published nowhere. ExportError: why not."""
+    spec, base = specs.export, specs.base
+    if spec is None:
+        raise ExportError("export is disabled (export.enabled = false)")
     chain = registry.chain(version.version)
     model_dir = build_champion(
         base, [v.adapter_dir for v in chain], StateLayout(state_dir).champions
@@ -95,8 +99,9 @@ def export_version(
         "metrics": version.metrics,
     }
     prompts = parity_prompts(store, version.data_seq, spec.parity_prompts, spec.template)
+    adapter = chain[-1].adapter_dir if chain else None
     with ticking(f"export v{version.version} to ONNX and check parity"):
-        result = export_bundle(model_dir, out, spec, prompts, fields)
+        result = kind_for(base).export(model_dir, out, specs, prompts, fields, adapter)
     parity = result.manifest["parity"]
     log.info(
         "v%d exported (%s, %s) in %.1fs; parity: %s",
@@ -116,14 +121,13 @@ def stage_bundle(
     state_dir: Path,
     version: Version,
     *,
-    base: str,
-    spec: ExportSpec,
+    specs: LearningSpecs,
 ) -> Path:
     """Export ``version`` into ``bundles/vN``, unpublished."""
     staging = new_staging_dir(bundles_dir(state_dir), version.version)
     try:
         failpoint("export.staging")
-        export_version(store, registry, state_dir, version, base=base, spec=spec, out=staging)
+        export_version(store, registry, state_dir, version, specs=specs, out=staging)
         return install(staging, bundles_dir(state_dir), version.version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -148,7 +152,7 @@ def promote_and_publish(
     spec = specs.export
     if spec is not None:
         try:
-            stage_bundle(store, registry, state_dir, version, base=specs.base, spec=spec)
+            stage_bundle(store, registry, state_dir, version, specs=specs)
         except ExportError as exc:
             registry.transition(
                 version.version,
@@ -201,7 +205,7 @@ def sync_latest(
         # Pruned, never made, or taken out of service (store/bundle_audit.py): made again
         # from the adapters, which are the source of truth.
         log.info("champion v%d has no whole bundle; exporting it again", champion.version)
-        stage_bundle(store, registry, state_dir, champion, base=specs.base, spec=specs.export)
+        stage_bundle(store, registry, state_dir, champion, specs=specs)
     return _point_latest(state_dir, champion.version, specs.keep_bundles)
 
 

@@ -26,14 +26,7 @@ from torch import nn
 
 from aftertune.learners.base_model import resolve_device
 from aftertune.learners.checkpoint import clear_checkpoints, load_checkpoint, save_checkpoint
-from aftertune.learners.data import (
-    Encoded,
-    ExampleLike,
-    collate,
-    encode_examples,
-    pad_id,
-    response_loss,
-)
+from aftertune.learners.data import Encoded, ExampleLike
 from aftertune.learners.distributed import Ranks, any_rank, sum_gradients, summed
 from aftertune.learners.errors import LearnerError, NonFiniteLoss, TrainingInterrupted
 from aftertune.learners.ewc import EwcPenalty, EwcSpec, fisher_for_cycle
@@ -45,6 +38,7 @@ from aftertune.learners.lora import (
     detach_adapter,
     save_adapter,
 )
+from aftertune.learners.objectives import Objective, ResponseObjective
 from aftertune.learners.progress import Progress
 from aftertune.learners.replay import ReplaySpec, cap_pool, mix_batches
 from aftertune.store.prompt import PromptTemplate
@@ -156,6 +150,7 @@ def train_adapter(
     out_dir: Path,
     checkpoint_dir: Path | None = None,
     should_stop: Callable[[int, int], bool] | None = None,
+    objective: Objective | None = None,
     ranks: Ranks | None = None,
 ) -> TrainResult:
     """Train a fresh LoRA adapter on ``model`` (the champion) and save it to ``out_dir``.
@@ -164,13 +159,21 @@ def train_adapter(
     (not merged), no base weight changes. With ``checkpoint_dir`` a crashed run resumes from
     its last checkpoint and reaches the same adapter. ``should_stop(step, total_steps)`` is
     asked after every step; True checkpoints (when a directory is set) and raises
-    ``TrainingInterrupted``. With ``ranks`` this process is one of a data-parallel job
+    ``TrainingInterrupted``. ``objective`` is the model kind's loss (default: the generative
+    kind's response cross-entropy). With ``ranks`` this process is one of a data-parallel job
     (learners/distributed.py); rank 0 writes the checkpoints and the adapter.
     """
     if not new:
         raise LearnerError("train_adapter needs at least one new example; nothing to learn")
     recipe = LoraRecipe(
-        model, tokenizer, train=train, lora=lora, replay_spec=replay_spec, ewc=ewc, ranks=ranks
+        model,
+        tokenizer,
+        train=train,
+        lora=lora,
+        replay_spec=replay_spec,
+        ewc=ewc,
+        objective=objective or ResponseObjective(tokenizer),
+        ranks=ranks,
     )
     device = recipe.device
     # Seeding inside fork_rng: A's init and dropout are reproducible, the caller's RNG untouched.
@@ -199,9 +202,10 @@ class LoraRecipe:
         lora: LoraSpec,
         replay_spec: ReplaySpec,
         ewc: EwcSpec | None,
+        objective: Objective,
         ranks: Ranks | None = None,
     ) -> None:
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.objective = model, tokenizer, objective
         self.spec, self.lora, self.replay_spec, self.ewc = train, lora, replay_spec, ewc
         self.ranks = ranks
         self.leader = ranks is None or ranks.leader
@@ -231,18 +235,7 @@ class LoraRecipe:
     ) -> None:
         spec = self.spec
         self.model.to(self.device)
-        self.new = new
-        self.pool = [replay[i] for i in cap_pool(replay, self.replay_spec, spec.seed)]
-        kw: dict[str, Any] = {"max_length": spec.max_length, "template": spec.template}
-        self.new_enc, new_cut = encode_examples(self.tokenizer, new, what="new examples", **kw)
-        self.pool_enc, pool_cut = encode_examples(
-            self.tokenizer, self.pool, what="replay examples", **kw
-        )
-        self.truncated = new_cut.truncated + pool_cut.truncated
-        self.micro_per_epoch = len(self._epoch(0))
-        self.total_steps = spec.max_steps or math.ceil(
-            spec.epochs * self.micro_per_epoch / spec.grad_accum
-        )
+        new, replay = self._data(new, replay)
         # The Fisher is taken on the champion before the adapter exists (plain module names),
         # on past examples whether or not they are also replayed in batches.
         self.fisher, self.fisher_seconds = fisher_for_cycle(
@@ -254,13 +247,16 @@ class LoraRecipe:
             max_length=spec.max_length,
             fisher_path=fisher_path,
             device=self.device,
+            objective=self.objective,
         )
         if self.fisher is not None:
             self.fisher = {k: v.to(self.device) for k, v in self.fisher.items()}
 
         torch.manual_seed(spec.seed)
         self.adapted = describe_modules(list(adapted_modules(self.model, self.lora.target_modules)))
-        self.peft_model = attach_fresh_adapter(self.model, self.lora)
+        self.peft_model = attach_fresh_adapter(
+            self.model, self.lora, task_type=self.objective.peft_task_type
+        )
         self.params = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
         lam = self.ewc.lam if self.ewc is not None and self.ewc.enabled else 0.0
         if self.fisher is not None and lam > 0:
@@ -279,6 +275,35 @@ class LoraRecipe:
             log.info(
                 "resuming at step %d/%d from %s", self.pos.step, self.total_steps, checkpoint_dir
             )
+
+    def _data(
+        self, new: Sequence[ExampleLike], replay: Sequence[ExampleLike]
+    ) -> tuple[Sequence[ExampleLike], Sequence[ExampleLike]]:
+        """Encode the new examples and the capped replay pool; plan the steps.
+
+        Examples of tasks the model kind refuses (a ranking kind's free-text tasks) are left
+        out of the batches and of the Fisher; the objective logs how many and why.
+        """
+        spec = self.spec
+        new = self.objective.kept(new, "new examples")
+        replay = self.objective.kept(replay, "replay")
+        if not new:
+            raise LearnerError(
+                "every new example belongs to a task this model kind cannot learn; see the"
+                " warning above"
+            )
+        self.new = new
+        self.pool = [replay[i] for i in cap_pool(replay, self.replay_spec, spec.seed)]
+        kw: dict[str, Any] = {"max_length": spec.max_length, "template": spec.template}
+        encode = self.objective.encode
+        self.new_enc, new_cut = encode(self.tokenizer, new, what="new examples", **kw)
+        self.pool_enc, pool_cut = encode(self.tokenizer, self.pool, what="replay examples", **kw)
+        self.truncated = new_cut.truncated + pool_cut.truncated
+        self.micro_per_epoch = len(self._epoch(0))
+        self.total_steps = spec.max_steps or math.ceil(
+            spec.epochs * self.micro_per_epoch / spec.grad_accum
+        )
+        return new, replay
 
     def _epoch(self, epoch: int) -> list[list[Encoded]]:
         """The micro-batches of one epoch (the current epoch's plan is kept)."""
@@ -311,7 +336,6 @@ class LoraRecipe:
         spec, pos, model = self.spec, self.pos, self.peft_model
         if model is None:
             raise LearnerError("LoraRecipe.train() called before setup()")
-        pad = pad_id(self.tokenizer)
         stream = self._micro_batches(pos.step * spec.grad_accum)
         bar = Progress(
             "train adapter", self.total_steps, "step", enabled=spec.progress, initial=pos.step
@@ -322,7 +346,7 @@ class LoraRecipe:
             if not group:
                 break  # the epochs ran out (max_steps=None)
             started = time.perf_counter()
-            step_loss = self._step(model, group, pad)
+            step_loss = self._step(model, group)
             pos.step += 1
             pos.seconds += time.perf_counter() - started
             pos.loss_first = step_loss if math.isnan(pos.loss_first) else pos.loss_first
@@ -341,19 +365,15 @@ class LoraRecipe:
                 raise TrainingInterrupted(pos.step, self.checkpoint_dir)
         bar.close()
 
-    def _step(self, model: nn.Module, group: list[list[Encoded]], pad: int) -> float:
+    def _step(self, model: nn.Module, group: list[list[Encoded]]) -> float:
         """One optimizer step over ``group`` (grad_accum micro-batches); returns its loss."""
         pos = self.pos
         self.optimizer.zero_grad(set_to_none=True)
         step_loss, tokens = 0.0, 0
         share = group if self.ranks is None else self.ranks.share(group)
         for chunk in share:
-            batch = {k: v.to(self.device) for k, v in collate(chunk, pad).items()}
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
-            loss = response_loss(logits, batch["labels"], batch["weights"]) / len(group)
+            loss, seen = self.objective.loss(model, chunk, self.device, self.amp)
+            loss = loss / len(group)
             value = loss.item()
             if not math.isfinite(value):  # a NaN step would poison the adapter for good
                 raise NonFiniteLoss(
@@ -361,7 +381,7 @@ class LoraRecipe:
                 )
             loss.backward()
             step_loss += value
-            tokens += int(batch["attention_mask"].sum())
+            tokens += seen
         if self.penalty is not None and self.leader:
             self._add_penalty(self.penalty, group)  # before the sum across ranks: counted once
         if self.ranks is not None:

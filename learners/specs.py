@@ -16,6 +16,7 @@ from aftertune.learners.ewc import EwcSpec
 from aftertune.learners.export import ExportSpec
 from aftertune.learners.gate import GateRules
 from aftertune.learners.lora import LoraSpec
+from aftertune.learners.ranking import RankingSpec
 from aftertune.learners.recipe import TrainSpec
 from aftertune.learners.replay import ReplaySpec
 
@@ -31,5 +32,6 @@ class LearningSpecs:
     ewc: EwcSpec
     eval: EvalSpec
     rules: GateRules
+    ranking: RankingSpec  # how the ranking kind scores (unused by a generative base)
     export: ExportSpec | None  # None: export disabled, a promotion publishes no bundle
     keep_bundles: int  # published bundles kept, the latest included

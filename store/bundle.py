@@ -32,11 +32,14 @@ LEGACY_SCHEMAS = ("aftertune.bundle/1",)
 MANIFEST = "manifest.json"
 FORMAT_GENAI = "onnxruntime-genai"  # genai_config.json + model.onnx with KV cache
 FORMAT_LOGITS = "onnx-logits"  # model.onnx: (input_ids, attention_mask) -> logits
+# model.onnx: (input_ids, attention_mask) -> normalised embedding, plus each task's candidates
+FORMAT_RANKING = "onnx-ranking"
 # What each format cannot run without (store/consumer.py loads them; learners/export.py
 # writes them). A manifest that lacks one is refused before anything is downloaded.
 REQUIRED_FILES = {
     FORMAT_GENAI: ("genai_config.json", "model.onnx"),
     FORMAT_LOGITS: ("model.onnx", "tokenizer.json"),
+    FORMAT_RANKING: ("model.onnx", "tokenizer.json", "candidates.json", "candidate_embeddings.npy"),
 }
 # The largest manifest anyone reads (pull, server, consumer): a real one is a few KiB, so a
 # bigger one is refused before it is parsed rather than read whole into memory.

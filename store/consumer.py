@@ -6,11 +6,18 @@ model in the runtime its format names.
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
 
-from aftertune.store.bundle import FORMAT_GENAI, FORMAT_LOGITS, read_manifest, verify_bundle
+from aftertune.store.bundle import (
+    FORMAT_GENAI,
+    FORMAT_LOGITS,
+    FORMAT_RANKING,
+    read_manifest,
+    verify_bundle,
+)
 from aftertune.store.errors import BundleError
 from aftertune.store.prompt import PromptTemplate
 
@@ -20,7 +27,10 @@ class Bundle:
 
     The ``onnxruntime-genai`` format runs through onnxruntime-genai (KV cache); the
     ``onnx-logits`` fallback through plain onnxruntime with a greedy loop that recomputes the
-    whole sequence per token (fine for short answers, quadratic for long ones).
+    whole sequence per token (fine for short answers, quadratic for long ones). An
+    ``onnx-ranking`` bundle (the ranking kind) embeds the prompt with its ONNX encoder and
+    answers with the task's candidate whose stored embedding is nearest. ``answer`` is the
+    one call for both kinds.
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
@@ -41,6 +51,10 @@ class Bundle:
         # a call on the development CPU, 10x a short answer's whole decode.
         self._generator: Any = None
         self._generator_lock = threading.Lock()
+        self.candidates: dict[str, list[str]] = {}
+        self._vectors: dict[str, Any] = {}
+        self.max_length = int(manifest.get("max_length") or 512)
+        self.pad_token_id = int(manifest.get("pad_token_id") or 0)
         if self.format == FORMAT_GENAI:
             import onnxruntime_genai as og
 
@@ -56,8 +70,37 @@ class Bundle:
                 str(path / "model.onnx"), options, providers=["CPUExecutionProvider"]
             )
             self._tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        elif self.format == FORMAT_RANKING:
+            self._load_ranking(path, load_candidates="candidates" not in manifest)
         else:
             raise BundleError(f"{path}: unknown bundle format {self.format!r}")
+
+    def _load_ranking(self, path: Path, *, load_candidates: bool) -> None:
+        import numpy as np
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(
+            str(path / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        )
+        self._tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(self.max_length)
+        if not load_candidates:  # the exporter, before candidates.json exists
+            return
+        try:
+            tasks = json.loads((path / "candidates.json").read_text(encoding="utf-8"))["tasks"]
+            matrix = np.load(path / "candidate_embeddings.npy", allow_pickle=False)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BundleError(f"{path}: unreadable candidates: {exc}") from exc
+        for task, entry in tasks.items():
+            answers, start = [str(a) for a in entry["answers"]], int(entry["start"])
+            self.candidates[task] = answers
+            self._vectors[task] = matrix[start : start + len(answers)]
+            if self._vectors[task].shape[0] != len(answers):
+                raise BundleError(f"{path}: task {task!r} has fewer embeddings than answers")
 
     @classmethod
     def open(cls, path: Path | str, *, verify: bool = True) -> Bundle:
@@ -73,6 +116,8 @@ class Bundle:
     def encode(self, text: str) -> list[int]:
         """The prompt's ids, special tokens (BOS) included exactly as training added them:
         the export's parity check compares these ids with the training tokenizer's."""
+        if self.format == FORMAT_RANKING:  # an encoder's ids carry its special tokens
+            return list(self._tokenizer.encode(text).ids)
         if self.format == FORMAT_GENAI:
             return [int(t) for t in self._tokenizer.encode(text)]
         return list(self._tokenizer.encode(text, add_special_tokens=True).ids)
@@ -118,6 +163,47 @@ class Bundle:
             if not self.decode(ids[: len(ids) - drop]).endswith("\ufffd"):
                 return ids[: len(ids) - drop]
         return ids
+
+    def answer(self, task: str | None, instruction: str, input: str = "") -> str:
+        """The answer to one record: ranked among ``task``'s candidates, or generated
+        (a generative bundle ignores ``task``)."""
+        return self.answer_many([(task, instruction, input)])[0]
+
+    def answer_many(self, records: list[tuple[str | None, str, str]]) -> list[str]:
+        """Answers to (task, instruction, input) records, in order; ranked in one batch."""
+        if self.format != FORMAT_RANKING:
+            return [self.generate(instruction=i, input=x) for _, i, x in records]
+        for task, _, _ in records:
+            self._known(task)
+        vectors = self.embed([self.render(i, x) for _, i, x in records]) if records else []
+        return [self.pick(str(t), v) for (t, _, _), v in zip(records, vectors, strict=True)]
+
+    def _known(self, task: str | None) -> None:
+        if task is None or task not in self.candidates:
+            known = ", ".join(sorted(self.candidates)) or "none"
+            what = "a task" if task is None else f"task {task!r}"
+            raise BundleError(
+                f"bundle v{self.version} ranks answers per task and needs {what} it knows: {known}"
+            )
+
+    def embed(self, texts: list[str]) -> Any:
+        """Normalised embeddings of ``texts`` (ranking bundles), numpy [len(texts), dim]."""
+        import numpy as np
+
+        if self.format != FORMAT_RANKING:
+            raise BundleError("embeddings are only exposed by onnx-ranking bundles")
+        rows = [self.encode(t) for t in texts]
+        width = max((len(r) for r in rows), default=1)
+        ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = row, 1
+        return self._session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})[0]
+
+    def pick(self, task: str, vector: Any) -> str:
+        """The candidate of ``task`` nearest ``vector`` (cosine: both are normalised)."""
+        self._known(task)
+        return self.candidates[task][int((self._vectors[task] @ vector).argmax())]
 
     def logits(self, prompt_ids: list[int]) -> Any:
         """Next-token logits at every position (onnx-logits format only), numpy [seq, vocab]."""

@@ -417,6 +417,18 @@ class ExampleStore:
         )
         return {int(v): int(n) for v, n in rows}
 
+    def train_outputs(self, until: int | None = None) -> dict[str, list[str]]:
+        """Each task's distinct train outputs (live records, ``seq <= until``), sorted."""
+        sql = "SELECT DISTINCT task, output FROM examples WHERE split='train'" + _LIVE
+        params: list[Any] = []
+        if until is not None:
+            sql += " AND seq <= ?"
+            params.append(until)
+        out: dict[str, list[str]] = {}
+        for task, output in self._query(sql + " ORDER BY task, output", params):
+            out.setdefault(task, []).append(output)
+        return out
+
     def outputs(self, task: str) -> list[str]:
         """Every stored output of ``task`` (train and test): what a label set is judged on."""
         return [o for (o,) in self._query("SELECT output FROM examples WHERE task = ?", (task,))]

@@ -62,7 +62,7 @@ def test_every_setting_reaches_its_spec_unchanged() -> None:
     assert specs.export is not None
     for section, spec, skip in (
         (settings.lora, specs.lora, {"alpha"}),  # None in the settings: 2 * r in the spec
-        (settings.train, specs.train, set()),
+        (settings.train, specs.train, {"lr", "epochs"}),  # None: the model kind's default
         (settings.replay, specs.replay, set()),
         (settings.ewc, specs.ewc, set()),
         (settings.eval, specs.eval, set()),
@@ -88,6 +88,7 @@ def test_the_shipped_defaults_are_the_ones_the_issue_named() -> None:
     """The daemon's values won where settings and specs disagreed (issue 11)."""
     specs = specs_from(Settings())
     assert specs.train.lr == 4e-3 and specs.train.checkpoint_every == 25
+    assert specs.train.epochs == 3
     assert specs.ewc.lam == 1e3 and specs.ewc.fisher_samples == 64
 
 
@@ -161,3 +162,10 @@ def test_eval_and_the_gate_cap_held_out_examples_the_same_way(tmp_path: Path) ->
         suites = suites_for(store, 0, store.max_seq(), 3)
     assert {t: len(v) for t, v in evaluated.items()} == {"a": 3, "b": 3}
     assert suites["gain"] == evaluated and suites["regression"] == {}
+
+
+def test_unset_lr_and_epochs_follow_the_model_kind() -> None:
+    ranking = specs_from(Settings(model={"base": "embedded:minilm"}))
+    assert (ranking.train.lr, ranking.train.epochs) == (2e-3, 1)
+    chosen = specs_from(Settings(model={"base": "embedded:minilm"}, train={"lr": 0.1, "epochs": 4}))
+    assert (chosen.train.lr, chosen.train.epochs) == (0.1, 4)

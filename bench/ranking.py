@@ -1,0 +1,264 @@
+"""The ranking kind on real tasks: against SetFit, the cost of a cycle, consumer speed.
+
+Three parts, each optional, all in one process so the ratios compare like with like:
+
+- ``--peer``: per task, aftertune's ranking kind (MiniLM + LoRA, the daemon's settings for
+  the kind: contrastive over the task's candidates) against SetFit (the same MiniLM, full
+  fine-tuning on sentence pairs + a logistic-regression head; PyPI ``setfit``, which needs
+  ``datasets`` and so ``pyarrow<21`` here) on the same train examples: held-out accuracy and
+  training seconds, side by side. The peer runs only when ``setfit`` imports.
+- ``--cycle``: one real ``run_cycle`` (train → evaluate → gate → export + parity + publish)
+  on the first task's train and test records, in a temporary state dir: seconds per phase.
+- ``--consumer``: answers per second on the first task's test prompts, the published ONNX
+  bundle (``Bundle.answer_many``, batches of 32) against PyTorch (``ranking.rank``).
+
+    python bench/ranking.py --data ../shared/datasets --tasks agnews,sni_emotion \\
+        --train 300 --test 200 --peer --cycle --consumer --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from aftertune.daemon.settings import load_settings
+from aftertune.daemon.specs import specs_from
+from aftertune.learners.base_model import EMBEDDED_MINILM, load_base, resolve_base
+from aftertune.learners.specs import LearningSpecs
+
+log = logging.getLogger("bench.ranking")
+
+
+def _read(data: Path, task: str, split: str, n: int) -> list[dict[str, Any]]:
+    lines = (data / f"{task}.{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()][:n]
+
+
+class _Ex:
+    def __init__(self, row: dict[str, Any], split: str = "train") -> None:
+        self.task, self.instruction = row["task"], row["instruction"]
+        self.input, self.output, self.split = row.get("input", ""), row["output"], split
+        self.weight = 1.0
+
+
+def _accuracy(
+    model: Any,
+    tokenizer: Any,
+    test: list[dict[str, Any]],
+    specs: LearningSpecs,
+    candidates: list[str],
+) -> float:
+    from aftertune.learners.ranking import rank
+
+    prompts = [specs.train.template.render(r["instruction"], r.get("input", "")) for r in test]
+    sims = rank(model, tokenizer, prompts, candidates, max_length=specs.train.max_length)
+    picks = [candidates[i] for i in sims.argmax(1).tolist()]
+    return sum(p == r["output"] for p, r in zip(picks, test, strict=True)) / len(test)
+
+
+def aftertune_task(
+    specs: LearningSpecs, train: list[dict[str, Any]], test: list[dict[str, Any]]
+) -> dict[str, float]:
+    """Zero-shot accuracy, one cycle's adapter, accuracy after; seconds of training."""
+    from peft import PeftModel
+
+    from aftertune.learners.ranking import RankingObjective, candidates_of
+    from aftertune.learners.recipe import train_adapter
+
+    task = train[0]["task"]
+    candidates = candidates_of([r["output"] for r in train], specs.ranking.max_candidates) or []
+    model, tokenizer = load_base(specs.base)
+    before = _accuracy(model, tokenizer, test, specs, candidates)
+    objective = RankingObjective(
+        tokenizer,
+        {task: candidates},
+        specs.ranking,
+        max_length=specs.train.max_length,
+        template=specs.train.template,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        result = train_adapter(
+            model,
+            tokenizer,
+            [_Ex(r) for r in train],
+            [],
+            train=replace(specs.train, progress=False, checkpoint_every=0),
+            lora=specs.lora,
+            replay_spec=replace(specs.replay, enabled=False),
+            ewc=None,
+            fisher_path=None,
+            out_dir=Path(tmp) / "adapter",
+            objective=objective,
+        )
+        seconds = time.perf_counter() - started
+        merged = PeftModel.from_pretrained(model, str(result.adapter_dir)).merge_and_unload()
+    after = _accuracy(merged, tokenizer, test, specs, candidates)
+    return {"zero_shot": before, "accuracy": after, "train_s": seconds, "steps": result.steps}
+
+
+def setfit_task(
+    train: list[dict[str, Any]], test: list[dict[str, Any]], iterations: int
+) -> dict[str, float]:
+    """SetFit (batch 16, one epoch over ``iterations`` x 2 generated pairs per example; its
+    default, every pair, is ~4,200 steps for 300 examples) on the same data."""
+    from datasets import Dataset
+    from setfit import SetFitModel, Trainer, TrainingArguments
+
+    model = SetFitModel.from_pretrained(str(resolve_base(EMBEDDED_MINILM)), local_files_only=True)
+    data = Dataset.from_dict(
+        {"text": [r["input"] for r in train], "label": [r["output"] for r in train]}
+    )
+    args = TrainingArguments(batch_size=16, num_epochs=1, num_iterations=iterations)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    picks = model.predict([r["input"] for r in test])
+    accuracy = sum(str(p) == r["output"] for p, r in zip(picks, test, strict=True)) / len(test)
+    return {"accuracy": accuracy, "train_s": seconds}
+
+
+def peer(
+    specs: LearningSpecs,
+    data: Path,
+    tasks: list[str],
+    n_train: int,
+    n_test: int,
+    iterations: int = 5,
+) -> dict[str, Any]:
+    try:
+        import setfit  # noqa: F401
+    except ImportError:
+        setfit_ok = False
+        log.warning(
+            "setfit is not installed: the peer side is skipped (pip install setfit 'pyarrow<21')"
+        )
+    else:
+        setfit_ok = True
+    out: dict[str, Any] = {}
+    for task in tasks:
+        train, test = _read(data, task, "train", n_train), _read(data, task, "test", n_test)
+        row: dict[str, Any] = {"aftertune": aftertune_task(specs, train, test)}
+        print(f"{task} aftertune: {json.dumps(row['aftertune'])}", flush=True)
+        if setfit_ok:
+            row["setfit"] = setfit_task(train, test, iterations)
+            row["time_ratio"] = row["aftertune"]["train_s"] / row["setfit"]["train_s"]
+            row["accuracy_gap"] = row["aftertune"]["accuracy"] - row["setfit"]["accuracy"]
+        out[task] = row
+        print(f"{task}: {json.dumps(row)}", flush=True)
+    return out
+
+
+def cycle(specs: LearningSpecs, data: Path, task: str, n_train: int, n_test: int) -> dict[str, Any]:
+    """One real cycle on ``task`` in a temporary state dir; seconds per phase."""
+    from aftertune.learners.cycle import run_cycle
+    from aftertune.store.examples import ExampleStore
+    from aftertune.store.records import record_from_obj
+    from aftertune.store.registry import Registry
+
+    rows = [{**r, "split": "train"} for r in _read(data, task, "train", n_train)]
+    rows += [{**r, "split": "test"} for r in _read(data, task, "test", n_test)]
+    state = Path(tempfile.mkdtemp(prefix="bench-ranking-"))
+    with ExampleStore.in_state_dir(state) as store, Registry(state) as registry:
+        store.add([record_from_obj(r) for r in rows])
+        started = time.perf_counter()
+        result = run_cycle(store, registry, state, specs, actor="bench")
+        total = time.perf_counter() - started
+    out = {
+        "state_dir": str(state),
+        "decision": result.decision.value,
+        "total_s": total,
+        **result.timings,
+    }
+    out["metrics"] = {t: m["challenger"] for t, m in result.metrics.items()}
+    print(f"cycle: {json.dumps(out)}", flush=True)
+    return out
+
+
+def consumer(
+    specs: LearningSpecs, state: Path, data: Path, task: str, n_test: int
+) -> dict[str, Any]:
+    """Answers per second: the published bundle (ONNX Runtime) vs PyTorch on the same prompts."""
+    from aftertune.learners.champion import load_version
+    from aftertune.learners.ranking import rank
+    from aftertune.store.consumer import Bundle
+    from aftertune.store.registry import Registry
+
+    test = _read(data, task, "test", n_test)
+    bundle = Bundle.open(state / "bundles" / "latest")
+    records = [(task, r["instruction"], r.get("input", "")) for r in test]
+    started = time.perf_counter()
+    answers = [
+        a for i in range(0, len(records), 32) for a in bundle.answer_many(records[i : i + 32])
+    ]
+    onnx_s = time.perf_counter() - started
+    with Registry(state) as registry:
+        model, tokenizer = load_version(registry, specs.base, state, registry.champion())
+    prompts = [bundle.render(i, x) for _, i, x in records]
+    started = time.perf_counter()
+    sims = rank(
+        model, tokenizer, prompts, bundle.candidates[task], max_length=specs.train.max_length
+    )
+    torch_s = time.perf_counter() - started
+    same = sum(
+        bundle.candidates[task][j] == a
+        for j, a in zip(sims.argmax(1).tolist(), answers, strict=True)
+    )
+    out = {
+        "prompts": len(records),
+        "onnx_per_s": len(records) / onnx_s,
+        "torch_per_s": len(records) / torch_s,
+        "ratio": torch_s / onnx_s,
+        "same_answers": same,
+    }
+    print(f"consumer: {json.dumps(out)}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="folder of <task>.train/.test.jsonl")
+    p.add_argument("--tasks", default="agnews,sni_emotion", help="comma-separated")
+    p.add_argument("--train", type=int, default=300, help="train examples per task")
+    p.add_argument("--test", type=int, default=200, help="test examples per task")
+    p.add_argument("--peer", action="store_true", help="aftertune vs SetFit per task")
+    p.add_argument("--cycle", action="store_true", help="one real cycle on the first task")
+    p.add_argument("--consumer", action="store_true", help="bundle vs PyTorch answers/s")
+    p.add_argument("--setfit-iterations", type=int, default=5, help="SetFit pairs per example / 2")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--json", type=Path, help="write the figures here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    settings = load_settings()
+    settings = settings.model_copy(
+        update={"model": settings.model.model_copy(update={"base": EMBEDDED_MINILM})}
+    )
+    specs = specs_from(settings)
+    tasks = [t for t in args.tasks.split(",") if t]
+    out: dict[str, Any] = {"threads": args.threads, "train": args.train, "test": args.test}
+    if args.peer:
+        out["peer"] = peer(specs, args.data, tasks, args.train, args.test, args.setfit_iterations)
+    if args.cycle or args.consumer:
+        out["cycle"] = cycle(specs, args.data, tasks[0], args.train, args.test)
+    if args.consumer:
+        out["consumer"] = consumer(
+            specs, Path(out["cycle"]["state_dir"]), args.data, tasks[0], args.test
+        )
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
