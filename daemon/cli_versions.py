@@ -15,15 +15,13 @@ from typing import Any
 
 from aftertune.daemon.errors import DaemonError
 from aftertune.daemon.settings import Settings
-from aftertune.daemon.tables import nats, percent, points, size, table
+from aftertune.daemon.tables import check_threshold, check_value, nats, percent, points, size, table
 from aftertune.store.bundle import parse_version, version_dir_name
 from aftertune.store.errors import BundleError
 from aftertune.store.files import write_atomic
 from aftertune.store.layout import StateLayout
 from aftertune.store.records import printable
 from aftertune.store.registry import Registry, Version
-
-PROPORTIONS = ("accuracy", "token_f1", "valid", "conflicts")
 
 
 def version_arg(text: str) -> int:
@@ -235,26 +233,6 @@ def _gate_text(gate: Mapping[str, Any]) -> str:
         headers = ["task", "suite", "metric", "rule", "champion", "challenger", "threshold"]
         lines.append(table([*headers, "result"], rows, indent=2))
     return "\n".join(lines)
-
-
-def check_value(metric: str, value: float | None) -> str:
-    """A gate check's value with its unit: a share in %, an NLL in nats/token."""
-    if value is None:
-        return "—"
-    if metric in PROPORTIONS:
-        return percent(value)
-    return nats(value) if metric == "nll" else f"{value:g}"
-
-
-def check_threshold(metric: str, rule: str, value: float | None) -> str:
-    """Thresholds: drops and gains of a share in points, relative ones in %, else as values."""
-    if value is None:
-        return "—"
-    if rule in ("max_drop_rel", "max_conflict_share"):
-        return percent(value)
-    if metric in PROPORTIONS and rule in ("max_drop", "min_gain"):
-        return points(value).lstrip("+")
-    return check_value(metric, value)
 
 
 def metrics_table(metrics: Mapping[str, Any]) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
+from aftertune.daemon.tables import check_threshold, check_value
 from aftertune.learners.gate import PRIMARY
 from aftertune.store.registry import Registry, Version, VersionState
 
@@ -178,6 +179,7 @@ def _environment() -> jinja2.Environment:
         finalize=_escape,
     )
     env.filters.update(when=_when, num=_num, short=_short, colour=score_colour)
+    env.globals.update(check_value=check_value, check_threshold=check_threshold)
     env.globals.update(badge_colour=_badge_colour, state_colour=_state_colour)
     return env
 

@@ -70,3 +70,27 @@ def size(n_bytes: int | None) -> str:
             return f"{value:.1f} {unit}"
         value /= 1000
     return f"{value:.1f} GB"
+
+
+# Gate checks' metrics that are shares in [0, 1] (conflicts: of the new records).
+PROPORTIONS = ("accuracy", "token_f1", "valid", "conflicts")
+
+
+def check_value(metric: str, value: float | None) -> str:
+    """A gate check's value with its unit: a share in %, an NLL in nats/token."""
+    if value is None:
+        return "—"
+    if metric in PROPORTIONS:
+        return percent(value)
+    return nats(value) if metric == "nll" else f"{value:g}"
+
+
+def check_threshold(metric: str, rule: str, value: float | None) -> str:
+    """Thresholds: drops and gains of a share in points, relative ones in %, else as values."""
+    if value is None:
+        return "—"
+    if rule in ("max_drop_rel", "max_conflict_share"):
+        return percent(value)
+    if metric in PROPORTIONS and rule in ("max_drop", "min_gain"):
+        return points(value).lstrip("+")
+    return check_value(metric, value)
