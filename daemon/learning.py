@@ -23,6 +23,7 @@ from aftertune.learners.promote import export_version, promote_and_publish, sync
 from aftertune.store.bundles import Published
 from aftertune.store.examples import ExampleStore
 from aftertune.store.files import staged_dir
+from aftertune.store.layout import StateLayout
 from aftertune.store.registry import Registry, Version, VersionState
 
 
@@ -35,18 +36,28 @@ def _state(settings: Settings) -> Iterator[tuple[ExampleStore, Registry]]:
         yield store, registry
 
 
+# The trainer's state another daemon needs to take over training (docs/scaling.md): the
+# online EWC Fisher. Kept in the registry's database (PostgreSQL); a no-op on SQLite.
+FISHER_STATE = "ewc/fisher.safetensors"
+
+
 def run_cycle_once(
     settings: Settings, actor: str, should_stop: Callable[[int, int], bool] | None = None
 ) -> CycleResult:
+    fisher = StateLayout(settings.state_dir).fisher
     with _state(settings) as (store, registry):
-        return run_cycle(
-            store,
-            registry,
-            settings.state_dir,
-            specs_from(settings),
-            actor=actor,
-            should_stop=should_stop,
-        )
+        registry.restore_state_file(FISHER_STATE, fisher)  # the last trainer's, if newer
+        try:
+            return run_cycle(
+                store,
+                registry,
+                settings.state_dir,
+                specs_from(settings),
+                actor=actor,
+                should_stop=should_stop,
+            )
+        finally:
+            registry.keep_state_file(FISHER_STATE, fisher)
 
 
 def approve(settings: Settings, version: int, actor: str, why: str) -> Published | None:

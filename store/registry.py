@@ -14,6 +14,7 @@ evaluates a candidate another one left, finds each version's adapter written int
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from typing import Any
 from aftertune.store.database import Database, Transaction, open_database
 from aftertune.store.errors import RegistryError
 from aftertune.store.failpoints import failpoint
-from aftertune.store.files import write_atomic
+from aftertune.store.files import file_sha256, write_atomic
 from aftertune.store.layout import StateLayout
 from aftertune.store.schema import Dialect, Migration, SchemaPlan, run_script
 
@@ -95,12 +96,29 @@ CREATE TABLE adapter_files (
 )
 """
 
+# Version 2 (PostgreSQL): files of the trainer's state other daemons need when they take
+# over training (the online EWC Fisher). On SQLite they stay in the state dir.
+POSTGRES_STATE_FILES = """
+CREATE TABLE state_files (
+    name       TEXT PRIMARY KEY,
+    content    BYTEA NOT NULL,
+    sha256     TEXT  NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL
+)
+"""
+
 SCHEMA_PLAN = SchemaPlan(
     name="registry",
-    version=1,
+    version=2,
     create=SCHEMA,
-    migrations=(Migration(1, "versioned", lambda db: run_script(db, SCHEMA)),),
-    postgres_create=POSTGRES_SCHEMA,
+    migrations=(
+        Migration(1, "versioned", lambda db: run_script(db, SCHEMA)),
+        Migration(2, "nothing on SQLite (state files stay in the state dir)", lambda db: None),
+    ),
+    postgres_create=POSTGRES_SCHEMA + ";" + POSTGRES_STATE_FILES,
+    postgres_migrations=(
+        Migration(2, "state_files", lambda db: run_script(db, POSTGRES_STATE_FILES)),
+    ),
 )
 
 
@@ -191,6 +209,31 @@ class Registry:
                     "INSERT INTO adapter_files (version, name, content) VALUES (?, ?, ?)",
                     (version, path.name, path.read_bytes()),
                 )
+
+    def keep_state_file(self, name: str, path: Path) -> bool:
+        """Keep ``path`` under ``name`` where another daemon finds it (PostgreSQL only)."""
+        if self.db.dialect is not Dialect.POSTGRESQL or not path.is_file():
+            return False
+        content = path.read_bytes()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO state_files (name, content, sha256, updated_at) VALUES (?,?,?,?)"
+                " ON CONFLICT (name) DO UPDATE SET content = excluded.content,"
+                " sha256 = excluded.sha256, updated_at = excluded.updated_at",
+                (name, content, hashlib.sha256(content).hexdigest(), time.time()),
+            )
+        return True
+
+    def restore_state_file(self, name: str, path: Path) -> bool:
+        """Write the kept ``name`` to ``path`` when it differs from what is there (PostgreSQL)."""
+        if self.db.dialect is not Dialect.POSTGRESQL:
+            return False
+        row = self._one("SELECT content, sha256 FROM state_files WHERE name = ?", (name,))
+        if row is None or (path.is_file() and file_sha256(path) == row[1]):
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, bytes(row[0]))
+        return True
 
     def _local_adapter(self, version: int) -> Path:
         """``adapter_dir(version)``, written from the database first when only it has it."""

@@ -125,3 +125,21 @@ def test_on_postgres_another_daemon_finds_each_version_s_adapter(
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             assert (seen.adapter_dir / name).read_bytes() == (v1.adapter_dir / name).read_bytes()
         assert b.chain(1)[0].adapter_dir.is_dir()
+
+
+def test_on_postgres_the_trainer_s_state_files_reach_the_next_trainer(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """The online EWC Fisher a dead trainer left is what the daemon taking over starts from."""
+    fisher_a = tmp_path / "a" / "ewc" / "fisher.safetensors"
+    fisher_b = tmp_path / "b" / "ewc" / "fisher.safetensors"
+    fisher_a.parent.mkdir(parents=True)
+    fisher_a.write_bytes(b"fisher of v1")
+    with Registry(tmp_path / "a", postgres_url) as a, Registry(tmp_path / "b", postgres_url) as b:
+        assert b.restore_state_file("ewc/fisher.safetensors", fisher_b) is False  # none yet
+        assert a.keep_state_file("ewc/fisher.safetensors", fisher_a)
+        assert b.restore_state_file("ewc/fisher.safetensors", fisher_b)
+        assert fisher_b.read_bytes() == b"fisher of v1"
+        assert b.restore_state_file("ewc/fisher.safetensors", fisher_b) is False  # same
+    with Registry(tmp_path / "c") as sqlite:  # one host: the state dir is the record
+        assert sqlite.keep_state_file("ewc/fisher.safetensors", fisher_a) is False

@@ -92,7 +92,7 @@ def test_an_unversioned_registry_is_adopted(tmp_path: Path) -> None:
     with Registry(tmp_path) as registry:
         assert registry.champion() is None
     with contextlib.closing(sqlite3.connect(db_path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 def test_postgres_schema_newer_than_the_code_is_refused(tmp_path: Path, postgres_url: str) -> None:
@@ -156,7 +156,7 @@ def test_store_migrate_upgrades_today_s_files_and_refuses_a_newer_schema(tmp_pat
     done = run_cli("store", "migrate", "--state-dir", str(state))
     assert done.returncode == 0, done.stderr
     assert "examples schema version 2: ids and prompts indexed by integer keys" in done.stdout
-    assert "created registry schema version 1" in done.stdout
+    assert "created registry schema version 2" in done.stdout
     again = run_cli("store", "migrate", "--state-dir", str(state))
     assert again.stdout.count("schema up to date") == 2
     with contextlib.closing(sqlite3.connect(state / "examples.sqlite3")) as db:
@@ -173,3 +173,17 @@ def test_store_migrate_on_postgres(tmp_path: Path, postgres_url: str) -> None:
     assert done.returncode == 0, done.stderr
     assert "created examples schema version 2" in done.stdout
     assert not (tmp_path / "examples.sqlite3").exists()
+
+
+def test_a_postgres_registry_of_version_1_is_migrated(tmp_path: Path, postgres_url: str) -> None:
+    import psycopg
+
+    Registry(tmp_path, postgres_url).close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:  # as version 1 left it
+        conn.execute("DROP TABLE state_files")
+        conn.execute("UPDATE aftertune_schema SET version = 1 WHERE name = 'registry'")
+    with Registry(tmp_path, postgres_url) as registry:
+        assert registry.db.migrated == ["registry schema version 2: state_files"]
+        fisher = tmp_path / "fisher.safetensors"
+        fisher.write_bytes(b"f")
+        assert registry.keep_state_file("ewc/fisher.safetensors", fisher)
