@@ -116,11 +116,14 @@ def setfit_task(
     data = Dataset.from_dict(
         {"text": [r["input"] for r in train], "label": [r["output"] for r in train]}
     )
-    args = TrainingArguments(batch_size=16, num_epochs=1, num_iterations=iterations)
-    trainer = Trainer(model=model, args=args, train_dataset=data)
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as tmp:  # SetFit writes checkpoints to output_dir
+        args = TrainingArguments(
+            output_dir=tmp, batch_size=16, num_epochs=1, num_iterations=iterations
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
     picks = model.predict([r["input"] for r in test])
     accuracy = sum(str(p) == r["output"] for p, r in zip(picks, test, strict=True)) / len(test)
     return {"accuracy": accuracy, "train_s": seconds}
@@ -232,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer", action="store_true", help="aftertune vs SetFit per task")
     p.add_argument("--cycle", action="store_true", help="one real cycle on the first task")
     p.add_argument("--consumer", action="store_true", help="bundle vs PyTorch answers/s")
+    p.add_argument(
+        "--state", type=Path, help="--consumer on this state dir's latest bundle (no cycle)"
+    )
     p.add_argument("--setfit-iterations", type=int, default=5, help="SetFit pairs per example / 2")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--json", type=Path, help="write the figures here")
@@ -249,12 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"threads": args.threads, "train": args.train, "test": args.test}
     if args.peer:
         out["peer"] = peer(specs, args.data, tasks, args.train, args.test, args.setfit_iterations)
-    if args.cycle or args.consumer:
+    if args.cycle or (args.consumer and args.state is None):
         out["cycle"] = cycle(specs, args.data, tasks[0], args.train, args.test)
     if args.consumer:
-        out["consumer"] = consumer(
-            specs, Path(out["cycle"]["state_dir"]), args.data, tasks[0], args.test
-        )
+        state = args.state or Path(out["cycle"]["state_dir"])
+        out["consumer"] = consumer(specs, state, args.data, tasks[0], args.test)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return 0
