@@ -14,6 +14,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aftertune.learners.evaluate import TaskScore
+from aftertune.learners.progress import Progress
 from aftertune.learners.ranking import rank, ranking_nll
 from aftertune.store.examples import Example
 
@@ -31,7 +32,8 @@ def rank_scores(
     """Scores of ``model`` on every task of ``by_task`` that has candidates."""
     scores: dict[str, TaskScore] = {}
     device = next(model.parameters()).device
-    for task in sorted(by_task):
+    tasks = sorted(by_task)
+    for task in Progress(f"evaluate {len(tasks)} tasks", len(tasks), "task").track(tasks):
         found = sets.get(task)
         examples = list(by_task[task])
         if not found or not examples:
