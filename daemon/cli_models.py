@@ -143,6 +143,7 @@ def _add_rollback(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("version", type=version_arg, help="version to roll back to (3 or v3)")
     p.add_argument("--why", default="", help="reason, kept in the audit log")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_rollback)
 
 
@@ -152,6 +153,7 @@ def _add_approve(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("version", type=version_arg, help="3 or v3")
     p.add_argument("--why", default="approved by hand", help="reason, kept in the audit log")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_approve)
 
 
@@ -159,6 +161,7 @@ def _add_reject(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("reject", parents=[common], help="reject a version awaiting approval")
     p.add_argument("version", type=version_arg, help="3 or v3")
     p.add_argument("--why", required=True, help="reason, kept in the audit log")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_reject)
 
 
@@ -337,10 +340,20 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.daemon.learning import rollback
 
     bundle = rollback(settings, args.version, actor=_actor(), why=args.why)
-    print(f"v{args.version} is the champion again")
     if bundle is not None:
         _announce(settings)
+    if args.json:
+        return _print_decision(args.version, "promoted", bundle)
+    print(f"v{args.version} is the champion again")
+    if bundle is not None:
         print(f"  {bundle.path} is latest again")
+    return 0
+
+
+def _print_decision(version: int, state: str, bundle: Any) -> int:
+    """``approve``/``reject``/``rollback --json``: the version, its state, its bundle."""
+    path = None if bundle is None else str(bundle.path)
+    print(json.dumps({"version": version, "state": state, "bundle": path}))
     return 0
 
 
@@ -367,9 +380,12 @@ def cmd_approve(args: argparse.Namespace, settings: Settings) -> int:
     with Registry(settings.state_dir, settings.store.url) as registry:
         _awaiting(registry, args.version, "approve")
     bundle = approve(settings, args.version, actor=_actor(), why=args.why)
-    print(f"v{args.version} approved and promoted to champion")
     if bundle is not None:
         _announce(settings)
+    if args.json:
+        return _print_decision(args.version, "promoted", bundle)
+    print(f"v{args.version} approved and promoted to champion")
+    if bundle is not None:
         print(f"  published {bundle.path}")
     return 0
 
@@ -385,5 +401,7 @@ def cmd_reject(args: argparse.Namespace, settings: Settings) -> int:
             with ExampleStore.in_state_dir(settings.state_dir, settings.store.url) as store:
                 store.quarantine(int(seq_range[0]), int(seq_range[1]), args.version)
         registry.transition(args.version, VersionState.REJECTED, actor=_actor(), reason=args.why)
+    if args.json:
+        return _print_decision(args.version, "rejected", None)
     print(f"v{args.version} rejected")
     return 0

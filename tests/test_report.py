@@ -262,3 +262,17 @@ def test_version_help_exit_codes_completion_and_report_json(
     with pytest.raises(SystemExit) as bad:
         main(["models", "show", "three", "--state-dir", str(state)])
     assert bad.value.code == 2 and "not a version" in capfd.readouterr().err
+
+
+def test_reject_json_answers_with_the_decision(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with Registry(tmp_path / "state") as reg:
+        reg.register_candidate(
+            _adapter(tmp_path, "w"), parent=None, data_seq=1, training={}, lineage={}
+        )
+        reg.transition(1, VersionState.EVALUATING, actor="daemon", reason="gate evaluation")
+        reg.transition(1, VersionState.AWAITING_APPROVAL, actor="daemon", reason="gate passed")
+    args = ["reject", "v1", "--why", "not today", "--json", "--state-dir", str(tmp_path / "state")]
+    assert main(args) == 0
+    assert json.loads(capfd.readouterr().out) == {"version": 1, "state": "rejected", "bundle": None}
