@@ -15,8 +15,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from aftertune.learners import curriculum
 from aftertune.learners.base_model import (
     EMBEDDED_TINY,
+    GENERATIVE,
     base_sha256,
     load_base,
+    model_kind,
     resolve_base,
 )
 from aftertune.learners.errors import BaseModelError, LearnerError
@@ -127,7 +129,7 @@ def test_resolve_base_rejects_dir_without_model(tmp_path: Path) -> None:
     with pytest.raises(BaseModelError, match=r"no config\.json"):
         resolve_base(tmp_path)
     (tmp_path / "config.json").write_text('{"architectures": ["BertForMaskedLM"]}')
-    with pytest.raises(BaseModelError, match="not a causal language model"):
+    with pytest.raises(BaseModelError, match="neither a causal language model"):
         resolve_base(tmp_path)
 
 
@@ -210,15 +212,24 @@ def test_a_half_precision_checkpoint_loads_in_fp32_on_cpu(
     assert load_base(path, dtype=dtype)[0].dtype == dtype
 
 
-def test_gpt2_is_accepted_as_a_causal_lm_and_a_masked_lm_is_not(tmp_path: Path) -> None:
+def test_gpt2_is_accepted_as_a_causal_lm_and_a_seq2seq_model_is_not(tmp_path: Path) -> None:
     from family_fixtures import save_family
 
     path = save_family(tmp_path / "gpt2", "gpt2", "bytebpe")
     assert "GPT2LMHeadModel" in (path / "config.json").read_text()
     assert resolve_base(path) == path
+    assert model_kind(path) == GENERATIVE
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text(
+        '{"architectures": ["T5ForConditionalGeneration"], "model_type": "t5"}'
+    )
+    with pytest.raises(BaseModelError, match="neither a causal language model"):
+        resolve_base(tmp_path / "t5")
+    # A BERT-family checkpoint, masked-LM head or not, is a sentence encoder: the ranking kind
+    # (it still needs weights).
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(
         '{"architectures": ["BertForMaskedLM"], "model_type": "bert"}'
     )
-    with pytest.raises(BaseModelError, match="not a causal language model"):
+    with pytest.raises(BaseModelError, match="no weight files"):
         resolve_base(tmp_path / "bert")
