@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import cli_json, ingest, run_cli, write_jsonl
 
 from aftertune.learners.base_model import EMBEDDED_MINILM, RANKING, model_kind, resolve_base
 from aftertune.learners.ranking import candidates_of
 from aftertune.store.consumer import Bundle
-from conftest import cli_json, ingest, run_cli, write_jsonl
 
 DEMO = Path(__file__).resolve().parents[1] / "daemon" / "demo_data" / "real"
 CONFIG = """
