@@ -120,7 +120,7 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
                 print(json.dumps(out, ensure_ascii=False))
         return 0
     if (args.prompt is None) == (args.instruction is None):
-        raise DaemonError("give --instruction (and --input), --prompt, or --jsonl FILE")
+        raise DaemonError("give --instruction (and --input) or --prompt, or --jsonl FILE")
     bundle = Bundle.open(args.bundle)
     if args.prompt is not None:
         answer = bundle.generate(args.prompt, max_new_tokens=args.max_new_tokens)
