@@ -20,18 +20,18 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from aftertune.learners.data import Encoded, ExampleLike, TruncationCount
 from aftertune.learners.errors import LearnerError
+from aftertune.learners.objectives import ExampleT
 from aftertune.store.prompt import PromptTemplate
 
 log = logging.getLogger(__name__)
 
-ExampleT = TypeVar("ExampleT", bound=ExampleLike)
 CANDIDATES_FILE = "candidates.json"  # in each ranking adapter dir: its version's candidates
 Candidates = Mapping[str, Sequence[str]]
 

@@ -24,7 +24,7 @@ import torch
 
 from aftertune.learners.errors import ExportError
 from aftertune.learners.export import ExportResult, ExportSpec
-from aftertune.learners.ranking import Embedder, tokenize
+from aftertune.learners.ranking import Embedder, pad_rows, tokenize
 from aftertune.store.bundle import FORMAT_RANKING, write_manifest
 from aftertune.store.consumer import Bundle
 
@@ -149,7 +149,7 @@ def check_ranking_parity(
         raise ExportError("parity: the bundle's tokenizer does not reproduce the training ids")
     got = bundle.embed(texts)
     with torch.no_grad():
-        want = Embedder(model).eval()(*_padded(rows, bundle.pad_token_id)).numpy()
+        want = Embedder(model).eval()(*pad_rows(rows, bundle.pad_token_id)).numpy()
     diff = float(np.abs(got - want).max())
     if diff > spec.embedding_atol:
         raise ExportError(
@@ -189,9 +189,3 @@ def _compare_answers(
         if torch_pick != onnx_pick and first_diff is None:
             first_diff = f"{text[:60]!r}: torch {torch_pick!r} vs onnx {onnx_pick!r}"
     return same, first_diff
-
-
-def _padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from aftertune.learners.ranking import pad_rows
-
-    return pad_rows(rows, pad)
