@@ -10,7 +10,8 @@ Three parts, each optional, all in one process so the ratios compare like with l
 - ``--cycle``: one real ``run_cycle`` (train → evaluate → gate → export + parity + publish)
   on the first task's train and test records, in a temporary state dir: seconds per phase.
 - ``--consumer``: answers per second on the first task's test prompts, the published ONNX
-  bundle (``Bundle.answer_many``, batches of 32) against PyTorch (``ranking.rank``).
+  bundle (``Bundle.answer_many``, 32 prompts per ONNX call grouped by length, as
+  ``rank`` groups them) against PyTorch (``ranking.rank``).
 
     python bench/ranking.py --data ../shared/datasets --tasks agnews,sni_emotion \\
         --train 300 --test 200 --peer --cycle --consumer --threads 1
@@ -199,9 +200,7 @@ def consumer(
     bundle = Bundle.open(state / "bundles" / "latest")
     records = [(task, r["instruction"], r.get("input", "")) for r in test]
     started = time.perf_counter()
-    answers = [
-        a for i in range(0, len(records), 32) for a in bundle.answer_many(records[i : i + 32])
-    ]
+    answers = bundle.answer_many(records, batch_size=32)  # grouped by length, as rank() does
     onnx_s = time.perf_counter() - started
     with Registry(state) as registry:
         model, tokenizer = load_version(registry, specs.base, state, registry.champion())

@@ -98,6 +98,11 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# --jsonl answers this many records at a time: a ranking bundle groups them by length into
+# ONNX calls of --batch-size, and the output still follows the input's order.
+ANSWER_BLOCK = 1024
+
+
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.store.consumer import Bundle
 
@@ -108,10 +113,10 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
             raise DaemonError("--jsonl answers a file: leave out --instruction and --prompt")
         records = read_requests(args.jsonl)
         bundle = Bundle.open(args.bundle)
-        for start in range(0, len(records), args.batch_size):
-            chunk = records[start : start + args.batch_size]
+        for start in range(0, len(records), ANSWER_BLOCK):
+            chunk = records[start : start + ANSWER_BLOCK]
             answers = bundle.answer_many(
-                [(r.get("task"), r["instruction"], r["input"]) for r in chunk]
+                [(r.get("task"), r["instruction"], r["input"]) for r in chunk], args.batch_size
             )
             for record, answer in zip(chunk, answers, strict=True):
                 out = {"task": record.get("task"), "answer": answer}

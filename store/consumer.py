@@ -169,13 +169,17 @@ class Bundle:
         (a generative bundle ignores ``task``)."""
         return self.answer_many([(task, instruction, input)])[0]
 
-    def answer_many(self, records: list[tuple[str | None, str, str]]) -> list[str]:
-        """Answers to (task, instruction, input) records, in order; ranked in one batch."""
+    def answer_many(
+        self, records: list[tuple[str | None, str, str]], batch_size: int = 32
+    ) -> list[str]:
+        """Answers to (task, instruction, input) records, in order; a ranking bundle embeds
+        them ``batch_size`` per ONNX call, grouped by length."""
         if self.format != FORMAT_RANKING:
             return [self.generate(instruction=i, input=x) for _, i, x in records]
         for task, _, _ in records:
             self._known(task)
-        vectors = self.embed([self.render(i, x) for _, i, x in records]) if records else []
+        prompts = [self.render(i, x) for _, i, x in records]
+        vectors = self.embed(prompts, batch_size) if records else []
         return [self.pick(str(t), v) for (t, _, _), v in zip(records, vectors, strict=True)]
 
     def _known(self, task: str | None) -> None:
@@ -186,19 +190,28 @@ class Bundle:
                 f"bundle v{self.version} ranks answers per task and needs {what} it knows: {known}"
             )
 
-    def embed(self, texts: list[str]) -> Any:
-        """Normalised embeddings of ``texts`` (ranking bundles), numpy [len(texts), dim]."""
+    def embed(self, texts: list[str], batch_size: int = 32) -> Any:
+        """Normalised embeddings of ``texts`` (ranking bundles), numpy [len(texts), dim], in
+        order. Runs ``batch_size`` texts per ONNX call, grouped by length (less padding)."""
         import numpy as np
 
         if self.format != FORMAT_RANKING:
             raise BundleError("embeddings are only exposed by onnx-ranking bundles")
         rows = [self.encode(t) for t in texts]
-        width = max((len(r) for r in rows), default=1)
-        ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)], mask[i, : len(row)] = row, 1
-        return self._session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})[0]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        out: Any = None
+        for start in range(0, len(order), max(1, batch_size)):
+            idx = order[start : start + max(1, batch_size)]
+            width = max(len(rows[i]) for i in idx)
+            ids = np.full((len(idx), width), self.pad_token_id, dtype=np.int64)
+            mask = np.zeros((len(idx), width), dtype=np.int64)
+            for j, i in enumerate(idx):
+                ids[j, : len(rows[i])], mask[j, : len(rows[i])] = rows[i], 1
+            got = self._session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})[0]
+            if out is None:
+                out = np.zeros((len(rows), got.shape[1]), dtype=got.dtype)
+            out[idx] = got
+        return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
     def pick(self, task: str, vector: Any) -> str:
         """The candidate of ``task`` nearest ``vector`` (cosine: both are normalised)."""

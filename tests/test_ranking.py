@@ -164,3 +164,16 @@ def test_consumer_ranks_without_torch(cycled: dict[str, Any]) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() in {"World", "Sports", "Business", "Science or Technology"}
+
+
+@pytest.mark.slow
+def test_embed_groups_by_length_and_keeps_the_callers_order(cycled: dict[str, Any]) -> None:
+    bundle = Bundle.open(cycled["bundle"])
+    texts = ["a much longer prompt about the markets and the rates of the central bank", "hi"]
+    texts += ["a middling prompt on football", "x y z", "the longest of them all " * 6]
+    grouped = bundle.embed(texts, batch_size=2)  # lengths differ, so the order is shuffled
+    alone = [bundle.embed([t], batch_size=1)[0] for t in texts]
+    assert grouped.shape == (len(texts), len(alone[0]))
+    for got, want in zip(grouped, alone, strict=True):
+        assert abs(got - want).max() < 1e-5
+    assert bundle.embed([]).shape[0] == 0
