@@ -177,3 +177,21 @@ def test_embed_groups_by_length_and_keeps_the_callers_order(cycled: dict[str, An
     for got, want in zip(grouped, alone, strict=True):
         assert abs(got - want).max() < 1e-5
     assert bundle.embed([]).shape[0] == 0
+
+
+@pytest.mark.slow
+def test_a_cycle_on_free_text_only_has_nothing_to_do_and_says_why(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    (tmp_path / "aftertune.toml").write_text(CONFIG)
+    env = {
+        "AFTERTUNE_CONFIG": str(tmp_path / "aftertune.toml"),
+        "AFTERTUNE_STATE_DIR": str(tmp_path / "state"),
+        "AFTERTUNE_REDIS__URL": redis_server.url,
+        "AFTERTUNE_REDIS__STREAM": f"free-text-{tmp_path.name}",
+    }
+    ingest(env, tmp_path / "records.jsonl", _free_text(12, "train"))
+    done = run_cli("cycle", env=env, timeout=300)
+    assert done.returncode == 5, (done.returncode, done.stdout, done.stderr)
+    said = done.stdout + done.stderr
+    assert "cannot learn" in said and "echo" in said
