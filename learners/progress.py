@@ -146,7 +146,7 @@ class Progress:
             "%s: %s, %s%s%s in %.0f s, %s/s%s",
             self.phase,
             state,
-            self._amount(self.done),
+            self._amount(self.done, unit=self.total is None or self.unit == "B"),
             of,
             share,
             elapsed,
@@ -155,8 +155,8 @@ class Progress:
             extra={"fields": fields},
         )
 
-    def _amount(self, value: float | None) -> str:
-        """'12 task', '3.8 MB' (bytes in SI units)."""
+    def _amount(self, value: float | None, *, unit: bool = True) -> str:
+        """'12 tasks', '1 task', '3.8 MB' (bytes in SI units); ``unit=False``: '12'."""
         if value is None:
             return "?"
         if self.unit == "B":
@@ -165,7 +165,10 @@ class Progress:
                     return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
                 value /= 1000
             return f"{value:.1f} GB"
-        return f"{_num(value)} {self.unit}"
+        if not unit:
+            return _num(value)
+        symbol = self.unit in ("s", "B")  # a unit symbol has no plural
+        return f"{_num(value)} {self.unit if symbol or value == 1 else self.unit + 's'}"
 
 
 @contextmanager
