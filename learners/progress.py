@@ -160,9 +160,9 @@ class Progress:
         if value is None:
             return "?"
         if self.unit == "B":
-            for unit in ("B", "kB", "MB"):
+            for prefix in ("B", "kB", "MB"):
                 if value < 1000:
-                    return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
+                    return f"{value:.0f} B" if prefix == "B" else f"{value:.1f} {prefix}"
                 value /= 1000
             return f"{value:.1f} GB"
         if not unit:
