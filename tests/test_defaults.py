@@ -89,7 +89,7 @@ def test_the_shipped_defaults_are_the_ones_the_issue_named() -> None:
     specs = specs_from(Settings())
     assert specs.train.lr == 4e-3 and specs.train.checkpoint_every == 25
     assert specs.train.epochs == 3
-    assert specs.ewc.lam == 1e3 and specs.ewc.fisher_samples == 64
+    assert specs.ewc.lam == 1e2 and specs.ewc.fisher_samples == 64
 
 
 def test_a_configured_prompt_reaches_training_evaluation_and_export() -> None:
