@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest test-avalanche clean
+.PHONY: run run-minilm test lint typecheck pytest test-avalanche clean
 
 # torch first and pinned: an unpinned torch (or torchvision) pulls a multi-GB CUDA build.
 # -qq: errors only, so `make run` shows the demo, not pip's progress and notices.
@@ -44,6 +44,11 @@ $(AVENV): $(AVSTAMP)
 
 run: $(VENV)
 	$(BIN)/aftertune demo
+
+# The same loop on real text: the MiniLM encoder (the ranking kind) learns a news-topic task,
+# then an emotion task, and rejects a label-flipped batch (about 4 minutes on 2 cores).
+run-minilm: $(VENV)
+	$(BIN)/aftertune demo --base embedded:minilm
 
 lint: $(VENV)
 	$(BIN)/ruff check .

@@ -38,6 +38,18 @@ def test_nll_rise_is_a_drop_and_checked_relatively() -> None:
     assert {c.rule for c in report.failures} == {"max_drop", "max_drop_rel"}
 
 
+def test_a_near_zero_nll_that_triples_is_not_a_regression_but_a_real_rise_still_is() -> None:
+    """0.0002 -> 0.0006 nats is +163 % of itself, 2 % of the 0.02 nats a relative change is
+    taken of; from the same start, 0.0002 -> 0.1 is rejected."""
+    sure = {**OLD, "nll": 0.0002353}
+    report = judge({"a": (sure, {**sure, "nll": 0.0006199})}, {}, set(), RULES)
+    assert report.decision is Decision.PROMOTED, [c.message for c in report.failures]
+    rel = next(c for c in report.checks if c.rule == "max_drop_rel")
+    assert "rose by 1.9% of 0.02 (within the allowed rise of 25%)" in rel.message
+    report = judge({"a": (sure, {**sure, "nll": 0.1})}, {}, set(), RULES)
+    assert [c.rule for c in report.failures] == ["max_drop_rel"]
+
+
 def test_missing_metric_on_the_challenger_fails() -> None:
     report = judge({"a": (OLD, {"nll": 1.0, "n": 50})}, {}, set(), RULES)
     assert report.decision is Decision.REJECTED
