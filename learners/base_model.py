@@ -147,7 +147,7 @@ def load_base(
     are 2-4x slower than fp32 and lose precision the parity check needs); on CUDA the
     checkpoint's own dtype.
     """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     # Loading a 1M-parameter model needs no progress bar, and our logs say what was loaded.
@@ -155,16 +155,12 @@ def load_base(
 
     path = resolve_base(EMBEDDED_TINY if spec is None else spec)
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": _load_dtype(device, dtype)}
+    tokenizer = load_tokenizer(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         loader = AutoModel if model_kind(path) == RANKING else AutoModelForCausalLM
         model = loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise BaseModelError(f"cannot load base model from {str(path)!r}: {exc}") from exc
-    if tokenizer.pad_token is None:
-        # Many causal LMs ship without a pad token; EOS is the conventional stand-in and is
-        # masked out of losses by the attention mask anyway.
-        tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     # transformers wraps `to` in functools.wraps(nn.Module.to), whose stub loses `self`.
@@ -173,6 +169,22 @@ def load_base(
     # DEBUG: a cycle loads the base several times (train, champion, challenger, export).
     logger.debug("loaded base model %s (%d parameters)", path, model.num_parameters())
     return model, tokenizer
+
+
+def load_tokenizer(spec: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """The base's tokenizer alone, with a pad token set (adapters never change it)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_base(EMBEDDED_TINY if spec is None else spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"cannot load base model from {str(path)!r}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        # Many causal LMs ship without a pad token; EOS is the conventional stand-in and is
+        # masked out of losses by the attention mask anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _load_dtype(device: str, dtype: torch.dtype | None) -> torch.dtype | str:

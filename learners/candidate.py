@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from aftertune.learners.base_model import GENERATIVE, load_tokenizer, model_kind
 from aftertune.learners.champion import load_version
 from aftertune.learners.errors import NothingToTrain
 from aftertune.learners.kinds import kind_for
@@ -117,7 +118,10 @@ def train_candidate(
     champion = registry.champion()
     data = training_data(store, state_dir, champion, specs)
     work = StateLayout(state_dir).training_run(data.parent, data.until)
-    model, tokenizer = load_version(registry, specs.base, state_dir, champion)
+    if _in_processes(specs):  # the ranks load the model; this process needs the tokenizer
+        model, tokenizer = None, load_tokenizer(specs.base)
+    else:
+        model, tokenizer = load_version(registry, specs.base, state_dir, champion)
     objective = kind_for(specs.base).objective(tokenizer, store, data.until, specs)
     if not objective.kept(data.new, "new examples"):
         raise NothingToTrain(
@@ -164,7 +168,7 @@ def _train(
         "should_stop": should_stop,
     }
     model, tokenizer, objective = loaded
-    if specs.train.processes > 1 and objective.peft_task_type == "CAUSAL_LM":
+    if _in_processes(specs):
         from aftertune.learners.train_job import ModelSource, train_in_processes
 
         chain = registry.chain(champion.version) if champion is not None else []
@@ -173,6 +177,11 @@ def _train(
         )
         return train_in_processes(specs.train.processes, source, data.new, data.past, **common)
     return train_adapter(model, tokenizer, data.new, data.past, objective=objective, **common)
+
+
+def _in_processes(specs: LearningSpecs) -> bool:
+    """Whether torchrun trains this cycle: ``train.processes`` > 1, generative kind only."""
+    return specs.train.processes > 1 and model_kind(specs.base) == GENERATIVE
 
 
 def _register(

@@ -60,3 +60,41 @@ def test_two_gloo_processes_under_torchrun_train_the_adapter_one_process_trains(
     assert any(t.abs().max() > 0 for k, t in first.items() if "lora_B" in k)  # it trained
     for key in first:
         torch.testing.assert_close(second[key], first[key], rtol=1e-4, atol=1e-6)
+
+
+def test_a_cycle_with_two_processes_registers_a_candidate_without_loading_the_model_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.processes = 2: torchrun's ranks load the model; the daemon's process needs only
+    the tokenizer (a model several GPUs hold would not fit in it as well)."""
+    from dataclasses import replace
+
+    from aftertune.daemon.settings import load_settings
+    from aftertune.daemon.specs import specs_from
+    from aftertune.learners import candidate
+    from aftertune.store.examples import ExampleStore
+    from aftertune.store.records import record_from_obj
+    from aftertune.store.registry import Registry
+
+    def no_model_here(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the parent process loaded the model")
+
+    monkeypatch.setattr(candidate, "load_version", no_model_here)
+    specs = specs_from(load_settings(overrides={"state_dir": str(tmp_path / "state")}))
+    train = replace(
+        specs.train, processes=2, max_steps=3, progress=False, checkpoint_every=0, device="cpu"
+    )
+    specs = replace(specs, train=train)
+    rows = [
+        {"task": ex.task, "instruction": ex.instruction, "input": ex.input, "output": ex.output}
+        for ex in NEW
+    ]
+    with (
+        ExampleStore.in_state_dir(tmp_path / "state") as store,
+        Registry(tmp_path / "state") as registry,
+    ):
+        store.add([record_from_obj(r) for r in rows])
+        report = candidate.train_candidate(store, registry, tmp_path / "state", specs)
+        assert (report.candidate, report.parent, report.steps) == (1, None, 3)
+        assert 0 < report.new_examples <= len(NEW)  # duplicates stored once, a test split
+        assert registry.get(1).adapter_dir.is_dir()
