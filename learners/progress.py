@@ -167,8 +167,8 @@ class Progress:
             return f"{value:.1f} GB"
         if not unit:
             return _num(value)
-        symbol = self.unit in ("s", "B")  # a unit symbol has no plural
-        return f"{_num(value)} {self.unit if symbol or value == 1 else self.unit + 's'}"
+        plural = value != 1 and self.unit != "s"  # a unit symbol (s) has no plural
+        return f"{_num(value)} {self.unit + 's' if plural else self.unit}"
 
 
 @contextmanager

@@ -44,6 +44,15 @@ def test_events_carry_the_figures_as_json_fields(json_log: io.StringIO) -> None:
     assert events[0]["eta_s"] is not None and last["eta_s"] is None
 
 
+def test_counted_units_read_as_words(json_log: io.StringIO) -> None:
+    for _ in Progress("evaluate 3 tasks", 3, "task").track(["a", "b", "c"]):
+        pass
+    messages = [json.loads(line)["msg"] for line in json_log.getvalue().splitlines()]
+    assert "evaluate 3 tasks: running, 1 of 3 tasks (33%)" in messages[0]
+    assert "evaluate 3 tasks: done, 3 of 3 tasks (100%)" in messages[-1]
+    assert "tasks/s" in messages[-1]
+
+
 def test_a_short_phase_stays_silent_and_a_disabled_one_says_nothing(
     json_log: io.StringIO, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -52,17 +52,22 @@ def _free_text(n: int, split: str, start: int = 0) -> list[dict[str, Any]]:
     ]
 
 
+def _env(tmp: Path, redis_server: Any, stream: str) -> dict[str, str]:
+    """The CLI's environment: CONFIG in ``tmp``, its own state dir and stream on the session's Redis."""
+    (tmp / "aftertune.toml").write_text(CONFIG)
+    return {
+        "AFTERTUNE_CONFIG": str(tmp / "aftertune.toml"),
+        "AFTERTUNE_STATE_DIR": str(tmp / "state"),
+        "AFTERTUNE_REDIS__URL": redis_server.url,
+        "AFTERTUNE_REDIS__STREAM": f"{stream}-{tmp.name}",
+    }
+
+
 @pytest.fixture(scope="module")
 def cycled(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> dict[str, Any]:
     """One cycle of the ranking kind: agnews learned, a free-text task refused, published."""
     tmp = tmp_path_factory.mktemp("ranking")
-    (tmp / "aftertune.toml").write_text(CONFIG)
-    env = {
-        "AFTERTUNE_CONFIG": str(tmp / "aftertune.toml"),
-        "AFTERTUNE_STATE_DIR": str(tmp / "state"),
-        "AFTERTUNE_REDIS__URL": redis_server.url,
-        "AFTERTUNE_REDIS__STREAM": f"ranking-{tmp.name}",
-    }
+    env = _env(tmp, redis_server, "ranking")
     rows = _rows("agnews", "train", 48) + _rows("agnews", "test", 16)
     ingest(env, tmp / "records.jsonl", rows + _free_text(12, "train") + _free_text(4, "test", 100))
     result = cli_json("cycle", "--json", env=env, timeout=900)
@@ -183,13 +188,7 @@ def test_embed_groups_by_length_and_keeps_the_callers_order(cycled: dict[str, An
 def test_a_cycle_on_free_text_only_has_nothing_to_do_and_says_why(
     tmp_path: Path, redis_server: Any
 ) -> None:
-    (tmp_path / "aftertune.toml").write_text(CONFIG)
-    env = {
-        "AFTERTUNE_CONFIG": str(tmp_path / "aftertune.toml"),
-        "AFTERTUNE_STATE_DIR": str(tmp_path / "state"),
-        "AFTERTUNE_REDIS__URL": redis_server.url,
-        "AFTERTUNE_REDIS__STREAM": f"free-text-{tmp_path.name}",
-    }
+    env = _env(tmp_path, redis_server, "free-text")
     ingest(env, tmp_path / "records.jsonl", _free_text(12, "train"))
     done = run_cli("cycle", env=env, timeout=300)
     assert done.returncode == 5, (done.returncode, done.stdout, done.stderr)
