@@ -1,6 +1,6 @@
 """Ingest throughput: plain pipelined XADD (the producer's rate) vs stream → store ingest.
 
-    .venv/bin/python bench/ingest.py [--records 50000] [--batch-size 1000] [--breakdown]
+    .venv/bin/python bench/ingest.py [--records 50000] [--batch-size 1000] [--breakdown] [--floor]
     .venv/bin/python bench/ingest.py --store-url postgresql://USER@HOST/DB [--consumers 2]
 
 Starts a private redis-server on a free port, prints records/s for both and the ratio.
@@ -8,6 +8,12 @@ Targets: ingest ≥ 1.0 × the single-producer push rate and ≥ 20,000 records/
 ``--breakdown`` then ingests the records again into a fresh store and stream, one stage at
 a time, and prints µs a record for each: read (XREADGROUP and its parse), validate, store
 (one SQLite transaction a batch), acknowledge (XACK).
+
+``--floor`` also times the least a Python consumer can do with the same records: one
+XREADGROUP parsed by hiredis, one msgspec decode, the content id (sha256), the two keys,
+one ``executemany`` into the real table and its indexes, XACK. It skips what the daemon
+must do besides (value checks, the duplicate lookup, the split hash, dead-lettering), so
+its rate is a ceiling for any pure-Python consumer on this machine, not a way to ingest.
 
 ``--store-url`` ingests into PostgreSQL instead (a scratch database created next to the
 one named, dropped after), first with one consumer, then with ``--consumers`` processes
@@ -29,11 +35,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 import redis
 
 from aftertune.daemon.embedded_redis import RedisServer, free_port
-from aftertune.daemon.ingest import IngestConfig, Ingestor
-from aftertune.store.examples import ExampleStore
+from aftertune.daemon.ingest import RECORD_FIELD, IngestConfig, Ingestor
+from aftertune.store.examples import _INSERTED, ExampleStore
+from aftertune.store.records import _WIRE, content_id
+from aftertune.store.schema import prompt_key, text_key
 
 
 def _payloads(n: int) -> list[bytes]:
@@ -95,14 +104,49 @@ def _breakdown(client: redis.Redis, tmp: Path, payloads: list[bytes], batch: int
     )
 
 
-def main() -> None:
+def _floor(client: redis.Redis, tmp: Path, payloads: list[bytes], batch: int) -> float:
+    """Seconds a minimal Python consumer takes to drain ``payloads``: see the module doc."""
+    _push(client, "floor", payloads)
+    client.xgroup_create("floor", "g", id="0")
+    marks = ",".join("?" * len(_INSERTED))
+    sql = f"INSERT INTO examples ({', '.join(_INSERTED)}) VALUES ({marks})"
+    with ExampleStore.in_state_dir(tmp / "floor") as store:
+        db = store.db.connection  # type: ignore[attr-defined]
+        t0 = time.perf_counter()
+        while reply := client.xreadgroup("g", "c", {"floor": ">"}, count=batch):
+            entries = reply[b"floor"][0] if isinstance(reply, dict) else reply[0][1]
+            rows, ids, now = [], [], time.time()
+            for entry_id, fields in entries:
+                w = _WIRE.decode(fields[RECORD_FIELD])
+                rid = content_id(w.task, w.instruction, w.input, w.output)
+                key = prompt_key(w.task, w.instruction, w.input)
+                meta = orjson.dumps(w.meta).decode()
+                texts = (w.task, w.instruction, w.input, w.output)
+                rows.append(
+                    (rid, text_key(rid), key, *texts, "train", 0, w.weight, w.source, meta, now)
+                )
+                ids.append(entry_id)
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(sql, rows)
+            db.execute("COMMIT")
+            client.xack("floor", "g", *ids)
+        seconds = time.perf_counter() - t0
+        if store.total() != len(payloads):
+            raise SystemExit(f"floor stored {store.total()} of {len(payloads)}")
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=50_000)
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--breakdown", action="store_true", help="time each stage too")
+    parser.add_argument(
+        "--floor", action="store_true", help="time a minimal Python consumer too (a ceiling)"
+    )
     parser.add_argument("--store-url", help="postgresql:// URL: ingest into PostgreSQL")
     parser.add_argument("--consumers", type=int, default=2, help="with --store-url")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.store_url:
         _postgres(args)
         return
@@ -121,6 +165,10 @@ def main() -> None:
         print(f"(a) redis-py pipelined XADD : {push_rate:10,.0f} records/s")
         print(f"(b) ingest stream -> store  : {ingest_rate:10,.0f} records/s")
         print(f"ratio b/a                   : {ingest_rate / push_rate:10.2f}")
+        if args.floor:
+            floor_rate = args.records / _floor(client, Path(tmp), payloads, args.batch_size)
+            print(f"(c) floor: minimal consumer : {floor_rate:10,.0f} records/s")
+            print(f"ratio c/a                   : {floor_rate / push_rate:10.2f}")
         if args.breakdown:
             _breakdown(client, Path(tmp), payloads, args.batch_size)
 
