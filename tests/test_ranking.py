@@ -141,6 +141,12 @@ def test_batch_cli_answers_every_record_in_order(cycled: dict[str, Any]) -> None
     for o, r in zip(out, requests, strict=True):
         assert o["task"] == "agnews" and o["answer"] in labels
         assert o["answer"] == bundle.answer("agnews", r["instruction"], r["input"])
+    one = run_cli(
+        "generate", "--bundle", str(cycled["bundle"]), "--task", "agnews", "--json",
+        "--instruction", requests[0]["instruction"], "--input", requests[0]["input"],
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout) == {"task": "agnews", "answer": out[0]["answer"]}
 
 
 @pytest.mark.slow
