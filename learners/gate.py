@@ -132,7 +132,7 @@ class GateReport:
     def reasons(self) -> list[str]:
         """Why: every failed check, or (when it passed) that every check held."""
         if self.failures:
-            return [c.message for c in self.failures]
+            return _joined(self.failures)
         if not self.checks:
             return [
                 "no rule applied: every task is new to the champion and no value "
@@ -146,6 +146,23 @@ class GateReport:
             "reasons": self.reasons,
             "checks": [c.to_json() for c in self.checks],
         }
+
+
+def _joined(failures: list[Check]) -> list[str]:
+    """One line per failed metric: a metric over both its absolute and its relative limit
+    is one reason ('nll 0.4 -> 1.2, rose by 0.8 (over ...) and by 200% (over ...)')."""
+    lines: list[str] = []
+    drop_line: dict[tuple[str, Suite, str], int] = {}  # where each metric's max_drop line is
+    for check in failures:
+        key = (check.task, check.suite, check.metric)
+        if check.rule == "max_drop_rel" and key in drop_line:
+            change = check.message.split(" -> ", 1)[1].partition(", ")[2]  # 'rose by 200% (…)'
+            lines[drop_line[key]] += " and " + change.partition(" ")[2]
+            continue
+        if check.rule == "max_drop":
+            drop_line[key] = len(lines)
+        lines.append(check.message)
+    return lines
 
 
 def _fmt(value: float | None) -> str:

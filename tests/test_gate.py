@@ -166,3 +166,16 @@ def test_messages_say_which_way_a_metric_moved() -> None:
     assert "a: accuracy 0.8 -> 0.9, rose by 0.1 (an improvement)" in texts
     assert "a: nll 1 -> 0.9, fell by 10.0% (an improvement)" in texts
     assert not any("drop of -" in t for t in texts)
+
+
+def test_a_metric_over_both_its_limits_is_one_reason() -> None:
+    """Absolute and relative rise of the same NLL: said once, with both limits."""
+    report = judge({"a": (OLD, {**OLD, "accuracy": 0.6, "nll": 6.182})}, {}, set(), RULES)
+    assert {c.rule for c in report.failures} == {"max_drop", "max_drop_rel"}
+    assert len(report.failures) == 3
+    nll = [r for r in report.reasons if "nll" in r]
+    assert report.reasons[0].startswith("a: accuracy 0.8 -> 0.6, fell by 0.2")
+    assert nll == [
+        "a: nll 1 -> 6.182, rose by 5.182 (over the allowed rise of 0.25)"
+        " and by 518.2% (over the allowed rise of 25%)"
+    ]
