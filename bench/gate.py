@@ -1,7 +1,7 @@
 """Gate benchmark: clean cycles should be promoted, poisoned cycles rejected.
 
     .venv/bin/python bench/gate.py --data DIR [--tasks t1,t2,...] [--k 4] [--train N]
-        [--steps S] [--poison flip|shuffle|both] [--base BASE] [--json FILE]
+        [--steps S] [--poison flip|shuffle|both] [--base BASE] [--threads 1] [--json FILE]
 
 Real tasks on the ranking kind (MiniLM):
 
@@ -29,6 +29,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from aftertune.daemon.settings import load_settings
 from aftertune.daemon.specs import LearningSpecs, specs_from
@@ -81,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--base", default=None, help="model.base for this run (e.g. embedded:minilm on real tasks)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads; 1 unless the machine is otherwise idle",
+    )
     parser.add_argument("--json", type=Path, default=None)
     return parser
 
@@ -102,6 +110,7 @@ def _print_rates(results: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     args = _parser().parse_args()
+    torch.set_num_threads(args.threads)
     tasks = args.tasks.split(",")
     rng = random.Random(0)
     settings = load_settings()
@@ -151,7 +160,7 @@ def main() -> None:
                 cycle(f"poisoned-{how}", victim)
     _print_rates(results)
     if args.json:
-        args.json.write_text(json.dumps({"cycles": results}, indent=2))
+        args.json.write_text(json.dumps({"threads": args.threads, "cycles": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -343,7 +343,7 @@ class _CycleRun:
     def reject(self, champion: Version | None, challenger: Version, gate: GateReport) -> Outcome:
         # Set the batch aside before the decision is final, so a crash in between re-runs
         # to the same end. Waiting for held-out data is not a verdict on the data itself.
-        if any(c.rule != "held_out_present" for c in gate.failures):
+        if not all(c.waits_for_data for c in gate.failures):
             champion_seq = champion.data_seq if champion is not None else 0
             self.store.quarantine(champion_seq, challenger.data_seq, challenger.version)
         return self._decided(challenger, VersionState.REJECTED, gate)

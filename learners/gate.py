@@ -113,6 +113,15 @@ class Check:
     passed: bool
     message: str
 
+    @property
+    def waits_for_data(self) -> bool:
+        """Failed for want of held-out data, which no model could pass: none at all, or a
+        chance level no accuracy can beat (too few records, or all with one answer). Not
+        a verdict on the batch: it stays live and is judged again when more data arrives."""
+        if self.rule == "held_out_present":
+            return True
+        return self.rule == "chance" and self.threshold is not None and self.threshold >= 1
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["suite"] = self.suite.value
@@ -350,6 +359,15 @@ def _chance_check(task: str, challenger: Scores, majority: float, n: int, z: flo
         f"giving the majority answer scores {100 * majority:.1f}%, and beating that needs over "
         f"{100 * threshold:.1f}% ({z:g} standard errors more, for n={n}; gate.chance_z)"
     )
+    if threshold >= 1:  # no accuracy can pass: say what would, not "needs over 112%"
+        message = f"{task}: accuracy {100 * value:.1f}% on {n} new held-out records " + (
+            "cannot beat chance: they all have the same answer, so a model that always gives "
+            "it scores as well; held-out records with other answers are needed"
+            if majority >= 1
+            else f"cannot beat chance: always giving the majority answer scores "
+            f"{100 * majority:.1f}%, and beating that by {z:g} standard errors (gate.chance_z) "
+            f"needs more held-out records than {n}"
+        )
     return [Check(task, Suite.GAIN, "accuracy", "chance", None, value, threshold, ok, message)]
 
 

@@ -91,6 +91,31 @@ def test_crash_at_each_step_then_clean_promotion_then_poison_rejected(
     assert refused.returncode == 1 and "v2 is rejected, not awaiting approval" in refused.stderr
 
 
+def test_a_new_task_too_small_to_judge_waits_instead_of_being_quarantined(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Two held-out records cannot show that a model beats chance: the cycle is rejected
+    saying more are needed, and the batch stays live for the next cycle to judge."""
+    state = tmp_path / "state"
+    env = {
+        "AFTERTUNE_REDIS__URL": redis_url,
+        "AFTERTUNE_STATE_DIR": str(state),
+        "AFTERTUNE_TRAIN__MAX_STEPS": "5",
+        "AFTERTUNE_TRAIN__PROGRESS": "false",
+    }
+    rows = parity_rows(40, seed=3)
+    held_out = [next(r for r in rows if r["output"] == answer) for answer in ("even", "odd")]
+    for row in rows:
+        row["split"] = "test" if row in held_out else "train"
+    ingest(env, tmp_path / "small.jsonl", rows)
+    done = cli_json("cycle", "--json", env=env, timeout=900, code=3)
+    assert done["decision"] == "rejected"
+    assert any("needs more held-out records than 2" in r for r in done["reasons"]), done
+    with ExampleStore.in_state_dir(state) as store:
+        assert store.quarantined() == {}
+        assert store.count_train_after(0) == 38
+
+
 def _fake_adapter(tmp: Path, name: str) -> Path:
     path = tmp / name
     path.mkdir()

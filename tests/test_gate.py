@@ -179,3 +179,25 @@ def test_a_metric_over_both_its_limits_is_one_reason() -> None:
         "a: nll 1 -> 6.182, rose by 5.182 (over the allowed rise of 0.25)"
         " and by 518.2% (over the allowed rise of 25%)"
     ]
+
+
+def test_too_few_or_one_answer_held_out_records_say_what_would_pass() -> None:
+    """A threshold over 100 % cannot be met: the reason says what is needed instead."""
+    perfect = {"accuracy": 1.0, "nll": 0.1, "n": 0}
+    one = judge({}, {"t": (None, perfect)}, {"t"}, RULES, chance={"t": (1.0, 7)})
+    assert one.decision is Decision.REJECTED
+    assert one.reasons == [
+        "t: accuracy 100.0% on 7 new held-out records cannot beat chance: they all have the "
+        "same answer, so a model that always gives it scores as well; held-out records with "
+        "other answers are needed"
+    ]
+    few = judge({}, {"t": (None, perfect)}, {"t"}, RULES, chance={"t": (0.5, 2)})
+    assert few.decision is Decision.REJECTED
+    assert "needs more held-out records than 2" in few.reasons[0]
+    assert all(c.waits_for_data for c in one.failures + few.failures)  # not quarantined
+    enough = judge({}, {"t": (None, perfect)}, {"t"}, RULES, chance={"t": (0.5, 4)})
+    assert enough.decision is Decision.PROMOTED
+    coin = judge(
+        {}, {"t": (None, {**perfect, "accuracy": 0.5})}, {"t"}, RULES, chance={"t": (0.5, 100)}
+    )
+    assert coin.failures and not coin.failures[0].waits_for_data  # a verdict: quarantined
