@@ -6,13 +6,16 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import textwrap
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import redis
@@ -330,16 +333,43 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             status = gather_status(client, store, registry, settings)
             print(json.dumps(status, indent=2) if args.json else render_status(status))
             return 0
-        try:
-            while True:
-                status = gather_status(client, store, registry, settings)
-                if args.json:
-                    print(json.dumps(status), flush=True)
-                else:
-                    _redraw(f"{render_status(status)}\n\nevery {args.watch:g} s; Ctrl-C to stop")
-                time.sleep(args.watch)
-        except KeyboardInterrupt:  # how a watch ends
-            return 0
+        with _interrupt_flag() as interrupted:
+            try:
+                while not interrupted.seen:
+                    status = gather_status(client, store, registry, settings)
+                    if args.json:
+                        print(json.dumps(status), flush=True)
+                    else:
+                        text = render_status(status)
+                        _redraw(f"{text}\n\nevery {args.watch:g} s; Ctrl-C to stop")
+                    if not interrupted.seen:
+                        time.sleep(args.watch)
+            except KeyboardInterrupt:  # how a watch ends
+                pass
+        return 0
+
+
+@dataclass
+class _Interrupted:
+    seen: bool = False  # a plain attribute: a signal handler must not take a lock
+
+
+@contextmanager
+def _interrupt_flag() -> Iterator[_Interrupted]:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt as usual and also sets the flag yielded: an
+    interrupt Python swallows (raised inside a finalizer, where it is only printed) still
+    ends a loop that checks the flag."""
+    flag = _Interrupted()
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        flag.seen = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _redraw(text: str) -> None:

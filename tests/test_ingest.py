@@ -139,11 +139,18 @@ def test_push_split_test_makes_a_file_held_out_and_json_reports_counts(
 def test_status_watch_prints_a_json_line_each_refresh(redis_url: str, tmp_path: Path) -> None:
     env = {**os.environ, **_env(redis_url, tmp_path / "state")}
     command = [sys.executable, "-m", "aftertune.daemon.cli", "status", "--watch", "0.2", "--json"]
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) as watch:
-        assert watch.stdout is not None
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as watch:
+        assert watch.stdout is not None and watch.stderr is not None
         lines = [watch.stdout.readline() for _ in range(3)]
         watch.send_signal(signal.SIGINT)
-        assert watch.wait(30) == 0  # Ctrl-C ends a watch normally
+        try:
+            code = watch.wait(30)
+        except subprocess.TimeoutExpired:
+            watch.kill()
+            code = None
+        assert code == 0, watch.stderr.read()  # Ctrl-C ends a watch normally
     assert all(json.loads(line)["stream"]["length"] == 0 for line in lines)
 
 
