@@ -1,0 +1,65 @@
+"""bench/gate.py and bench/ranking.py run end to end on small inputs (a bench that no longer
+runs is found here, not by the next person measuring): each writes the JSON it documents,
+and what it prints agrees with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DECISIONS = {"promoted", "rejected", "awaiting_approval"}
+
+pytestmark = pytest.mark.slow
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERTUNE_")}
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_gate_bench_runs_a_clean_and_a_poisoned_cycle(tmp_path: Path) -> None:
+    data, out = tmp_path / "suite", tmp_path / "gate.json"
+    made = _bench("bench/tasks.py", "--out", str(data), "--train", "60", "--test", "20")
+    assert made.returncode == 0, made.stderr
+    done = _bench(
+        "bench/gate.py", "--data", str(data), "--tasks", "parity,vowel_end", "--k", "1",
+        "--train", "40", "--steps", "5", "--poison", "flip", "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["threads"] == 1
+    cycles = report["cycles"]
+    assert [c["kind"] for c in cycles] == ["setup", "clean", "poisoned-flip"]
+    assert [c["version"] for c in cycles] == [1, 2, 3]
+    for c in cycles:
+        assert c["decision"] in DECISIONS and c["seconds"] > 0
+        assert bool(c["reasons"]) == (c["decision"] == "rejected"), c
+    rejected = sum(c["decision"] == "rejected" for c in cycles[2:])
+    assert f"poisoned cycles rejected: {rejected}/1" in done.stdout
+
+
+def test_ranking_bench_runs_a_cycle_and_the_consumer_answers_as_torch(tmp_path: Path) -> None:
+    out = tmp_path / "ranking.json"
+    done = _bench(
+        "bench/ranking.py", "--data", "daemon/demo_data/real", "--tasks", "agnews",
+        "--train", "40", "--test", "24", "--cycle", "--consumer", "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    shutil.rmtree(report["cycle"]["state_dir"])
+    cycle, consumer = report["cycle"], report["consumer"]
+    assert cycle["decision"] in DECISIONS and cycle["metrics"]["agnews"]["n"] == 24
+    assert cycle["total_s"] >= cycle["train_s"] > 0
+    assert consumer["prompts"] == 24 and consumer["same_answers"] == 24
+    assert consumer["ratio"] == pytest.approx(consumer["onnx_per_s"] / consumer["torch_per_s"])
+    assert re.search(r'^consumer: \{"prompts": 24', done.stdout, re.M), done.stdout
