@@ -353,18 +353,21 @@ def _chance_check(task: str, challenger: Scores, majority: float, n: int, z: flo
         return []  # free text has no majority class
     value, threshold = challenger["accuracy"], chance_threshold(majority, n, z)
     ok = value > threshold + 1e-12
-    verdict = "beats chance" if ok else "is at chance level"
-    message = (
-        f"{task}: accuracy {100 * value:.1f}% on {n} new held-out records {verdict}: always "
-        f"giving the majority answer scores {100 * majority:.1f}%, and beating that needs over "
-        f"{100 * threshold:.1f}% ({z:g} standard errors more, for n={n}; gate.chance_z)"
-    )
-    if threshold >= 1:  # no accuracy can pass: say what would, not "needs over 112%"
-        message = f"{task}: accuracy {100 * value:.1f}% on {n} new held-out records " + (
-            "cannot beat chance: they all have the same answer, so a model that always gives "
-            "it scores as well; held-out records with other answers are needed"
-            if majority >= 1
-            else f"cannot beat chance: always giving the majority answer scores "
+    scored = f"{task}: accuracy {100 * value:.1f}% on {n} new held-out records"
+    if threshold < 1:
+        message = (
+            f"{scored} {'beats chance' if ok else 'is at chance level'}: always giving the "
+            f"majority answer scores {100 * majority:.1f}%, and beating that needs over "
+            f"{100 * threshold:.1f}% ({z:g} standard errors more, for n={n}; gate.chance_z)"
+        )
+    elif majority >= 1:  # no accuracy can pass: say what would, not "needs over 112%"
+        message = (
+            f"{scored} cannot beat chance: they all have the same answer, so a model that "
+            "always gives it scores as well; held-out records with other answers are needed"
+        )
+    else:
+        message = (
+            f"{scored} cannot beat chance: always giving the majority answer scores "
             f"{100 * majority:.1f}%, and beating that by {z:g} standard errors (gate.chance_z) "
             f"needs more held-out records than {n}"
         )
