@@ -29,8 +29,8 @@ import urllib.request
 from pathlib import Path
 
 from aftertune.daemon.demo import Demo
-from aftertune.daemon.pull import HttpSource, pull
 from aftertune.daemon.settings import load_settings
+from aftertune.store.consumer.pull import HttpSource, pull
 from aftertune.store.examples import ExampleStore
 from aftertune.store.registry import Registry
 

@@ -52,8 +52,8 @@ from typing import Any
 import redis
 
 from aftertune.daemon.embedded_redis import RedisServer, free_port
-from aftertune.store.bundle import CONTENTS_SHA256, write_manifest
 from aftertune.store.bundles import install, new_staging_dir, set_latest
+from aftertune.store.consumer.format import CONTENTS_SHA256, write_manifest
 from aftertune.store.layout import StateLayout
 
 STREAM, DEAD = "aftertune:feedback", "aftertune:feedback:dead"

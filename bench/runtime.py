@@ -56,8 +56,8 @@ from aftertune.learners.base_model import EMBEDDED_TINY, resolve_base
 from aftertune.learners.curriculum import held_out, stream
 from aftertune.learners.errors import ExportError
 from aftertune.learners.export import ExportSpec, export_bundle
-from aftertune.store.bundle import FORMAT_GENAI
 from aftertune.store.consumer import Bundle
+from aftertune.store.consumer.format import FORMAT_GENAI
 
 VARIANTS = ("fp32", "int8", "int4", "logits")
 BASELINE = "pytorch"

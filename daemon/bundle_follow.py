@@ -22,9 +22,9 @@ from typing import Any
 import redis
 
 from aftertune.daemon.announce import Promotion, newest_promotion, promotion
-from aftertune.daemon.pull import HttpSource, pull_published
-from aftertune.store.bundle import manifest_sha256, version_dir_name
 from aftertune.store.bundles import latest_version, prune, set_latest
+from aftertune.store.consumer.format import manifest_sha256, version_dir_name
+from aftertune.store.consumer.pull import HttpSource, pull_published
 from aftertune.store.errors import BundleError
 
 log = logging.getLogger(__name__)

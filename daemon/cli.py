@@ -247,7 +247,7 @@ def _open_store(settings: Settings) -> Any:
 
 
 def cmd_push(args: argparse.Namespace, settings: Settings) -> int:
-    from aftertune.daemon.producer import Producer
+    from aftertune.store.consumer.producer import Producer
 
     stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
     rejected = 0

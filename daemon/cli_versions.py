@@ -16,7 +16,7 @@ from typing import Any
 from aftertune.daemon.errors import DaemonError
 from aftertune.daemon.settings import Settings
 from aftertune.daemon.tables import check_threshold, check_value, nats, percent, points, size, table
-from aftertune.store.bundle import parse_version, version_dir_name
+from aftertune.store.consumer.format import parse_version, version_dir_name
 from aftertune.store.errors import BundleError
 from aftertune.store.files import write_atomic
 from aftertune.store.layout import StateLayout

@@ -31,8 +31,8 @@ from typing import Any
 
 from aftertune.daemon.embedded_redis import free_port, redis_connection
 from aftertune.daemon.errors import DaemonError
-from aftertune.daemon.producer import Producer
 from aftertune.daemon.settings import Settings
+from aftertune.store.consumer.producer import Producer
 from aftertune.store.layout import StateLayout
 from aftertune.store.registry import Registry, Version, VersionState
 
@@ -274,9 +274,9 @@ def run_demo(settings: Settings, *, timeout_s: float = 300.0, base: str = "embed
 def _pull_and_answer(
     demo: Demo, prompts: tuple[tuple[str, str, str, str], ...]
 ) -> list[tuple[str, str, str, str]]:
-    from aftertune.daemon.pull import HttpSource, pull
     from aftertune.daemon.tables import size
     from aftertune.store.consumer import Bundle
+    from aftertune.store.consumer.pull import HttpSource, pull
 
     pulled = pull(HttpSource(f"http://127.0.0.1:{demo.port}"), demo.state / "consumer")
     demo.say(f"pulled v{pulled.version} over HTTP: {size(pulled.bytes)}, every sha256 verified")

@@ -49,7 +49,7 @@ class JsonLines(logging.Formatter):
     reader never parses them back out of ``msg``.
     """
 
-    emits_json = True  # learners/progress.py: no tqdm bar while this formats the log
+    emits_json = True  # store/progress.py: no tqdm bar while this formats the log
 
     def format(self, record: logging.LogRecord) -> str:
         event: dict[str, Any] = {

@@ -36,15 +36,15 @@ from pydantic import BaseModel
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from aftertune.daemon.errors import ServerError
-from aftertune.store.bundle import (
+from aftertune.store.bundle_audit import BundleAudit
+from aftertune.store.bundles import LATEST, Published, latest_version, published, published_versions
+from aftertune.store.consumer.format import (
     MANIFEST,
     manifest_sha256,
     parse_version,
     safe_relpath,
     version_dir_name,
 )
-from aftertune.store.bundle_audit import BundleAudit
-from aftertune.store.bundles import LATEST, Published, latest_version, published, published_versions
 from aftertune.store.errors import BundleError
 
 log = logging.getLogger(__name__)

@@ -182,8 +182,8 @@ class Daemon:
         return not left_running
 
     def start_server(self) -> None:
-        from aftertune.daemon.pull import why_unpublished
         from aftertune.daemon.server import HttpServer, build_app
+        from aftertune.store.consumer.pull import why_unpublished
 
         s = self.settings.server
         state_dir = self.settings.state_dir

@@ -29,8 +29,8 @@ import torch
 from aftertune.learners.champion import load_version
 from aftertune.learners.data import cut_middle, left_pad, pad_id
 from aftertune.learners.generate import greedy_continuations
-from aftertune.learners.progress import Progress
 from aftertune.store.examples import Example, ExampleStore
+from aftertune.store.progress import Progress
 from aftertune.store.prompt import DEFAULT_PROMPT, PromptTemplate
 from aftertune.store.registry import Registry, Version
 

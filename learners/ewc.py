@@ -40,8 +40,8 @@ from aftertune.learners.data import (
 )
 from aftertune.learners.errors import FisherMismatch, LearnerError
 from aftertune.learners.lora import adapted_modules, is_conv1d
-from aftertune.learners.progress import Progress
 from aftertune.store.files import write_atomic
+from aftertune.store.progress import Progress
 
 if TYPE_CHECKING:
     from aftertune.learners.objectives import Objective

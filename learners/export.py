@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from aftertune.learners.errors import ExportError
-from aftertune.learners.progress import Progress
-from aftertune.store.bundle import FORMAT_GENAI, FORMAT_LOGITS, write_manifest
 from aftertune.store.consumer import Bundle
+from aftertune.store.consumer.format import FORMAT_GENAI, FORMAT_LOGITS, write_manifest
+from aftertune.store.progress import Progress
 from aftertune.store.prompt import PromptTemplate
 
 log = logging.getLogger(__name__)

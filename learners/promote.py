@@ -25,9 +25,7 @@ from aftertune.learners.errors import ExportError
 from aftertune.learners.export import ExportResult
 from aftertune.learners.kinds import kind_for
 from aftertune.learners.lineage import manifest_lineage
-from aftertune.learners.progress import ticking
 from aftertune.learners.specs import LearningSpecs
-from aftertune.store.bundle import read_manifest, resolve_inside, version_dir_name
 from aftertune.store.bundles import (
     Published,
     clean_staging,
@@ -38,10 +36,12 @@ from aftertune.store.bundles import (
     published,
     set_latest,
 )
+from aftertune.store.consumer.format import read_manifest, resolve_inside, version_dir_name
 from aftertune.store.errors import BundleError
 from aftertune.store.examples import Example, ExampleStore
 from aftertune.store.failpoints import failpoint
 from aftertune.store.layout import StateLayout
+from aftertune.store.progress import ticking
 from aftertune.store.prompt import PromptTemplate
 from aftertune.store.registry import Registry, Version, VersionState
 

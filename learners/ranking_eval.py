@@ -14,9 +14,9 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aftertune.learners.evaluate import TaskScore
-from aftertune.learners.progress import Progress
 from aftertune.learners.ranking import rank, ranking_nll
 from aftertune.store.examples import Example
+from aftertune.store.progress import Progress
 
 if TYPE_CHECKING:
     from aftertune.learners.specs import LearningSpecs

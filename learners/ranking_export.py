@@ -25,8 +25,8 @@ import torch
 from aftertune.learners.errors import ExportError
 from aftertune.learners.export import ExportResult, ExportSpec
 from aftertune.learners.ranking import Embedder, pad_rows, tokenize
-from aftertune.store.bundle import FORMAT_RANKING, write_manifest
 from aftertune.store.consumer import Bundle
+from aftertune.store.consumer.format import FORMAT_RANKING, write_manifest
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ from aftertune.learners.lora import (
     save_adapter,
 )
 from aftertune.learners.objectives import Objective, ResponseObjective
-from aftertune.learners.progress import Progress
 from aftertune.learners.replay import ReplaySpec, cap_pool, mix_batches
+from aftertune.store.progress import Progress
 from aftertune.store.prompt import PromptTemplate
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from aftertune.store.bundle import (
+from aftertune.store.bundles import LATEST, latest_version, published_versions
+from aftertune.store.consumer.format import (
     manifest_sha256,
     read_manifest,
     resolve_inside,
@@ -32,7 +33,6 @@ from aftertune.store.bundle import (
     verify_file,
     version_dir_name,
 )
-from aftertune.store.bundles import LATEST, latest_version, published_versions
 from aftertune.store.errors import BundleError
 from aftertune.store.files import fsync_dir
 

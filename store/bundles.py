@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aftertune.store.bundle import (
+from aftertune.store.consumer.format import (
     MANIFEST,
     manifest_sha256,
     parse_version,

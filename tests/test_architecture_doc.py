@@ -12,7 +12,11 @@ PACKAGES = ("daemon", "learners", "store")
 
 
 def _modules(package: str) -> list[str]:
-    return sorted(p.name for p in (ROOT / package).glob("*.py") if p.name != "__init__.py")
+    """Every module of ``package``, a subpackage's as ``sub/module.py``."""
+    root = ROOT / package
+    return sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*.py") if p.name != "__init__.py"
+    )
 
 
 def _section(package: str) -> str:
@@ -30,9 +34,10 @@ def test_every_module_has_its_line_in_its_package_section() -> None:
 
 def test_every_module_the_map_names_exists() -> None:
     for package in PACKAGES:
-        named = re.findall(r"`([a-z_]+\.py)`", _section(package))
+        named = re.findall(r"`([a-z_/]+\.py)`", _section(package))
         assert named, package
-        gone = [m for m in named if not (ROOT / package / m).is_file()]
+        # `daemon/specs.py` in another package's section names that package's module.
+        gone = [m for m in named if not (ROOT / package / m).is_file() and not (ROOT / m).is_file()]
         assert not gone, f"docs/architecture.md names {package}/ modules that do not exist: {gone}"
 
 
@@ -51,7 +56,7 @@ def _defined(path: Path) -> set[str]:
 
 
 def test_every_function_on_the_record_path_exists() -> None:
-    refs = re.findall(r"`((?:daemon|learners|store)/[a-z_]+\.py)::([A-Za-z_.]+)`", DOC)
+    refs = re.findall(r"`((?:daemon|learners|store)/[a-z_/]+\.py)::([A-Za-z_.]+)`", DOC)
     assert len(refs) >= 15, "the record's path should name the function at each step"
     wrong = [f"{path}::{name}" for path, name in refs if name not in _defined(ROOT / path)]
     assert not wrong, f"docs/architecture.md names functions that do not exist: {wrong}"

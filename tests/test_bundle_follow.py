@@ -18,8 +18,8 @@ from aftertune.daemon.announce import announce
 from aftertune.daemon.bundle_follow import BundleFollower, FollowConfig
 from aftertune.daemon.embedded_redis import free_port
 from aftertune.daemon.server import HttpServer, build_app
-from aftertune.store.bundle import manifest_sha256, write_manifest
 from aftertune.store.bundles import install, latest_version, new_staging_dir, published, set_latest
+from aftertune.store.consumer.format import manifest_sha256, write_manifest
 
 STREAM = "aftertune:promotions"
 

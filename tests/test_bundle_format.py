@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from aftertune.store.bundle import (
+from aftertune.store.consumer.format import (
     FORMAT_GENAI,
     FORMAT_LOGITS,
     MANIFEST,

@@ -28,9 +28,9 @@ import redis
 from conftest import cli_json, run_cli, write_jsonl
 
 from aftertune.daemon.embedded_redis import free_port
-from aftertune.store.bundle import MANIFEST, verify_bundle
 from aftertune.store.bundles import latest_version, published
 from aftertune.store.consumer import Bundle
+from aftertune.store.consumer.format import MANIFEST, verify_bundle
 from aftertune.store.examples import ExampleStore
 from aftertune.store.registry import Registry, VersionState
 

@@ -27,7 +27,8 @@ from aftertune.learners.base_model import EMBEDDED_TINY, load_base, resolve_base
 from aftertune.learners.curriculum import sample
 from aftertune.learners.errors import ExportError
 from aftertune.learners.export import ExportSpec, check_parity, export_bundle
-from aftertune.store.bundle import (
+from aftertune.store.consumer import Bundle
+from aftertune.store.consumer.format import (
     FORMAT_GENAI,
     FORMAT_LOGITS,
     MANIFEST,
@@ -36,7 +37,6 @@ from aftertune.store.bundle import (
     safe_relpath,
     verify_bundle,
 )
-from aftertune.store.consumer import Bundle
 from aftertune.store.errors import BundleError
 
 MAX_NEW = 16  # the parity default, so the bundle and PyTorch answer the same length

@@ -18,8 +18,8 @@ from family_fixtures import save_family
 from learner_fixtures import single_thread  # noqa: F401 - autouse: one intra-op thread
 
 from aftertune.daemon.cli import main
-from aftertune.store.bundle import FORMAT_GENAI, FORMAT_LOGITS, verify_bundle
 from aftertune.store.consumer import Bundle
+from aftertune.store.consumer.format import FORMAT_GENAI, FORMAT_LOGITS, verify_bundle
 from aftertune.store.examples import ExampleStore
 from aftertune.store.records import parse_record
 from aftertune.store.registry import Registry, VersionState

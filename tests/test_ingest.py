@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from aftertune.daemon.embedded_redis import free_port
 from aftertune.daemon.ingest import IngestConfig, Ingestor
-from aftertune.daemon.producer import Producer
 from aftertune.daemon.settings import IngestSettings
+from aftertune.store.consumer.producer import Producer
 from aftertune.store.examples import ExampleStore
 
 

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 
 from aftertune.daemon.logs import JsonLines, configure_logging
-from aftertune.learners import progress
-from aftertune.learners.progress import Progress, bars_wanted, ticking
+from aftertune.store import progress
+from aftertune.store.progress import Progress, bars_wanted, ticking
 
 
 @pytest.fixture

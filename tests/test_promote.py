@@ -15,7 +15,7 @@ import pytest
 import redis
 from conftest import cli_json, ingest, last_digit_rows, parity_rows, run_cli
 
-from aftertune.store.bundle import MANIFEST, verify_bundle
+from aftertune.store.consumer.format import MANIFEST, verify_bundle
 from aftertune.store.files import file_sha256
 from aftertune.store.registry import Registry, VersionState
 

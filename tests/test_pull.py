@@ -23,12 +23,13 @@ import pytest
 from conftest import run_cli
 from spec_fixtures import export_spec
 
-from aftertune.daemon.pull import HttpSource, pull
 from aftertune.daemon.server import HttpServer, build_app
 from aftertune.learners.base_model import EMBEDDED_TINY, resolve_base
 from aftertune.learners.curriculum import sample
 from aftertune.learners.export import export_bundle
-from aftertune.store.bundle import (
+from aftertune.store.bundles import install, new_staging_dir, set_latest
+from aftertune.store.consumer import Bundle
+from aftertune.store.consumer.format import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
     SCHEMA,
@@ -37,8 +38,7 @@ from aftertune.store.bundle import (
     verify_bundle,
     write_manifest,
 )
-from aftertune.store.bundles import install, new_staging_dir, set_latest
-from aftertune.store.consumer import Bundle
+from aftertune.store.consumer.pull import HttpSource, pull
 from aftertune.store.errors import BundleError
 from aftertune.store.files import file_sha256
 

@@ -20,9 +20,9 @@ import pytest
 from aftertune.daemon.errors import ServerError
 from aftertune.daemon.metrics import DaemonMetrics
 from aftertune.daemon.server import HttpServer, build_app
-from aftertune.store.bundle import MANIFEST, write_manifest
 from aftertune.store.bundle_audit import BundleAudit
 from aftertune.store.bundles import install, new_staging_dir, set_latest
+from aftertune.store.consumer.format import MANIFEST, write_manifest
 from aftertune.store.files import file_sha256
 
 TOKEN = "s3cret-token"

@@ -5,9 +5,8 @@ A bundle directory holds ``manifest.json`` = {"schema", "name", "version", ..., 
 it lists. The manifest is written last, so a directory with a manifest that verifies is
 whole. ``contents_sha256`` covers the manifest itself (everything else in it, as canonical
 JSON): a flipped byte in a field no other check reads (the prompt template, lineage,
-``created_at``) is caught too. How
-bundles are published under ``state_dir/bundles`` is in ``bundles.py``; how consumers
-run one is in ``consumer.py``.
+``created_at``) is caught too. How bundles are published under ``state_dir/bundles`` is in
+``store/bundles.py``; how consumers run one is in ``bundle.py`` beside this module.
 
 This module never imports torch: consumers verify bundles without it.
 """
@@ -34,8 +33,8 @@ FORMAT_GENAI = "onnxruntime-genai"  # genai_config.json + model.onnx with KV cac
 FORMAT_LOGITS = "onnx-logits"  # model.onnx: (input_ids, attention_mask) -> logits
 # model.onnx: (input_ids, attention_mask) -> normalised embedding, plus each task's candidates
 FORMAT_RANKING = "onnx-ranking"
-# What each format cannot run without (store/consumer.py loads them; learners/export.py
-# writes them). A manifest that lacks one is refused before anything is downloaded.
+# What each format cannot run without (each format's runtime beside this module loads them;
+# the learners' exporters write them). A manifest that lacks one is refused before anything is downloaded.
 REQUIRED_FILES = {
     FORMAT_GENAI: ("genai_config.json", "model.onnx"),
     FORMAT_LOGITS: ("model.onnx", "tokenizer.json"),

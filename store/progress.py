@@ -7,7 +7,8 @@ event carries its figures as structured fields (``phase``, ``done``, ``total``, 
 ``rate``, ``eta_s``), which the JSON log format writes as keys. Never a bar inside a JSON
 log: a logging handler whose formatter says ``emits_json`` turns bars off.
 
-No torch here: ``aftertune pull`` uses it too.
+No torch here: it lives in the store so that ``aftertune pull`` (the consumer side) and the
+learners share it.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ class Progress:
         if not unit:
             return _num(value)
         plural = value != 1 and self.unit != "s"  # a unit symbol (s) has no plural
-        return f"{_num(value)} {self.unit + 's' if plural else self.unit}"
+        return f"{_num(value)} {_plural(self.unit) if plural else self.unit}"
 
 
 @contextmanager
@@ -197,6 +198,11 @@ def ticking(phase: str, *, enabled: bool = True) -> Iterator[Progress]:
         stop.set()
         thread.join()
         progress.close(failed=failed)
+
+
+def _plural(unit: str) -> str:
+    """'task' -> 'tasks', 'batch' -> 'batches' (English adds -es after s, x, ch, sh)."""
+    return unit + ("es" if unit.endswith(("s", "x", "ch", "sh")) else "s")
 
 
 def _num(value: float | None) -> str:

@@ -1,6 +1,6 @@
 """The consumer runtime: a verified bundle answering prompts with ONNX Runtime (no torch).
 
-``Bundle.open(DIR)`` checks every file against the manifest (``bundle.py``), then loads the
+``Bundle.open(DIR)`` checks every file against the manifest (``format.py``), then loads the
 model in the runtime its format names.
 """
 
@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from aftertune.store.bundle import (
+from aftertune.store.consumer.format import (
     FORMAT_GENAI,
     FORMAT_LOGITS,
     FORMAT_RANKING,

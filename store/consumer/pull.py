@@ -7,6 +7,9 @@ declared size; a manifest past ``MAX_MANIFEST_BYTES`` is refused unread). Only a
 verified bundle is swapped in as ``DIR/vN``, and only then does the ``DIR/current`` symlink
 move (one rename). Any mismatch leaves ``current`` where it was, and the directory
 ``current`` points at is never modified. No torch import on this path.
+
+``pull_published`` is the same fetch for a daemon mirroring another daemon's promotion
+(``daemon/bundle_follow.py``): it installs into a state dir's ``bundles/`` instead.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from aftertune.learners.progress import Progress
-from aftertune.store.bundle import (
+from aftertune.store.bundles import LATEST, install, new_staging_dir, point, published
+from aftertune.store.consumer.format import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
     manifest_sha256,
@@ -41,11 +44,11 @@ from aftertune.store.bundle import (
     verify_bundle,
     version_dir_name,
 )
-from aftertune.store.bundles import LATEST, install, new_staging_dir, point, published
 from aftertune.store.errors import BundleError
 from aftertune.store.failpoints import failpoint
 from aftertune.store.files import fsync_dir, fsync_tree, replace_dir, write_atomic
 from aftertune.store.layout import StateLayout
+from aftertune.store.progress import Progress
 
 log = logging.getLogger(__name__)
 
