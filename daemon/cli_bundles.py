@@ -15,7 +15,6 @@ from typing import Any
 from aftertune.daemon.errors import DaemonError
 from aftertune.daemon.settings import Settings
 from aftertune.daemon.tables import size
-from aftertune.store.layout import StateLayout
 
 
 def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -26,19 +25,14 @@ def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Download a bundle into DIR/.pull-*, check every file's sha256 and size "
         "against the manifest, rename it to DIR/vN and switch the DIR/current symlink. A "
         "mismatch exits 1 naming the file and leaves DIR/current untouched; nothing is "
-        "downloaded when DIR/current already is that bundle. Use it on a machine that "
-        "answers with the model (`aftertune generate --bundle DIR/current`, or the Bundle "
-        "class): run it again to update, or with --version to pin one. DIR defaults to "
-        "STATE_DIR/consumer.",
+        "downloaded when DIR/current already is that bundle.",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--server", help="a daemon's HTTP server, e.g. http://127.0.0.1:8760")
     source.add_argument(
         "--from", dest="from_dir", type=Path, help="a state directory on this machine"
     )
-    p.add_argument(
-        "--to", type=Path, default=None, help="install directory (DIR; default STATE_DIR/consumer)"
-    )
+    p.add_argument("--to", type=Path, required=True, help="install directory (DIR)")
     p.add_argument("--version", default="latest", help="3, v3 or 'latest' (default)")
     p.add_argument(
         "--token",
@@ -57,8 +51,7 @@ def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "task's candidate answers for a ranking bundle (which needs --task). With --jsonl, "
         "answer every record of a file (wire format: instruction, input, task, id; output "
         "ignored) and print one JSON line per record, in order: {task, answer} plus id when "
-        "given. A malformed line stops the run before any answer, naming the line. Use it "
-        "to try a bundle by hand, or to answer a file of requests from a script.",
+        "given. A malformed line stops the run before any answer, naming the line.",
     )
     p.add_argument("--bundle", type=Path, required=True, help="bundle dir, e.g. DIR/current")
     p.add_argument("--task", help="the task (ranking bundles rank among its known answers)")
@@ -79,7 +72,7 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
         HttpSource(args.server, args.token) if args.server else DirSource(args.from_dir)
     )
     started = time.monotonic()
-    result = pull(source, args.to or StateLayout(settings.state_dir).consumer, args.version)
+    result = pull(source, args.to, args.version)
     seconds = time.monotonic() - started
     if args.json:
         print(
