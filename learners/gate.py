@@ -20,9 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from aftertune.learners.spec_config import SPEC_CONFIG
 
 # Metrics the gate knows, and which way is better.
 HIGHER_IS_BETTER = {"accuracy": True, "token_f1": True, "valid": True, "nll": False}
@@ -49,26 +54,31 @@ class Suite(str, Enum):
     GAIN = "gain"
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, kw_only=True, config=SPEC_CONFIG)
 class MetricRules:
-    """Thresholds per metric name; a metric absent from a mapping is not checked by it."""
+    """Thresholds per metric name; a metric absent from a mapping is not checked by it.
 
-    floor: Mapping[str, float] = field(default_factory=dict)  # ceiling for nll
-    max_drop: Mapping[str, float] = field(default_factory=dict)  # absolute, vs champion
-    max_drop_rel: Mapping[str, float] = field(default_factory=dict)  # fraction of champion
+    Drops, relative drops and floors are all >= 0 (an NLL's too); a proportion's are at most 1.
+    ``[gate.tasks.NAME]``: one task's overrides of ``[gate]``'s.
+    """
 
-    def __post_init__(self) -> None:
-        for name, table in (
-            ("floor", self.floor),
-            ("max_drop", self.max_drop),
-            ("max_drop_rel", self.max_drop_rel),
-        ):
-            for metric, value in table.items():
-                if metric not in HIGHER_IS_BETTER:
-                    known = ", ".join(sorted(HIGHER_IS_BETTER))
-                    raise ValueError(f"gate {name}: unknown metric {metric!r} (known: {known})")
-                if name != "floor" and value < 0:
-                    raise ValueError(f"gate {name}.{metric} must be >= 0, got {value}")
+    floor: Mapping[str, float] = Field(default_factory=dict, description="ceiling for nll")
+    max_drop: Mapping[str, float] = Field(default_factory=dict, description="absolute, vs champion")
+    max_drop_rel: Mapping[str, float] = Field(
+        default_factory=dict, description="fraction of the champion's value"
+    )
+
+    @field_validator("floor", "max_drop", "max_drop_rel")
+    @classmethod
+    def _metrics(cls, table: Mapping[str, float]) -> Mapping[str, float]:
+        for metric, bound in table.items():
+            if metric not in HIGHER_IS_BETTER:
+                raise ValueError(f"unknown metric {metric!r}; known: {', '.join(HIGHER_IS_BETTER)}")
+            if metric in PROPORTIONS and not 0 <= bound <= 1:
+                raise ValueError(f"{metric} must be between 0 and 1 (a proportion)")
+            if bound < 0:
+                raise ValueError(f"{metric} must be at least 0")
+        return table
 
     def merged(self, override: MetricRules) -> MetricRules:
         return MetricRules(
@@ -78,20 +88,45 @@ class MetricRules:
         )
 
 
-@dataclass(frozen=True)
-class GateRules:
-    """The gate's thresholds. No defaults: the settings' ``[gate]`` is the one source."""
+@pydantic_dataclass(frozen=True, kw_only=True, config=SPEC_CONFIG)
+class GateOptions:
+    """The gate's rules besides the per-metric thresholds (``[gate]``)."""
+
+    min_gain: float = Field(
+        default=0.0, ge=-1, le=1, description="headline score gain on new held-out data"
+    )
+    min_nll_gain: float = Field(
+        default=0.01, description="NLL improvement (nats per token) on new held-out data"
+    )
+    noise_z: float = Field(
+        default=1.0, ge=0, description="max_drop of accuracy is at least this many std errors"
+    )
+    max_nll_rise_same_task: float = Field(
+        default=0.02, ge=0, description="new data of a task may raise nll on its old held-out by"
+    )
+    max_conflict_share: float = Field(
+        default=0.05, ge=0, le=1, description="new records contradicting a stored label"
+    )
+    beat_chance: bool = Field(
+        default=True,
+        description="a label task new to the champion must beat always giving its majority answer",
+    )
+    chance_z: float = Field(
+        default=1.645,
+        ge=0,
+        le=10,
+        description="...by this many standard errors of the majority share (1.645: 5 % one-sided)",
+    )
+    require_approval: bool = False
+
+
+@pydantic_dataclass(frozen=True, kw_only=True, config=SPEC_CONFIG)
+class GateRules(GateOptions):
+    """What the gate is told: ``[gate]``'s rules, its thresholds for every task (``default``)
+    and each task's own (``per_task``, over the default)."""
 
     default: MetricRules
     per_task: Mapping[str, MetricRules]
-    min_gain: float  # headline score, challenger - champion, on the gain suite
-    min_nll_gain: float  # nats per token the challenger must improve on the gain suite
-    noise_z: float  # max_drop of a proportion is at least this many standard errors
-    max_nll_rise_same_task: float  # nats; a task's new data vs its own old held-out
-    max_conflict_share: float  # new records that contradict an older record's label
-    beat_chance: bool  # a label task new to the champion must beat its majority answer
-    chance_z: float  # ... by this many standard errors of the majority share
-    require_approval: bool
 
     def for_task(self, task: str) -> MetricRules:
         override = self.per_task.get(task)

@@ -14,50 +14,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
 from aftertune.learners.errors import LearnerError
+from aftertune.learners.training_specs import ALL_LINEAR, LoraSpec
 from aftertune.store.files import staged_dir
-
-ALL_LINEAR = "all-linear"
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """LoRA settings; ``alpha=None`` means ``2 * r`` (scaling = alpha / r = 2).
-
-    No defaults here: the daemon's settings (``[lora]``) are the one source of them.
-    """
-
-    r: int
-    alpha: int | None
-    dropout: float
-    target_modules: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoRA r must be a positive int, got {self.r!r}")
-        if self.alpha is None:
-            object.__setattr__(self, "alpha", 2 * self.r)
-        elif isinstance(self.alpha, bool) or not isinstance(self.alpha, int) or self.alpha < 1:
-            raise ValueError(f"LoRA alpha must be a positive int, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.target_modules, str):
-            raise ValueError("LoRA target_modules must be a sequence of names, not one string")
-        modules = tuple(self.target_modules)
-        if not modules or not all(isinstance(m, str) and m for m in modules):
-            raise ValueError(f"LoRA target_modules must be non-empty names, got {modules!r}")
-        if ALL_LINEAR in modules and len(modules) > 1:
-            raise ValueError(f"LoRA target_modules: {ALL_LINEAR!r} stands alone, got {modules!r}")
-        object.__setattr__(self, "target_modules", modules)
-
-    @property
-    def scaling(self) -> float:
-        return float(self.alpha or 2 * self.r) / self.r
 
 
 def _is_linear_like(module: nn.Module) -> bool:
