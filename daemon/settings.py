@@ -26,6 +26,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.dataclasses import dataclass, is_pydantic_dataclass
+from pydantic.fields import FieldInfo
+from pydantic_core import ArgsKwargs
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -34,8 +37,16 @@ from pydantic_settings import (
 )
 
 from aftertune.daemon.errors import SettingsError
-from aftertune.learners.gate import HIGHER_IS_BETTER, PROPORTIONS
+from aftertune.learners.evaluate import EvalOptions
+from aftertune.learners.export import ExportOptions
+from aftertune.learners.gate import GateOptions, MetricRules
+from aftertune.learners.spec_config import SPEC_CONFIG
+from aftertune.learners.training_specs import EwcSpec, LoraSpec, ReplaySpec, TrainOptions
 from aftertune.store.prompt import DEFAULT_TEMPLATE, DEFAULT_TEMPLATE_NO_INPUT, PromptTemplate
+
+# The learners' knobs ([lora], [train], [replay], [ewc], [eval], the gate's rules, [export]'s
+# options) are declared once, in the learners' spec classes (pydantic dataclasses with the same
+# config as _Section); the sections below are the daemon's own, or compose those classes.
 
 
 class _Section(BaseModel):
@@ -50,6 +61,9 @@ MAX_SECONDS = 365 * 24 * 3600.0
 # Redis replies to a blocking read only when it ends; the client's socket timeout (30 s,
 # daemon/embedded_redis.py) must not expire first, or every idle poll looks like an outage.
 MAX_BLOCK_MS = 20_000
+# XAUTOCLAIM takes a 64-bit min-idle-time; 1e19 used to pass and crash `serve`. A year is
+# longer than any consumer could be presumed alive.
+MAX_IDLE_MS = int(MAX_SECONDS) * 1000
 
 
 class StoreSettings(_Section):
@@ -108,7 +122,10 @@ class IngestSettings(_Section):
         default=1000, ge=0, le=MAX_BLOCK_MS, description="how long one read waits for entries"
     )
     claim_idle_ms: int = Field(
-        default=60_000, ge=0, description="pending this long = its consumer is presumed dead"
+        default=60_000,
+        ge=0,
+        le=MAX_IDLE_MS,
+        description="pending this long = its consumer is presumed dead",
     )
     claim_interval_s: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
     dead_letter_max_payload_bytes: int = Field(
@@ -130,23 +147,6 @@ class ModelSettings(_Section):
     )
 
 
-# Every linear layer of the decoder (attention and MLP, fused projections and GPT-2's Conv1D
-# included; not the output layer), as peft's "all-linear" means it: for small models LoRA on
-# all of them learns clearly more than on q/v only, at little cost. Or a list of module names.
-ALL_LINEAR = "all-linear"
-
-
-class LoraSettings(_Section):
-    r: int = Field(default=16, ge=1)
-    alpha: int | None = Field(default=None, ge=1, description="default 2 * r")
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(
-        default_factory=lambda: [ALL_LINEAR],
-        min_length=1,
-        description="['all-linear'] or module names (peft's rules)",
-    )
-
-
 # What train.lr and train.epochs mean when left unset, per model kind (the kind follows from
 # model.base): the tiny generative base takes a high LoRA lr over a few epochs; the MiniLM
 # encoder learns a task in two epochs at a lower lr (the sweep in docs/benchmarks.md:
@@ -155,41 +155,6 @@ KIND_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "generative": {"lr": 4e-3, "epochs": 3},
     "ranking": {"lr": 2e-3, "epochs": 2},
 }
-
-
-class TrainSettings(_Section):
-    lr: float | None = Field(
-        default=None, gt=0, description="peak learning rate; unset: 4e-3 generative, 2e-3 ranking"
-    )
-    weight_decay: float = Field(default=0.0, ge=0)
-    warmup_steps: int = Field(default=10, ge=0, description="linear warmup from 0 to lr")
-    schedule: Literal["cosine", "linear"] = Field(
-        default="cosine", description="decay to 0 after warmup"
-    )
-    max_steps: int | None = Field(
-        default=None, ge=1, description="fixed optimizer steps per cycle instead of `epochs`"
-    )
-    # Passes over the new data; replayed examples ride along in each batch. A fixed step
-    # count instead gives a replaying cycle half the new data (bench/continual.py measured
-    # the last task at ~40 points with 200 steps, ~90 with 3 passes).
-    epochs: int | None = Field(default=None, ge=1, description="unset: 3 generative, 2 ranking")
-    batch_size: int = Field(default=8, ge=1)
-    grad_accum: int = Field(default=1, ge=1)
-    max_grad_norm: float = Field(default=1.0, ge=0)
-    seed: int = 0
-    max_length: int = Field(default=256, ge=8, description="tokens per example")
-    checkpoint_every: int = Field(default=25, ge=0, description="optimizer steps; 0 = never")
-    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda[:n]")
-    progress: bool = True
-    processes: int = Field(
-        default=1,
-        ge=1,
-        le=64,
-        description=(
-            "data-parallel training processes on this host (torchrun; one GPU each on CUDA); "
-            "a step's grad_accum micro-batches are dealt out among them"
-        ),
-    )
 
 
 class PromptSettings(_Section):
@@ -213,110 +178,27 @@ class RankingSettings(_Section):
     )
 
 
-class ReplaySettings(_Section):
-    enabled: bool = True
-    ratio: float = Field(default=1.0, ge=0, le=64, description="replayed per new example")
-    cap: int = Field(default=2000, ge=0, description="most replay examples in one cycle")
+@dataclass(frozen=True, kw_only=True, config=SPEC_CONFIG)
+class GateSettings(GateOptions, MetricRules):
+    """``[gate]``: the gate's rules, its thresholds for every task, each task's overrides, and
+    how many held-out examples of a task it scores."""
 
-
-class EwcSettings(_Section):
-    enabled: bool = True
-    # 1e2 beside replay (the default): on the real ranking suite replay+EWC scored AA 80.0 /
-    # BWT -1.0 at 1e2 against 78.0 / -2.0 at 1e3, equal on the tiny suites; the online Fisher
-    # grows over cycles (up to 10x at decay 0.9), so a lower λ keeps room for new tasks. EWC
-    # alone (replay off) needs ~1e3: at 1e2 it kept less (BWT -7.0 against -1.5).
-    lam: float = Field(default=1e2, ge=0, description="penalty weight (λ/2 · Σ F ΔW²)")
-    decay: float = Field(default=0.9, ge=0, le=1, description="online EWC: old Fisher weight")
-    fisher_samples: int = Field(default=64, ge=1)
-
-
-class EvalSettings(_Section):
-    batch_size: int = Field(default=32, ge=1)
-    max_new_tokens: int = Field(
-        default=256,
-        ge=1,
-        description="cap on a free-text answer's tokens; its budget is the task's longest "
-        "reference answer + 25 %, so a Chinese answer or a summary is not cut before scoring",
+    max_drop: Mapping[str, float] = Field(
+        default_factory=lambda: {"accuracy": 0.05, "token_f1": 0.05, "nll": 0.25},
+        description="absolute, vs champion",
     )
-
-
-GATE_METRICS = tuple(HIGHER_IS_BETTER)
-
-
-class TaskGateSettings(_Section):
-    """Per-task overrides of the gate's thresholds (metric -> value)."""
-
-    floor: dict[str, float] = Field(default_factory=dict, description="ceiling for nll")
-    max_drop: dict[str, float] = Field(default_factory=dict)
-    max_drop_rel: dict[str, float] = Field(default_factory=dict)
-
-    @field_validator("floor", "max_drop", "max_drop_rel")
-    @classmethod
-    def _metrics(cls, value: dict[str, float]) -> dict[str, float]:
-        # Drops, relative drops and floors are all >= 0 (an NLL too); a proportion's are
-        # at most 1. The gate refuses others, but only when a cycle builds it: say so now.
-        for metric, bound in value.items():
-            if metric not in GATE_METRICS:
-                raise ValueError(f"unknown metric {metric!r}; known: {', '.join(GATE_METRICS)}")
-            if metric in PROPORTIONS and not 0 <= bound <= 1:
-                raise ValueError(f"{metric} must be between 0 and 1 (a proportion)")
-            if bound < 0:
-                raise ValueError(f"{metric} must be at least 0")
-        return value
-
-
-class GateSettings(TaskGateSettings):
-    max_drop: dict[str, float] = Field(
-        default_factory=lambda: {"accuracy": 0.05, "token_f1": 0.05, "nll": 0.25}
+    max_drop_rel: Mapping[str, float] = Field(
+        default_factory=lambda: {"nll": 0.25}, description="fraction of the champion's value"
     )
-    max_drop_rel: dict[str, float] = Field(default_factory=lambda: {"nll": 0.25})
-    min_gain: float = Field(
-        default=0.0, ge=-1, le=1, description="headline score gain on new held-out data"
-    )
-    min_nll_gain: float = Field(default=0.01, description="NLL improvement on new held-out data")
-    noise_z: float = Field(
-        default=1.0, ge=0, description="max_drop of accuracy is at least this many std errors"
-    )
-    max_nll_rise_same_task: float = Field(
-        default=0.02, ge=0, description="new data of a task may raise nll on its old held-out by"
-    )
-    max_conflict_share: float = Field(
-        default=0.05, ge=0, le=1, description="new records contradicting a stored label"
-    )
-    beat_chance: bool = Field(
-        default=True,
-        description="a label task new to the champion must beat always giving its majority answer",
-    )
-    chance_z: float = Field(
-        default=1.645,
-        ge=0,
-        le=10,
-        description="...by this many standard errors of the majority share (1.645: 5 % one-sided)",
-    )
-    require_approval: bool = False
     max_per_task: int = Field(default=200, ge=1, description="held-out examples per task and suite")
-    tasks: dict[str, TaskGateSettings] = Field(default_factory=dict)
+    tasks: dict[str, MetricRules] = Field(default_factory=dict)
 
 
-class ExportSettings(_Section):
-    """Champion → ONNX bundle, parity-checked before it is published."""
+@dataclass(frozen=True, kw_only=True, config=SPEC_CONFIG)
+class ExportSettings(ExportOptions):
+    """``[export]``: champion → ONNX bundle, parity-checked before it is published."""
 
     enabled: bool = True
-    method: Literal["auto", "genai", "torch"] = Field(
-        default="auto",
-        description="auto: onnxruntime-genai builder, torch.onnx fallback; or force one",
-    )
-    precision: Literal["fp32", "int8", "int4"] = "fp32"
-    target: Literal["cpu", "cuda"] = "cpu"
-    parity_prompts: int = Field(default=32, ge=1, description="regression prompts compared")
-    parity_max_new_tokens: int = Field(default=16, ge=1)
-    min_token_agreement: float = Field(
-        default=0.95, ge=0, le=1, description="int8/int4: greedy tokens equal to PyTorch"
-    )
-    logits_atol: float = Field(default=1e-3, gt=0, description="fp32 max |Δ logit| allowed")
-    embedding_atol: float = Field(
-        default=1e-4, gt=0, description="ranking bundles: max |Δ embedding| allowed"
-    )
     keep: int = Field(default=5, ge=1, description="published bundles kept (latest included)")
 
 
@@ -415,13 +297,13 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    train: TrainOptions = Field(default_factory=TrainOptions)
     prompt: PromptSettings = Field(default_factory=PromptSettings)
     ranking: RankingSettings = Field(default_factory=RankingSettings)
-    replay: ReplaySettings = Field(default_factory=ReplaySettings)
-    ewc: EwcSettings = Field(default_factory=EwcSettings)
-    eval: EvalSettings = Field(default_factory=EvalSettings)
+    replay: ReplaySpec = Field(default_factory=ReplaySpec)
+    ewc: EwcSpec = Field(default_factory=EwcSpec)
+    eval: EvalOptions = Field(default_factory=EvalOptions)
     gate: GateSettings = Field(default_factory=GateSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
@@ -498,8 +380,10 @@ def check_environment(environ: Mapping[str, str]) -> None:
         if not upper.startswith(ENV_PREFIX) or upper in ENV_NOT_SETTINGS:
             continue
         path = upper.removeprefix(ENV_PREFIX).lower().split("__")
-        if not _names_a_setting(Settings, path):
-            close = difflib.get_close_matches(upper, _setting_env_names(Settings), n=1, cutoff=0.8)
+        if not _names_a_setting(Settings.model_fields, path):
+            close = difflib.get_close_matches(
+                upper, _setting_env_names(Settings.model_fields), n=1, cutoff=0.8
+            )
             hint = f"did you mean {close[0]}? " if close else ""
             raise SettingsError(
                 f"unknown environment variable {name}: no setting {'.'.join(path)!r}; {hint}"
@@ -508,36 +392,50 @@ def check_environment(environ: Mapping[str, str]) -> None:
             )
 
 
-def _setting_env_names(model: type[BaseModel], prefix: str = ENV_PREFIX) -> list[str]:
+def section_fields(annotation: Any) -> dict[str, FieldInfo] | None:
+    """The fields of a settings section (a model, or a learner's pydantic dataclass), or None
+    when ``annotation`` is a plain value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation.model_fields
+    if isinstance(annotation, type) and is_pydantic_dataclass(annotation):
+        return annotation.__pydantic_fields__
+    return None
+
+
+def _setting_env_names(fields: dict[str, FieldInfo], prefix: str = ENV_PREFIX) -> list[str]:
     out = []
-    for key, info in model.model_fields.items():
+    for key, info in fields.items():
         name = prefix + key.upper()
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            out += _setting_env_names(annotation, name + "__")
+        section = section_fields(info.annotation)
+        if section is not None:
+            out += _setting_env_names(section, name + "__")
         else:
             out.append(name)
     return out
 
 
-def _names_a_setting(model: type[BaseModel], path: list[str]) -> bool:
-    info = model.model_fields.get(path[0])
+def _names_a_setting(fields: dict[str, FieldInfo], path: list[str]) -> bool:
+    info = fields.get(path[0])
     if info is None:
         return False
     rest = path[1:]
     if not rest:
         return True
-    annotation = info.annotation
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return _names_a_setting(annotation, rest)
-    return typing.get_origin(annotation) is dict  # gate.max_drop.accuracy, gate.tasks.NAME...
+    section = section_fields(info.annotation)
+    if section is not None:
+        return _names_a_setting(section, rest)
+    # gate.max_drop.accuracy, gate.tasks.NAME...
+    return typing.get_origin(info.annotation) in (dict, Mapping)
 
 
 def _one_line(exc: ValidationError) -> str:
     err = exc.errors(include_url=False)[0]
     field = ".".join(str(p) for p in err["loc"])
     msg = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # model, dataclass
         msg = "unknown setting"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"invalid setting {field}: {msg} (got {err.get('input')!r}){more}"
+    value = err.get("input")
+    # A check across a section's fields has the whole section as its input: not worth a repr.
+    got = "" if isinstance(value, ArgsKwargs | dict) else f" (got {value!r})"
+    return f"invalid setting {field}: {msg}{got}{more}"

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import math
+import random
 import re
 from pathlib import Path
 
 import pytest
+import redis
 from conftest import run_cli
-from pydantic import BaseModel
 
 from aftertune.daemon.errors import SettingsError
-from aftertune.daemon.settings import Settings, check_environment, load_settings
+from aftertune.daemon.settings import (
+    MAX_IDLE_MS,
+    Settings,
+    check_environment,
+    load_settings,
+    section_fields,
+)
+from aftertune.learners.training_specs import MAX_SEED
 
 
 def _toml(tmp_path: Path, text: str) -> Path:
@@ -73,15 +81,14 @@ def test_unknown_or_invalid_key_in_the_file_names_the_field(tmp_path: Path) -> N
 
 
 def _float_settings() -> list[tuple[str, str, object]]:
-    """(section, field, a value holding inf) for every float setting, dict values included."""
+    """(section, field, a value holding inf) for every float setting, dict values included;
+    the learners' spec classes that are sections too."""
     out = []
     for section, info in Settings.model_fields.items():
-        model = info.annotation
-        if not isinstance(model, type) or not issubclass(model, BaseModel):
-            continue
-        for name, field in model.model_fields.items():
+        fields = section_fields(info.annotation)
+        for name, field in (fields or {}).items():
             kind = str(field.annotation)
-            if "dict[str, float]" in kind:
+            if "[str, float]" in kind:
                 out.append((section, name, {"accuracy": math.inf}))
             elif "float" in kind:
                 out.append((section, name, math.inf))
@@ -133,6 +140,55 @@ def test_out_of_range_thresholds_are_refused_at_load(
     with pytest.raises(SettingsError, match=rf"invalid setting {field}: .*{why}") as info:
         load_settings(_toml(tmp_path, toml + "\n"))
     assert "\n" not in str(info.value)
+
+
+def test_every_learner_section_is_checked_for_inf() -> None:
+    checked = {section for section, _, _ in _float_settings()}
+    assert {"lora", "train", "replay", "ewc", "gate", "export", "cycle"} <= checked
+
+
+@pytest.mark.parametrize(
+    ("toml", "field", "why"),
+    [
+        (
+            f"[ingest]\nclaim_idle_ms = {10**19}",
+            r"ingest\.claim_idle_ms",
+            "less than or equal to 3153",
+        ),
+        ("[ingest]\nclaim_idle_ms = 9e18", r"ingest\.claim_idle_ms", "less than or equal to 3153"),
+        (f"[train]\nseed = {2**70}", r"train\.seed", "less than or equal to 4294967295"),
+        ("[train]\nseed = -1", r"train\.seed", "greater than or equal to 0"),
+    ],
+)
+def test_values_the_libraries_cannot_take_are_refused_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toml: str, field: str, why: str
+) -> None:
+    """Each passed validation, then crashed: `serve` in XAUTOCLAIM (a 64-bit idle time), and
+    `train` with an OverflowError seeding torch."""
+    with pytest.raises(SettingsError, match=rf"invalid setting {field}: .*{why}") as info:
+        load_settings(_toml(tmp_path, toml + "\n"))
+    assert "\n" not in str(info.value)
+    monkeypatch.setenv("AFTERTUNE_TRAIN__SEED", str(2**70))  # the same from the environment
+    with pytest.raises(SettingsError, match=r"invalid setting train\.seed"):
+        load_settings()
+
+
+def test_the_largest_seed_and_claim_idle_time_work(redis_client: redis.Redis) -> None:
+    """The bounds are what the libraries take, not tighter: torch, numpy and random seed with
+    the largest seed, and Redis claims with the longest idle time."""
+    import numpy
+    import torch
+
+    settings = load_settings(
+        overrides={"train": {"seed": MAX_SEED}, "ingest": {"claim_idle_ms": MAX_IDLE_MS}}
+    )
+    torch.manual_seed(settings.train.seed)
+    numpy.random.seed(settings.train.seed)
+    random.Random(settings.train.seed)
+    redis_client.xgroup_create("bounds", "g", id="0", mkstream=True)
+    redis_client.xautoclaim("bounds", "g", "c", min_idle_time=settings.ingest.claim_idle_ms)
+    with pytest.raises(redis.ResponseError):  # what 1e19 did to `serve`
+        redis_client.xautoclaim("bounds", "g", "c", min_idle_time=10**19)
 
 
 def test_the_gate_built_from_loaded_settings_never_refuses_them() -> None:
