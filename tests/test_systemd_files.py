@@ -102,3 +102,31 @@ def test_unit_exposure_is_low(tmp_path: Path, gpu: bool) -> None:
     assert float(exposure.group(1)) <= MAX_EXPOSURE, out
     if gpu:  # the drop-in was read: the NVIDIA device groups are in the ACL
         assert "char-nvidia-uvm" in out
+
+
+def _install_lines(text: str) -> list[str]:
+    """The `install ...` commands a text tells a reader to run, comment marks stripped."""
+    lines = [line.lstrip("# ").split("   (")[0].split("  #")[0] for line in text.splitlines()]
+    return [line.strip() for line in lines if line.startswith("install ")]
+
+
+@pytest.mark.parametrize("source", ["systemd/aftertune.service", "docs/systemd.md"])
+def test_install_instructions_work_on_a_fresh_host(tmp_path: Path, source: str) -> None:
+    """Run as written from the checkout, into a root holding only what any systemd host
+    has (/etc/systemd/system): /etc/aftertune and the drop-in directory are not assumed."""
+    checkout = SYSTEMD.parent
+    commands = _install_lines((checkout / source).read_text())
+    assert any("/etc/aftertune/aftertune.toml" in c for c in commands), commands
+    root = tmp_path / "root"
+    (root / "etc/systemd/system").mkdir(parents=True)
+    for command in commands:
+        relocated = command.replace(" /etc/", f" {root}/etc/")
+        done = subprocess.run(
+            relocated, shell=True, cwd=checkout, capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, (command, done.stderr)
+    assert (root / "etc/aftertune/aftertune.toml").read_bytes() == (
+        SYSTEMD / "aftertune.toml"
+    ).read_bytes()
+    assert (root / "etc/systemd/system/aftertune.service").is_file()
+    assert (root / "etc/systemd/system/aftertune.service.d/gpu.conf").is_file()
