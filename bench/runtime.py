@@ -217,8 +217,9 @@ def single_thread_bundle(path: Path) -> Bundle:
         options.log_severity_level = 3
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
-        # Bundle takes no session options; a benchmark may swap its session for a 1-thread one.
-        bundle._session = ort.InferenceSession(
+        # Bundle takes no session options; a benchmark may swap its runtime's session for a
+        # 1-thread one (the onnx-logits runtime keeps it as ``session``).
+        bundle.runtime.session = ort.InferenceSession(  # type: ignore[attr-defined]
             str(path / "model.onnx"), options, providers=["CPUExecutionProvider"]
         )
     return bundle

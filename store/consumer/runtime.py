@@ -1,0 +1,119 @@
+"""What a bundle format's runtime gives the ``Bundle`` (``bundle.py``), and what they share.
+
+Each format has its own runtime, built from the bundle's directory and manifest:
+``genai.py`` (onnxruntime-genai), ``logits.py`` (plain ONNX Runtime, logits),
+``ranking.py`` (an ONNX encoder and each task's candidate answers). ``bundle.py`` maps a
+format to its runtime and looks it up once, at open; nothing else asks which format it has.
+
+Every runtime encodes text and answers rendered prompts (``Runtime``). What only some
+formats can do has its own protocol: generating text (``Generator``), next-token logits
+(``LogitsModel``), embeddings (``Embedder``); the ``Bundle`` says so when asked for what its
+runtime lacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from aftertune.store.errors import BundleError
+
+# (task, rendered prompt): a generative runtime ignores the task, a ranking one needs it.
+Prompt = tuple[str | None, str]
+# An answer generated for ``Runtime.answer`` is at most this many tokens.
+ANSWER_TOKENS = 32
+
+
+class Runtime(Protocol):
+    """A loaded bundle of one format, answering prompts."""
+
+    @property
+    def candidates(self) -> Mapping[str, list[str]]:
+        """Each task's known answers (ranking formats); empty for a format that generates."""
+        ...
+
+    def encode(self, text: str) -> list[int]:
+        """The text's ids, special tokens included exactly as training added them."""
+        ...
+
+    def answer(self, prompts: Sequence[Prompt], batch_size: int) -> list[str]:
+        """One answer per (task, prompt), in order."""
+        ...
+
+
+@runtime_checkable
+class Generator(Runtime, Protocol):
+    """A runtime that continues a prompt token by token (greedy)."""
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """New tokens after ``prompt_ids`` (not empty), up to (not including) EOS."""
+        ...
+
+
+@runtime_checkable
+class LogitsModel(Protocol):
+    def logits(self, prompt_ids: list[int]) -> Any:
+        """Next-token logits at every position, numpy [seq, vocab]."""
+        ...
+
+
+@runtime_checkable
+class Embedder(Runtime, Protocol):
+    """A runtime that embeds texts and picks the nearest candidate."""
+
+    max_length: int  # tokens an input is cut to
+    pad_token_id: int
+
+    def embed(self, texts: Sequence[str], batch_size: int) -> Any:
+        """Normalised embeddings, numpy [len(texts), width], in order."""
+        ...
+
+    def pick(self, task: str, vector: Any) -> str:
+        """The candidate of ``task`` nearest ``vector``."""
+        ...
+
+
+def generate_ids(runtime: Generator, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of ``prompt_ids``: new tokens, up to (not including) EOS."""
+    if not prompt_ids:
+        raise BundleError("the prompt is empty")
+    return runtime.greedy(prompt_ids, max_new_tokens)
+
+
+def generate_text(runtime: Generator, prompt: str, max_new_tokens: int) -> str:
+    """The greedy answer to ``prompt``, never ending inside a character the budget cut."""
+    ids = generate_ids(runtime, runtime.encode(prompt), max_new_tokens)
+    if len(ids) == max_new_tokens:  # cut by the budget, maybe inside a character
+        ids = _whole_characters(runtime, ids)
+    return runtime.decode(ids)
+
+
+def _whole_characters(runtime: Generator, ids: list[int]) -> list[int]:
+    """``ids`` without the trailing tokens of a character the budget cut off.
+
+    A byte-level model spends 3 tokens on a CJK character; cut after one or two, the answer
+    would end in U+FFFD. A UTF-8 character is at most 4 bytes, so at most 3 tokens go."""
+    for drop in range(min(4, len(ids))):
+        if not runtime.decode(ids[: len(ids) - drop]).endswith("\ufffd"):
+            return ids[: len(ids) - drop]
+    return ids
+
+
+def stop_ids(manifest: Mapping[str, Any]) -> frozenset[int]:
+    """The manifest's ``eos_token_id``: one id, or several (some Hugging Face configs)."""
+    value = manifest.get("eos_token_id")
+    if value is None:
+        return frozenset()
+    return frozenset(value) if isinstance(value, list) else frozenset([value])
+
+
+def onnx_session(model: Path) -> Any:
+    """An ONNX Runtime CPU session on ``model``, logging warnings and worse only."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
