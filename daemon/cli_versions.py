@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from aftertune.daemon.errors import DaemonError
 from aftertune.daemon.settings import Settings
-from aftertune.daemon.tables import check_threshold, check_value, nats, percent, points, size, table
+from aftertune.daemon.tables import (
+    check_threshold,
+    check_value,
+    nats,
+    percent,
+    points,
+    size,
+    table,
+    when,
+)
 from aftertune.store.consumer.format import parse_version, version_dir_name
 from aftertune.store.errors import BundleError
 from aftertune.store.files import write_atomic
@@ -63,10 +71,6 @@ def register_version_commands(sub: Any, common: argparse.ArgumentParser) -> None
     p.set_defaults(func=cmd_report)
 
 
-def _when(at: float | None) -> str:
-    return "—" if at is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(at))
-
-
 def headline(metrics: Mapping[str, Any]) -> str:
     """'parity 92.0 %, vowel_end 88.0 %': each task's challenger score."""
     parts = []
@@ -106,13 +110,13 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             f"{'*' if r['champion'] else ' '}v{r['version']}",
             r["state"],
             "—" if r["parent"] is None else f"v{r['parent']}",
-            _when(r["created_at"]),
+            when(r["created_at"]),
             f"{sum(r['trained_on'].values())} examples",
             headline(r["metrics"]),
         ]
         for r in rows
     ]
-    headers = ["version", "state", "parent", "created (local)", "trained on", "held-out scores"]
+    headers = ["version", "state", "parent", "created", "trained on", "held-out scores"]
     print(table(headers, cells))
     print("* = champion; `aftertune models show N` for one version")
     return 0
@@ -168,7 +172,7 @@ def render_card(card: dict[str, Any]) -> str:
     )
     lines = [
         f"v{card['version']}: {card['state']}{' (champion)' if card['champion'] else ''}",
-        f"  created {_when(card['created_at'])} (local), parent "
+        f"  created {when(card['created_at'])}, parent "
         + ("the base model" if card["parent"] is None else f"v{card['parent']}"),
         f"  chain: {chain}",
         f"  trained on: {_counts(card['trained_on'])}",
@@ -182,9 +186,9 @@ def render_card(card: dict[str, Any]) -> str:
         "",
         "audit log:",
         table(
-            ["at (local)", "from", "to", "actor", "why"],
+            ["at", "from", "to", "actor", "why"],
             [
-                [_when(e["at"]), e["from"] or "—", e["to"], e["actor"], e["why"]]
+                [when(e["at"]), e["from"] or "—", e["to"], e["actor"], e["why"]]
                 for e in card["audit"]
             ],
             indent=2,

@@ -21,7 +21,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
-from aftertune.daemon.tables import check_threshold, check_value
+from aftertune.daemon.tables import check_threshold, check_value, when
 from aftertune.learners.gate import PRIMARY
 from aftertune.store.registry import Registry, Version, VersionState
 
@@ -178,7 +178,7 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
         finalize=_escape,
     )
-    env.filters.update(when=_when, num=_num, short=_short, colour=score_colour)
+    env.filters.update(when=when, num=_num, short=_short, colour=score_colour)
     env.globals.update(check_value=check_value, check_threshold=check_threshold)
     env.globals.update(badge_colour=_badge_colour, state_colour=_state_colour)
     return env
@@ -190,10 +190,6 @@ def _escape(value: object) -> object:
     if isinstance(value, Markup):
         return value
     return Markup(html.escape(str(value), quote=True))
-
-
-def _when(at: float | None) -> str:
-    return "—" if at is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at))
 
 
 def _num(value: object) -> object:

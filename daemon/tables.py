@@ -8,12 +8,19 @@ a column whose every cell reads as a number is right-aligned so digits line up.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 
 from aftertune.store.records import printable
 
 # A number, perhaps with a unit: right-aligned. A date or a name that starts with a digit is not.
 _NUMERIC = re.compile(r"^[-+]?\d[\d,]*(\.\d+)?( ?(%|pp|s|B|kB|MB|GB|nats/token|examples))?$")
+
+
+def when(at: float | None) -> str:
+    """A moment as the CLI and the HTML report print it: UTC to the minute, saying so (the
+    same on every machine a daemon and its operator's terminal may sit on)."""
+    return "—" if at is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent: int = 0) -> str:

@@ -276,3 +276,13 @@ def test_reject_json_answers_with_the_decision(
     args = ["reject", "v1", "--why", "not today", "--json", "--state-dir", str(tmp_path / "state")]
     assert main(args) == 0
     assert json.loads(capfd.readouterr().out) == {"version": 1, "state": "rejected", "bundle": None}
+
+
+def test_the_cli_and_the_report_print_a_moment_alike_in_utc() -> None:
+    from aftertune.daemon import cli_versions, report
+    from aftertune.daemon.tables import when
+
+    assert when(0) == "1970-01-01 00:00 UTC" and when(None) == "—"
+    assert when(1_700_000_000.0) == "2023-11-14 22:13 UTC"
+    # One copy: `models`, `models show N` and the HTML report all print through it.
+    assert cli_versions.when is when and report.when is when

@@ -8,6 +8,7 @@ the task's nearest candidate answer. ``answer`` is the one call for every format
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,7 +33,7 @@ from aftertune.store.consumer.runtime import (
     generate_text,
 )
 from aftertune.store.errors import BundleError
-from aftertune.store.prompt import PromptTemplate
+from aftertune.store.prompt import DEFAULT_PROMPT, PromptTemplate
 
 # Each format's runtime, built from (bundle dir, manifest). A new format is a new module
 # beside this one and a line here.
@@ -43,6 +44,16 @@ RUNTIMES: Mapping[str, Callable[[Path, Mapping[str, Any]], Runtime]] = {
 }
 
 R = TypeVar("R")
+
+
+def _prompt_template(manifest: Mapping[str, Any], path: Path) -> PromptTemplate:
+    """The manifest's prompt template; the default one (``store/prompt.py``) for what it lacks."""
+    given = manifest.get("prompt") or {}
+    parts = {key: given[key] for key in ("with_input", "without_input") if key in given}
+    try:
+        return dataclasses.replace(DEFAULT_PROMPT, **parts)
+    except ValueError as exc:
+        raise BundleError(f"{path}: the manifest's 'prompt': {exc}") from None
 
 
 class Bundle:
@@ -58,11 +69,7 @@ class Bundle:
         self.manifest = manifest
         self.version: int = manifest["version"]
         self.format: str = manifest.get("format", "")
-        prompt = manifest.get("prompt") or {}
-        self.prompt = PromptTemplate(
-            with_input=prompt.get("with_input", "{instruction}\n{input}\n"),
-            without_input=prompt.get("without_input", "{instruction}\n"),
-        )
+        self.prompt = _prompt_template(manifest, path)
         self.eos_token_id: int | list[int] | None = manifest.get("eos_token_id")
         open_runtime = RUNTIMES.get(self.format)
         if open_runtime is None:
