@@ -299,8 +299,10 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         f"{summary['precision']}): {parity['identical']}/{parity['prompts']} parity prompts "
         "answered as PyTorch does"
     )
-    if manifest["export"]["fallback_reason"]:
-        print(f"  fell back to torch.onnx: {printable(manifest['export']['fallback_reason'])}")
+    # Only the generative kind has a fallback exporter; a ranking manifest has no such key.
+    fallback = manifest["export"].get("fallback_reason")
+    if fallback:
+        print(f"  fell back to torch.onnx: {printable(fallback)}")
     return 0
 
 

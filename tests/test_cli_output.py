@@ -1,0 +1,81 @@
+"""What the CLI writes and prints around one real cycle (the ranking kind on the real MiniLM
+encoder, the cheapest cycle that exports with torch.onnx's tracer): `export` on both kinds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DATASETS, cli_json, ingest, parity_rows, run_cli
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+[model]
+base = "embedded:minilm"
+[train]
+lr = 2e-3
+max_steps = 6
+batch_size = 8
+warmup_steps = 1
+checkpoint_every = 0
+[ranking]
+max_candidates = 8
+[export]
+parity_prompts = 8
+"""
+
+
+def _rows(split: str, n: int) -> list[dict[str, Any]]:
+    lines = (DATASETS / f"agnews.{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    return [{**json.loads(line), "split": split} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def cycled(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> dict[str, Any]:
+    """One promoted ranking cycle, run with a JSON log at DEBUG and progress on."""
+    tmp = tmp_path_factory.mktemp("cli-output")
+    (tmp / "aftertune.toml").write_text(CONFIG)
+    env = {
+        "AFTERTUNE_CONFIG": str(tmp / "aftertune.toml"),
+        "AFTERTUNE_STATE_DIR": str(tmp / "state"),
+        "AFTERTUNE_REDIS__URL": redis_server.url,
+        "AFTERTUNE_REDIS__STREAM": f"cli-output-{tmp.name}",
+    }
+    ingest(env, tmp / "records.jsonl", _rows("train", 48) + _rows("test", 16))
+    done = run_cli(
+        "cycle", "--json", "--log-format", "json", "--log-level", "debug", env=env, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"env": env, "tmp": tmp, "stderr": done.stderr, "cycle": json.loads(done.stdout)}
+
+
+def test_export_of_a_ranking_version_prints_its_summary(cycled: dict[str, Any]) -> None:
+    """It once wrote the bundle, then crashed on a key only the generative kind records."""
+    out = cycled["tmp"] / "exported"
+    done = run_cli("export", "1", "--out", str(out), env=cycled["env"], timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout.startswith(f"v1 exported to {out} (onnx-ranking, fp32): 8/8 parity")
+    assert (out / "manifest.json").is_file()
+
+
+def test_export_of_a_generative_version_prints_its_summary(redis_url: str, tmp_path: Path) -> None:
+    env = {
+        "AFTERTUNE_REDIS__URL": redis_url,
+        "AFTERTUNE_STATE_DIR": str(tmp_path / "state"),
+        "AFTERTUNE_TRAIN__MAX_STEPS": "3",
+        "AFTERTUNE_TRAIN__PROGRESS": "false",
+        "AFTERTUNE_EXPORT__PARITY_PROMPTS": "4",
+        "AFTERTUNE_EXPORT__PARITY_MAX_NEW_TOKENS": "6",
+    }
+    ingest(env, tmp_path / "in.jsonl", parity_rows(60, seed=5))
+    assert cli_json("train", "--json", env=env, timeout=600)["candidate"] == 1
+    out = tmp_path / "exported"
+    done = run_cli("export", "v1", "--out", str(out), env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"v1 exported to {out} (")
+    assert "parity prompts answered as PyTorch does" in done.stdout
+    assert (out / "manifest.json").is_file()
