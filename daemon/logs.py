@@ -11,7 +11,8 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+import warnings
+from typing import Any, TextIO
 
 from aftertune.store.records import printable
 
@@ -89,3 +90,21 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     # uvicorn's "Started server process" repeats what server.py says once.
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    warnings.showwarning = warning_as_debug
+
+
+def warning_as_debug(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """A library's warning (torch.onnx's TracerWarning while it traces an encoder, a
+    deprecation) as a DEBUG event of the ``py.warnings`` logger: it tells a developer where
+    to look, not an operator what to do, and a raw two-line warning on stderr would break a
+    JSON log. Python's warning filters still decide which warnings get here, and how often."""
+    logging.getLogger("py.warnings").debug(
+        "%s: %s (%s:%d)", category.__name__, message, filename, lineno
+    )

@@ -1,5 +1,6 @@
 """What the CLI writes and prints around one real cycle (the ranking kind on the real MiniLM
-encoder, the cheapest cycle that exports with torch.onnx's tracer): `export` on both kinds."""
+encoder, the cheapest cycle that exports with torch.onnx's tracer): a JSON log that is JSON
+on every line, and `export` on both kinds."""
 
 from __future__ import annotations
 
@@ -50,6 +51,22 @@ def cycled(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> dict[
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return {"env": env, "tmp": tmp, "stderr": done.stderr, "cycle": json.loads(done.stdout)}
+
+
+def test_a_json_log_cycle_is_json_on_every_line_with_library_warnings_at_debug(
+    cycled: dict[str, Any],
+) -> None:
+    events = []
+    for line in cycled["stderr"].splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"a line of the JSON log is not JSON: {line!r}")
+    assert cycled["cycle"]["decision"] == "promoted"
+    # torch.onnx's TracerWarning and the like: a developer's clue, never an operator's alarm.
+    warned = [e for e in events if e["logger"] == "py.warnings"]
+    assert all(e["level"] == "DEBUG" for e in warned), warned
+    assert "batchs" not in cycled["stderr"]
 
 
 def test_export_of_a_ranking_version_prints_its_summary(cycled: dict[str, Any]) -> None:
