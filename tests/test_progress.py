@@ -53,6 +53,14 @@ def test_counted_units_read_as_words(json_log: io.StringIO) -> None:
     assert "tasks/s" in messages[-1]
 
 
+def test_a_unit_ending_in_ch_takes_es(json_log: io.StringIO) -> None:
+    for _ in Progress("Fisher", 3, "batch").track(range(3)):
+        pass
+    messages = [json.loads(line)["msg"] for line in json_log.getvalue().splitlines()]
+    assert "Fisher: done, 3 of 3 batches (100%)" in messages[-1]
+    assert "batches/s" in messages[-1] and "batchs" not in json_log.getvalue()
+
+
 def test_a_short_phase_stays_silent_and_a_disabled_one_says_nothing(
     json_log: io.StringIO, monkeypatch: pytest.MonkeyPatch
 ) -> None:
