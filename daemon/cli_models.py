@@ -249,10 +249,13 @@ def cmd_base_build(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_cycle(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.daemon.learning import run_cycle_once
+    from aftertune.daemon.running_cycle import running_cycle
     from aftertune.learners.errors import CycleBlocked, NothingToTrain
 
     try:
-        result = run_cycle_once(settings, actor=_actor())
+        # `aftertune status` in another shell shows this cycle, its phase and start time.
+        with running_cycle(settings.state_dir, "aftertune cycle") as progress:
+            result = run_cycle_once(settings, actor=_actor(), should_stop=progress)
     except NothingToTrain as exc:
         return _no_cycle(args, "nothing_to_do", str(exc), CycleExit.NOTHING_TO_DO)
     except CycleBlocked as exc:

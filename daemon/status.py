@@ -9,6 +9,7 @@ from typing import Any
 
 import redis
 
+from aftertune.daemon.running_cycle import read_running_cycle
 from aftertune.daemon.settings import Settings
 from aftertune.daemon.tables import table
 from aftertune.store.examples import ExampleStore
@@ -80,6 +81,7 @@ def gather_status(
         "examples": store.counts(),
         "champion": champion_status(registry),
         "daemon": daemon_status(settings),
+        "cycle": read_running_cycle(settings.state_dir),  # `aftertune cycle` in any shell
     }
 
 
@@ -117,5 +119,12 @@ def render_status(status: dict[str, Any]) -> str:
             lines.append(f"  cycle ({cycle['reason']}): {cycle['state']}")
         if daemon.get("server"):
             lines.append(f"  serving {daemon['server']}")
+    cycle = status.get("cycle")
+    if cycle is not None:
+        started = time.strftime("%H:%M:%S", time.localtime(cycle.get("started_at", 0)))
+        lines.append(
+            f"cycle in progress: {cycle.get('phase', '?')}; `{cycle.get('command', '?')}`, "
+            f"pid {cycle.get('pid')}, started {started} (local)"
+        )
     # daemon.json and task names come from outside this process: nothing raw to the terminal.
     return "\n".join(printable(line) if "\n" not in line else line for line in lines)

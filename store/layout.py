@@ -10,6 +10,7 @@ state_dir/
   bundles/vN, latest        published ONNX bundles (store/bundles.py)
   redis/                    the embedded Redis server's files (daemon/embedded_redis.py)
   daemon.json               what a running daemon reports to `aftertune status`
+  cycle.json                a learning cycle in progress, from any process (daemon/running_cycle.py)
 """
 
 from __future__ import annotations
@@ -79,3 +80,7 @@ class StateLayout:
     @property
     def daemon_status(self) -> Path:
         return self.root / "daemon.json"
+
+    @property
+    def cycle_in_progress(self) -> Path:
+        return self.root / "cycle.json"
