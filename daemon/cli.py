@@ -141,8 +141,9 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
         "demo",
         parents=[common],
         help="the whole loop on embedded defaults in a few minutes (what `make run` runs)",
-        description="Start the daemon (embedded Redis, an embedded base) in STATE_DIR/demo "
-        "(wiped first), push feedback for a task (or two), then another, then a poisoned batch "
+        description="Start the daemon (embedded Redis, an embedded base) in STATE_DIR/demo, "
+        "or STATE_DIR/demo-minilm for --base embedded:minilm (wiped first; each keeps the "
+        "other's), push feedback for a task (or two), then another, then a poisoned batch "
         "(a known task with flipped labels); wait for two promotions and a rejection; pull the "
         "latest bundle over HTTP and answer with ONNX Runtime; print a summary (per-task "
         "accuracy before and after) and the HTML report's path; stop the daemon. "

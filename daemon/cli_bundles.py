@@ -15,6 +15,7 @@ from typing import Any
 from aftertune.daemon.errors import DaemonError
 from aftertune.daemon.settings import Settings
 from aftertune.daemon.tables import size
+from aftertune.store.layout import StateLayout
 
 
 def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -32,7 +33,9 @@ def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--from", dest="from_dir", type=Path, help="a state directory on this machine"
     )
-    p.add_argument("--to", type=Path, required=True, help="install directory (DIR)")
+    p.add_argument(
+        "--to", type=Path, default=None, help="install directory (DIR; default STATE_DIR/consumer)"
+    )
     p.add_argument("--version", default="latest", help="3, v3 or 'latest' (default)")
     p.add_argument(
         "--token",
@@ -72,7 +75,7 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
         HttpSource(args.server, args.token) if args.server else DirSource(args.from_dir)
     )
     started = time.monotonic()
-    result = pull(source, args.to, args.version)
+    result = pull(source, args.to or StateLayout(settings.state_dir).consumer, args.version)
     seconds = time.monotonic() - started
     if args.json:
         print(

@@ -66,7 +66,13 @@ def register_version_commands(sub: Any, common: argparse.ArgumentParser) -> None
     p.add_argument(
         "version", type=version_arg, nargs="?", default=None, help="3 or v3 (default: latest)"
     )
-    p.add_argument("--html", type=Path, required=True, metavar="FILE", help="page to write")
+    p.add_argument(
+        "--html",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="page to write (default: STATE_DIR/report.html)",
+    )
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.set_defaults(func=cmd_report)
 
@@ -277,7 +283,9 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     with Registry(settings.state_dir, settings.store.url) as registry:
         page = render_report(registry, args.version)
         versions = [v.version for v in registry.versions()]
-    target: Path = args.html
+    target: Path = args.html or StateLayout(settings.state_dir).report
+    if args.html is None:
+        target.parent.mkdir(parents=True, exist_ok=True)
     if not target.parent.is_dir():
         raise DaemonError(f"cannot write {target}: the directory {target.parent} does not exist")
     write_atomic(target, page.encode("utf-8"))

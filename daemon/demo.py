@@ -49,6 +49,9 @@ class Scenario:
     rows: Callable[[str], list[dict[str, Any]]]
     poison: Callable[[], list[dict[str, Any]]]
     env: dict[str, str]  # AFTERTUNE_* settings of the daemon
+    # Under the state dir, wiped at start: one per base, so that `make run-minilm` keeps
+    # what `make run` left (its report above all), and the other way round.
+    folder: str = "demo"
 
 
 # Steps: (what the user sees, files to push, poisoned?)
@@ -143,6 +146,7 @@ def scenario(base: str) -> Scenario:
                 "AFTERTUNE_CYCLE__MIN_NEW_EXAMPLES": "90",
                 "AFTERTUNE_EXPORT__PARITY_PROMPTS": "16",
             },
+            folder="demo-minilm",
         )
     raise DaemonError(f"the demo runs on embedded:tiny or embedded:minilm, not {base!r}")
 
@@ -245,7 +249,7 @@ class Demo:
 def run_demo(settings: Settings, *, timeout_s: float = 300.0, base: str = "embedded:tiny") -> int:
     """Run the demo; returns 0 when it saw two promotions, a rejection and answers."""
     plan = scenario(base)
-    demo = Demo(settings, timeout_s)
+    demo = Demo(settings, timeout_s, name=plan.folder)
     timings: dict[int, float] = {}
     try:
         demo.start_daemon(**plan.env)

@@ -11,6 +11,8 @@ state_dir/
   redis/                    the embedded Redis server's files (daemon/embedded_redis.py)
   daemon.json               what a running daemon reports to `aftertune status`
   cycle.json                a learning cycle in progress, from any process (daemon/running_cycle.py)
+  report.html               `aftertune report`'s page when no --html is given
+  consumer/current, vN      `aftertune pull`'s install directory when no --to is given
 """
 
 from __future__ import annotations
@@ -84,3 +86,11 @@ class StateLayout:
     @property
     def cycle_in_progress(self) -> Path:
         return self.root / "cycle.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def consumer(self) -> Path:
+        return self.root / "consumer"

@@ -1,10 +1,14 @@
 """What the CLI writes and prints around one real cycle (the ranking kind on the real MiniLM
 encoder, the cheapest cycle that exports with torch.onnx's tracer): a JSON log that is JSON
-on every line, and `export` on both kinds."""
+on every line, `export` on both kinds, and `pull` and `report` writing under the state dir,
+never into the current directory."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +71,34 @@ def test_a_json_log_cycle_is_json_on_every_line_with_library_warnings_at_debug(
     warned = [e for e in events if e["logger"] == "py.warnings"]
     assert all(e["level"] == "DEBUG" for e in warned), warned
     assert "batchs" not in cycled["stderr"]
+
+
+def _in_empty_dir(tmp: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The CLI run from an empty working directory, which it must leave empty."""
+    cwd = tmp / f"cwd-{args[0]}"
+    cwd.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "aftertune.daemon.cli", *args],
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert list(cwd.iterdir()) == []
+    return done
+
+
+def test_pull_and_report_write_under_the_state_dir_by_default(cycled: dict[str, Any]) -> None:
+    env, tmp = cycled["env"], cycled["tmp"]
+    state = Path(env["AFTERTUNE_STATE_DIR"])
+    pulled = json.loads(_in_empty_dir(tmp, "pull", "--from", str(state), "--json", env=env).stdout)
+    assert Path(pulled["path"]).parent == state / "consumer"
+    assert (state / "consumer" / "current" / "manifest.json").is_file()
+    report = _in_empty_dir(tmp, "report", env=env).stdout.strip()
+    assert report == str(state / "report.html")
+    assert Path(report).read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
 def test_export_of_a_ranking_version_prints_its_summary(cycled: dict[str, Any]) -> None:
