@@ -99,7 +99,18 @@ def package_version() -> str:
 
 
 def _add_push(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("push", parents=[common], help="push JSONL feedback records to the stream")
+    p = sub.add_parser(
+        "push",
+        parents=[common],
+        help="push JSONL feedback records to the stream",
+        description="Send each non-empty line of FILE (or standard input) as one record to "
+        "the feedback stream (redis.stream). Use it to feed labelled examples by hand or from "
+        "a script; a program can use the Producer class or XADD instead. Nothing is stored "
+        "yet: a running daemon (or `aftertune serve --burst`) ingests the records, and a line "
+        "that is not a valid record goes to the dead-letter stream with its reason (`aftertune "
+        "dlq list`). --validate checks every line here first and sends only the valid ones; "
+        "exit 1 when any line was left out.",
+    )
     p.add_argument("file", help="JSONL file, one record per line; '-' reads standard input")
     p.add_argument(
         "--validate",
@@ -126,7 +137,9 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         "while holding the Redis trainer lock; serve /healthz, /readyz, /metrics and bundles "
         "on server.host:server.port. SIGTERM/SIGINT: warm stop (the cycle checkpoints), a "
         "second one: cold stop. SIGHUP: reload gate and cycle settings. Speaks sd_notify "
-        "(READY, WATCHDOG, STATUS, STOPPING) when systemd sets NOTIFY_SOCKET.",
+        "(READY, WATCHDOG, STATUS, STOPPING) when systemd sets NOTIFY_SOCKET. Use it as the "
+        "long-running service (systemd/aftertune.service runs it); --burst only ingests "
+        "what waits, then exits, for scripts.",
     )
     p.add_argument(
         "--burst",
@@ -147,7 +160,8 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
         "(a known task with flipped labels); wait for two promotions and a rejection; pull the "
         "latest bundle over HTTP and answer with ONNX Runtime; print a summary (per-task "
         "accuracy before and after) and the HTML report's path; stop the daemon. "
-        "--base embedded:minilm runs it on real text (news topics, then emotions).",
+        "--base embedded:minilm runs it on real text (news topics, then emotions). Use it to "
+        "see the whole loop work on this machine before feeding it your own data.",
     )
     p.add_argument(
         "--base",
@@ -162,7 +176,17 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_status(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("status", parents=[common], help="stream, store and champion at a glance")
+    p = sub.add_parser(
+        "status",
+        parents=[common],
+        help="stream, store and champion at a glance",
+        description="Show the feedback stream (entries, unread, pending, dead-lettered), the "
+        "stored examples per task (train and held-out), the champion and when it was "
+        "promoted, a daemon running on this state dir (its pid, what it does, where it "
+        "serves) and a learning cycle in progress in any process (its phase, pid and start "
+        "time). Use it to see whether feedback arrives and is stored, and what is learning "
+        "now; --watch refreshes it.",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
         "--watch",
@@ -177,13 +201,38 @@ def _add_status(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_dlq(sub: Any, common: argparse.ArgumentParser) -> None:
-    dlq = sub.add_parser("dlq", parents=[common], help="inspect and requeue dead-lettered entries")
+    dlq = sub.add_parser(
+        "dlq",
+        parents=[common],
+        help="inspect and requeue dead-lettered entries",
+        description="Entries of the feedback stream that are not a valid record (not JSON, "
+        "a missing or invalid field, over ingest.max_record_bytes, no 'record' field, an id "
+        "reused with other content) go to the dead-letter stream (redis.dead_letter_stream) "
+        "with their reason instead of the store. `dlq list` shows them; `dlq requeue` sends "
+        "them back once the cause is fixed.",
+    )
     dlq_sub = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
-    p = dlq_sub.add_parser("list", parents=[common], help="list dead letters with their reasons")
+    p = dlq_sub.add_parser(
+        "list",
+        parents=[common],
+        help="list dead letters with their reasons",
+        description="Print each dead letter: its id, the id it had on the feedback stream, "
+        "why it was rejected and the start of its payload. Use it when `status` counts dead "
+        "letters or a producer's records do not show up as examples.",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--limit", type=int, default=None, help="show at most this many")
     p.set_defaults(func=cmd_dlq_list)
-    p = dlq_sub.add_parser("requeue", parents=[common], help="put dead letters back on the stream")
+    p = dlq_sub.add_parser(
+        "requeue",
+        parents=[common],
+        help="put dead letters back on the stream",
+        description="Put the named dead letters (or --all) back on the feedback stream as "
+        "they arrived, for the daemon to ingest again. Use it when a setting rejected them "
+        "(ingest.max_record_bytes, say) and you have changed it; a record that is itself "
+        "wrong is rejected again, so push a corrected one instead. A payload truncated when "
+        "it was dead-lettered cannot be requeued: exit 1, naming each one left.",
+    )
     p.add_argument("ids", nargs="*", help="dead-letter ids (from `dlq list`)")
     p.add_argument("--all", action="store_true", help="requeue every dead letter")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -203,12 +252,22 @@ def _add_completion(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_store(sub: Any, common: argparse.ArgumentParser) -> None:
-    store = sub.add_parser("store", parents=[common], help="the durable store's schema")
+    store = sub.add_parser(
+        "store",
+        parents=[common],
+        help="the durable store's schema",
+        description="The example store and the model registry (SQLite in the state dir, or "
+        "PostgreSQL at store.url) and their schema version.",
+    )
     store_sub = store.add_subparsers(dest="store_command", metavar="ACTION", required=True)
     p = store_sub.add_parser(
         "migrate",
         parents=[common],
         help="bring the store's schema up to this version's (the daemon also does on start)",
+        description="Create the tables, or upgrade a store an earlier aftertune made, one "
+        "step per schema version, each in one transaction; print each step, or that the "
+        "schema is up to date. Use it after an upgrade or before starting daemons on a new "
+        "shared PostgreSQL; a daemon does the same when it starts.",
     )
     p.set_defaults(func=cmd_store_migrate)
 

@@ -26,7 +26,10 @@ def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Download a bundle into DIR/.pull-*, check every file's sha256 and size "
         "against the manifest, rename it to DIR/vN and switch the DIR/current symlink. A "
         "mismatch exits 1 naming the file and leaves DIR/current untouched; nothing is "
-        "downloaded when DIR/current already is that bundle.",
+        "downloaded when DIR/current already is that bundle. Use it on a machine that "
+        "answers with the model (`aftertune generate --bundle DIR/current`, or the Bundle "
+        "class): run it again to update, or with --version to pin one. DIR defaults to "
+        "STATE_DIR/consumer.",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--server", help="a daemon's HTTP server, e.g. http://127.0.0.1:8760")
@@ -54,7 +57,8 @@ def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "task's candidate answers for a ranking bundle (which needs --task). With --jsonl, "
         "answer every record of a file (wire format: instruction, input, task, id; output "
         "ignored) and print one JSON line per record, in order: {task, answer} plus id when "
-        "given. A malformed line stops the run before any answer, naming the line.",
+        "given. A malformed line stops the run before any answer, naming the line. Use it "
+        "to try a bundle by hand, or to answer a file of requests from a script.",
     )
     p.add_argument("--bundle", type=Path, required=True, help="bundle dir, e.g. DIR/current")
     p.add_argument("--task", help="the task (ranking bundles rank among its known answers)")

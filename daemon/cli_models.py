@@ -59,6 +59,12 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
         "train",
         parents=[common],
         help="train one candidate on the train examples added since the champion was made",
+        description="Train a LoRA adapter on the champion (or the base) with the train "
+        "examples stored since the champion was made, plus replay and EWC, and register it "
+        "as a candidate; nothing is judged or published. Use it to look at a training run "
+        "alone (loss, steps, speed), then `aftertune eval --candidate N` to score it; the "
+        "next `aftertune cycle` judges this candidate instead of training another. Exit 1 "
+        "when there are no new train examples.",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_train)
@@ -66,7 +72,14 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "eval", parents=[common], help="score the champion (and a candidate) on held-out data"
+        "eval",
+        parents=[common],
+        help="score the champion (and a candidate) on held-out data",
+        description="Score the champion (the base model when there is none) on each task's "
+        "held-out examples as the gate does: the task's metric (accuracy, or token F1 for "
+        "free text), NLL and how many examples. With --candidate N, score that version too, "
+        "side by side. Use it to see how well the served model does now, or how a version "
+        "from `aftertune train` compares, without deciding anything.",
     )
     p.add_argument(
         "--candidate",
@@ -80,12 +93,21 @@ def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_base(sub: Any, common: argparse.ArgumentParser) -> None:
-    base = sub.add_parser("base", parents=[common], help="the embedded base model")
+    base = sub.add_parser(
+        "base",
+        parents=[common],
+        help="the embedded base model",
+        description="The embedded tiny base (model.base = embedded:tiny), a byte-level "
+        "model shipped with aftertune for demos and tests.",
+    )
     base_sub = base.add_subparsers(dest="base_command", metavar="ACTION", required=True)
     p = base_sub.add_parser(
         "build",
         parents=[common],
         help="pretrain the embedded tiny base from scratch (reproduces the shipped weights)",
+        description="Pretrain the embedded tiny base from scratch into DIR and print its "
+        "build report. With the default steps, seed and threads on CPU it reproduces the "
+        "shipped weights; use it to check them, or with --steps/--seed to build a variant.",
     )
     p.add_argument("--out", type=Path, required=True, help="directory to write the model to")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: as shipped)")
@@ -107,7 +129,10 @@ def _add_cycle(sub: Any, common: argparse.ArgumentParser) -> None:
         help="one learning cycle: train (or resume) a challenger, evaluate, gate, decide; "
         "a promotion exports, parity-checks and publishes the bundle",
         description="Train (or resume) a challenger, evaluate champion and challenger, gate, "
-        "decide; a promotion exports, parity-checks and publishes the bundle.",
+        "decide; a promotion exports, parity-checks and publishes the bundle. Use it to run "
+        "one cycle now, by hand or from a script or CI, without the daemon: the exit code "
+        "says what was decided. It needs the examples stored first (`aftertune serve` or "
+        "`serve --burst` ingests what `push` sent).",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -124,7 +149,8 @@ def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Merge the version's adapter chain into the base, export it to ONNX as a "
         "promotion would ([export] settings: genai builder, torch.onnx fallback), check "
         "parity against PyTorch on the regression prompts and write the manifest into DIR. "
-        "Nothing is promoted or published; `aftertune generate --bundle DIR` answers with it.",
+        "Nothing is promoted or published; `aftertune generate --bundle DIR` answers with it. "
+        "Use it to try or ship a version the gate did not promote, or at another precision.",
     )
     p.add_argument("version", type=version_arg, help="a registered version in any state (3 or v3)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="new directory")
@@ -140,6 +166,11 @@ def _add_rollback(sub: Any, common: argparse.ArgumentParser) -> None:
         "rollback",
         parents=[common],
         help="make a retired former champion the champion again and republish its bundle",
+        description="Move the champion back to VERSION, a retired former champion; the "
+        "current champion is retired. Its bundle becomes latest again (exported anew if it "
+        "was pruned) and a promotion event is sent, so consumers that follow it switch back. "
+        "Use it when the newest champion misbehaves in production; --why goes to the audit "
+        "log.",
     )
     p.add_argument("version", type=version_arg, help="version to roll back to (3 or v3)")
     p.add_argument("--why", default="", help="reason, kept in the audit log")
@@ -149,7 +180,13 @@ def _add_rollback(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _add_approve(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "approve", parents=[common], help="export, promote and publish a version awaiting approval"
+        "approve",
+        parents=[common],
+        help="export, promote and publish a version awaiting approval",
+        description="With gate.require_approval, a challenger that passes the gate waits "
+        "for a person (`aftertune cycle` exits 4 and no further cycle runs). Approve it: it "
+        "is exported and parity-checked, promoted to champion and published as a gate pass "
+        "would be. Use `aftertune models show N` first to read its checks.",
     )
     p.add_argument("version", type=version_arg, help="3 or v3")
     p.add_argument("--why", default="approved by hand", help="reason, kept in the audit log")
@@ -158,7 +195,15 @@ def _add_approve(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_reject(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("reject", parents=[common], help="reject a version awaiting approval")
+    p = sub.add_parser(
+        "reject",
+        parents=[common],
+        help="reject a version awaiting approval",
+        description="Reject a version that awaits approval (gate.require_approval): the "
+        "records it was trained on are quarantined, as after a rejection by the gate, so no "
+        "later cycle learns them, and cycles go on. --why is required and kept in the audit "
+        "log.",
+    )
     p.add_argument("version", type=version_arg, help="3 or v3")
     p.add_argument("--why", required=True, help="reason, kept in the audit log")
     p.add_argument("--json", action="store_true", help="machine-readable output")

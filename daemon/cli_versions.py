@@ -45,6 +45,10 @@ def register_version_commands(sub: Any, common: argparse.ArgumentParser) -> None
         "models",
         parents=[common],
         help="model versions, states, key metrics; `models show N` for one version",
+        description="List every model version in the registry: its state (candidate, "
+        "evaluating, promoted, rejected, retired...), parent, when it was made, how many "
+        "examples it was trained on and its held-out score per task; * marks the champion. "
+        "Use it to see what was learned and decided; `models show N` for one version.",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_models)
@@ -53,6 +57,11 @@ def register_version_commands(sub: Any, common: argparse.ArgumentParser) -> None
         "show",
         parents=[common],
         help="one version: metrics, lineage, gate checks, bundle, audit log",
+        description="One version's card: held-out metrics of champion and challenger per "
+        "task, the chain of adapters it builds on, what it was trained on, the gate's "
+        "decision with its reasons and every check, its published bundle and its audit log "
+        "(who moved it to which state, and why). Use it to understand why a version was "
+        "promoted or rejected.",
     )
     show.add_argument("version", type=version_arg, help="3 or v3")
     show.add_argument("--json", action="store_true", help="machine-readable output")
@@ -62,6 +71,11 @@ def register_version_commands(sub: Any, common: argparse.ArgumentParser) -> None
         "report",
         parents=[common],
         help="an HTML page: gate checks, task x version heatmap, per-task charts, lineage, audit",
+        description="Write one self-contained HTML page about VERSION (default: the newest): "
+        "its gate checks, a task x version heatmap of held-out scores, per-task charts "
+        "across versions, the lineage and the audit log; print its path. Use it to show or "
+        "review what the loop learned in a browser; it needs no server. Written to "
+        "STATE_DIR/report.html unless --html names another file.",
     )
     p.add_argument(
         "version", type=version_arg, nargs="?", default=None, help="3 or v3 (default: latest)"
