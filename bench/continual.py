@@ -32,6 +32,7 @@ from aftertune.daemon.settings import load_settings
 from aftertune.daemon.specs import LearningSpecs, specs_from
 from aftertune.learners.evaluate import TaskScore, task_kind
 from aftertune.learners.forgetting import continual_metrics
+from aftertune.learners.replay import sample_past
 from aftertune.store.examples import Example, ExampleStore
 from aftertune.store.records import record_from_obj
 
@@ -229,7 +230,7 @@ def _specs(
     return {
         "train": train,
         "lora": lora,
-        "replay_spec": replace(
+        "replay": replace(
             daemon.replay, ratio=cfg.replay_ratio, cap=cfg.replay_cap, enabled=replay
         ),
         "ewc": replace(
@@ -255,18 +256,18 @@ def _train_and_merge(
     """One cycle: a fresh adapter on the champion, merged in; timings go into ``result``."""
     from peft import PeftModel
 
-    from aftertune.learners.recipe import train_adapter
+    from aftertune.learners.recipe import TrainJob, train_adapter
 
     start = time.perf_counter()
-    trained = train_adapter(
-        model,
-        tokenizer,
+    knobs = {k: v for k, v in specs.items() if k != "objective"}
+    job = TrainJob.of(
         new,
         past,
-        **specs,
+        **knobs,
         fisher_path=workdir / "fisher.safetensors",
         out_dir=workdir / f"adapter-{cycle}",
     )
+    trained = train_adapter(model, tokenizer, job, objective=specs["objective"])
     merged = PeftModel.from_pretrained(model, str(trained.adapter_dir)).merge_and_unload()
     # peft leaves its config on the unwrapped model; the next cycle's fresh adapter must not
     # find it (same cleanup as lora.detach_adapter).
@@ -308,12 +309,8 @@ def _prime_fisher(
     The recipe estimates the Fisher on its capped replay pool, which is empty when replay is
     disabled; with the online Fisher file already holding this champion, it reuses ours.
     """
-    from aftertune.learners.ewc import (
-        estimate_fisher,
-        target_weights,
-        update_online_fisher,
-        weights_fingerprint,
-    )
+    from aftertune.learners.ewc import target_weights, update_online_fisher, weights_fingerprint
+    from aftertune.learners.kinds.generative.fisher import estimate_fisher
 
     start = time.perf_counter()
     stride = max(1, len(past) // cfg.fisher_samples)
@@ -403,7 +400,7 @@ class _Strategy:
         """What answers are judged against: label sets, or a ranking task's candidates."""
         if self.kind.name != "ranking":
             return dict(self.suite.labels)
-        from aftertune.learners.ranking import candidates_of
+        from aftertune.learners.kinds.ranking.candidates import candidates_of
 
         cap = self.daemon.ranking.max_candidates
         return {
@@ -413,19 +410,10 @@ class _Strategy:
     @property
     def objective(self) -> Any:
         """The kind's training loss (a ranking objective knows every task's candidates)."""
-        from aftertune.learners.objectives import ResponseObjective
-        from aftertune.learners.ranking import RankingObjective
-
-        if self.kind.name != "ranking":
-            return ResponseObjective(self.tokenizer)
-        candidates = {t: list(c) for t, c in self.sets.items() if c}
-        return RankingObjective(
-            self.tokenizer,
-            candidates,
-            self.daemon.ranking,
-            max_length=self.cfg.max_length,
-            template=self.daemon.train.template,
+        specs = replace(
+            self.daemon, train=replace(self.daemon.train, max_length=self.cfg.max_length)
         )
+        return self.kind.objective(self.tokenizer, self.sets, specs)
 
     def joint(self, model: Any) -> None:
         """One training on the union, with the whole sequence's budget."""
@@ -447,7 +435,11 @@ class _Strategy:
             for i, task in enumerate(suite.tasks):
                 # EWC-only still needs past examples: the Fisher is estimated on them.
                 wanted = replay or ewc
-                past = store.replay_sample(cfg.replay_cap, seed=cfg.seed + i) if wanted else []
+                past = (
+                    sample_past(store, cfg.replay_cap, cfg.seed + i, store.max_seq())
+                    if wanted
+                    else []
+                )
                 specs = _specs(
                     cfg,
                     self.daemon,

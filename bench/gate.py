@@ -36,6 +36,7 @@ from aftertune.daemon.settings import load_settings
 from aftertune.daemon.specs import LearningSpecs, specs_from
 from aftertune.learners.cycle import run_cycle
 from aftertune.learners.gate import Decision
+from aftertune.learners.learning_state import LearningState
 from aftertune.store.examples import ExampleStore
 from aftertune.store.records import record_from_obj
 from aftertune.store.registry import Registry
@@ -126,7 +127,7 @@ def main() -> None:
 
             def cycle(kind: str, task: str) -> None:
                 t0 = time.monotonic()
-                result = run_cycle(store, registry, state, specs)
+                result = run_cycle(LearningState(store, registry, state, specs))
                 row = {
                     "kind": kind,
                     "task": task,

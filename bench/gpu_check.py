@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     from aftertune.daemon.settings import Settings
     from aftertune.daemon.specs import specs_from
     from aftertune.learners.base_model import load_base
-    from aftertune.learners.recipe import train_adapter
+    from aftertune.learners.kinds.generative.objective import ResponseObjective
+    from aftertune.learners.recipe import TrainJob, train_adapter
 
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -107,18 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     seen: list[Ex] = []
     for cycle, (task, (train, _)) in enumerate(tasks.items(), start=1):
         t0 = time.monotonic()
-        result = train_adapter(
-            model,
-            tokenizer,
+        job = TrainJob.of(
             train,
             seen,
             train=train_spec,
             lora=specs.lora,
-            replay_spec=specs.replay,
+            replay=specs.replay,
             ewc=specs.ewc,
             fisher_path=work / "fisher.safetensors",
             out_dir=work / f"adapter{cycle}",
         )
+        result = train_adapter(model, tokenizer, job, objective=ResponseObjective(tokenizer))
         model = model.to("cpu").float()
         model = PeftModel.from_pretrained(model, str(result.adapter_dir)).merge_and_unload()
         model.eval()

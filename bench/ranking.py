@@ -56,7 +56,7 @@ def _accuracy(
     specs: LearningSpecs,
     candidates: list[str],
 ) -> float:
-    from aftertune.learners.ranking import rank
+    from aftertune.learners.kinds.ranking.encoder import rank
 
     prompts = [specs.train.template.render(r["instruction"], r.get("input", "")) for r in test]
     sims = rank(model, tokenizer, prompts, candidates, max_length=specs.train.max_length)
@@ -70,35 +70,27 @@ def aftertune_task(
     """Zero-shot accuracy, one cycle's adapter, accuracy after; seconds of training."""
     from peft import PeftModel
 
-    from aftertune.learners.ranking import RankingObjective, candidates_of
-    from aftertune.learners.recipe import train_adapter
+    from aftertune.learners.kinds import kind_for
+    from aftertune.learners.kinds.ranking.candidates import candidates_of
+    from aftertune.learners.recipe import TrainJob, train_adapter
 
     task = train[0]["task"]
     candidates = candidates_of([r["output"] for r in train], specs.ranking.max_candidates) or []
     model, tokenizer = load_base(specs.base)
     before = _accuracy(model, tokenizer, test, specs, candidates)
-    objective = RankingObjective(
-        tokenizer,
-        {task: candidates},
-        specs.ranking,
-        max_length=specs.train.max_length,
-        template=specs.train.template,
-    )
+    objective = kind_for(specs.base).objective(tokenizer, {task: candidates}, specs)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        result = train_adapter(
-            model,
-            tokenizer,
+        job = TrainJob.of(
             [_Ex(r) for r in train],
             [],
             train=replace(specs.train, progress=False, checkpoint_every=0),
             lora=specs.lora,
-            replay_spec=replace(specs.replay, enabled=False),
+            replay=replace(specs.replay, enabled=False),
             ewc=None,
-            fisher_path=None,
             out_dir=Path(tmp) / "adapter",
-            objective=objective,
         )
+        result = train_adapter(model, tokenizer, job, objective=objective)
         seconds = time.perf_counter() - started
         merged = PeftModel.from_pretrained(model, str(result.adapter_dir)).merge_and_unload()
     after = _accuracy(merged, tokenizer, test, specs, candidates)
@@ -164,6 +156,7 @@ def peer(
 def cycle(specs: LearningSpecs, data: Path, task: str, n_train: int, n_test: int) -> dict[str, Any]:
     """One real cycle on ``task`` in a temporary state dir; seconds per phase."""
     from aftertune.learners.cycle import run_cycle
+    from aftertune.learners.learning_state import LearningState
     from aftertune.store.examples import ExampleStore
     from aftertune.store.records import record_from_obj
     from aftertune.store.registry import Registry
@@ -174,7 +167,7 @@ def cycle(specs: LearningSpecs, data: Path, task: str, n_train: int, n_test: int
     with ExampleStore.in_state_dir(state) as store, Registry(state) as registry:
         store.add([record_from_obj(r) for r in rows])
         started = time.perf_counter()
-        result = run_cycle(store, registry, state, specs, actor="bench")
+        result = run_cycle(LearningState(store, registry, state, specs, actor="bench"))
         total = time.perf_counter() - started
     out = {
         "state_dir": str(state),
@@ -192,7 +185,7 @@ def consumer(
 ) -> dict[str, Any]:
     """Answers per second: the published bundle (ONNX Runtime) vs PyTorch on the same prompts."""
     from aftertune.learners.champion import load_version
-    from aftertune.learners.ranking import rank
+    from aftertune.learners.kinds.ranking.encoder import rank
     from aftertune.store.consumer import Bundle
     from aftertune.store.registry import Registry
 

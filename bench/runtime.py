@@ -55,9 +55,11 @@ from typing import Any, Protocol
 from aftertune.learners.base_model import EMBEDDED_TINY, resolve_base
 from aftertune.learners.curriculum import held_out, stream
 from aftertune.learners.errors import ExportError
-from aftertune.learners.export import ExportSpec, export_bundle
+from aftertune.learners.export import ExportSpec
+from aftertune.learners.kinds.generative.export import export_bundle
 from aftertune.store.consumer import Bundle
 from aftertune.store.consumer.format import FORMAT_GENAI
+from aftertune.store.prompt import DEFAULT_PROMPT
 
 VARIANTS = ("fp32", "int8", "int4", "logits")
 BASELINE = "pytorch"
@@ -229,13 +231,16 @@ def export_variant(
     variant: str, base: Path, staging: Path, parity_prompts: list[str], row: Row
 ) -> Bundle | None:
     if variant == "logits":
-        spec = ExportSpec(method="torch", parity_prompts=len(parity_prompts))
+        spec = ExportSpec(
+            method="torch", parity_prompts=len(parity_prompts), template=DEFAULT_PROMPT
+        )
     else:
         spec = ExportSpec(
             method="genai",
             precision=variant,
             parity_prompts=len(parity_prompts),
             min_token_agreement=0.0,
+            template=DEFAULT_PROMPT,
         )
     staging.mkdir()
     t0 = time.monotonic()

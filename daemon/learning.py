@@ -14,12 +14,13 @@ from typing import Any
 
 from aftertune.daemon.settings import Settings
 from aftertune.daemon.specs import specs_from
-from aftertune.learners.candidate import CandidateReport, train_candidate
-from aftertune.learners.cycle import CycleResult, run_cycle
+from aftertune.learners.candidate import CandidateReport
+from aftertune.learners.cycle import CycleResult
 from aftertune.learners.errors import LearnerError
-from aftertune.learners.evaluate import TaskScore, evaluate_version, score_dict
+from aftertune.learners.evaluate import TaskScore, score_dict
 from aftertune.learners.export import ExportResult
-from aftertune.learners.promote import export_version, promote_and_publish, sync_latest
+from aftertune.learners.specs import LearningSpecs
+from aftertune.learners.workspace import Workspace
 from aftertune.store.bundles import Published
 from aftertune.store.examples import ExampleStore
 from aftertune.store.files import staged_dir
@@ -28,12 +29,17 @@ from aftertune.store.registry import Registry, Version, VersionState
 
 
 @contextmanager
-def _state(settings: Settings) -> Iterator[tuple[ExampleStore, Registry]]:
+def workspace(
+    settings: Settings, actor: str = "daemon", specs: LearningSpecs | None = None
+) -> Iterator[Workspace]:
+    """The learning workspace of ``settings`` (its store and registry open meanwhile)."""
     with (
         ExampleStore.in_state_dir(settings.state_dir, settings.store.url) as store,
         Registry(settings.state_dir, settings.store.url) as registry,
     ):
-        yield store, registry
+        yield Workspace(
+            store, registry, settings.state_dir, specs or specs_from(settings), actor=actor
+        )
 
 
 # The trainer's state another daemon needs to take over training (docs/scaling.md): the
@@ -45,39 +51,24 @@ def run_cycle_once(
     settings: Settings, actor: str, should_stop: Callable[[int, int], bool] | None = None
 ) -> CycleResult:
     fisher = StateLayout(settings.state_dir).fisher
-    with _state(settings) as (store, registry):
+    with workspace(settings, actor) as ws:
+        registry = ws.state.registry
         registry.restore_state_file(FISHER_STATE, fisher)  # the last trainer's, if newer
         try:
-            return run_cycle(
-                store,
-                registry,
-                settings.state_dir,
-                specs_from(settings),
-                actor=actor,
-                should_stop=should_stop,
-            )
+            return ws.cycle(should_stop)
         finally:
             registry.keep_state_file(FISHER_STATE, fisher)
 
 
 def approve(settings: Settings, version: int, actor: str, why: str) -> Published | None:
     """Promote a version awaiting approval: export + parity first, as a gate pass does."""
-    with _state(settings) as (store, registry):
-        found = registry.get(version)
+    with workspace(settings, actor) as ws:
+        found = ws.state.registry.get(version)
         if found.state is not VersionState.AWAITING_APPROVAL:
             raise LearnerError(
                 f"v{version} is {found.state.value}, not awaiting approval; nothing to approve"
             )
-        return promote_and_publish(
-            store,
-            registry,
-            settings.state_dir,
-            found,
-            specs_from(settings),
-            actor=actor,
-            reason=why or "approved",
-            gate=found.gate or None,
-        )
+        return ws.promote(found, reason=why or "approved", gate=found.gate or None)
 
 
 def rollback(settings: Settings, version: int, actor: str, why: str) -> Published | None:
@@ -100,34 +91,22 @@ def export_to(
     )
     if specs.export is None:  # enabled above; keeps the type checker honest
         raise LearnerError("export settings did not produce an export spec")
-    with _state(settings) as (store, registry):
-        found = registry.get(version)
+    with workspace(settings, specs=specs) as ws:
+        found = ws.state.registry.get(version)
         with staged_dir(out) as staging:
-            return replace(
-                export_version(
-                    store,
-                    registry,
-                    settings.state_dir,
-                    found,
-                    specs=specs,
-                    out=staging,
-                ),
-                bundle_dir=out,
-            )
+            return replace(ws.export(found, staging), bundle_dir=out)
 
 
 def _export_settings(settings: Settings, precision: str | None) -> Any:
     changes: dict[str, Any] = {"enabled": True}
     if precision is not None:
         changes["precision"] = precision
-    return settings.export.model_copy(update=changes)
+    return replace(settings.export, **changes)
 
 
 def run_train(settings: Settings, actor: str) -> CandidateReport:
-    with _state(settings) as (store, registry):
-        return train_candidate(
-            store, registry, settings.state_dir, specs_from(settings), actor=actor
-        )
+    with workspace(settings, actor) as ws:
+        return ws.train()
 
 
 def run_eval(settings: Settings, candidate: int | None) -> dict[str, Any]:
@@ -135,13 +114,13 @@ def run_eval(settings: Settings, candidate: int | None) -> dict[str, Any]:
 
     Scored as the gate scores: the same held-out cap per task, label sets and spec.
     """
-    specs = specs_from(settings)
-    with _state(settings) as (store, registry):
+    with workspace(settings) as ws:
 
         def scores(version: Version | None) -> dict[str, Any]:
-            found, refused = evaluate_version(store, registry, settings.state_dir, version, specs)
+            found, refused = ws.evaluate(version)
             return {**_as_json(found), **{t: {"refused": why} for t, why in refused.items()}}
 
+        registry = ws.state.registry
         champion = scores(registry.champion())
         if candidate is None:
             return champion
@@ -157,8 +136,8 @@ def recover_publication(settings: Settings) -> Published | None:
     interrupted export left. Returns the bundle when latest moved. At start, after rollback."""
     if not settings.export.enabled:
         return None
-    with _state(settings) as (store, registry):
-        return sync_latest(store, registry, settings.state_dir, specs_from(settings))
+    with workspace(settings) as ws:
+        return ws.sync_latest()
 
 
 def interrupted_versions(settings: Settings) -> list[int]:

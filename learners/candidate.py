@@ -17,15 +17,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from aftertune.learners.base_model import GENERATIVE, load_tokenizer, model_kind
+from aftertune.learners.base_model import load_tokenizer
 from aftertune.learners.champion import load_version
 from aftertune.learners.errors import NothingToTrain
-from aftertune.learners.kinds import kind_for
+from aftertune.learners.learning_state import LearningState
 from aftertune.learners.lineage import candidate_lineage
-from aftertune.learners.objectives import Objective
-from aftertune.learners.recipe import TrainResult, train_adapter
+from aftertune.learners.model_kind import AnswerSets
+from aftertune.learners.objective import Objective
+from aftertune.learners.recipe import TrainJob, TrainResult, train_adapter
+from aftertune.learners.replay import past_wanted, sample_past
 from aftertune.learners.specs import LearningSpecs
-from aftertune.store.examples import Example, ExampleStore
+from aftertune.learners.train_job import ModelSource, train_in_processes
+from aftertune.store.examples import Example
 from aftertune.store.layout import StateLayout
 from aftertune.store.registry import Registry, Version
 
@@ -68,11 +71,11 @@ class TrainingData:
     past: list[Example]
 
 
-def _interrupted_window(state_dir: Path, parent: int | None) -> int | None:
+def _interrupted_window(layout: StateLayout, parent: int | None) -> int | None:
     """``until`` of a training run left with checkpoints on this champion, if any."""
     found = [
         until
-        for work in StateLayout(state_dir).training_runs(parent or 0)
+        for work in layout.training_runs(parent or 0)
         if (work / "checkpoints").is_dir()
         and any((work / "checkpoints").iterdir())
         and (until := StateLayout.training_run_until(work)) is not None
@@ -80,9 +83,7 @@ def _interrupted_window(state_dir: Path, parent: int | None) -> int | None:
     return max(found) if found else None
 
 
-def training_data(
-    store: ExampleStore, state_dir: Path, champion: Version | None, specs: LearningSpecs
-) -> TrainingData:
+def training_data(state: LearningState, champion: Version | None) -> TrainingData:
     """New train records since ``champion`` and a sample of what it was trained on.
 
     Raises NothingToTrain when no new train record waits.
@@ -91,48 +92,44 @@ def training_data(
     parent = champion.version if champion is not None else None
     # A run interrupted on this champion resumes on its own data window, even when more
     # records arrived since; they wait for the next cycle.
-    until = _interrupted_window(state_dir, parent) or store.max_seq()
+    store, specs = state.store, state.specs
+    until = _interrupted_window(state.layout, parent) or store.max_seq()
     new = store.train_after(watermark, until)
     if not new:
         made = f"v{champion.version}" if champion is not None else "the base model"
         raise NothingToTrain(
             f"no new train examples since {made} was made; push feedback and ingest it first"
         )
-    replay, ewc = specs.replay, specs.ewc
     # The past: what the champion was trained on (everything up to its watermark).
-    wanted = max(replay.cap if replay.enabled else 0, ewc.fisher_samples if ewc.enabled else 0)
-    past = store.replay_sample(wanted, seed=specs.train.seed, until=watermark) if watermark else []
+    wanted = past_wanted(specs.replay, specs.ewc)
+    past = sample_past(store, wanted, specs.train.seed, watermark)
     return TrainingData(parent, watermark, until, new, past)
 
 
 def train_candidate(
-    store: ExampleStore,
-    registry: Registry,
-    state_dir: Path,
-    specs: LearningSpecs,
-    *,
-    should_stop: Callable[[int, int], bool] | None = None,
-    actor: str = "daemon",
+    state: LearningState, *, should_stop: Callable[[int, int], bool] | None = None
 ) -> CandidateReport:
     """Train one candidate on the data that arrived since the champion; register it."""
+    registry, specs = state.registry, state.specs
     champion = registry.champion()
-    data = training_data(store, state_dir, champion, specs)
-    work = StateLayout(state_dir).training_run(data.parent, data.until)
-    if _in_processes(specs):  # the ranks load the model; this process needs the tokenizer
+    data = training_data(state, champion)
+    work = state.layout.training_run(data.parent, data.until)
+    in_processes = specs.train.processes > 1 and state.kind.trains_in_processes
+    if in_processes:  # the ranks load the model; this process needs the tokenizer
         model, tokenizer = None, load_tokenizer(specs.base)
     else:
-        model, tokenizer = load_version(registry, specs.base, state_dir, champion)
-    objective = kind_for(specs.base).objective(tokenizer, store, data.until, specs)
+        model, tokenizer = load_version(registry, specs.base, state.state_dir, champion)
+    sets = state.kind.answer_sets(state.store, None, data.until, specs).sets
+    objective = state.kind.objective(tokenizer, sets, specs)
     if not objective.kept(data.new, "new examples"):
         raise NothingToTrain(
             "every new train example belongs to a task this model kind cannot learn (see the"
             " warning above); nothing to train until other feedback arrives"
         )
-    result = _train(
-        registry, state_dir, champion, specs, data, work, should_stop, (model, tokenizer, objective)
-    )
+    loaded = (model, tokenizer, objective, sets)
+    result = _train(state, champion, data, work, should_stop, loaded)
     objective.save_beside(result.adapter_dir)  # e.g. the candidates a ranking version knows
-    version = _register(registry, specs, data, result, actor)
+    version = _register(registry, specs, data, result, state.actor)
     shutil.rmtree(work, ignore_errors=True)
     log.info(
         "candidate v%d trained on %d new + %d replayed examples in %.1fs (%d steps)",
@@ -146,42 +143,35 @@ def train_candidate(
 
 
 def _train(
-    registry: Registry,
-    state_dir: Path,
+    state: LearningState,
     champion: Version | None,
-    specs: LearningSpecs,
     data: TrainingData,
     work: Path,
     should_stop: Callable[[int, int], bool] | None,
-    loaded: tuple[Any, Any, Objective],
+    loaded: tuple[Any, Any, Objective, AnswerSets],
 ) -> TrainResult:
-    """The adapter, trained here or, with ``train.processes`` > 1, by torchrun (generative
-    kind only: the ranking objective runs in this process)."""
-    common: dict[str, Any] = {
-        "train": specs.train,
-        "lora": specs.lora,
-        "replay_spec": specs.replay,
-        "ewc": specs.ewc if specs.ewc.enabled else None,
-        "fisher_path": StateLayout(state_dir).fisher,
-        "out_dir": work / "adapter",
-        "checkpoint_dir": work / "checkpoints",
-        "should_stop": should_stop,
-    }
-    model, tokenizer, objective = loaded
-    if _in_processes(specs):
-        from aftertune.learners.train_job import ModelSource, train_in_processes
-
-        chain = registry.chain(champion.version) if champion is not None else []
-        source = ModelSource(
-            specs.base, [v.adapter_dir for v in chain], StateLayout(state_dir).champions
+    """The adapter, trained here or, with ``train.processes`` > 1 on a kind that allows it,
+    by torchrun."""
+    specs = state.specs
+    job = TrainJob.of(
+        data.new,
+        data.past,
+        train=specs.train,
+        lora=specs.lora,
+        replay=specs.replay,
+        ewc=specs.ewc if specs.ewc.enabled else None,
+        out_dir=work / "adapter",
+        fisher_path=state.layout.fisher,
+        checkpoint_dir=work / "checkpoints",
+    )
+    model, tokenizer, objective, sets = loaded
+    if model is None:
+        chain = state.registry.chain(champion.version) if champion is not None else []
+        source = ModelSource(specs.base, [v.adapter_dir for v in chain], state.layout.champions)
+        return train_in_processes(
+            specs.train.processes, source, job, sets=sets, specs=specs, should_stop=should_stop
         )
-        return train_in_processes(specs.train.processes, source, data.new, data.past, **common)
-    return train_adapter(model, tokenizer, data.new, data.past, objective=objective, **common)
-
-
-def _in_processes(specs: LearningSpecs) -> bool:
-    """Whether torchrun trains this cycle: ``train.processes`` > 1, generative kind only."""
-    return specs.train.processes > 1 and model_kind(specs.base) == GENERATIVE
+    return train_adapter(model, tokenizer, job, objective=objective, should_stop=should_stop)
 
 
 def _register(

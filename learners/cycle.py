@@ -13,7 +13,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from aftertune.learners.candidate import train_candidate
@@ -21,7 +20,8 @@ from aftertune.learners.champion import load_version
 from aftertune.learners.errors import CycleBlocked, ExportError
 from aftertune.learners.evaluate import TaskScore, held_out, normalize, score_dict
 from aftertune.learners.gate import Decision, GateReport, chance_threshold, judge
-from aftertune.learners.kinds import AnswerSets, ModelKind, kind_for
+from aftertune.learners.learning_state import LearningState
+from aftertune.learners.model_kind import AnswerSets
 from aftertune.learners.promote import promote_and_publish, sync_latest
 from aftertune.learners.specs import LearningSpecs
 from aftertune.store.bundles import Published
@@ -161,21 +161,16 @@ def _refuse_while_awaiting(registry: Registry) -> None:
 
 
 def run_cycle(
-    store: ExampleStore,
-    registry: Registry,
-    state_dir: Path,
-    specs: LearningSpecs,
-    *,
-    actor: str = "daemon",
-    should_stop: Callable[[int, int], bool] | None = None,
+    state: LearningState, *, should_stop: Callable[[int, int], bool] | None = None
 ) -> CycleResult:
     """Train → evaluate → gate → export + promote + publish, reject or wait. Resumable.
 
     With ``specs.export`` set, a promotion also publishes the parity-checked bundle as
     latest; a failed export or parity check rejects the challenger instead.
     """
-    run = _CycleRun(store, registry, state_dir, specs, actor)
-    sync_latest(store, registry, state_dir, specs)  # what a crash before `latest` left
+    registry, specs = state.registry, state.specs
+    run = _CycleRun(state)
+    sync_latest(state)  # what a crash before `latest` left
     _refuse_while_awaiting(registry)
     champion = registry.champion()
     challenger, trained = run.train_or_resume(champion, should_stop)
@@ -209,18 +204,26 @@ def run_cycle(
 class _CycleRun:
     """The steps of one cycle, sharing what every step needs; ``timings`` in seconds."""
 
-    store: ExampleStore
-    registry: Registry
-    state_dir: Path
-    specs: LearningSpecs
-    actor: str
+    state: LearningState
     timings: dict[str, float] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # tasks the model kind cannot score
     chance: dict[str, Chance] = field(default_factory=dict)  # "gain" / "all" -> chance levels
 
     @property
-    def kind(self) -> ModelKind:
-        return kind_for(self.specs.base)
+    def store(self) -> ExampleStore:
+        return self.state.store
+
+    @property
+    def registry(self) -> Registry:
+        return self.state.registry
+
+    @property
+    def specs(self) -> LearningSpecs:
+        return self.state.specs
+
+    @property
+    def actor(self) -> str:
+        return self.state.actor
 
     def train_or_resume(
         self, champion: Version | None, should_stop: Callable[[int, int], bool] | None
@@ -230,14 +233,7 @@ class _CycleRun:
         trained = None
         if challenger is None:
             t0 = time.monotonic()
-            report = train_candidate(
-                self.store,
-                self.registry,
-                self.state_dir,
-                self.specs,
-                should_stop=should_stop,
-                actor=self.actor,
-            )
+            report = train_candidate(self.state, should_stop=should_stop)
             self.timings["train_s"] = time.monotonic() - t0
             trained = report.to_json()
             challenger = self.registry.get(report.candidate)
@@ -264,7 +260,7 @@ class _CycleRun:
         )
         trained = set(challenger.lineage.get("trained_on", {}).get("count_by_task", {}))
         tasks = sorted(trained.union(*suites.values()))
-        judged = self.kind.answer_sets(self.store, tasks, challenger.data_seq, self.specs)
+        judged = self.state.kind.answer_sets(self.store, tasks, challenger.data_seq, self.specs)
         self.refused = judged.refused
         for name, by_task in suites.items():
             suites[name] = {t: v for t, v in by_task.items() if t not in judged.refused}
@@ -285,9 +281,11 @@ class _CycleRun:
     def _score_suites(
         self, version: Version | None, suites: Suites, sets: AnswerSets
     ) -> SuiteScores:
-        model, tokenizer = load_version(self.registry, self.specs.base, self.state_dir, version)
+        model, tokenizer = load_version(
+            self.registry, self.specs.base, self.state.state_dir, version
+        )
         return {
-            name: self.kind.score(model, tokenizer, by_task, sets, self.specs)
+            name: self.state.kind.score(model, tokenizer, by_task, sets, self.specs)
             for name, by_task in suites.items()
         }
 
@@ -323,14 +321,7 @@ class _CycleRun:
         decision, reasons, bundle = gate.decision, list(gate.reasons), None
         try:
             bundle = promote_and_publish(
-                self.store,
-                self.registry,
-                self.state_dir,
-                challenger,
-                self.specs,
-                actor=self.actor,
-                reason="; ".join(gate.reasons),
-                gate=gate.to_json(),
+                self.state, challenger, reason="; ".join(gate.reasons), gate=gate.to_json()
             )
         except ExportError as exc:
             decision, reasons = Decision.REJECTED, [f"export: {exc}"]

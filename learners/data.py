@@ -73,6 +73,20 @@ def _eos_id(tokenizer: Any) -> int:
     return int(eos)
 
 
+def prompt_ids(tokenizer: Any, example: ExampleLike, template: PromptTemplate) -> list[int]:
+    """The prompt's token ids, special tokens included: training and scoring tokenize it so."""
+    return list(tokenizer.encode(template.render(example.instruction, example.input)))
+
+
+def answer_ids(tokenizer: Any, output: str, *, eos_required: bool = True) -> list[int]:
+    """The answer's token ids, then EOS (the model learns where an answer ends). Scoring a
+    model whose tokenizer has no EOS (``eos_required=False``) leaves it out."""
+    ids = list(tokenizer.encode(output, add_special_tokens=False))
+    if eos_required or getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(_eos_id(tokenizer))
+    return ids
+
+
 def pad_id(tokenizer: Any) -> int:
     """The tokenizer's pad id, else EOS, else 0: padding is masked out of attention, losses
     and answers, so any id serves (training has already required an EOS by then)."""
@@ -104,8 +118,8 @@ def encode_example(
     """Tokenise one example into at most ``max_length`` ids with labels on the response only."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    prompt = list(tokenizer.encode(template.render(example.instruction, example.input)))
-    response = [*tokenizer.encode(example.output, add_special_tokens=False), _eos_id(tokenizer)]
+    prompt = prompt_ids(tokenizer, example, template)
+    response = answer_ids(tokenizer, example.output)
     prompt_cut = response_cut = False
     if len(prompt) + len(response) > max_length:
         # The prompt may shrink to half the budget before the response is touched: an answer

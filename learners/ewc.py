@@ -3,9 +3,10 @@
 The Fisher is the empirical one, defined exactly as avalanche's ``EWCPlugin`` computes its
 importances: the squared gradient of each *minibatch's* mean loss, averaged over minibatches
 (with ``batch_size=1`` that is the per-sample empirical Fisher, which the learning cycle
-uses; ``estimate_fisher_per_sample`` computes it several examples per backward pass, ~2x
-faster on the embedded model). Only the base ``weight`` of every targeted linear-like module
-gets a gradient (GPT-2's Conv1D included), so memory is one fp32 copy of those weights, never of the whole model.
+uses). Each model kind computes it on its own loss (``Objective.fisher``: the generative
+kind in ``kinds/generative/fisher.py``) with ``mean_squared_grads`` below. Only the base
+``weight`` of every targeted linear-like module gets a gradient (GPT-2's Conv1D included),
+so memory is one fp32 copy of those weights, never of the whole model.
 
 Penalty = λ/2 · Σ F ⊙ ΔW², ΔW = scaling · B @ A (the adapter's delta, zero for a fresh
 adapter). Note avalanche adds λ·Σ F ⊙ Δ² without the 1/2: our λ is twice its ``ewc_lambda``.
@@ -21,55 +22,25 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence, Sized
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from aftertune.learners.data import (
-    Encoded,
-    ExampleLike,
-    collate,
-    encode_examples,
-    pad_id,
-    response_loss,
-)
+from aftertune.learners.data import ExampleLike
 from aftertune.learners.errors import FisherMismatch, LearnerError
-from aftertune.learners.lora import adapted_modules, is_conv1d
+from aftertune.learners.lora import adapted_modules
+from aftertune.learners.objective import Objective
+from aftertune.learners.training_specs import EwcSpec
 from aftertune.store.files import write_atomic
 from aftertune.store.progress import Progress
-
-if TYPE_CHECKING:
-    from aftertune.learners.objectives import Objective
 
 log = logging.getLogger(__name__)
 
 FORMAT = "aftertune-online-fisher/1"
-
-
-@dataclass(frozen=True)
-class EwcSpec:
-    """How strongly the adapter is held near the champion on weights that mattered before.
-
-    No defaults here: the daemon's settings (``[ewc]``) are the one source of them.
-    """
-
-    lam: float
-    decay: float  # online EWC gamma: weight of the Fisher carried from past champions
-    fisher_samples: int  # replay examples the Fisher is estimated on
-    enabled: bool
-
-    def __post_init__(self) -> None:
-        if not self.lam >= 0:
-            raise ValueError(f"EWC lam must be >= 0, got {self.lam}")
-        if not 0 <= self.decay <= 1:
-            raise ValueError(f"EWC decay must be in [0, 1], got {self.decay}")
-        if self.fisher_samples < 1:
-            raise ValueError(f"EWC fisher_samples must be >= 1, got {self.fisher_samples}")
 
 
 def target_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Module]:
@@ -127,116 +98,6 @@ def mean_squared_grads(
     if n_batches == 0:
         raise ValueError("cannot estimate a Fisher from zero batches")
     return {k: (s / n_batches).cpu() for k, s in sums.items()}
-
-
-def _response_logits(
-    model: nn.Module, chunk: Sequence[Encoded], pad: int, dev: torch.device
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits of one collated chunk, as the training loop computes them, and the batch."""
-    b = {k: v.to(dev) for k, v in collate(chunk, pad).items()}
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    return logits, b
-
-
-def estimate_fisher(
-    model: nn.Module,
-    tokenizer: Any,
-    examples: Sequence[ExampleLike],
-    target_modules: Sequence[str],
-    *,
-    batch_size: int = 1,
-    max_length: int = 256,
-    device: torch.device | str | None = None,
-) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher of ``model`` on ``examples`` over the targeted linear-like weights.
-
-    Keys are module names + ``.weight`` as in the plain (not peft-wrapped) model; the loss is
-    the training loss (response tokens only, example weights applied).
-    """
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    encoded, _ = encode_examples(tokenizer, examples, max_length=max_length, what="Fisher examples")
-    pad = pad_id(tokenizer)
-    batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
-
-    def loss_fn(m: nn.Module, chunk: Any) -> torch.Tensor:
-        logits, b = _response_logits(m, chunk, pad, dev)
-        return response_loss(logits, b["labels"], b["weights"])
-
-    return mean_squared_grads(model, batches, loss_fn, target_weights(model, target_modules))
-
-
-def estimate_fisher_per_sample(
-    model: nn.Module,
-    tokenizer: Any,
-    examples: Sequence[ExampleLike],
-    target_modules: Sequence[str],
-    *,
-    batch_size: int = 16,
-    max_length: int = 256,
-    device: torch.device | str | None = None,
-) -> dict[str, torch.Tensor]:
-    """``estimate_fisher(batch_size=1)``, computed ``batch_size`` examples per backward pass.
-
-    For a Linear layer the gradient of example i's loss is Σ_t g_it ⊗ x_it (g: gradient at the
-    layer's output, x: its input). Examples in a right-padded causal batch never see each
-    other, so one backward of Σ_i L_i yields every g_i; hooks square each example's gradient
-    before the batch sum would mix them.
-    """
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    encoded, _ = encode_examples(tokenizer, examples, max_length=max_length, what="Fisher examples")
-    if not encoded:
-        raise ValueError("cannot estimate a Fisher from zero examples")
-    modules = target_linears(model, target_modules)
-    weights = {
-        f"{name}.weight": cast(torch.Tensor, module.weight) for name, module in modules.items()
-    }
-    sums = {k: torch.zeros_like(w, dtype=torch.float32) for k, w in weights.items()}
-    pad = pad_id(tokenizer)
-
-    def loss_fn(m: nn.Module, chunk: Any) -> torch.Tensor:
-        logits, b = _response_logits(m, chunk, pad, dev)
-        # Σ_i of each example's own loss (its weight cancels alone, as with batch_size=1).
-        return sum(
-            (response_loss(logits[i : i + 1], b["labels"][i : i + 1]) for i in range(len(chunk))),
-            torch.zeros((), device=dev),
-        )
-
-    inputs: dict[str, torch.Tensor] = {}
-    handles = [
-        module.register_forward_hook(_square_per_example(name, module, inputs, sums))
-        for name, module in modules.items()
-    ]
-    try:
-        batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
-        mean_squared_grads(model, batches, loss_fn, weights)  # drives the passes; hooks collect
-    finally:
-        for handle in handles:
-            handle.remove()
-        inputs.clear()
-    return {k: (s / len(encoded)).cpu() for k, s in sums.items()}
-
-
-def _square_per_example(
-    name: str, module: nn.Module, inputs: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]
-) -> Callable[..., None]:
-    """A forward hook on ``module`` that adds each example's squared weight gradient to
-    ``sums[name.weight]`` when the backward pass reaches the module's output."""
-    # Conv1D keeps its weight (in, out): its squared gradient is taken in that orientation.
-    transposed = is_conv1d(module)
-
-    def forward_hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        inputs[name] = args[0].detach()
-
-        def backward_hook(grad: torch.Tensor) -> None:
-            per_example = torch.einsum("bto,bti->boi", grad.float(), inputs.pop(name).float())
-            if transposed:
-                per_example = per_example.transpose(1, 2)
-            sums[f"{name}.weight"] += per_example.pow(2).sum(0)
-
-        out.register_hook(backward_hook)
-
-    return forward_hook
 
 
 def ewc_penalty(peft_model: nn.Module, fisher: dict[str, torch.Tensor], lam: float) -> torch.Tensor:
@@ -346,18 +207,19 @@ def weights_fingerprint(weights: dict[str, torch.Tensor]) -> str:
 def fisher_for_cycle(
     model: nn.Module,
     tokenizer: Any,
-    pool: Sequence[ExampleLike],
+    samples: Sequence[ExampleLike],
     spec: EwcSpec | None,
     *,
     target_modules: Sequence[str],
     max_length: int,
     fisher_path: Path | None,
     device: torch.device,
-    objective: Objective | None = None,
+    objective: Objective,
 ) -> tuple[dict[str, torch.Tensor] | None, float]:
     """The Fisher this cycle penalises with (None: no EWC), and the seconds it took.
 
-    Estimated on ``pool`` (replay data: the past tasks) at the champion ``model``, folded into
+    Estimated on ``samples`` (past tasks' examples: ``replay.remember``) at the champion
+    ``model``, folded into
     the online Fisher at ``fisher_path`` when given; reused as is when the champion has not
     changed since the stored one (the last cycle was rejected).
     """
@@ -369,7 +231,7 @@ def fisher_for_cycle(
     if stored is not None and fisher_champion(stored) == champion:
         log.info("champion unchanged since the stored Fisher; reusing %s", stored)
         return load_fisher(stored), time.perf_counter() - started
-    if not pool:
+    if not samples:
         if stored is not None:
             # No past data to measure on, but the carried Fisher still protects older tasks.
             log.warning(
@@ -379,17 +241,9 @@ def fisher_for_cycle(
             return {k: v * spec.decay for k, v in old.items()}, time.perf_counter() - started
         log.info("no replay examples and no stored Fisher: EWC is off this cycle")
         return None, 0.0
-    # An even stride over the pool keeps every task in the sample when it is capped.
-    stride = max(1, len(pool) // spec.fisher_samples)
-    samples = list(pool[::stride])[: spec.fisher_samples]
-    if objective is None:
-        fisher = estimate_fisher_per_sample(
-            model, tokenizer, samples, target_modules, max_length=max_length, device=device
-        )
-    else:  # the model kind's own loss (the generative one is the per-sample path above)
-        fisher = objective.fisher(
-            model, tokenizer, samples, target_modules, max_length=max_length, device=device
-        )
+    fisher = objective.fisher(  # the model kind's own loss
+        model, tokenizer, samples, target_modules, max_length=max_length, device=device
+    )
     if fisher_path is not None:
         fisher = update_online_fisher(fisher_path, fisher, spec.decay, champion=champion)
     seconds = time.perf_counter() - started
@@ -472,8 +326,6 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
 
 __all__ = [
     "EwcSpec",
-    "estimate_fisher",
-    "estimate_fisher_per_sample",
     "ewc_penalty",
     "fisher_champion",
     "fisher_for_cycle",

@@ -23,9 +23,8 @@ from typing import Any
 from aftertune.learners.champion import build_champion
 from aftertune.learners.errors import ExportError
 from aftertune.learners.export import ExportResult
-from aftertune.learners.kinds import kind_for
+from aftertune.learners.learning_state import LearningState
 from aftertune.learners.lineage import manifest_lineage
-from aftertune.learners.specs import LearningSpecs
 from aftertune.store.bundles import (
     Published,
     clean_staging,
@@ -40,18 +39,13 @@ from aftertune.store.consumer.format import read_manifest, resolve_inside, versi
 from aftertune.store.errors import BundleError
 from aftertune.store.examples import Example, ExampleStore
 from aftertune.store.failpoints import failpoint
-from aftertune.store.layout import StateLayout
 from aftertune.store.progress import ticking
 from aftertune.store.prompt import PromptTemplate
-from aftertune.store.registry import Registry, Version, VersionState
+from aftertune.store.registry import Version, VersionState
 
 log = logging.getLogger(__name__)
 
 BUNDLE_NAME = "aftertune"
-
-
-def bundles_dir(state_dir: Path) -> Path:
-    return StateLayout(state_dir).bundles
 
 
 def parity_prompts(
@@ -74,34 +68,25 @@ def parity_prompts(
     return out
 
 
-def export_version(
-    store: ExampleStore,
-    registry: Registry,
-    state_dir: Path,
-    version: Version,
-    *,
-    specs: LearningSpecs,
-    out: Path,
-) -> ExportResult:
+def export_version(state: LearningState, version: Version, out: Path) -> ExportResult:
     """Export ``version`` (base + its adapter chain merged) into the empty directory ``out``:
     a parity-checked bundle with its manifest, published nowhere. ExportError: why not."""
+    specs = state.specs
     spec, base = specs.export, specs.base
     if spec is None:
         raise ExportError("export is disabled (export.enabled = false)")
-    chain = registry.chain(version.version)
-    model_dir = build_champion(
-        base, [v.adapter_dir for v in chain], StateLayout(state_dir).champions
-    )
+    chain = state.registry.chain(version.version)
+    model_dir = build_champion(base, [v.adapter_dir for v in chain], state.layout.champions)
     fields: dict[str, Any] = {
         "name": BUNDLE_NAME,
         "version": version.version,
         **manifest_lineage(version),
         "metrics": version.metrics,
     }
-    prompts = parity_prompts(store, version.data_seq, spec.parity_prompts, spec.template)
+    prompts = parity_prompts(state.store, version.data_seq, spec.parity_prompts, spec.template)
     adapter = chain[-1].adapter_dir if chain else None
     with ticking(f"export v{version.version} to ONNX and check parity"):
-        result = kind_for(base).export(model_dir, out, specs, prompts, fields, adapter)
+        result = state.kind.export(model_dir, out, specs, prompts, fields, adapter)
     parity = result.manifest["parity"]
     log.info(
         "v%d exported (%s, %s) in %.1fs; parity: %s",
@@ -115,44 +100,30 @@ def export_version(
     return result
 
 
-def stage_bundle(
-    store: ExampleStore,
-    registry: Registry,
-    state_dir: Path,
-    version: Version,
-    *,
-    specs: LearningSpecs,
-) -> Path:
+def stage_bundle(state: LearningState, version: Version) -> Path:
     """Export ``version`` into ``bundles/vN``, unpublished."""
-    staging = new_staging_dir(bundles_dir(state_dir), version.version)
+    staging = new_staging_dir(state.layout.bundles, version.version)
     try:
         failpoint("export.staging")
-        export_version(store, registry, state_dir, version, specs=specs, out=staging)
-        return install(staging, bundles_dir(state_dir), version.version)
+        export_version(state, version, staging)
+        return install(staging, state.layout.bundles, version.version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
 def promote_and_publish(
-    store: ExampleStore,
-    registry: Registry,
-    state_dir: Path,
-    version: Version,
-    specs: LearningSpecs,
-    *,
-    actor: str,
-    reason: str,
-    gate: dict[str, Any] | None = None,
+    state: LearningState, version: Version, *, reason: str, gate: dict[str, Any] | None = None
 ) -> Published | None:
     """Export + parity, then promote, then publish. ExportError: rejected, champion kept.
 
     With ``specs.export=None`` (export disabled) it only promotes and returns None.
     """
+    registry, specs, actor = state.registry, state.specs, state.actor
     spec = specs.export
     if spec is not None:
         try:
-            stage_bundle(store, registry, state_dir, version, specs=specs)
+            stage_bundle(state, version)
         except ExportError as exc:
             registry.transition(
                 version.version,
@@ -166,11 +137,10 @@ def promote_and_publish(
     failpoint("publish.before_latest")
     if spec is None:
         return None
-    return _point_latest(state_dir, version.version, specs.keep_bundles)
+    return _point_latest(state.layout.bundles, version.version, specs.keep_bundles)
 
 
-def _point_latest(state_dir: Path, version: int, keep: int) -> Published:
-    root = bundles_dir(state_dir)
+def _point_latest(root: Path, version: int, keep: int) -> Published:
     set_latest(root, version)
     removed = prune(root, keep)
     if removed:
@@ -178,24 +148,19 @@ def _point_latest(state_dir: Path, version: int, keep: int) -> Published:
     return published(root, version)
 
 
-def sync_latest(
-    store: ExampleStore,
-    registry: Registry,
-    state_dir: Path,
-    specs: LearningSpecs,
-) -> Published | None:
+def sync_latest(state: LearningState) -> Published | None:
     """Make ``latest`` the champion's bundle (after a crash or a rollback). None: no champion.
 
     Returns the bundle when ``latest`` had to move, None when it already pointed right or
     export is disabled.
     """
-    if specs.export is None:
+    if state.specs.export is None:
         return None
-    root = bundles_dir(state_dir)
+    root = state.layout.bundles
     leftovers = clean_staging(root)
     if leftovers:
         log.info("removed what interrupted exports left: %s", ", ".join(leftovers))
-    champion = registry.champion()
+    champion = state.registry.champion()
     if champion is None:
         return None
     whole = _looks_whole(root / version_dir_name(champion.version))
@@ -205,8 +170,8 @@ def sync_latest(
         # Pruned, never made, or taken out of service (store/bundle_audit.py): made again
         # from the adapters, which are the source of truth.
         log.info("champion v%d has no whole bundle; exporting it again", champion.version)
-        stage_bundle(store, registry, state_dir, champion, specs=specs)
-    return _point_latest(state_dir, champion.version, specs.keep_bundles)
+        stage_bundle(state, champion)
+    return _point_latest(root, champion.version, state.specs.keep_bundles)
 
 
 def _looks_whole(bundle_dir: Path) -> bool:

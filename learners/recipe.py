@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import TypeAdapter
 from torch import nn
 
 from aftertune.learners.base_model import resolve_device
@@ -29,67 +30,31 @@ from aftertune.learners.checkpoint import clear_checkpoints, load_checkpoint, sa
 from aftertune.learners.data import Encoded, ExampleLike
 from aftertune.learners.distributed import Ranks, any_rank, sum_gradients, summed
 from aftertune.learners.errors import LearnerError, NonFiniteLoss, TrainingInterrupted
-from aftertune.learners.ewc import EwcPenalty, EwcSpec, fisher_for_cycle
+from aftertune.learners.ewc import EwcPenalty, fisher_for_cycle
 from aftertune.learners.lora import (
-    LoraSpec,
     adapted_modules,
     attach_fresh_adapter,
     describe_modules,
     detach_adapter,
     save_adapter,
 )
-from aftertune.learners.objectives import Objective, ResponseObjective
-from aftertune.learners.replay import ReplaySpec, cap_pool, mix_batches
+from aftertune.learners.objective import Objective
+from aftertune.learners.replay import mix_batches, remember
+from aftertune.learners.training_specs import EwcSpec, LoraSpec, ReplaySpec, TrainSpec
 from aftertune.store.progress import Progress
-from aftertune.store.prompt import PromptTemplate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EwcSpec", "LoraSpec", "ReplaySpec", "TrainResult", "TrainSpec", "train_adapter"]
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """Optimisation settings of one cycle. ``batch_size`` counts new + replayed examples.
-
-    No defaults here: the daemon's settings (``[train]``, ``[prompt]``) are the one source.
-    """
-
-    lr: float  # peak; tiny models take a higher LoRA lr than the usual 1e-4..3e-4
-    weight_decay: float
-    warmup_steps: int
-    max_steps: int | None  # None: ``epochs`` passes over the new examples
-    epochs: int
-    batch_size: int
-    grad_accum: int
-    max_grad_norm: float  # 0 disables clipping
-    seed: int
-    max_length: int  # tokens per example (bytes, for the embedded model)
-    checkpoint_every: int  # optimizer steps; 0: no checkpoints
-    device: str  # "auto": CUDA when present (bf16 autocast), else CPU fp32
-    progress: bool
-    schedule: str  # decay after warmup, to 0: "cosine" or "linear"
-    template: PromptTemplate
-    processes: int  # data-parallel processes (learners/train_job.py); 1 = this process
-
-    def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError("weight_decay and warmup_steps must be >= 0")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
-        for name in ("epochs", "batch_size", "grad_accum", "max_length", "processes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_grad_norm < 0 or self.checkpoint_every < 0:
-            raise ValueError("max_grad_norm and checkpoint_every must be >= 0")
-        if self.schedule not in ("cosine", "linear"):
-            raise ValueError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
-        if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
-            raise ValueError(
-                f"device must be 'auto', 'cpu', 'cuda[:n]' or 'mps', got {self.device!r}"
-            )
+__all__ = [
+    "EwcSpec",
+    "LoraSpec",
+    "ReplaySpec",
+    "TrainExample",
+    "TrainJob",
+    "TrainResult",
+    "TrainSpec",
+    "train_adapter",
+]
 
 
 @dataclass
@@ -136,58 +101,107 @@ def lr_schedule(
     return make(optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
+@dataclass(frozen=True)
+class TrainExample:
+    """What training reads of an example (``data.ExampleLike`` with its weight)."""
+
+    task: str
+    instruction: str
+    input: str
+    output: str
+    weight: float = 1.0
+
+    @classmethod
+    def of(cls, example: ExampleLike) -> TrainExample:
+        e = example
+        return cls(e.task, e.instruction, e.input, e.output, float(getattr(e, "weight", 1.0)))
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What one training run takes: its examples, its specs, where it reads and writes.
+
+    ``past`` is the sample of what the champion learned (``replay.sample_past``); the recipe
+    splits it into replay and Fisher examples (``replay.remember``). A job crosses into
+    torchrun's processes as JSON (``to_json``/``from_json``, pydantic), nothing by hand.
+    """
+
+    new: tuple[TrainExample, ...]
+    past: tuple[TrainExample, ...]
+    train: TrainSpec
+    lora: LoraSpec
+    replay: ReplaySpec
+    ewc: EwcSpec | None  # None: no EWC penalty
+    out_dir: Path  # the adapter is saved here
+    fisher_path: Path | None = None  # the online Fisher carried across cycles
+    checkpoint_dir: Path | None = None  # None: no checkpoints, no resume
+
+    @classmethod
+    def of(cls, new: Sequence[ExampleLike], past: Sequence[ExampleLike], **rest: Any) -> TrainJob:
+        """A job on any examples (the store's, a benchmark's): only what training reads."""
+        return cls(
+            tuple(TrainExample.of(e) for e in new),
+            tuple(TrainExample.of(e) for e in past),
+            **rest,
+        )
+
+    def to_json(self) -> bytes:
+        return _JOB_JSON.dump_json(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> TrainJob:
+        return _JOB_JSON.validate_json(data)
+
+
+_JOB_JSON: TypeAdapter[TrainJob] = TypeAdapter(TrainJob)
+
+
 def train_adapter(
     model: nn.Module,
     tokenizer: Any,
-    new: Sequence[ExampleLike],
-    replay: Sequence[ExampleLike],
+    job: TrainJob,
     *,
-    train: TrainSpec,
-    lora: LoraSpec,
-    replay_spec: ReplaySpec,
-    ewc: EwcSpec | None,
-    fisher_path: Path | None,
-    out_dir: Path,
-    checkpoint_dir: Path | None = None,
+    objective: Objective,
     should_stop: Callable[[int, int], bool] | None = None,
-    objective: Objective | None = None,
     ranks: Ranks | None = None,
 ) -> TrainResult:
-    """Train a fresh LoRA adapter on ``model`` (the champion) and save it to ``out_dir``.
+    """Train a fresh LoRA adapter on ``model`` (the champion) and save it to ``job.out_dir``.
 
     The model is moved to the training device and handed back clean: the adapter is removed
-    (not merged), no base weight changes. With ``checkpoint_dir`` a crashed run resumes from
-    its last checkpoint and reaches the same adapter. ``should_stop(step, total_steps)`` is
-    asked after every step; True checkpoints (when a directory is set) and raises
-    ``TrainingInterrupted``. ``objective`` is the model kind's loss (default: the generative
-    kind's response cross-entropy). With ``ranks`` this process is one of a data-parallel job
-    (learners/distributed.py); rank 0 writes the checkpoints and the adapter.
+    (not merged), no base weight changes. With ``job.checkpoint_dir`` a crashed run resumes
+    from its last checkpoint and reaches the same adapter. ``should_stop(step, total_steps)``
+    is asked after every step; True checkpoints (when a directory is set) and raises
+    ``TrainingInterrupted``. ``objective`` is the model kind's loss (``ModelKind.objective``).
+    With ``ranks`` this process is one of a data-parallel job (learners/distributed.py); rank
+    0 writes the checkpoints and the adapter.
     """
-    if not new:
+    if not job.new:
         raise LearnerError("train_adapter needs at least one new example; nothing to learn")
     recipe = LoraRecipe(
         model,
         tokenizer,
-        train=train,
-        lora=lora,
-        replay_spec=replay_spec,
-        ewc=ewc,
-        objective=objective or ResponseObjective(tokenizer),
+        train=job.train,
+        lora=job.lora,
+        replay_spec=job.replay,
+        ewc=job.ewc,
+        objective=objective,
         ranks=ranks,
     )
     device = recipe.device
     # Seeding inside fork_rng: A's init and dropout are reproducible, the caller's RNG untouched.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
-            recipe.setup(new, replay, fisher_path=fisher_path, checkpoint_dir=checkpoint_dir)
+            recipe.setup(
+                job.new, job.past, fisher_path=job.fisher_path, checkpoint_dir=job.checkpoint_dir
+            )
             recipe.train(should_stop)
             if recipe.leader:
-                save_adapter(recipe.peft_model, out_dir)
+                save_adapter(recipe.peft_model, job.out_dir)
         finally:
             recipe.cleanup()
-    if checkpoint_dir is not None and recipe.leader:
-        clear_checkpoints(checkpoint_dir)  # the adapter is saved: nothing left to resume
-    return recipe.result(Path(out_dir))
+    if job.checkpoint_dir is not None and recipe.leader:
+        clear_checkpoints(job.checkpoint_dir)  # the adapter is saved: nothing left to resume
+    return recipe.result(Path(job.out_dir))
 
 
 class LoraRecipe:
@@ -235,13 +249,13 @@ class LoraRecipe:
     ) -> None:
         spec = self.spec
         self.model.to(self.device)
-        new, replay = self._data(new, replay)
+        new, fisher_samples = self._data(new, replay)
         # The Fisher is taken on the champion before the adapter exists (plain module names),
         # on past examples whether or not they are also replayed in batches.
         self.fisher, self.fisher_seconds = fisher_for_cycle(
             self.model,
             self.tokenizer,
-            replay,
+            fisher_samples,
             self.ewc,
             target_modules=self.lora.target_modules,
             max_length=spec.max_length,
@@ -279,7 +293,8 @@ class LoraRecipe:
     def _data(
         self, new: Sequence[ExampleLike], replay: Sequence[ExampleLike]
     ) -> tuple[Sequence[ExampleLike], Sequence[ExampleLike]]:
-        """Encode the new examples and the capped replay pool; plan the steps.
+        """Encode the new examples and the replayed ones; plan the steps. Returns the new
+        examples kept and the past ones the Fisher is estimated on (``replay.remember``).
 
         Examples of tasks the model kind refuses (a ranking kind's free-text tasks) are left
         out of the batches and of the Fisher; the objective logs how many and why.
@@ -293,7 +308,8 @@ class LoraRecipe:
                 " warning above"
             )
         self.new = new
-        self.pool = [replay[i] for i in cap_pool(replay, self.replay_spec, spec.seed)]
+        memory = remember(replay, self.replay_spec, self.ewc, spec.seed)
+        self.pool = memory.replay
         kw: dict[str, Any] = {"max_length": spec.max_length, "template": spec.template}
         encode = self.objective.encode
         self.new_enc, new_cut = encode(self.tokenizer, new, what="new examples", **kw)
@@ -303,7 +319,7 @@ class LoraRecipe:
         self.total_steps = spec.max_steps or math.ceil(
             spec.epochs * self.micro_per_epoch / spec.grad_accum
         )
-        return new, replay
+        return new, memory.fisher
 
     def _epoch(self, epoch: int) -> list[list[Encoded]]:
         """The micro-batches of one epoch (the current epoch's plan is kept)."""

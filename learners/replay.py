@@ -1,4 +1,9 @@
-"""Replay as a plugin: it returns the batches that mix new examples with replayed ones.
+"""Replay memory: what a cycle remembers of the past, and the batches that mix it in.
+
+One place decides which past examples a cycle uses and how many, for training and for the
+EWC Fisher: ``sample_past`` reads a task-balanced sample of the records the champion learned
+(the store only returns rows), ``remember`` splits it into what is replayed in batches (at
+most ``replay.cap``) and what the Fisher is estimated on (at most ``ewc.fisher_samples``).
 
 Each micro-batch holds ``batch_size`` examples; about ``ratio`` of them are replayed per new
 one (``ratio=1`` → half new, half replayed). Replayed examples are drawn task-balanced from
@@ -13,23 +18,54 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from aftertune.learners.data import ExampleLike
+from aftertune.learners.training_specs import EwcSpec, ReplaySpec
+from aftertune.store.examples import Example, ExampleStore
+
+ExampleT = TypeVar("ExampleT", bound=ExampleLike)
 
 
 @dataclass(frozen=True)
-class ReplaySpec:
-    """How much of the past is replayed in a cycle (defaults: the settings' ``[replay]``)."""
+class Memory(Generic[ExampleT]):
+    """What one cycle remembers: examples replayed in batches, examples the Fisher is taken on."""
 
-    ratio: float  # replayed examples per new example in each batch
-    cap: int  # most distinct replay examples used in one cycle
-    enabled: bool
+    replay: list[ExampleT]
+    fisher: list[ExampleT]
 
-    def __post_init__(self) -> None:
-        if not (self.ratio >= 0 and self.ratio <= 64):
-            raise ValueError(f"replay ratio must be in [0, 64], got {self.ratio}")
-        if self.cap < 0:
-            raise ValueError(f"replay cap must be >= 0, got {self.cap}")
+
+def past_wanted(replay: ReplaySpec, ewc: EwcSpec | None) -> int:
+    """How many past records a cycle reads: enough for its replay and for its Fisher."""
+    replayed = replay.cap if replay.enabled else 0
+    fisher = ewc.fisher_samples if ewc is not None and ewc.enabled else 0
+    return max(replayed, fisher)
+
+
+def sample_past(store: ExampleStore, n: int, seed: int, until: int) -> list[Example]:
+    """A seeded sample of ``n`` train records with ``seq <= until``, every task an equal share
+    (a task with fewer records gives its unused share to the others)."""
+    if n <= 0 or until <= 0:
+        return []
+    quota = _balanced_quota(store.train_counts(until), n)
+    return [
+        example
+        for task in sorted(quota)
+        for example in store.sample_train(task, quota[task], f"replay:{seed}:{task}", until)
+    ]
+
+
+def remember(
+    past: Sequence[ExampleT], replay: ReplaySpec, ewc: EwcSpec | None, seed: int
+) -> Memory[ExampleT]:
+    """Split the sampled past into what is replayed and what the Fisher is estimated on."""
+    replayed = [past[i] for i in cap_pool(past, replay, seed)]
+    fisher: list[ExampleT] = []
+    if ewc is not None and ewc.enabled and past:
+        # An even stride over the sample keeps every task in it when it is capped.
+        stride = max(1, len(past) // ewc.fisher_samples)
+        fisher = list(past[::stride])[: ewc.fisher_samples]
+    return Memory(replayed, fisher)
 
 
 @dataclass(frozen=True)
@@ -137,3 +173,18 @@ class _BalancedDraw:
                 self._queues[t] = fresh
             out.append(self._queues[t].pop())
         return out
+
+
+def _balanced_quota(sizes: dict[str, int], n: int) -> dict[str, int]:
+    """Split ``n`` over tasks as evenly as their sizes allow (water-filling)."""
+    quota = {task: 0 for task in sizes}
+    remaining = min(n, sum(sizes.values()))
+    open_tasks = sorted(t for t, size in sizes.items() if size > 0)
+    while remaining > 0 and open_tasks:
+        share, extra = divmod(remaining, len(open_tasks))
+        for i, task in enumerate(open_tasks):
+            give = min(share + (1 if i < extra else 0), sizes[task] - quota[task])
+            quota[task] += give
+            remaining -= give
+        open_tasks = [t for t in open_tasks if quota[t] < sizes[t]]
+    return quota

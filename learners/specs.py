@@ -1,24 +1,38 @@
-"""What a learning cycle is told, as plain frozen dataclasses (the learners never see Settings).
+"""What a learning cycle is told: every spec, in one value (the learners never see Settings).
 
-Each piece lives with the code it tunes (``LoraSpec`` in lora.py, ``TrainSpec`` in
-recipe.py, ...); this module holds the evaluation spec and the bundle of all of them that
-the cycle, the candidate trainer and promotion take. None of them carries defaults: the
-daemon's settings are the one source, and ``aftertune.daemon.specs.specs_from`` builds
-these from them.
+Each spec is declared once, with its defaults and bounds, beside what it tunes
+(``training_specs.py``: LoRA, training, replay, EWC; ``evaluate.py``, ``gate.py``,
+``export.py``); the daemon's settings sections are those classes, and
+``aftertune.daemon.specs.specs_from`` adds what one section cannot say alone. This module
+holds ``RankingSpec`` (the settings' ``[ranking]``) and the bundle of all of them that the
+cycle, the candidate trainer and promotion take. Torch-free: the settings import it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydantic import Field
+from pydantic.dataclasses import dataclass as spec_dataclass
+
 from aftertune.learners.evaluate import EvalSpec
-from aftertune.learners.ewc import EwcSpec
 from aftertune.learners.export import ExportSpec
 from aftertune.learners.gate import GateRules
-from aftertune.learners.lora import LoraSpec
-from aftertune.learners.ranking import RankingSpec
-from aftertune.learners.recipe import TrainSpec
-from aftertune.learners.replay import ReplaySpec
+from aftertune.learners.spec_config import SPEC_CONFIG
+from aftertune.learners.training_specs import EwcSpec, LoraSpec, ReplaySpec, TrainSpec
+
+
+@spec_dataclass(frozen=True, kw_only=True, config=SPEC_CONFIG)
+class RankingSpec:
+    """``[ranking]``: how the ranking kind (a sentence-encoder base such as embedded:minilm)
+    scores answers."""
+
+    temperature: float = Field(
+        default=0.05, gt=0, description="cosine / temperature → softmax (training and scoring)"
+    )
+    max_candidates: int = Field(
+        default=256, ge=2, description="more distinct outputs: a free-text task, refused"
+    )
 
 
 @dataclass(frozen=True)

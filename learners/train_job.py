@@ -2,10 +2,12 @@
 
 The daemon (or ``aftertune cycle``) writes what the training needs to ``job.json`` in the
 run's work dir — where the champion comes from (base + adapter chain, merged once here
-before the processes start), the new and replayed examples, the specs — and starts
+before the processes start), the ``TrainJob`` (examples, specs, paths), and what the model
+kind builds its objective from (answer sets, specs), serialized by pydantic — and starts
 ``python -m torch.distributed.run --standalone --nproc-per-node N -m
 aftertune.learners.train_job job.json``. Each process loads the champion, joins the job
-(gloo on CPU, nccl on CUDA: learners/distributed.py) and calls the same ``train_adapter``
+(gloo on CPU, nccl on CUDA: learners/distributed.py), asks the base's model kind for its
+objective and calls the same ``train_adapter``
 as a single process, on its share of every step. Rank 0 writes checkpoints, the adapter,
 ``progress.json`` after every step and ``result.json`` at the end.
 
@@ -30,18 +32,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
+
+from pydantic import TypeAdapter
 
 from aftertune.learners.champion import build_champion, load_champion
-from aftertune.learners.data import ExampleLike
 from aftertune.learners.distributed import ranks_from_env
 from aftertune.learners.errors import LearnerError, TrainingInterrupted
-from aftertune.learners.ewc import EwcSpec
-from aftertune.learners.lora import LoraSpec
-from aftertune.learners.recipe import TrainResult, TrainSpec, train_adapter
-from aftertune.learners.replay import ReplaySpec
+from aftertune.learners.kinds import kind_for
+from aftertune.learners.model_kind import AnswerSets
+from aftertune.learners.recipe import TrainJob, TrainResult, train_adapter
+from aftertune.learners.specs import LearningSpecs
 from aftertune.store.files import write_atomic
-from aftertune.store.prompt import PromptTemplate
 
 log = logging.getLogger(__name__)
 
@@ -58,48 +60,47 @@ class ModelSource:
     cache_dir: Path
 
 
+@dataclass(frozen=True)
+class ProcessJob:
+    """What every process of the run reads from ``job.json``."""
+
+    source: ModelSource
+    job: TrainJob
+    sets: dict[str, list[str] | None]  # the answer sets the kind's objective is built on
+    specs: LearningSpecs
+
+    def to_json(self) -> bytes:
+        return _PROCESS_JOB_JSON.dump_json(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> ProcessJob:
+        return _PROCESS_JOB_JSON.validate_json(data)
+
+
+_PROCESS_JOB_JSON: TypeAdapter[ProcessJob] = TypeAdapter(ProcessJob)
+
+
 def train_in_processes(
     processes: int,
     source: ModelSource,
-    new: Sequence[ExampleLike],
-    replay: Sequence[ExampleLike],
+    job: TrainJob,
     *,
-    train: TrainSpec,
-    lora: LoraSpec,
-    replay_spec: ReplaySpec,
-    ewc: EwcSpec | None,
-    fisher_path: Path | None,
-    out_dir: Path,
-    checkpoint_dir: Path | None = None,
+    sets: AnswerSets,
+    specs: LearningSpecs,
     should_stop: Callable[[int, int], bool] | None = None,
 ) -> TrainResult:
     """``train_adapter`` over ``processes`` processes started by torchrun (see the module)."""
-    job_dir = Path(out_dir).parent / "job"
+    job_dir = Path(job.out_dir).parent / "job"
     job_dir.mkdir(parents=True, exist_ok=True)
     for stale in (PROGRESS, RESULT):
         (job_dir / stale).unlink(missing_ok=True)
     build_champion(source.base, list(source.adapter_dirs), source.cache_dir)  # once, not N times
-    job = {
-        "source": {
-            "base": source.base,
-            "adapter_dirs": [str(d) for d in source.adapter_dirs],
-            "cache_dir": str(source.cache_dir),
-        },
-        "new": [_example(e) for e in new],
-        "replay": [_example(e) for e in replay],
-        "train": asdict(train),
-        "lora": asdict(lora),
-        "replay_spec": asdict(replay_spec),
-        "ewc": asdict(ewc) if ewc is not None else None,
-        "fisher_path": str(fisher_path) if fisher_path is not None else None,
-        "out_dir": str(out_dir),
-        "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None,
-    }
-    write_atomic(job_dir / JOB, json.dumps(job).encode())
+    answer_sets = {t: (sorted(s) if s is not None else None) for t, s in sets.items()}
+    write_atomic(job_dir / JOB, ProcessJob(source, job, answer_sets, specs).to_json())
     stopped = _run_torchrun(processes, job_dir, should_stop)
     progress = _read(job_dir / PROGRESS) or {"step": 0}
     if stopped:
-        raise TrainingInterrupted(int(progress["step"]), checkpoint_dir)
+        raise TrainingInterrupted(int(progress["step"]), job.checkpoint_dir)
     result = _read(job_dir / RESULT)
     if result is None:
         raise LearnerError(f"training in {processes} processes left no result; see the log above")
@@ -138,21 +139,6 @@ def _run_torchrun(
     return stopping
 
 
-class _Example(NamedTuple):
-    """What training reads of an example (learners/data.py: ExampleLike)."""
-
-    task: str
-    instruction: str
-    input: str
-    output: str
-    weight: float
-
-
-def _example(example: ExampleLike) -> list[Any]:
-    e = example
-    return [e.task, e.instruction, e.input, e.output, float(getattr(e, "weight", 1.0))]
-
-
 def _read(path: Path) -> dict[str, Any] | None:
     try:
         found: dict[str, Any] = json.loads(path.read_text())
@@ -164,28 +150,15 @@ def _read(path: Path) -> dict[str, Any] | None:
 # --- one process of the job (torchrun runs this module)
 
 
-def _specs(job: dict[str, Any]) -> dict[str, Any]:
-    train = dict(job["train"])
-    train["template"] = PromptTemplate(**train["template"])
-    lora = {**job["lora"], "target_modules": tuple(job["lora"]["target_modules"])}
-    return {
-        "train": TrainSpec(**train),
-        "lora": LoraSpec(**lora),
-        "replay_spec": ReplaySpec(**job["replay_spec"]),
-        "ewc": EwcSpec(**job["ewc"]) if job["ewc"] is not None else None,
-    }
-
-
 def run_rank(job_path: Path) -> int:
     """Train this process' share; 75 when asked to stop (after a checkpoint), else 0."""
-    job = json.loads(job_path.read_text())
+    work = ProcessJob.from_json(job_path.read_bytes())
     ranks = ranks_from_env()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    source = job["source"]
-    model, tokenizer = load_champion(
-        source["base"], [Path(d) for d in source["adapter_dirs"]], Path(source["cache_dir"])
-    )
+    source = work.source
+    model, tokenizer = load_champion(source.base, list(source.adapter_dirs), source.cache_dir)
+    objective = kind_for(source.base).objective(tokenizer, work.sets, work.specs)
     leader = ranks is None or ranks.leader
 
     def should_stop(step: int, total: int) -> bool:
@@ -197,16 +170,7 @@ def run_rank(job_path: Path) -> int:
 
     try:
         result = train_adapter(
-            model,
-            tokenizer,
-            [_Example(*e) for e in job["new"]],
-            [_Example(*e) for e in job["replay"]],
-            fisher_path=Path(job["fisher_path"]) if job["fisher_path"] else None,
-            out_dir=Path(job["out_dir"]),
-            checkpoint_dir=Path(job["checkpoint_dir"]) if job["checkpoint_dir"] else None,
-            should_stop=should_stop,
-            ranks=ranks,
-            **_specs(job),
+            model, tokenizer, work.job, objective=objective, should_stop=should_stop, ranks=ranks
         )
     except TrainingInterrupted:
         return 75

@@ -445,17 +445,10 @@ class ExampleStore:
             out.extend(_example(r) for r in rows if r[1] in wanted)
         return out
 
-    def replay_sample(self, n: int, seed: int, until: int | None = None) -> list[Example]:
-        """A seeded, task-balanced sample of ``n`` train examples with ``seq <= until``.
-
-        Each task gets an equal share (a task with fewer examples gives its unused share to
-        the others); within a task, reservoir sampling (Algorithm R) over the stored rows
-        keeps memory at O(n) however large the store grows.
-        """
-        if n <= 0:
-            return []
+    def train_counts(self, until: int | None = None) -> dict[str, int]:
+        """Live train records per task with ``seq <= until`` (None: all)."""
         until = self.max_seq() if until is None else until
-        sizes = dict(
+        return dict(
             self._query(
                 "SELECT task, COUNT(*) FROM examples WHERE split='train' AND seq <= ?"
                 + _LIVE
@@ -463,40 +456,31 @@ class ExampleStore:
                 (until,),
             )
         )
-        quota = _balanced_quota(sizes, n)
+
+    def sample_train(self, task: str, k: int, seed: str, until: int | None = None) -> list[Example]:
+        """A seeded uniform sample of ``k`` live train records of ``task`` with ``seq <= until``.
+
+        Reservoir sampling (Algorithm R) over the stored rows keeps memory at O(k) however
+        large the store grows. Which tasks and how many each is the caller's choice
+        (``learners/replay.py`` decides what a cycle remembers).
+        """
+        if k <= 0:
+            return []
+        until = self.max_seq() if until is None else until
         rng = random.Random(seed)
-        chosen: list[str] = []
-        for task in sorted(quota):
-            reservoir: list[str] = []
-            k = quota[task]
-            rows = self.db.iterate(
-                "SELECT id FROM examples WHERE split='train' AND task=? AND seq <= ?"
-                + _LIVE
-                + " ORDER BY seq",
-                (task, until),
-            )
-            for i, (id_,) in enumerate(rows):
-                if i < k:
-                    reservoir.append(id_)
-                else:
-                    j = rng.randint(0, i)
-                    if j < k:
-                        reservoir[j] = id_
-            chosen.extend(reservoir)
-        by_id = {e.id: e for e in self.get(chosen)}
-        return [by_id[i] for i in chosen]
-
-
-def _balanced_quota(sizes: dict[str, int], n: int) -> dict[str, int]:
-    """Split ``n`` over tasks as evenly as their sizes allow (water-filling)."""
-    quota = {task: 0 for task in sizes}
-    remaining = min(n, sum(sizes.values()))
-    open_tasks = sorted(t for t, size in sizes.items() if size > 0)
-    while remaining > 0 and open_tasks:
-        share, extra = divmod(remaining, len(open_tasks))
-        for i, task in enumerate(open_tasks):
-            give = min(share + (1 if i < extra else 0), sizes[task] - quota[task])
-            quota[task] += give
-            remaining -= give
-        open_tasks = [t for t in open_tasks if quota[t] < sizes[t]]
-    return quota
+        reservoir: list[str] = []
+        rows = self.db.iterate(
+            "SELECT id FROM examples WHERE split='train' AND task=? AND seq <= ?"
+            + _LIVE
+            + " ORDER BY seq",
+            (task, until),
+        )
+        for i, (id_,) in enumerate(rows):
+            if i < k:
+                reservoir.append(id_)
+            else:
+                j = rng.randint(0, i)
+                if j < k:
+                    reservoir[j] = id_
+        by_id = {e.id: e for e in self.get(reservoir)}
+        return [by_id[i] for i in reservoir]

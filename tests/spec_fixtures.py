@@ -10,12 +10,9 @@ from dataclasses import replace
 from typing import Any
 
 from aftertune.daemon.specs import default_specs
-from aftertune.learners.ewc import EwcSpec
 from aftertune.learners.export import ExportSpec
 from aftertune.learners.gate import GateRules
-from aftertune.learners.lora import LoraSpec
-from aftertune.learners.recipe import TrainSpec
-from aftertune.learners.replay import ReplaySpec
+from aftertune.learners.training_specs import EwcSpec, LoraSpec, ReplaySpec, TrainSpec
 
 DEFAULTS = default_specs()
 

@@ -11,8 +11,10 @@ from learner_fixtures import copy_task, save_tiny_base
 from safetensors.torch import load_file
 from spec_fixtures import ewc_spec, lora_spec, replay_spec, train_spec
 
+from aftertune.daemon.specs import default_specs
 from aftertune.learners.champion import load_champion
-from aftertune.learners.recipe import train_adapter
+from aftertune.learners.kinds.generative.objective import ResponseObjective
+from aftertune.learners.recipe import TrainJob, train_adapter
 from aftertune.learners.train_job import ModelSource, train_in_processes
 
 pytestmark = pytest.mark.slow
@@ -37,7 +39,7 @@ def _args(tmp: Path, name: str) -> dict[str, object]:
             device="cpu",
         ),
         "lora": lora_spec(r=4, dropout=0.0),
-        "replay_spec": replay_spec(ratio=1.0),
+        "replay": replay_spec(ratio=1.0),
         "ewc": ewc_spec(lam=5.0, fisher_samples=8),
         "fisher_path": tmp / f"{name}-fisher.safetensors",
         "out_dir": tmp / name / "adapter",
@@ -50,8 +52,11 @@ def test_two_gloo_processes_under_torchrun_train_the_adapter_one_process_trains(
     base = save_tiny_base(tmp_path / "base")
     source = ModelSource(str(base), [], tmp_path / "champions")
     model, tokenizer = load_champion(source.base, [], source.cache_dir)
-    one = train_adapter(model, tokenizer, NEW, OLD, **_args(tmp_path, "one"))
-    two = train_in_processes(2, source, NEW, OLD, **_args(tmp_path, "two"))
+    one_job = TrainJob.of(NEW, OLD, **_args(tmp_path, "one"))
+    one = train_adapter(model, tokenizer, one_job, objective=ResponseObjective(tokenizer))
+    two_job = TrainJob.of(NEW, OLD, **_args(tmp_path, "two"))
+    specs = default_specs()
+    two = train_in_processes(2, source, two_job, sets={}, specs=specs)
     assert (two.steps, two.new_examples) == (one.steps, one.new_examples) == (6, 24)
     assert two.loss_first == pytest.approx(one.loss_first, rel=1e-5)
     first = load_file(str(one.adapter_dir / "adapter_model.safetensors"))
@@ -72,6 +77,7 @@ def test_a_cycle_with_two_processes_registers_a_candidate_without_loading_the_mo
     from aftertune.daemon.settings import load_settings
     from aftertune.daemon.specs import specs_from
     from aftertune.learners import candidate
+    from aftertune.learners.learning_state import LearningState
     from aftertune.store.examples import ExampleStore
     from aftertune.store.records import record_from_obj
     from aftertune.store.registry import Registry
@@ -94,7 +100,8 @@ def test_a_cycle_with_two_processes_registers_a_candidate_without_loading_the_mo
         Registry(tmp_path / "state") as registry,
     ):
         store.add([record_from_obj(r) for r in rows])
-        report = candidate.train_candidate(store, registry, tmp_path / "state", specs)
+        state = LearningState(store, registry, tmp_path / "state", specs)
+        report = candidate.train_candidate(state)
         assert (report.candidate, report.parent, report.steps) == (1, None, 3)
         assert 0 < report.new_examples <= len(NEW)  # duplicates stored once, a test split
         assert registry.get(1).adapter_dir.is_dir()

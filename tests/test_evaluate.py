@@ -12,16 +12,13 @@ import torch
 from aftertune.learners.base_model import load_base
 from aftertune.learners.evaluate import (
     TaskScore,
-    answer_budget,
-    evaluate,
     exact_match,
     normalize,
-    predict,
     score_dict,
-    score_task,
     task_kind,
     token_f1,
 )
+from aftertune.learners.kinds.generative.scoring import answer_budget, evaluate, predict, score_task
 from aftertune.store.examples import Example
 
 

@@ -13,13 +13,12 @@ from aftertune.learners.data import collate, encode_examples, response_loss
 from aftertune.learners.errors import FisherMismatch
 from aftertune.learners.ewc import (
     EwcPenalty,
-    estimate_fisher,
-    estimate_fisher_per_sample,
     ewc_penalty,
     fisher_champion,
     load_fisher,
     update_online_fisher,
 )
+from aftertune.learners.kinds.generative.fisher import estimate_fisher, estimate_fisher_per_sample
 from aftertune.learners.lora import attach_fresh_adapter
 
 TARGETS = DEFAULTS.lora.target_modules

@@ -22,11 +22,12 @@ import torch
 from learner_fixtures import save_tiny_base
 from spec_fixtures import export_spec
 
-import aftertune.learners.export as export_module
+import aftertune.learners.kinds.generative.export as export_module
 from aftertune.learners.base_model import EMBEDDED_TINY, load_base, resolve_base
 from aftertune.learners.curriculum import sample
 from aftertune.learners.errors import ExportError
-from aftertune.learners.export import ExportSpec, check_parity, export_bundle
+from aftertune.learners.export import ExportSpec
+from aftertune.learners.kinds.generative.export import check_parity, export_bundle
 from aftertune.store.consumer import Bundle
 from aftertune.store.consumer.format import (
     FORMAT_GENAI,

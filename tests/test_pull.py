@@ -26,7 +26,7 @@ from spec_fixtures import export_spec
 from aftertune.daemon.server import HttpServer, build_app
 from aftertune.learners.base_model import EMBEDDED_TINY, resolve_base
 from aftertune.learners.curriculum import sample
-from aftertune.learners.export import export_bundle
+from aftertune.learners.kinds.generative.export import export_bundle
 from aftertune.store.bundles import install, new_staging_dir, set_latest
 from aftertune.store.consumer import Bundle
 from aftertune.store.consumer.format import (

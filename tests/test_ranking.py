@@ -13,7 +13,7 @@ import pytest
 from conftest import cli_json, ingest, run_cli, write_jsonl
 
 from aftertune.learners.base_model import EMBEDDED_MINILM, RANKING, model_kind, resolve_base
-from aftertune.learners.ranking import candidates_of
+from aftertune.learners.kinds.ranking.candidates import candidates_of
 from aftertune.store.consumer import Bundle
 
 DEMO = Path(__file__).resolve().parents[1] / "daemon" / "demo_data" / "real"

@@ -19,7 +19,9 @@ from aftertune.learners.base_model import EMBEDDED_TINY, load_base
 from aftertune.learners.data import collate, encode_examples, response_loss
 from aftertune.learners.errors import LearnerError, NonFiniteLoss, TrainingInterrupted
 from aftertune.learners.ewc import ewc_penalty, load_fisher
-from aftertune.learners.recipe import TrainSpec, lr_schedule, train_adapter
+from aftertune.learners.kinds.generative.objective import ResponseObjective
+from aftertune.learners.recipe import TrainJob, lr_schedule, train_adapter
+from aftertune.learners.training_specs import TrainSpec
 
 NEW = copy_task(24, task="copy", seed=0)
 OLD = copy_task(24, task="old", seed=1)
@@ -43,16 +45,17 @@ def spec(**kw) -> TrainSpec:
     return train_spec(**{**base, **kw})
 
 
-def run(model, tok, tmp: Path, name: str, **kw) -> object:
+def run(model, tok, tmp: Path, name: str, should_stop=None, **kw) -> object:
     args = {
         "train": spec(),
         "lora": LORA,
-        "replay_spec": replay_spec(ratio=1.0),
+        "replay": replay_spec(ratio=1.0),
         "ewc": ewc_spec(lam=5.0, fisher_samples=8),
         "fisher_path": tmp / f"{name}-fisher.safetensors",
         "out_dir": tmp / name,
     }
-    return train_adapter(model, tok, NEW, OLD, **{**args, **kw})
+    job = TrainJob.of(NEW, OLD, **{**args, **kw})
+    return train_adapter(model, tok, job, objective=ResponseObjective(tok), should_stop=should_stop)
 
 
 def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -133,7 +136,7 @@ def test_training_lowers_the_loss_and_leaves_the_base_untouched(tmp_path) -> Non
     result = run(
         model, tok, tmp_path, "learn",
         train=spec(lr=1e-2, max_steps=None, epochs=10, batch_size=8),
-        lora=lora_spec(r=8), replay_spec=replay_spec(enabled=False), ewc=None,
+        lora=lora_spec(r=8), replay=replay_spec(enabled=False), ewc=None,
         should_stop=lambda step, total: bool(seen.append((step, total))),
     )  # fmt: skip
     assert result.steps == 30 and result.new_examples == 24 and result.replay_examples == 0
@@ -192,10 +195,11 @@ def test_truncation_is_reported(tok, tmp_path) -> None:
 
 def test_bad_input_raises() -> None:
     with pytest.raises(LearnerError, match="at least one new example"):
-        train_adapter(
-            tiny_llama(), byte_tokenizer(), [], OLD, train=spec(), lora=LORA,
-            replay_spec=replay_spec(), ewc=None, fisher_path=None, out_dir=Path("unused"),
-        )  # fmt: skip
+        job = TrainJob.of(
+            [], OLD, train=spec(), lora=LORA, replay=replay_spec(), ewc=None, out_dir=Path("unused")
+        )
+        tok = byte_tokenizer()
+        train_adapter(tiny_llama(), tok, job, objective=ResponseObjective(tok))
     for bad in (
         {"r": 0},
         {"alpha": 0},
@@ -244,18 +248,16 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_the_weights(tok, t
     """1e308 is finite in float64 and inf in float32: the loss turns NaN at the first step."""
     heavy = [*NEW[:3], dataclasses.replace(NEW[3], weight=1e308), *NEW[4:]]
     with pytest.raises(NonFiniteLoss) as info:
-        train_adapter(
-            tiny_llama(),
-            tok,
+        job = TrainJob.of(
             heavy,
             OLD,
             train=spec(batch_size=24),
             lora=LORA,
-            replay_spec=replay_spec(ratio=0.0),
+            replay=replay_spec(ratio=0.0),
             ewc=None,
-            fisher_path=None,
             out_dir=tmp_path / "a",
         )
+        train_adapter(tiny_llama(), tok, job, objective=ResponseObjective(tok))
     message = str(info.value)
     assert isinstance(info.value, LearnerError)
     assert "training loss is nan at step 1" in message

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from learner_fixtures import Ex
 from spec_fixtures import replay_spec
 
-from aftertune.learners.replay import cap_pool, mix_batches, split_batch
+from aftertune.learners.replay import (
+    _balanced_quota,
+    cap_pool,
+    mix_batches,
+    sample_past,
+    split_batch,
+)
+from aftertune.store.examples import ExampleStore
+from aftertune.store.records import Record, record_from_obj
 
 
 def pool_of(sizes: dict[str, int]) -> list[Ex]:
@@ -82,3 +91,39 @@ def test_split_and_spec_validation() -> None:
         replay_spec(cap=-5)
     with pytest.raises(ValueError, match="batch_size"):
         split_batch(0, 1.0)
+
+
+def test_the_past_a_cycle_samples_is_seeded_and_task_balanced(
+    tmp_path: Path, store_url: str | None
+) -> None:
+    with ExampleStore.in_state_dir(tmp_path, store_url) as store:
+        store.add(_records("big", 500))
+        store.add(_records("mid", 60))
+        store.add(_records("small", 5))
+        sample = sample_past(store, 90, 7, store.max_seq())
+        assert len(sample) == 90 and len({e.id for e in sample}) == 90
+        assert Counter(e.task for e in sample) == {"big": 43, "mid": 42, "small": 5}
+        assert [e.id for e in sample_past(store, 90, 7, store.max_seq())] == [e.id for e in sample]
+        assert [e.id for e in sample_past(store, 90, 8, store.max_seq())] != [e.id for e in sample]
+        mark = store.max_seq()
+        store.add(_records("late", 50))
+        assert {e.task for e in sample_past(store, 30, 1, mark)} <= {
+            "big",
+            "mid",
+            "small",
+        }
+        assert len(sample_past(store, 10_000, 1, store.max_seq())) == 615
+
+
+def test_balanced_quota_water_fills() -> None:
+    assert _balanced_quota({"a": 100, "b": 1, "c": 0}, 10) == {"a": 9, "b": 1, "c": 0}
+    assert _balanced_quota({"a": 3, "b": 3}, 10) == {"a": 3, "b": 3}
+    assert _balanced_quota({"a": 10, "b": 10, "c": 10}, 7) == {"a": 3, "b": 2, "c": 2}
+
+
+def _records(task: str, n: int) -> list[Record]:
+    rows = [
+        {"task": task, "instruction": "Echo.", "input": f"{task}-{i}", "output": str(i)}
+        for i in range(n)
+    ]
+    return [record_from_obj({**row, "split": "train"}) for row in rows]

@@ -1,9 +1,8 @@
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
-from aftertune.store.examples import Added, ExampleStore, _balanced_quota
+from aftertune.store.examples import Added, ExampleStore
 from aftertune.store.records import Record, record_from_obj
 
 
@@ -48,32 +47,6 @@ def test_train_after_watermark_and_held_out(tmp_path: Path, store_url: str | Non
         assert store.tasks(max_seq=mark) == ["a"]
 
 
-def test_replay_sample_is_seeded_and_task_balanced(tmp_path: Path, store_url: str | None) -> None:
-    with ExampleStore.in_state_dir(tmp_path, store_url) as store:
-        store.add(_records("big", 500))
-        store.add(_records("mid", 60))
-        store.add(_records("small", 5))
-        sample = store.replay_sample(90, seed=7)
-        assert len(sample) == 90 and len({e.id for e in sample}) == 90
-        assert Counter(e.task for e in sample) == {"big": 43, "mid": 42, "small": 5}
-        assert [e.id for e in store.replay_sample(90, seed=7)] == [e.id for e in sample]
-        assert [e.id for e in store.replay_sample(90, seed=8)] != [e.id for e in sample]
-        mark = store.max_seq()
-        store.add(_records("late", 50))
-        assert {e.task for e in store.replay_sample(30, seed=1, until=mark)} <= {
-            "big",
-            "mid",
-            "small",
-        }
-        assert len(store.replay_sample(10_000, seed=1)) == 615
-
-
-def test_balanced_quota_water_fills() -> None:
-    assert _balanced_quota({"a": 100, "b": 1, "c": 0}, 10) == {"a": 9, "b": 1, "c": 0}
-    assert _balanced_quota({"a": 3, "b": 3}, 10) == {"a": 3, "b": 3}
-    assert _balanced_quota({"a": 10, "b": 10, "c": 10}, 7) == {"a": 3, "b": 2, "c": 2}
-
-
 def test_quarantined_batches_are_neither_trained_replayed_nor_evaluated(
     tmp_path: Path, store_url: str | None
 ) -> None:
@@ -87,7 +60,7 @@ def test_quarantined_batches_are_neither_trained_replayed_nor_evaluated(
         assert store.train_after(0) == store.train_after(0, until=mark)
         assert store.count_train_after(mark) == 0
         assert len(store.held_out("a")) == 5
-        assert all(e.seq <= mark for e in store.replay_sample(100, seed=0))
+        assert all(e.seq <= mark for e in store.sample_train("a", 100, "s", store.max_seq()))
         assert store.total() == 38  # kept for inspection
 
 

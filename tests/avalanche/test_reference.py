@@ -53,13 +53,9 @@ with warnings.catch_warnings():
 
 from aftertune.learners.base_model import load_base
 from aftertune.learners.data import Encoded, collate, encode_examples, pad_id, response_loss
-from aftertune.learners.ewc import (
-    estimate_fisher,
-    ewc_penalty,
-    target_weights,
-    update_online_fisher,
-)
+from aftertune.learners.ewc import ewc_penalty, target_weights, update_online_fisher
 from aftertune.learners.forgetting import continual_metrics
+from aftertune.learners.kinds.generative.fisher import estimate_fisher
 from aftertune.learners.lora import LoraSpec, attach_fresh_adapter
 
 pytestmark = pytest.mark.avalanche

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from aftertune.learners.base_model import load_base
 from aftertune.learners.errors import ExportError
 from aftertune.learners.export import ExportResult, ExportSpec
-from aftertune.learners.ranking import Embedder, pad_rows, tokenize
+from aftertune.learners.kinds.ranking.encoder import Embedder, embed_ids, pad_rows, tokenize
 from aftertune.store.consumer import Bundle
 from aftertune.store.consumer.format import FORMAT_RANKING, write_manifest
 
@@ -48,8 +49,6 @@ def export_ranking(
     ``prompts`` are (task, prompt) regression pairs. Raises ExportError when the export fails
     or the bundle's embeddings or answers differ from PyTorch's.
     """
-    from aftertune.learners.base_model import load_base
-
     model_dir, staging = Path(model_dir), Path(staging)
     if not (model_dir / "tokenizer.json").is_file():
         raise ExportError(f"{model_dir} has no tokenizer.json: a fast tokenizer is needed")
@@ -173,8 +172,6 @@ def _compare_answers(
     want: Any,
 ) -> tuple[int, str | None]:
     """How many prompts get the same answer from the bundle and PyTorch; the first that does not."""
-    from aftertune.learners.ranking import embed_ids
-
     same, first_diff = 0, None
     answer_vecs: dict[str, Any] = {}
     for (task, text), onnx_vec, torch_vec in zip(pairs, got, want, strict=True):

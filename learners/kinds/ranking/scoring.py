@@ -11,15 +11,13 @@ miss and adds the NLL of the least likely candidate.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from aftertune.learners.evaluate import TaskScore
-from aftertune.learners.ranking import rank, ranking_nll
+from aftertune.learners.evaluate import EvalSpec, TaskScore
+from aftertune.learners.kinds.ranking.encoder import rank, ranking_nll
+from aftertune.learners.specs import RankingSpec
 from aftertune.store.examples import Example
 from aftertune.store.progress import Progress
-
-if TYPE_CHECKING:
-    from aftertune.learners.specs import LearningSpecs
 
 
 def rank_scores(
@@ -27,7 +25,8 @@ def rank_scores(
     tokenizer: Any,
     by_task: Mapping[str, Sequence[Example]],
     sets: Mapping[str, Collection[str] | None],
-    specs: LearningSpecs,
+    spec: EvalSpec,
+    ranking: RankingSpec,
 ) -> dict[str, TaskScore]:
     """Scores of ``model`` on every task of ``by_task`` that has candidates."""
     scores: dict[str, TaskScore] = {}
@@ -39,14 +38,14 @@ def rank_scores(
         if not found or not examples:
             continue
         candidates = sorted(found)
-        prompts = [specs.eval.template.render(ex.instruction, ex.input) for ex in examples]
+        prompts = [spec.template.render(ex.instruction, ex.input) for ex in examples]
         sims = rank(
             model,
             tokenizer,
             prompts,
             candidates,
-            max_length=specs.train.max_length,
-            batch_size=specs.eval.batch_size,
+            max_length=spec.max_length,
+            batch_size=spec.batch_size,
             device=device,
         )
         index = {c: i for i, c in enumerate(candidates)}
@@ -54,9 +53,9 @@ def rank_scores(
         picks = sims.argmax(1).tolist()
         hits = sum(p == t for p, t in zip(picks, targets, strict=True))
         known = [i for i, t in enumerate(targets) if t >= 0]
-        nll = ranking_nll(sims[known], [targets[i] for i in known], specs.ranking.temperature)
+        nll = ranking_nll(sims[known], [targets[i] for i in known], ranking.temperature)
         if len(known) < len(targets):
-            worst = -(sims / specs.ranking.temperature).log_softmax(1).min(1).values
+            worst = -(sims / ranking.temperature).log_softmax(1).min(1).values
             nll += float(sum(worst[i] for i in range(len(targets)) if targets[i] < 0))
         n = len(examples)
         scores[task] = TaskScore(task, "label", n, hits / n, None, nll / n, 1.0)

@@ -1,0 +1,96 @@
+"""The ranking kind: a sentence encoder answers with the nearest of a task's candidates."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from aftertune.learners.base_model import RANKING, family_of
+from aftertune.learners.errors import LearnerError
+from aftertune.learners.evaluate import TaskScore
+from aftertune.learners.export import ExportResult
+from aftertune.learners.kinds.ranking.candidates import candidates_of, load_candidates, refusal
+from aftertune.learners.kinds.ranking.export import export_ranking
+from aftertune.learners.kinds.ranking.objective import RankingObjective
+from aftertune.learners.kinds.ranking.scoring import rank_scores
+from aftertune.learners.model_kind import AnswerSets, Judged
+from aftertune.learners.objective import Objective
+from aftertune.learners.specs import LearningSpecs
+from aftertune.store.examples import Example, ExampleStore
+
+
+class Ranking:
+    """A sentence encoder: the nearest candidate answers; contrastive training."""
+
+    name = RANKING
+    # The MiniLM encoder learns a task in two epochs at a lower lr (the sweep in
+    # docs/benchmarks.md: 1 epoch left emotion at 44-57 %, 3 epochs lost agnews points).
+    train_defaults: Mapping[str, Any] = {"lr": 2e-3, "epochs": 2}
+    trains_in_processes = False  # its objective has not been run under torchrun
+
+    def accepts(self, config: Mapping[str, Any]) -> bool:
+        return family_of(config) == RANKING
+
+    def objective(self, tokenizer: Any, sets: AnswerSets, specs: LearningSpecs) -> Objective:
+        candidates = {t: list(s) for t, s in sets.items() if s is not None}
+        return RankingObjective(
+            tokenizer,
+            candidates,
+            specs.ranking,
+            max_length=specs.train.max_length,
+            template=specs.train.template,
+        )
+
+    def answer_sets(
+        self,
+        store: ExampleStore,
+        tasks: Sequence[str] | None,
+        until: int | None,
+        specs: LearningSpecs,
+    ) -> Judged:
+        """Each task's candidates: its distinct live train outputs up to ``until``."""
+        outputs = store.train_outputs(until)
+        wanted = sorted(outputs) if tasks is None else list(tasks)
+        sets: dict[str, Collection[str] | None] = {}
+        refused: dict[str, str] = {}
+        cap = specs.ranking.max_candidates
+        for task in wanted:
+            found = candidates_of(outputs.get(task, []), cap)
+            sets[task] = found
+            if found is None:
+                refused[task] = refusal(task, outputs.get(task, []), cap)
+        return Judged(sets, refused)
+
+    def score(
+        self,
+        model: Any,
+        tokenizer: Any,
+        by_task: Mapping[str, Sequence[Example]],
+        sets: AnswerSets,
+        specs: LearningSpecs,
+    ) -> dict[str, TaskScore]:
+        return rank_scores(model, tokenizer, by_task, sets, specs.eval, specs.ranking)
+
+    def export(
+        self,
+        model_dir: Path,
+        staging: Path,
+        specs: LearningSpecs,
+        prompts: Sequence[tuple[str, str]],
+        fields: Mapping[str, Any],
+        adapter_dir: Path | None,
+    ) -> ExportResult:
+        if specs.export is None:
+            raise LearnerError("export is disabled (export.enabled = false)")
+        if adapter_dir is None:
+            raise LearnerError("a ranking bundle needs a trained version's candidates")
+        return export_ranking(
+            model_dir,
+            staging,
+            specs.export,
+            max_length=specs.train.max_length,
+            candidates=load_candidates(adapter_dir),
+            prompts=prompts,
+            manifest_fields=fields,
+        )
