@@ -3,6 +3,8 @@
 | module | what a consumer's author finds there |
 |---|---|
 | ``bundle.py`` | ``Bundle.open(DIR)``: a verified bundle answering prompts with ONNX Runtime |
+| ``runtime.py`` | what each format's runtime gives the ``Bundle`` (``Runtime`` and friends) |
+| ``genai.py``, ``logits.py``, ``ranking.py`` | one runtime per bundle format |
 | ``format.py`` | the bundle format: ``manifest.json``, its checks, ``verify_bundle`` |
 | ``pull.py`` | ``aftertune pull``: fetch a published bundle, verify every byte, switch ``current`` |
 | ``producer.py`` | ``Producer``: push feedback records onto the stream (``XADD``) |

@@ -29,7 +29,6 @@ from aftertune.store.consumer.runtime import (
     Generator,
     LogitsModel,
     Runtime,
-    generate_ids,
     generate_text,
 )
 from aftertune.store.errors import BundleError
@@ -122,25 +121,26 @@ class Bundle:
         max_new_tokens: int = ANSWER_TOKENS,
     ) -> str:
         """The greedy answer to a raw ``prompt`` or to an instruction (and input)."""
-        generator = self._able(Generator, "does not generate text")
+        self._able(Generator, "does not generate text")
         if prompt is None:
             if not instruction:
                 raise BundleError("give a prompt, or an instruction (and an input)")
             prompt = self.render(instruction, input)
-        return generate_text(generator, prompt, max_new_tokens)
+        return generate_text(self, prompt, max_new_tokens)
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = ANSWER_TOKENS) -> list[int]:
         """Greedy continuation of ``prompt_ids``: new tokens, up to (not including) EOS."""
-        return generate_ids(
-            self._able(Generator, "does not generate text"), prompt_ids, max_new_tokens
-        )
+        generator = self._able(Generator, "does not generate text")
+        return generator.generate_ids(prompt_ids, max_new_tokens)
 
     def decode(self, ids: list[int]) -> str:
         return self._able(Generator, "does not generate text").decode(ids)
 
     def logits(self, prompt_ids: list[int]) -> Any:
         """Next-token logits at every position (onnx-logits format only), numpy [seq, vocab]."""
-        return self._able(LogitsModel, "exposes no logits").logits(prompt_ids)
+        return self._able(
+            LogitsModel, "exposes no logits (only exposed by onnx-logits bundles)"
+        ).logits(prompt_ids)
 
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> Any:
         """Normalised embeddings of ``texts`` (ranking bundles), numpy [len(texts), dim], in

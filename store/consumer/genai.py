@@ -12,7 +12,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from aftertune.store.consumer.runtime import ANSWER_TOKENS, Prompt, generate_text, stop_ids
+from aftertune.store.consumer.runtime import (
+    ANSWER_TOKENS,
+    Prompt,
+    generate_text,
+    require_prompt,
+    stop_ids,
+)
 
 
 class GenaiRuntime:
@@ -42,7 +48,8 @@ class GenaiRuntime:
     def answer(self, prompts: Sequence[Prompt], batch_size: int) -> list[str]:
         return [generate_text(self, prompt, ANSWER_TOKENS) for _, prompt in prompts]
 
-    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        require_prompt(prompt_ids)
         import onnxruntime_genai as og
 
         with self._lock:

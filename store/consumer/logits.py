@@ -17,6 +17,7 @@ from aftertune.store.consumer.runtime import (
     Prompt,
     generate_text,
     onnx_session,
+    require_prompt,
     stop_ids,
 )
 
@@ -49,7 +50,8 @@ class LogitsRuntime:
         out = self.session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
         return out[0][0]
 
-    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        require_prompt(prompt_ids)
         ids = list(prompt_ids)
         out: list[int] = []
         for _ in range(max_new_tokens):

@@ -42,15 +42,21 @@ class Runtime(Protocol):
         ...
 
 
-@runtime_checkable
-class Generator(Runtime, Protocol):
-    """A runtime that continues a prompt token by token (greedy)."""
+class Decoder(Protocol):
+    """What greedy text generation needs (``generate_text``)."""
+
+    def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
-    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        """New tokens after ``prompt_ids`` (not empty), up to (not including) EOS."""
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation of ``prompt_ids``: new tokens, up to (not including) EOS."""
         ...
+
+
+@runtime_checkable
+class Generator(Runtime, Decoder, Protocol):
+    """A runtime that continues a prompt token by token (greedy)."""
 
 
 @runtime_checkable
@@ -76,28 +82,26 @@ class Embedder(Runtime, Protocol):
         ...
 
 
-def generate_ids(runtime: Generator, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation of ``prompt_ids``: new tokens, up to (not including) EOS."""
+def require_prompt(prompt_ids: list[int]) -> None:
     if not prompt_ids:
         raise BundleError("the prompt is empty")
-    return runtime.greedy(prompt_ids, max_new_tokens)
 
 
-def generate_text(runtime: Generator, prompt: str, max_new_tokens: int) -> str:
+def generate_text(model: Decoder, prompt: str, max_new_tokens: int) -> str:
     """The greedy answer to ``prompt``, never ending inside a character the budget cut."""
-    ids = generate_ids(runtime, runtime.encode(prompt), max_new_tokens)
+    ids = model.generate_ids(model.encode(prompt), max_new_tokens)
     if len(ids) == max_new_tokens:  # cut by the budget, maybe inside a character
-        ids = _whole_characters(runtime, ids)
-    return runtime.decode(ids)
+        ids = _whole_characters(model, ids)
+    return model.decode(ids)
 
 
-def _whole_characters(runtime: Generator, ids: list[int]) -> list[int]:
+def _whole_characters(model: Decoder, ids: list[int]) -> list[int]:
     """``ids`` without the trailing tokens of a character the budget cut off.
 
     A byte-level model spends 3 tokens on a CJK character; cut after one or two, the answer
     would end in U+FFFD. A UTF-8 character is at most 4 bytes, so at most 3 tokens go."""
     for drop in range(min(4, len(ids))):
-        if not runtime.decode(ids[: len(ids) - drop]).endswith("\ufffd"):
+        if not model.decode(ids[: len(ids) - drop]).endswith("\ufffd"):
             return ids[: len(ids) - drop]
     return ids
 
