@@ -163,6 +163,8 @@ def _entry(**entry: Any) -> dict[str, Any]:
         (_manifest(prompt="{instruction}"), "'prompt' must map"),
         (_manifest(eos_token_id="2"), "'eos_token_id' must be"),
         (_manifest(context_length=-1), "'context_length' must be"),
+        (_manifest(pad_token_id="zz"), "'pad_token_id' must be"),
+        (_manifest(max_length=-1), "'max_length' must be"),
     ],
 )
 def test_a_malformed_manifest_is_refused_naming_the_fault(

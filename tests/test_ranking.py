@@ -4,17 +4,24 @@ one cycle through the CLI, a parity-checked ONNX bundle, the consumer CLI, a ref
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import cli_json, ingest, run_cli, write_jsonl
 
 from aftertune.learners.base_model import EMBEDDED_MINILM, RANKING, model_kind, resolve_base
 from aftertune.learners.kinds.ranking.candidates import candidates_of
 from aftertune.store.consumer import Bundle
+from aftertune.store.consumer.format import MANIFEST, write_manifest
+from aftertune.store.errors import BundleError
+from aftertune.store.prompt import DEFAULT_PROMPT
 
 DEMO = Path(__file__).resolve().parents[1] / "daemon" / "demo_data" / "real"
 CONFIG = """
@@ -200,3 +207,133 @@ def test_a_cycle_on_free_text_only_has_nothing_to_do_and_says_why(
     assert done.returncode == 5, (done.returncode, done.stdout, done.stderr)
     said = done.stdout + done.stderr
     assert "cannot learn" in said and "echo" in said
+
+
+def _resealed(cycled: dict[str, Any], tmp: Path, edit: Callable[[Path], None]) -> Path:
+    """A copy of the cycle's bundle, edited, with its manifest re-sealed to match (as a
+    hostile publisher would): only the runtime's own checks stand between it and an answer."""
+    copy = tmp / "resealed"
+    shutil.copytree(cycled["bundle"].resolve(), copy)
+    edit(copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    (copy / MANIFEST).unlink()
+    resealed = ("schema", "created_at", "files", "contents_sha256")
+    write_manifest(copy, {k: v for k, v in manifest.items() if k not in resealed})
+    return copy
+
+
+def _candidates(edit: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    def apply(bundle: Path) -> None:
+        found = json.loads((bundle / "candidates.json").read_text())
+        edit(found)
+        (bundle / "candidates.json").write_text(json.dumps(found))
+
+    return apply
+
+
+def _matrix(edit: Callable[[Any], Any]) -> Callable[[Path], None]:
+    def apply(bundle: Path) -> None:
+        path = bundle / "candidate_embeddings.npy"
+        np.save(path, edit(np.load(path)), allow_pickle=False)
+
+    return apply
+
+
+def _nan(m: Any) -> Any:
+    m[0, 0] = np.nan
+    return m
+
+
+def _huge_header(bundle: Path) -> None:
+    """A header claiming 1e11 rows (2.9 TiB of float32 at MiniLM's width), over a few bytes."""
+    with open(bundle / "candidate_embeddings.npy", "wb") as fh:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (10**11, 384)}
+        np.lib.format.write_array_header_1_0(fh, header)
+        fh.write(b"\0" * 64)
+
+
+HOSTILE = {
+    "NaN embeddings": (_matrix(_nan), "candidate_embeddings.npy: holds NaN or infinite"),
+    "inf embeddings": (
+        _matrix(lambda m: np.where(m > 0, np.inf, m)),
+        "candidate_embeddings.npy: holds NaN or infinite",
+    ),
+    "a narrower width": (_matrix(lambda m: m[:, :-1].copy()), "embeds into 384"),
+    "a 3-D matrix": (_matrix(lambda m: m[:, :, None]), "must be a 2-D matrix"),
+    "integer embeddings": (_matrix(lambda m: m.astype(np.int64)), "not floating-point"),
+    "a header claiming 1e11 rows": (_huge_header, "header claims shape (100000000000, 384)"),
+    "start 'zero'": (
+        _candidates(lambda c: c["tasks"]["agnews"].update(start="zero")),
+        "candidates.json: tasks['agnews'].start must be a non-negative integer",
+    ),
+    "a negative start": (
+        _candidates(lambda c: c["tasks"]["agnews"].update(start=-1)),
+        "tasks['agnews'].start must be a non-negative integer",
+    ),
+    "rows out of range": (
+        _candidates(lambda c: c["tasks"]["agnews"].update(start=1)),
+        "task 'agnews' needs rows 1 to 4 of candidate_embeddings.npy, which has 4",
+    ),
+    "answers as a string": (
+        _candidates(lambda c: c["tasks"]["agnews"].update(answers="yesno")),
+        "tasks['agnews'].answers must be a non-empty list of strings",
+    ),
+    "no answers": (
+        _candidates(lambda c: c["tasks"]["agnews"].update(answers=[])),
+        "tasks['agnews'].answers must be a non-empty list of strings",
+    ),
+    "tasks as a list": (
+        _candidates(lambda c: c.update(tasks=[1, 2])),
+        "candidates.json: 'tasks' must be an object",
+    ),
+    "pad_token_id 'zz'": (
+        lambda b: (b / MANIFEST).write_text(
+            json.dumps({**json.loads((b / MANIFEST).read_text()), "pad_token_id": "zz"})
+        ),
+        "'pad_token_id' must be a non-negative integer",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_resealed_ranking_bundle_is_refused_at_open_naming_the_fault(
+    cycled: dict[str, Any], tmp_path: Path, name: str
+) -> None:
+    edit, message = HOSTILE[name]
+    bundle = _resealed(cycled, tmp_path, edit)
+    with pytest.raises(BundleError, match=re.escape(message)):
+        Bundle.open(bundle)
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_a_hostile_ranking_bundle_without_a_traceback(
+    cycled: dict[str, Any], tmp_path: Path
+) -> None:
+    bundle = _resealed(cycled, tmp_path, _matrix(_nan))
+    done = run_cli("generate", "--bundle", str(bundle), "--task", "agnews", "--instruction", "x")
+    assert done.returncode == 1, done.stderr
+    assert "holds NaN or infinite values" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_manifest_without_a_prompt_renders_the_default_template(
+    cycled: dict[str, Any], tmp_path: Path
+) -> None:
+    def no_prompt(bundle: Path) -> None:
+        manifest = json.loads((bundle / MANIFEST).read_text())
+        del manifest["prompt"]
+        (bundle / MANIFEST).write_text(json.dumps(manifest))
+
+    bundle = Bundle.open(_resealed(cycled, tmp_path, no_prompt))
+    assert bundle.render("Topic?", "a title") == DEFAULT_PROMPT.render("Topic?", "a title")
+    assert bundle.render("Topic?") == DEFAULT_PROMPT.render("Topic?")
+
+
+@pytest.mark.slow
+def test_a_ranking_bundle_says_it_does_not_generate(cycled: dict[str, Any]) -> None:
+    bundle = Bundle.open(cycled["bundle"])
+    with pytest.raises(BundleError, match="onnx-ranking, which does not generate text"):
+        bundle.generate(instruction="Topic?", input="Title: Yankees win the World Series")
+    with pytest.raises(BundleError, match="exposes no logits"):
+        bundle.logits([1, 2])

@@ -231,7 +231,7 @@ def _check_runtime_fields(manifest: dict[str, Any], where: str) -> None:
         not isinstance(prompt, dict) or not all(isinstance(v, str) for v in prompt.values())
     ):
         raise BundleError(f"{where}: 'prompt' must map template names to strings")
-    for key in ("eos_token_id", "context_length"):
+    for key in ("eos_token_id", "context_length", "max_length", "pad_token_id"):
         value = manifest.get(key)
         # Hugging Face configs give some models several EOS ids.
         values = value if key == "eos_token_id" and isinstance(value, list) else [value]
