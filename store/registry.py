@@ -107,17 +107,38 @@ CREATE TABLE state_files (
 )
 """
 
+# Version 3: the registry is the authority for what is promoted. ``publications``: the
+# sha256 of each promoted version's manifest and the daemon that published it (a promotion
+# event on Redis is only a hint, checked against this); ``daemons``: where each daemon's
+# server answers (``server.advertise_url``), the only addresses bundles are pulled from.
+PUBLICATIONS = """
+CREATE TABLE IF NOT EXISTS publications (
+    version         INTEGER PRIMARY KEY,
+    manifest_sha256 TEXT    NOT NULL,
+    publisher       TEXT    NOT NULL,
+    published_at    REAL    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS daemons (
+    name          TEXT PRIMARY KEY,
+    url           TEXT NOT NULL,
+    registered_at REAL NOT NULL
+)
+"""
+POSTGRES_PUBLICATIONS = PUBLICATIONS.replace("REAL", "DOUBLE PRECISION")
+
 SCHEMA_PLAN = SchemaPlan(
     name="registry",
-    version=2,
-    create=SCHEMA,
+    version=3,
+    create=SCHEMA + PUBLICATIONS,
     migrations=(
         Migration(1, "versioned", lambda db: run_script(db, SCHEMA)),
         Migration(2, "nothing on SQLite (state files stay in the state dir)", lambda db: None),
+        Migration(3, "publications and daemons", lambda db: run_script(db, PUBLICATIONS)),
     ),
-    postgres_create=POSTGRES_SCHEMA + ";" + POSTGRES_STATE_FILES,
+    postgres_create=POSTGRES_SCHEMA + ";" + POSTGRES_STATE_FILES + ";" + POSTGRES_PUBLICATIONS,
     postgres_migrations=(
         Migration(2, "state_files", lambda db: run_script(db, POSTGRES_STATE_FILES)),
+        Migration(3, "publications and daemons", lambda db: run_script(db, POSTGRES_PUBLICATIONS)),
     ),
 )
 
@@ -157,6 +178,16 @@ class Version:
     lineage: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     gate: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Publication:
+    """A promoted version's bundle as the registry knows it: what a follower checks."""
+
+    version: int
+    manifest_sha256: str
+    publisher: str  # the daemon that published it (its redis.consumer name)
+    published_at: float
 
 
 @dataclass(frozen=True)
@@ -463,6 +494,62 @@ class Registry:
                 "UPDATE versions SET metrics = ?, updated_at = ? WHERE version = ?",
                 (json.dumps(metrics, sort_keys=True), time.time(), version),
             )
+
+    def record_publication(self, version: int, manifest_sha256: str, publisher: str) -> None:
+        """``publisher`` installed ``version``'s bundle, whose manifest has ``manifest_sha256``.
+
+        Recorded before the version is promoted (and again when its bundle is exported anew):
+        a follower pulls a promoted version only when its manifest has this sha256.
+        """
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO publications (version, manifest_sha256, publisher, published_at)"
+                " VALUES (?,?,?,?) ON CONFLICT (version) DO UPDATE SET"
+                " manifest_sha256 = excluded.manifest_sha256, publisher = excluded.publisher,"
+                " published_at = excluded.published_at",
+                (version, manifest_sha256, publisher, time.time()),
+            )
+
+    def publication(self, version: int) -> Publication | None:
+        """The bundle recorded for ``version``; None when none was (export off, not yet)."""
+        row = self._one(
+            "SELECT version, manifest_sha256, publisher, published_at FROM publications"
+            " WHERE version = ?",
+            (version,),
+        )
+        return Publication(*row) if row else None
+
+    def register_daemon(self, name: str, url: str) -> None:
+        """Daemon ``name``'s server answers at ``url``: where the others pull its bundles."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO daemons (name, url, registered_at) VALUES (?,?,?)"
+                " ON CONFLICT (name) DO UPDATE SET url = excluded.url,"
+                " registered_at = excluded.registered_at",
+                (name, url, time.time()),
+            )
+
+    def daemon_url(self, name: str) -> str | None:
+        row = self._one("SELECT url FROM daemons WHERE name = ?", (name,))
+        return str(row[0]) if row else None
+
+    def needed_versions(self) -> set[int]:
+        """Versions whose bundles must never be pruned: the champion, every promoted version,
+        every one awaiting approval, and the former champion a rollback returns to."""
+        keep_states = (VersionState.PROMOTED.value, VersionState.AWAITING_APPROVAL.value)
+        rows = self.db.query("SELECT version FROM versions WHERE state IN (?, ?)", keep_states)
+        needed = {int(r[0]) for r in rows}
+        champion = self._one("SELECT version FROM aliases WHERE name = 'champion'")
+        if champion is not None:
+            needed.add(int(champion[0]))
+        former = self._one(
+            "SELECT version FROM audit WHERE from_state = ? AND to_state = ?"
+            " ORDER BY id DESC LIMIT 1",
+            (VersionState.PROMOTED.value, VersionState.RETIRED.value),
+        )
+        if former is not None:
+            needed.add(int(former[0]))
+        return needed
 
     def audit_log(self, version: int | None = None) -> list[AuditEntry]:
         sql = "SELECT at, version, from_state, to_state, actor, reason FROM audit"

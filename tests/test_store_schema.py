@@ -92,7 +92,7 @@ def test_an_unversioned_registry_is_adopted(tmp_path: Path) -> None:
     with Registry(tmp_path) as registry:
         assert registry.champion() is None
     with contextlib.closing(sqlite3.connect(db_path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 def test_postgres_schema_newer_than_the_code_is_refused(tmp_path: Path, postgres_url: str) -> None:
@@ -156,7 +156,7 @@ def test_store_migrate_upgrades_today_s_files_and_refuses_a_newer_schema(tmp_pat
     done = run_cli("store", "migrate", "--state-dir", str(state))
     assert done.returncode == 0, done.stderr
     assert "examples schema version 2: ids and prompts indexed by integer keys" in done.stdout
-    assert "created registry schema version 2" in done.stdout
+    assert "created registry schema version 3" in done.stdout
     again = run_cli("store", "migrate", "--state-dir", str(state))
     assert again.stdout.count("schema up to date") == 2
     with contextlib.closing(sqlite3.connect(state / "examples.sqlite3")) as db:
@@ -181,9 +181,58 @@ def test_a_postgres_registry_of_version_1_is_migrated(tmp_path: Path, postgres_u
     Registry(tmp_path, postgres_url).close()
     with psycopg.connect(postgres_url, autocommit=True) as conn:  # as version 1 left it
         conn.execute("DROP TABLE state_files")
+        conn.execute("DROP TABLE publications")
+        conn.execute("DROP TABLE daemons")
         conn.execute("UPDATE aftertune_schema SET version = 1 WHERE name = 'registry'")
     with Registry(tmp_path, postgres_url) as registry:
-        assert registry.db.migrated == ["registry schema version 2: state_files"]
+        assert registry.db.migrated == [
+            "registry schema version 2: state_files",
+            "registry schema version 3: publications and daemons",
+        ]
         fisher = tmp_path / "fisher.safetensors"
         fisher.write_bytes(b"f")
         assert registry.keep_state_file("ewc/fisher.safetensors", fisher)
+
+REGISTRY_V2_TABLES = ("publications", "daemons")
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_registry_of_version_2_gains_publications_and_daemons(
+    tmp_path: Path, engine: str, request: pytest.FixtureRequest
+) -> None:
+    """A registry as version 2 left it keeps its versions and learns publications: the
+    manifest sha256 and publisher of a promotion, and each daemon's URL."""
+    url = request.getfixturevalue("postgres_url") if engine == "postgresql" else None
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with Registry(tmp_path, url) as registry:
+        registry.register_candidate(adapter, parent=None, data_seq=1, training={}, lineage={})
+    if url is None:
+        with contextlib.closing(sqlite3.connect(tmp_path / "registry.sqlite3")) as db:
+            for table in REGISTRY_V2_TABLES:
+                db.execute(f"DROP TABLE {table}")
+            db.execute("PRAGMA user_version = 2")
+            db.commit()
+    else:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            for table in REGISTRY_V2_TABLES:
+                conn.execute(f"DROP TABLE {table}")
+            conn.execute("UPDATE aftertune_schema SET version = 2 WHERE name = 'registry'")
+    with Registry(tmp_path, url) as registry:
+        assert registry.db.migrated == ["registry schema version 3: publications and daemons"]
+        assert [v.version for v in registry.versions()] == [1]
+        assert registry.publication(1) is None
+        registry.record_publication(1, "ab" * 32, "daemon-a")
+        registry.record_publication(1, "cd" * 32, "daemon-b")  # exported again elsewhere
+        registry.register_daemon("daemon-b", "http://b.internal:8760")
+    with Registry(tmp_path, url) as registry:
+        found = registry.publication(1)
+        assert found is not None and (found.manifest_sha256, found.publisher) == (
+            "cd" * 32,
+            "daemon-b",
+        )
+        assert registry.daemon_url("daemon-b") == "http://b.internal:8760"
+        assert registry.daemon_url("daemon-x") is None
