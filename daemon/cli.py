@@ -22,6 +22,7 @@ import redis
 
 from aftertune.daemon.cli_bundles import register_bundle_commands
 from aftertune.daemon.cli_models import EXIT_CODES_HELP, register_model_commands
+from aftertune.daemon.cli_quarantine import register_quarantine_commands
 from aftertune.daemon.errors import DaemonError, RedisUnavailable
 from aftertune.daemon.settings import Settings, load_settings
 from aftertune.learners.errors import LearnerError
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_completion(sub, common)
     register_model_commands(sub, common)
     register_bundle_commands(sub, common)
+    register_quarantine_commands(sub, common)
     return parser
 
 
@@ -539,8 +541,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Only the daemon talks at INFO by default; one-shot commands print their answer,
         # unless a log was asked for (--log-level, or --log-format: progress, events).
         asked = "log_level" in args or "log_format" in args
-        quiet = args.command != "serve" and not asked
+        long_running = args.command in ("serve", "answer-server") or getattr(args, "follow", False)
+        quiet = not long_running and not asked
         configure_logging("WARNING" if quiet else settings.log_level, settings.log_format)
+        if quiet:  # progress still shows: a bar on a terminal, an event now and then elsewhere
+            logging.getLogger("aftertune.progress").setLevel(logging.INFO)
         func: Command = args.func
         with _stdout_only_for_the_answer(bool(getattr(args, "json", False))):
             return func(args, settings)

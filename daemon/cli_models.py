@@ -186,10 +186,24 @@ def _add_approve(sub: Any, common: argparse.ArgumentParser) -> None:
         description="With gate.require_approval, a challenger that passes the gate waits "
         "for a person (`aftertune cycle` exits 4 and no further cycle runs). Approve it: it "
         "is exported and parity-checked, promoted to champion and published as a gate pass "
-        "would be. Use `aftertune models show N` first to read its checks.",
+        "would be. Use `aftertune models show N` first to read its checks. With --override, "
+        "overrule the gate: a version it rejected (trained on the current champion) is "
+        "promoted the same way, its quarantined records are released, and the audit log "
+        "keeps who did it and the --reason given.",
     )
     p.add_argument("version", type=version_arg, help="3 or v3")
-    p.add_argument("--why", default="approved by hand", help="reason, kept in the audit log")
+    p.add_argument(
+        "--why",
+        "--reason",
+        dest="why",
+        default=None,
+        help="reason, kept in the audit log (required with --override)",
+    )
+    p.add_argument(
+        "--override",
+        action="store_true",
+        help="promote a version the gate rejected (the operator overrules the gate)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_approve)
 
@@ -295,16 +309,18 @@ def cmd_base_build(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_cycle(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.daemon.learning import run_cycle_once
     from aftertune.daemon.running_cycle import running_cycle
-    from aftertune.learners.errors import CycleBlocked, NothingToTrain
+    from aftertune.learners.errors import CycleBlocked, DataRejected, NothingToTrain
 
     try:
         # `aftertune status` in another shell shows this cycle, its phase and start time.
         with running_cycle(settings.state_dir, "aftertune cycle") as progress:
             result = run_cycle_once(settings, actor=_actor(), should_stop=progress)
+    except DataRejected as exc:  # no version: the data checks rejected it before training
+        return _no_cycle(args, "rejected", exc.reasons, CycleExit.REJECTED)
     except NothingToTrain as exc:
-        return _no_cycle(args, "nothing_to_do", str(exc), CycleExit.NOTHING_TO_DO)
+        return _no_cycle(args, "nothing_to_do", [str(exc)], CycleExit.NOTHING_TO_DO)
     except CycleBlocked as exc:
-        return _no_cycle(args, "awaiting_approval", str(exc), CycleExit.AWAITING_APPROVAL)
+        return _no_cycle(args, "awaiting_approval", [str(exc)], CycleExit.AWAITING_APPROVAL)
     finally:  # also a bundle this run repaired as latest before it stopped
         _announce(settings)
     code = CycleExit[result.decision.name]
@@ -354,11 +370,15 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _no_cycle(args: argparse.Namespace, outcome: str, why: str, code: CycleExit) -> int:
+def _no_cycle(args: argparse.Namespace, outcome: str, why: list[str], code: CycleExit) -> int:
     if args.json:
-        print(json.dumps({"decision": outcome, "reasons": [why], "exit_code": int(code)}))
+        print(json.dumps({"decision": outcome, "reasons": why, "exit_code": int(code)}))
+    elif outcome == "rejected":
+        print("rejected before training (records quarantined; `aftertune quarantine list`):")
+        for reason in why:
+            print(f"  - {printable(reason)}")
     else:
-        print(f"no cycle: {printable(why)}")
+        print(f"no cycle: {printable('; '.join(why))}")
     return code
 
 
@@ -419,7 +439,12 @@ def _awaiting(registry: Any, version: int, verb: str) -> Any:
 
     found = registry.get(version)
     if found.state is not VersionState.AWAITING_APPROVAL:
-        _refused(f"v{version} is {found.state.value}, not awaiting approval; nothing to {verb}")
+        hint = ""
+        if verb == "approve" and found.state is VersionState.REJECTED:
+            hint = " (to overrule the gate: `aftertune approve N --override --reason TEXT`)"
+        _refused(
+            f"v{version} is {found.state.value}, not awaiting approval; nothing to {verb}{hint}"
+        )
     return found
 
 
@@ -427,14 +452,22 @@ def cmd_approve(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.daemon.learning import approve
     from aftertune.store.registry import Registry
 
-    with Registry(settings.state_dir, settings.store.url) as registry:
-        _awaiting(registry, args.version, "approve")
-    bundle = approve(settings, args.version, actor=_actor(), why=args.why)
+    if args.override:
+        if not (args.why or "").strip():
+            _refused(
+                "--override needs --reason TEXT: the audit log keeps why the gate was overruled"
+            )
+    else:
+        with Registry(settings.state_dir, settings.store.url) as registry:
+            _awaiting(registry, args.version, "approve")
+    why = args.why or "approved by hand"
+    bundle = approve(settings, args.version, actor=_actor(), why=why, override=args.override)
     if bundle is not None:
         _announce(settings)
     if args.json:
         return _print_decision(args.version, "promoted", bundle)
-    print(f"v{args.version} approved and promoted to champion")
+    done = "promoted over the gate's rejection" if args.override else "approved and promoted"
+    print(f"v{args.version} {done} to champion")
     if bundle is not None:
         print(f"  published {bundle.path}")
     return 0

@@ -239,6 +239,11 @@ def _gate_text(gate: Mapping[str, Any]) -> str:
         return "gate: no decision recorded"
     checks = gate.get("checks", [])
     lines = [f"gate: {gate.get('decision', '?')}"]
+    verdicts = gate.get("verdicts") or {}
+    if verdicts:
+        lines.append(
+            "  verdicts: " + ", ".join(f"{task} {verdict}" for task, verdict in verdicts.items())
+        )
     lines += [f"  - {r}" for r in gate.get("reasons", [])]
     if checks:
         rows = [

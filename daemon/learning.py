@@ -60,15 +60,42 @@ def run_cycle_once(
             registry.keep_state_file(FISHER_STATE, fisher)
 
 
-def approve(settings: Settings, version: int, actor: str, why: str) -> Published | None:
-    """Promote a version awaiting approval: export + parity first, as a gate pass does."""
+def approve(
+    settings: Settings, version: int, actor: str, why: str, *, override: bool = False
+) -> Published | None:
+    """Promote a version awaiting approval: export + parity first, as a gate pass does. With
+    ``override``, a version the gate rejected: its quarantined records are released too
+    (it learned them), and the audit log keeps who overruled the gate and why."""
     with workspace(settings, actor) as ws:
-        found = ws.state.registry.get(version)
-        if found.state is not VersionState.AWAITING_APPROVAL:
-            raise LearnerError(
-                f"v{version} is {found.state.value}, not awaiting approval; nothing to approve"
+        registry = ws.state.registry
+        found = registry.get(version)
+        wanted = VersionState.REJECTED if override else VersionState.AWAITING_APPROVAL
+        if found.state is not wanted:
+            hint = (
+                "only a rejected version can be overruled"
+                if override
+                else "a rejected one needs `--override --reason TEXT`"
             )
-        return ws.promote(found, reason=why or "approved", gate=found.gate or None)
+            raise LearnerError(f"v{version} is {found.state.value}, not {wanted.value}: {hint}")
+        if override:
+            _check_overrulable(registry, found)
+        bundle = ws.promote(
+            found, reason=why or "approved", gate=found.gate or None, override=override
+        )
+        if override:
+            ws.state.store.release(version=version, renew=False)  # v{version} learned them
+        return bundle
+
+
+def _check_overrulable(registry: Registry, found: Version) -> None:
+    champion = registry.champion()
+    now = champion.version if champion is not None else None
+    if found.parent != now:
+        raise LearnerError(
+            f"v{found.version} was trained on v{found.parent or 0}, but the champion is "
+            f"v{now or 0}: promoting it would drop what the champions since learned; release "
+            f"its records instead (`aftertune quarantine release --version {found.version}`)"
+        )
 
 
 def rollback(settings: Settings, version: int, actor: str, why: str) -> Published | None:

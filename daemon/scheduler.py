@@ -135,8 +135,9 @@ class CycleScheduler:
 
     # --- decisions
 
-    def waiting(self) -> tuple[int, int]:
-        """(train examples newer than the champion, of those newer than the last attempt).
+    def waiting(self) -> tuple[int, int, float]:
+        """(train examples newer than the champion, of those newer than the last attempt, how
+        long the oldest of the latter has waited in seconds).
 
         Also sets the ``aftertune_examples_waiting`` gauge to the first.
         """
@@ -148,9 +149,11 @@ class CycleScheduler:
             champion = registry.champion()
             watermark = champion.data_seq if champion is not None else 0
             newer = store.count_train_after(watermark)
-            fresh = store.count_train_after(max(watermark, self._attempted_seq))
+            since = max(watermark, self._attempted_seq)
+            fresh = store.count_train_after(since)
+            first = store.first_added_after(since)
         self._metrics.waiting.set(newer)
-        return newer, fresh
+        return newer, fresh, 0.0 if first is None else max(0.0, time.time() - first)
 
     def request_repair(self) -> None:
         """Have publication repaired (the champion's bundle exported again) at the next chance:
@@ -161,9 +164,12 @@ class CycleScheduler:
     def _check_threshold(self) -> None:
         if self._repair.is_set():
             self._begin(REPAIR)
-        fresh = self.waiting()[1]
-        if fresh >= self._settings().cycle.min_new_examples:
+        _, fresh, waited = self.waiting()
+        cycle = self._settings().cycle
+        if fresh >= cycle.min_new_examples:
             self._begin(f"{fresh} new examples")
+        elif fresh and waited >= cycle.max_wait_s:
+            self._begin(f"{fresh} new examples, the oldest waiting {waited:.0f}s")
 
     def _check_interval(self) -> None:
         if self.waiting()[0] > 0:

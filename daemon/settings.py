@@ -248,6 +248,13 @@ class CycleSettings(_Section):
         le=MAX_SECONDS,
         description="also start one this often when any example waits",
     )
+    max_wait_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=MAX_SECONDS,
+        description="start one when a new train example has waited this long, however few"
+        " arrived (a small task is learned within this time)",
+    )
     check_every_s: float = Field(
         default=5.0, gt=0, le=MAX_SECONDS, description="how often the schedule looks"
     )

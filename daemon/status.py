@@ -79,6 +79,7 @@ def gather_status(
     return {
         "stream": stream_status(client, settings),
         "examples": store.counts(),
+        "quarantined": store.quarantined_counts(),
         "champion": champion_status(registry),
         "daemon": daemon_status(settings),
         "cycle": read_running_cycle(settings.state_dir),  # `aftertune cycle` in any shell
@@ -101,6 +102,13 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append(table(["task", "train examples", "held-out examples"], rows, indent=2))
     else:
         lines.append("examples: none yet")
+    held = status.get("quarantined") or {}
+    if held:
+        per_task = ", ".join(f"{task} {n}" for task, n in held.items())
+        lines.append(
+            f"quarantined: {sum(held.values())} records, not trained or judged ({per_task});"
+            " see `aftertune quarantine list`"
+        )
     champion = status["champion"]
     lines.append(
         "champion: " + ("none (the base model)" if champion is None else f"v{champion['version']}")

@@ -11,28 +11,32 @@ eval`` and the gate both go through it, with the same cap, label sets and spec.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from aftertune.learners.base_model import load_tokenizer
 from aftertune.learners.champion import load_version
-from aftertune.learners.errors import NothingToTrain
+from aftertune.learners.errors import NothingToTrain, TrainingInterrupted
 from aftertune.learners.learning_state import LearningState
 from aftertune.learners.lineage import candidate_lineage
 from aftertune.learners.model_kind import AnswerSets
 from aftertune.learners.objective import Objective
 from aftertune.learners.recipe import TrainJob, TrainResult, train_adapter
-from aftertune.learners.replay import past_wanted, sample_past
+from aftertune.learners.replay import past_wanted, sample_past, split_batch
 from aftertune.learners.specs import LearningSpecs
 from aftertune.learners.train_job import ModelSource, train_in_processes
+from aftertune.learners.window import Watermarks, new_train
 from aftertune.store.examples import Example
 from aftertune.store.layout import StateLayout
 from aftertune.store.registry import Registry, Version
 
 log = logging.getLogger(__name__)
+progress_log = logging.getLogger("aftertune.progress")  # shown wherever progress is
 
 
 @dataclass(frozen=True)
@@ -65,10 +69,11 @@ class TrainingData:
     """The records one candidate learns from: new since the champion, and the past it replays."""
 
     parent: int | None  # the champion's version (None: the base model)
-    watermark: int  # the champion's data_seq: new records come after it
+    marks: Watermarks  # the champion's: each task's records after its mark are new
     until: int  # ... up to this seq (a resumed run keeps its own window)
     new: list[Example]
     past: list[Example]
+    held_back: dict[str, int]  # tasks left out (waiting) -> their unchanged watermark
 
 
 def _interrupted_window(layout: StateLayout, parent: int | None) -> int | None:
@@ -83,36 +88,53 @@ def _interrupted_window(layout: StateLayout, parent: int | None) -> int | None:
     return max(found) if found else None
 
 
-def training_data(state: LearningState, champion: Version | None) -> TrainingData:
-    """New train records since ``champion`` and a sample of what it was trained on.
+def window_until(state: LearningState, champion: Version | None) -> int:
+    """Up to which seq this cycle's data goes: a run interrupted on this champion resumes on
+    its own window, even when more records arrived since (they wait for the next cycle)."""
+    parent = champion.version if champion is not None else None
+    return _interrupted_window(state.layout, parent) or state.store.max_seq()
+
+
+def training_data(
+    state: LearningState, champion: Version | None, until: int, waiting: Collection[str] = ()
+) -> TrainingData:
+    """New train records since ``champion`` (but those of ``waiting`` tasks, which keep their
+    watermark) and a sample of what it was trained on.
 
     Raises NothingToTrain when no new train record waits.
     """
-    watermark = champion.data_seq if champion is not None else 0
-    parent = champion.version if champion is not None else None
-    # A run interrupted on this champion resumes on its own data window, even when more
-    # records arrived since; they wait for the next cycle.
     store, specs = state.store, state.specs
-    until = _interrupted_window(state.layout, parent) or store.max_seq()
-    new = store.train_after(watermark, until)
+    marks = Watermarks.of(champion)
+    parent = champion.version if champion is not None else None
+    new = new_train(store, marks, until, without=waiting)
     if not new:
         made = f"v{champion.version}" if champion is not None else "the base model"
         raise NothingToTrain(
             f"no new train examples since {made} was made; push feedback and ingest it first"
         )
-    # The past: what the champion was trained on (everything up to its watermark).
+    # The past: what the champion was trained on (up to its watermark; a held-back task's
+    # records above its own mark were not learned, so they are not replayed).
     wanted = past_wanted(specs.replay, specs.ewc)
-    past = sample_past(store, wanted, specs.train.seed, watermark)
-    return TrainingData(parent, watermark, until, new, past)
+    past = [
+        ex
+        for ex in sample_past(store, wanted, specs.train.seed, marks.base)
+        if ex.seq <= marks.mark(ex.task)
+    ]
+    held = marks.holding_back({ex.task for ex in new_train(store, marks, until)} & set(waiting))
+    return TrainingData(parent, marks, until, new, past, held)
 
 
 def train_candidate(
-    state: LearningState, *, should_stop: Callable[[int, int], bool] | None = None
+    state: LearningState,
+    *,
+    should_stop: Callable[[int, int], bool] | None = None,
+    waiting: Collection[str] = (),
 ) -> CandidateReport:
-    """Train one candidate on the data that arrived since the champion; register it."""
+    """Train one candidate on the data that arrived since the champion, but ``waiting``
+    tasks' (they keep their watermark); register it."""
     registry, specs = state.registry, state.specs
     champion = registry.champion()
-    data = training_data(state, champion)
+    data = training_data(state, champion, window_until(state, champion), waiting)
     work = state.layout.training_run(data.parent, data.until)
     in_processes = specs.train.processes > 1 and state.kind.trains_in_processes
     if in_processes:  # the ranks load the model; this process needs the tokenizer
@@ -127,7 +149,14 @@ def train_candidate(
             " warning above); nothing to train until other feedback arrives"
         )
     loaded = (model, tokenizer, objective, sets)
-    result = _train(state, champion, data, work, should_stop, loaded)
+    _log_estimate(champion, data, specs)
+    budget = Budget(specs.train.max_seconds, should_stop)
+    try:
+        result = _train(state, champion, data, work, budget.should_stop, loaded)
+    except TrainingInterrupted as exc:
+        if not budget.spent:
+            raise
+        raise TrainingInterrupted(exc.step, exc.checkpoint_dir, budget.why()) from exc
     objective.save_beside(result.adapter_dir)  # e.g. the candidates a ranking version knows
     version = _register(registry, specs, data, result, state.actor)
     shutil.rmtree(work, ignore_errors=True)
@@ -140,6 +169,58 @@ def train_candidate(
         result.steps,
     )
     return CandidateReport.of(version.version, data.parent, result)
+
+
+class Budget:
+    """A cycle's training time: asks the caller's ``should_stop`` too, and stops warm (after a
+    checkpoint) once ``seconds`` are spent; the next cycle resumes from the checkpoint."""
+
+    def __init__(self, seconds: float, then: Callable[[int, int], bool] | None) -> None:
+        self.seconds, self.then = seconds, then
+        self.started = time.monotonic()
+        self.spent = False
+
+    def should_stop(self, step: int, total: int) -> bool:
+        if self.then is not None and self.then(step, total):
+            return True
+        self.spent = time.monotonic() - self.started >= self.seconds
+        return self.spent
+
+    def why(self) -> str:
+        return (
+            f"the cycle's training budget of {self.seconds:g} s (train.max_seconds) is spent;"
+            " the next cycle resumes from the checkpoint"
+        )
+
+
+def _log_estimate(champion: Version | None, data: TrainingData, specs: LearningSpecs) -> None:
+    """How long this cycle's training should take, from the last one's pace."""
+    train, replay = specs.train, specs.replay
+    done = champion.training if champion is not None else {}
+    pace = float(done.get("train_seconds", 0.0)) / max(1, int(done.get("steps", 0) or 0))
+    ratio = replay.ratio if replay.enabled and data.past else 0.0
+    per_epoch = math.ceil(len(data.new) / split_batch(train.batch_size, ratio)[0])
+    steps = train.max_steps or math.ceil(train.epochs * per_epoch / train.grad_accum)
+    if done.get("steps") and pace > 0:
+        progress_log.info(
+            "training on %d new + %d past examples: about %d steps, about %.0f s at the last"
+            " cycle's %.2f s a step (budget %g s, train.max_seconds)",
+            len(data.new),
+            len(data.past),
+            steps,
+            steps * pace,
+            pace,
+            train.max_seconds,
+        )
+    else:
+        progress_log.info(
+            "training on %d new + %d past examples: about %d steps (budget %g s,"
+            " train.max_seconds); no earlier cycle to estimate the time from",
+            len(data.new),
+            len(data.past),
+            steps,
+            train.max_seconds,
+        )
 
 
 def _train(
@@ -187,8 +268,10 @@ def _register(
         parent=data.parent,
         new=data.new,
         past=data.past,
-        seq_range=(data.watermark, data.until),
+        seq_range=(data.marks.base, data.until),
     )
+    if data.held_back:
+        lineage["held_back"] = data.held_back
     return registry.register_candidate(
         result.adapter_dir,
         parent=data.parent,

@@ -1,8 +1,17 @@
-"""A whole learning cycle: train (or resume) a challenger → evaluate → gate → decide.
+"""A whole learning cycle: data checks → train (or resume) → evaluate → gate → decide, per task.
+
+Verdicts are per task. Before training, the data checks (``data_checks.py``) reject a task
+whose new records relabel stored data or shift its answer shares (quarantined, no training
+spent), and leave out a task too small to judge (waiting: its records stay live and keep
+its watermark, ``window.py``). After training the gate judges every task; when some of the
+tasks trained on are rejected, their records are quarantined and the cycle trains again
+without them, once (``MAX_ATTEMPTS``): one bad producer never costs the other tasks their
+feedback. A regression of an old task that no new task's verdict explains rejects the
+window. Every attempt is a version in the registry with its verdicts.
 
 Crash-safe by construction: every step leaves the registry in a state a re-run continues
 from. A challenger already trained on the current champion is reused rather than trained
-again; one left ``evaluating`` is evaluated again; promotion is one SQLite transaction that
+again; one left ``evaluating`` is evaluated again; promotion is one transaction that
 moves the ``champion`` alias and retires the old champion together.
 """
 
@@ -10,32 +19,36 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aftertune.learners.candidate import train_candidate
+from aftertune.learners.candidate import train_candidate, window_until
 from aftertune.learners.champion import load_version
-from aftertune.learners.errors import CycleBlocked, ExportError
-from aftertune.learners.evaluate import TaskScore, held_out, normalize, score_dict
-from aftertune.learners.gate import Decision, GateReport, chance_threshold, judge
+from aftertune.learners.data_checks import DataPlan, plan_window
+from aftertune.learners.errors import CycleBlocked, DataRejected, ExportError, NothingToTrain
+from aftertune.learners.gate import Decision, GateReport, Verdict, judge
+from aftertune.learners.judging import (
+    SuiteScores,
+    chance_levels,
+    judged,
+    mark_chance,
+    metrics_of,
+)
 from aftertune.learners.learning_state import LearningState
 from aftertune.learners.model_kind import AnswerSets
 from aftertune.learners.promote import promote_and_publish, sync_latest
-from aftertune.learners.specs import LearningSpecs
+from aftertune.learners.window import Suites, Watermarks, new_train, suites
 from aftertune.store.bundles import Published
-from aftertune.store.examples import Example, ExampleStore
+from aftertune.store.examples import DATA_CHECKS
 from aftertune.store.failpoints import failpoint
 from aftertune.store.registry import Registry, Version, VersionState
 
 log = logging.getLogger(__name__)
 
-SUITES = ("regression", "gain")
-Suites = dict[str, dict[str, list[Example]]]  # suite -> task -> held-out examples
-SuiteScores = dict[str, dict[str, TaskScore]]  # suite -> task -> score
+MAX_ATTEMPTS = 2  # a cycle trains again, once, without the tasks its first attempt rejected
 Outcome = tuple[Decision, list[str], Published | None]  # what was decided, why, what published
-Chance = dict[str, tuple[float, int]]  # task -> (share of its majority answer, n), label tasks
+StopAsk = Callable[[int, int], bool]
 
 
 @dataclass
@@ -49,6 +62,7 @@ class CycleResult:
     trained: dict[str, Any] | None = None  # the training report when this run trained
     bundle: Published | None = None  # the bundle published as latest with a promotion
     refused: dict[str, str] = field(default_factory=dict)  # tasks the model kind cannot score
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier attempts this cycle
 
     def to_json(self) -> dict[str, Any]:
         bundle = self.bundle
@@ -61,6 +75,8 @@ class CycleResult:
             "timings": self.timings,
             "trained": self.trained,
             "refused": self.refused,
+            "verdicts": {t: v.value for t, v in sorted(self.report.verdicts.items())},
+            "attempts": self.attempts,
             "bundle": None
             if bundle is None
             else {
@@ -69,67 +85,6 @@ class CycleResult:
                 "manifest_sha256": bundle.manifest_sha256,
             },
         }
-
-
-def suites_for(store: ExampleStore, champion_seq: int, challenger_seq: int, cap: int) -> Suites:
-    """Regression: held-out records the champion already had; gain: those that came since."""
-    return {
-        "regression": held_out(store, cap, after=0, until=champion_seq),
-        "gain": held_out(store, cap, after=champion_seq, until=challenger_seq),
-    }
-
-
-def _union(scores: Sequence[TaskScore]) -> dict[str, float | int]:
-    """One task's scores over both suites, weighted by examples."""
-    parts = [score_dict(s) for s in scores]
-    n = sum(int(p["n"]) for p in parts)
-    out: dict[str, float | int] = {"n": n}
-    for key in parts[0]:
-        if key != "n":
-            out[key] = sum(float(p[key]) * int(p["n"]) for p in parts) / n if n else 0.0
-    return out
-
-
-def _metrics(champion: SuiteScores, challenger: SuiteScores) -> dict[str, dict[str, Any]]:
-    tasks = sorted({t for suite in challenger.values() for t in suite})
-    out: dict[str, dict[str, Any]] = {}
-    for task in tasks:
-        entry: dict[str, Any] = {"suites": {}}
-        for who, scores in (("champion", champion), ("challenger", challenger)):
-            parts = [scores[s][task] for s in SUITES if task in scores[s]]
-            entry[who] = _union(parts)
-            for suite in SUITES:
-                if task in scores[suite]:
-                    entry["suites"].setdefault(suite, {})[who] = score_dict(scores[suite][task])
-        out[task] = entry
-    return out
-
-
-def chance_levels(by_task: dict[str, list[Example]], labels: AnswerSets) -> Chance:
-    """Per label task, how often always giving the most frequent answer would be right."""
-    out: Chance = {}
-    for task, examples in by_task.items():
-        if labels.get(task) and examples:
-            counts = Counter(normalize(e.output) for e in examples)
-            out[task] = (counts.most_common(1)[0][1] / len(examples), len(examples))
-    return out
-
-
-def _mark_chance(metrics: dict[str, dict[str, Any]], chance: Chance, z: float) -> None:
-    """Add to each label task's metrics its chance level on all its held-out records."""
-    for task, (majority, n) in chance.items():
-        if task in metrics and "accuracy" in metrics[task]["challenger"]:
-            threshold = chance_threshold(majority, n, z)
-            metrics[task]["chance"] = {
-                "majority": majority,
-                "n": n,
-                "threshold": threshold,
-                "at_chance": metrics[task]["challenger"]["accuracy"] <= threshold + 1e-12,
-            }
-
-
-def _floats(score: TaskScore) -> dict[str, float]:
-    return {k: float(v) for k, v in score_dict(score).items()}
 
 
 def _pick_challenger(registry: Registry, champion: Version | None, actor: str) -> Version | None:
@@ -160,44 +115,31 @@ def _refuse_while_awaiting(registry: Registry) -> None:
         )
 
 
-def run_cycle(
-    state: LearningState, *, should_stop: Callable[[int, int], bool] | None = None
-) -> CycleResult:
-    """Train → evaluate → gate → export + promote + publish, reject or wait. Resumable.
+def run_cycle(state: LearningState, *, should_stop: StopAsk | None = None) -> CycleResult:
+    """Data checks → train → evaluate → gate → export + promote + publish, or reject, per
+    task; a second attempt without the tasks the first rejected. Resumable.
 
     With ``specs.export`` set, a promotion also publishes the parity-checked bundle as
     latest; a failed export or parity check rejects the challenger instead.
     """
-    registry, specs = state.registry, state.specs
-    run = _CycleRun(state)
     sync_latest(state)  # what a crash before `latest` left
-    _refuse_while_awaiting(registry)
-    champion = registry.champion()
-    challenger, trained = run.train_or_resume(champion, should_stop)
-    champion_scores, challenger_scores = run.score_both(champion, challenger)
-    gate = run.judge(champion, challenger, champion_scores, challenger_scores)
-    metrics = _metrics(champion_scores, challenger_scores)
-    _mark_chance(metrics, run.chance["all"], specs.rules.chance_z)
-    registry.set_metrics(challenger.version, metrics)
-    if gate.decision is Decision.PROMOTED:
-        decision, reasons, bundle = run.promote(challenger, gate)
-    elif gate.decision is Decision.AWAITING_APPROVAL:
-        decision, reasons, bundle = run.await_approval(challenger, gate)
-    else:
-        decision, reasons, bundle = run.reject(champion, challenger, gate)
-    reasons += [f"not scored: {why}" for why in run.refused.values()]
-    log.info("v%d %s: %s", challenger.version, decision.value, "; ".join(reasons))
-    return CycleResult(
-        challenger.version,
-        decision,
-        reasons,
-        metrics,
-        gate,
-        run.timings,
-        trained,
-        bundle,
-        run.refused,
-    )
+    _refuse_while_awaiting(state.registry)
+    run = _CycleRun(state, state.registry.champion())
+    attempts: list[dict[str, Any]] = []
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        challenger, trained = run.train_or_resume(should_stop)
+        result = run.decide(challenger, trained, last=attempt == MAX_ATTEMPTS)
+        result.attempts = list(attempts)
+        if not run.retry:
+            return result
+        attempts.append(
+            {
+                "version": result.version,
+                "decision": result.decision.value,
+                "reasons": result.reasons,
+            }
+        )
+    raise AssertionError("unreachable: the last attempt never retries")
 
 
 @dataclass
@@ -205,115 +147,173 @@ class _CycleRun:
     """The steps of one cycle, sharing what every step needs; ``timings`` in seconds."""
 
     state: LearningState
+    champion: Version | None
     timings: dict[str, float] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # tasks the model kind cannot score
-    chance: dict[str, Chance] = field(default_factory=dict)  # "gain" / "all" -> chance levels
+    plan: DataPlan = field(default_factory=DataPlan)  # the data checks' verdicts
+    retry: bool = False  # the last decision asks for another attempt without some tasks
 
     @property
-    def store(self) -> ExampleStore:
-        return self.state.store
+    def marks(self) -> Watermarks:
+        return Watermarks.of(self.champion)
 
-    @property
-    def registry(self) -> Registry:
-        return self.state.registry
-
-    @property
-    def specs(self) -> LearningSpecs:
-        return self.state.specs
-
-    @property
-    def actor(self) -> str:
-        return self.state.actor
-
-    def train_or_resume(
-        self, champion: Version | None, should_stop: Callable[[int, int], bool] | None
-    ) -> tuple[Version, dict[str, Any] | None]:
-        """The challenger an interrupted run left, or a new one; then on to ``evaluating``."""
-        challenger = _pick_challenger(self.registry, champion, self.actor)
+    def train_or_resume(self, should_stop: StopAsk | None) -> tuple[Version, dict[str, Any] | None]:
+        """The challenger an interrupted run left, or a new one after the data checks; then
+        on to ``evaluating``."""
+        state = self.state
+        challenger = _pick_challenger(state.registry, self.champion, state.actor)
         trained = None
         if challenger is None:
+            waiting = self.check_data()
             t0 = time.monotonic()
-            report = train_candidate(self.state, should_stop=should_stop)
-            self.timings["train_s"] = time.monotonic() - t0
+            report = train_candidate(state, should_stop=should_stop, waiting=waiting)
+            self.timings["train_s"] = self.timings.get("train_s", 0.0) + time.monotonic() - t0
             trained = report.to_json()
-            challenger = self.registry.get(report.candidate)
+            challenger = state.registry.get(report.candidate)
             failpoint("cycle.after_train")
         else:
             log.info("resuming the cycle of v%d (%s)", challenger.version, challenger.state.value)
         if challenger.state is VersionState.CANDIDATE:
-            self.registry.transition(
+            state.registry.transition(
                 challenger.version,
                 VersionState.EVALUATING,
-                actor=self.actor,
+                actor=state.actor,
                 reason="gate evaluation",
             )
         return challenger, trained
 
-    def score_both(
-        self, champion: Version | None, challenger: Version
-    ) -> tuple[SuiteScores, SuiteScores]:
-        """Champion and challenger on the same suites, one model in memory at a time."""
-        t0 = time.monotonic()
-        champion_seq = champion.data_seq if champion is not None else 0
-        suites = suites_for(
-            self.store, champion_seq, challenger.data_seq, self.specs.eval.max_per_task
+    def check_data(self) -> list[str]:
+        """Run the data checks on the window; quarantine the tasks they reject. Returns the
+        waiting tasks. NothingToTrain when no task is left to learn."""
+        state, marks = self.state, self.marks
+        until = window_until(state, self.champion)
+        new = new_train(state.store, marks, until)
+        by_suite = suites(state.store, marks, until, state.specs.eval.max_per_task)
+        sets = state.kind.answer_sets(
+            state.store, sorted({e.task for e in new}), until, state.specs
+        )
+        self.plan = plan_window(
+            state.store, marks, until, new, by_suite, sets.sets, state.specs.rules
+        )
+        for task in self.plan.tasks(Verdict.REJECTED):
+            why = self.plan.reasons[task]
+            n = state.store.quarantine(
+                marks.mark(task), until, DATA_CHECKS, tasks=[task], reason=why
+            )
+            log.warning("rejected before training, %d records quarantined: %s", n, why)
+        for task in self.plan.tasks(Verdict.WAITING):
+            log.info("waiting, left out of this cycle: %s", self.plan.reasons[task])
+        if new and not self.plan.tasks(Verdict.ADMITTED):
+            rejected = [self.plan.reasons[t] for t in self.plan.tasks(Verdict.REJECTED)]
+            waiting = [self.plan.reasons[t] for t in self.plan.tasks(Verdict.WAITING)]
+            if rejected:
+                raise DataRejected(rejected + [f"waiting: {w}" for w in waiting])
+            raise NothingToTrain("nothing to train yet: " + "; ".join(waiting))
+        return self.plan.tasks(Verdict.WAITING)
+
+    def decide(
+        self, challenger: Version, trained: dict[str, Any] | None, *, last: bool
+    ) -> CycleResult:
+        """Score both, judge per task, then promote, wait for approval, retry or reject."""
+        state = self.state
+        by_suite, sets, chance = self.suites_of(challenger)
+        champion_scores = self.score(self.champion, by_suite, sets)
+        failpoint("cycle.during_eval")
+        challenger_scores = self.score(challenger, by_suite, sets)
+        gate = self.judge(challenger, champion_scores, challenger_scores, chance["gain"])
+        metrics = metrics_of(champion_scores, challenger_scores)
+        mark_chance(metrics, chance["all"], state.specs.rules.chance_z)
+        state.registry.set_metrics(challenger.version, metrics)
+        self.retry = False
+        if gate.decision is Decision.PROMOTED:
+            decision, reasons, bundle = self.promote(challenger, gate)
+        elif gate.decision is Decision.AWAITING_APPROVAL:
+            decision, reasons, bundle = self.settle(
+                challenger, VersionState.AWAITING_APPROVAL, gate
+            )
+        else:
+            decision, reasons, bundle = self.reject(challenger, gate, last=last)
+        reasons += [f"waiting: {self.plan.reasons[t]}" for t in self.plan.tasks(Verdict.WAITING)]
+        reasons += [
+            f"rejected before training: {self.plan.reasons[t]}"
+            for t in self.plan.tasks(Verdict.REJECTED)
+        ]
+        reasons += [f"not scored: {why}" for why in self.refused.values()]
+        log.info("v%d %s: %s", challenger.version, decision.value, "; ".join(reasons))
+        return CycleResult(
+            challenger.version,
+            decision,
+            reasons,
+            metrics,
+            gate,
+            dict(self.timings),
+            trained,
+            bundle,
+            self.refused,
+        )
+
+    def suites_of(self, challenger: Version) -> tuple[Suites, AnswerSets, dict[str, Any]]:
+        """The held-out suites (each task split at its own watermark), the answer sets, and
+        the chance levels: of the gain suite, and of all held-out records."""
+        state = self.state
+        by_suite = suites(
+            state.store, self.marks, challenger.data_seq, state.specs.eval.max_per_task
         )
         trained = set(challenger.lineage.get("trained_on", {}).get("count_by_task", {}))
-        tasks = sorted(trained.union(*suites.values()))
-        judged = self.state.kind.answer_sets(self.store, tasks, challenger.data_seq, self.specs)
-        self.refused = judged.refused
-        for name, by_task in suites.items():
-            suites[name] = {t: v for t, v in by_task.items() if t not in judged.refused}
-        labels = judged.sets
+        tasks = sorted(trained.union(*by_suite.values()))
+        answer_sets = state.kind.answer_sets(state.store, tasks, challenger.data_seq, state.specs)
+        self.refused = answer_sets.refused
+        for name in by_suite:
+            by_suite[name] = {t: v for t, v in by_suite[name].items() if t not in self.refused}
+        labels = answer_sets.sets
         everything = {
-            t: [*suites["regression"].get(t, []), *suites["gain"].get(t, [])] for t in labels
+            t: [*by_suite["regression"].get(t, []), *by_suite["gain"].get(t, [])] for t in labels
         }
-        self.chance = {
-            "gain": chance_levels(suites["gain"], labels),
+        chance = {
+            "gain": chance_levels(by_suite["gain"], labels),
             "all": chance_levels(everything, labels),
         }
-        champion_scores = self._score_suites(champion, suites, labels)
-        failpoint("cycle.during_eval")
-        challenger_scores = self._score_suites(challenger, suites, judged.sets)
-        self.timings["evaluate_s"] = time.monotonic() - t0
-        return champion_scores, challenger_scores
+        return by_suite, labels, chance
 
-    def _score_suites(
-        self, version: Version | None, suites: Suites, sets: AnswerSets
-    ) -> SuiteScores:
-        model, tokenizer = load_version(
-            self.registry, self.specs.base, self.state.state_dir, version
-        )
-        return {
-            name: self.state.kind.score(model, tokenizer, by_task, sets, self.specs)
-            for name, by_task in suites.items()
+    def score(self, version: Version | None, by_suite: Suites, sets: AnswerSets) -> SuiteScores:
+        t0 = time.monotonic()
+        state = self.state
+        model, tokenizer = load_version(state.registry, state.specs.base, state.state_dir, version)
+        scores = {
+            name: state.kind.score(model, tokenizer, by_task, sets, state.specs)
+            for name, by_task in by_suite.items()
         }
+        self.timings["evaluate_s"] = self.timings.get("evaluate_s", 0.0) + time.monotonic() - t0
+        return scores
 
     def judge(
         self,
-        champion: Version | None,
         challenger: Version,
         champion_scores: SuiteScores,
         challenger_scores: SuiteScores,
+        chance: dict[str, tuple[float, int]],
     ) -> GateReport:
         # A task "has a champion score" when the champion was judged on it before (it is in
         # the regression suite); a task new to the champion is held to value thresholds only.
+        metrics = self.state.kind.judged_metrics
         known = set(champion_scores["regression"])
         regression = {
-            t: (_floats(champion_scores["regression"][t]), _floats(s))
+            t: (judged(champion_scores["regression"][t], metrics), judged(s, metrics))
             for t, s in challenger_scores["regression"].items()
         }
         gain = {
-            t: (_floats(champion_scores["gain"][t]) if t in known else None, _floats(s))
+            t: (
+                judged(champion_scores["gain"][t], metrics) if t in known else None,
+                judged(s, metrics),
+            )
             for t, s in challenger_scores["gain"].items()
         }
         new_tasks = set(challenger.lineage.get("trained_on", {}).get("count_by_task", {}))
         new_tasks -= set(self.refused)  # not learned or scored by this kind: said in reasons
-        champion_seq = champion.data_seq if champion is not None else 0
-        conflicts = self.store.conflicts(champion_seq, challenger.data_seq)
-        return judge(
-            regression, gain, new_tasks, self.specs.rules, conflicts, self.chance.get("gain")
-        )
+        gate = judge(regression, gain, new_tasks, self.state.specs.rules, None, chance)
+        for task in self.plan.tasks(Verdict.WAITING) + self.plan.tasks(Verdict.REJECTED):
+            gate.verdicts.setdefault(task, self.plan.verdicts[task])
+        return gate
 
     def promote(self, challenger: Version, gate: GateReport) -> Outcome:
         """Export, parity, promote, publish; a failed export rejects instead."""
@@ -328,20 +328,51 @@ class _CycleRun:
         self.timings["publish_s"] = time.monotonic() - t0
         return decision, reasons, bundle
 
-    def await_approval(self, challenger: Version, gate: GateReport) -> Outcome:
-        return self._decided(challenger, VersionState.AWAITING_APPROVAL, gate)
+    def reject(self, challenger: Version, gate: GateReport, *, last: bool) -> Outcome:
+        """Quarantine what the gate rejected, then retry without it or reject the window.
 
-    def reject(self, champion: Version | None, challenger: Version, gate: GateReport) -> Outcome:
-        # Set the batch aside before the decision is final, so a crash in between re-runs
-        # to the same end. Waiting for held-out data is not a verdict on the data itself.
-        if not all(c.waits_for_data for c in gate.failures):
-            champion_seq = champion.data_seq if champion is not None else 0
-            self.store.quarantine(champion_seq, challenger.data_seq, challenger.version)
-        return self._decided(challenger, VersionState.REJECTED, gate)
-
-    def _decided(self, challenger: Version, state: VersionState, gate: GateReport) -> Outcome:
+        Set the batch aside before the decision is final, so a crash in between re-runs to
+        the same end. Waiting for held-out data is not a verdict on the data itself.
+        """
+        trained = set(challenger.lineage.get("trained_on", {}).get("count_by_task", {}))
+        rejected = [t for t in gate.rejected_tasks() if t in trained]
+        admitted = sorted(trained - set(rejected) - set(self.refused))
+        extra: list[str] = []
+        if gate.unexplained or not rejected:
+            doomed = [t for t in sorted(trained) if gate.verdicts.get(t) is not Verdict.WAITING]
+            if gate.unexplained:
+                extra = [
+                    "the window is rejected: an earlier task regressed, which no new task's verdict explains"
+                ]
+        else:
+            doomed = rejected
+            if admitted and not last:
+                self.retry = True
+                extra = [
+                    f"training again without {', '.join(rejected)} (their records are quarantined)"
+                ]
         why = "; ".join(gate.reasons)
-        self.registry.transition(
-            challenger.version, state, actor=self.actor, reason=why, gate=gate.to_json()
+        for task in doomed:
+            self.state.store.quarantine(
+                self.marks.mark(task),
+                challenger.data_seq,
+                challenger.version,
+                tasks=[task],
+                reason=why,
+            )
+        decision, reasons, bundle = self.settle(challenger, VersionState.REJECTED, gate, extra)
+        return decision, reasons + extra, bundle
+
+    def settle(
+        self,
+        challenger: Version,
+        state: VersionState,
+        gate: GateReport,
+        extra: list[str] | None = None,
+    ) -> Outcome:
+        why = "; ".join([*gate.reasons, *(extra or [])])
+        report = {**gate.to_json(), "reasons": [*gate.reasons, *(extra or [])]}
+        self.state.registry.transition(
+            challenger.version, state, actor=self.state.actor, reason=why, gate=report
         )
         return gate.decision, list(gate.reasons), None

@@ -28,9 +28,9 @@ class ChampionError(LearnerError):
 class TrainingInterrupted(LearnerError):
     """Training stopped at a step boundary on request (warm stop); resume from the checkpoint."""
 
-    def __init__(self, step: int, checkpoint_dir: object = None) -> None:
+    def __init__(self, step: int, checkpoint_dir: object = None, why: str = "") -> None:
         where = f"; resume from {checkpoint_dir}" if checkpoint_dir else " (no checkpoint dir set)"
-        super().__init__(f"training stopped at step {step}{where}")
+        super().__init__(f"training stopped at step {step}{where}" + (f": {why}" if why else ""))
         self.step = step
         self.checkpoint_dir = checkpoint_dir
 
@@ -41,6 +41,15 @@ class ExportError(LearnerError):
 
 class NothingToTrain(LearnerError):
     """No new train examples arrived since the champion was made."""
+
+
+class DataRejected(NothingToTrain):
+    """The data checks rejected every task with new records, before any training: their
+    records are quarantined (``reasons``: one per task)."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__("rejected before training: " + "; ".join(reasons))
+        self.reasons = reasons
 
 
 class CycleBlocked(LearnerError):

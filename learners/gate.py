@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -105,7 +105,18 @@ class GateOptions:
         default=0.02, ge=0, description="new data of a task may raise nll on its old held-out by"
     )
     max_conflict_share: float = Field(
-        default=0.05, ge=0, le=1, description="new records contradicting a stored label"
+        default=0.05,
+        ge=0,
+        le=1,
+        description="new records giving another answer to a stored input (up to case, spaces"
+        " and punctuation)",
+    )
+    max_label_shift: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="a batch's answer shares against its task's history (total variation"
+        " distance, batches and histories of 30+ records)",
     )
     beat_chance: bool = Field(
         default=True,
@@ -147,6 +158,7 @@ class Check:
     threshold: float | None
     passed: bool
     message: str
+    clause: str = ""  # the limit in words ("the 0.005 nats allowed (...)"), for joined reasons
 
     @property
     def waits_for_data(self) -> bool:
@@ -163,10 +175,27 @@ class Check:
         return out
 
 
+class Verdict(str, Enum):
+    """What the gate says of one task's new records."""
+
+    ADMITTED = "admitted"  # learned and judged: promoted with the challenger
+    REJECTED = "rejected"  # a rule failed: quarantined, never trained or judged again
+    WAITING = "waiting"  # too little held-out data to judge: stays live, out of this cycle
+
+
 @dataclass(frozen=True)
 class GateReport:
     decision: Decision
     checks: list[Check]
+    verdicts: dict[str, Verdict] = field(default_factory=dict)  # task with new data -> verdict
+
+    @property
+    def unexplained(self) -> list[Check]:
+        """Failures of tasks without new data: a regression no new task's verdict explains."""
+        return [c for c in self.failures if c.task not in self.verdicts]
+
+    def rejected_tasks(self) -> list[str]:
+        return sorted(t for t, v in self.verdicts.items() if v is Verdict.REJECTED)
 
     @property
     def failures(self) -> list[Check]:
@@ -189,19 +218,34 @@ class GateReport:
             "decision": self.decision.value,
             "reasons": self.reasons,
             "checks": [c.to_json() for c in self.checks],
+            "verdicts": {t: v.value for t, v in sorted(self.verdicts.items())},
         }
+
+
+def verdicts_of(checks: list[Check], new_data_tasks: set[str]) -> dict[str, Verdict]:
+    """Per task with new data: rejected when one of its checks failed as a verdict on the
+    data, waiting when its only failures are for want of held-out data, else admitted."""
+    out: dict[str, Verdict] = {}
+    for task in sorted(new_data_tasks):
+        failed = [c for c in checks if c.task == task and not c.passed]
+        if not failed:
+            out[task] = Verdict.ADMITTED
+        elif all(c.waits_for_data for c in failed):
+            out[task] = Verdict.WAITING
+        else:
+            out[task] = Verdict.REJECTED
+    return out
 
 
 def _joined(failures: list[Check]) -> list[str]:
     """One line per failed metric: a metric over both its absolute and its relative limit
-    is one reason ('nll 0.4 -> 1.2, rose by 0.8 (over ...) and by 200% (over ...)')."""
+    is one reason, with both limits."""
     lines: list[str] = []
     drop_line: dict[tuple[str, Suite, str], int] = {}  # where each metric's max_drop line is
     for check in failures:
         key = (check.task, check.suite, check.metric)
         if check.rule == "max_drop_rel" and key in drop_line:
-            change = check.message.split(" -> ", 1)[1].partition(", ")[2]  # 'rose by 200% (…)'
-            lines[drop_line[key]] += " and " + change.partition(" ")[2]
+            lines[drop_line[key]] += f"; also more than {check.clause}"
             continue
         if check.rule == "max_drop":
             drop_line[key] = len(lines)
@@ -209,8 +253,38 @@ def _joined(failures: list[Check]) -> list[str]:
     return lines
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
+# What a person reads for each metric, and its unit: shares in percent, changes of a share in
+# percentage points, the log-loss (mean NLL of the reference answer) in nats.
+LABELS = {
+    "accuracy": "accuracy",
+    "token_f1": "token F1",
+    "valid": "valid answers",
+    "nll": "log-loss",
+}
+
+
+def show(metric: str, value: float | None) -> str:
+    """A metric's value as the gate, the report and ``models show`` print it: '81.0%'."""
+    if value is None:
+        return "n/a"
+    if metric in PROPORTIONS:
+        return f"{100 * value:.1f}%"
+    if metric == "nll":
+        return f"{value:.4g} nats"
+    return f"{value:.4g}"
+
+
+def _amount(metric: str, change: float) -> str:
+    """A change of a metric in its unit: '30.0 points', '0.018 nats'."""
+    if metric in PROPORTIONS:
+        return f"{100 * change:.1f} points"
+    if metric == "nll":
+        return f"{change:.4g} nats"
+    return f"{change:.4g}"
+
+
+EARLIER = " on earlier held-out records"  # the regression suite, in words
+NEW = " on new held-out records"  # the gain suite
 
 
 def _value_checks(task: str, suite: Suite, challenger: Scores, rules: MetricRules) -> list[Check]:
@@ -232,7 +306,10 @@ def _value_checks(task: str, suite: Suite, challenger: Scores, rules: MetricRule
                 value,
                 bound,
                 ok,
-                f"{task}: {metric} {_fmt(value)} {'meets' if ok else 'breaks'} the {word} {bound:g} ({suite.value})",
+                f"{task}: {LABELS.get(metric, metric)}"
+                f"{EARLIER if suite is Suite.REGRESSION else NEW} {show(metric, value)} "
+                f"{'meets' if ok else 'is under' if higher else 'is over'} the {word} of "
+                f"{show(metric, bound)} (gate.floor)",
             )
         )
     return out
@@ -273,33 +350,28 @@ def _drop(metric: str, old: float, new: float) -> float:
     return (old - new) if HIGHER_IS_BETTER[metric] else (new - old)
 
 
-def _moved(
-    metric: str, old: float, new: float, ok: bool, limit: str, *, base: float | None = None
-) -> str:
-    """'0.82 -> 0.7, fell by 0.12 (over the allowed drop of 0.05)'; 'rose by 518.2% (...)'
-    relative to ``base`` when given; an improvement or no change says so instead of a limit."""
-    change = new - old
-    if change == 0:
-        return f"{_fmt(old)} -> {_fmt(new)}, unchanged"
-    amount = f"{100 * abs(change) / base:.1f}%" if base else f"{abs(change):.4g}"
-    if base and base != abs(old):
-        amount += f" of {_fmt(base)}"
-    moved = f"{_fmt(old)} -> {_fmt(new)}, {'rose' if change > 0 else 'fell'} by {amount}"
-    if (change > 0) == HIGHER_IS_BETTER[metric]:
-        return f"{moved} (an improvement)"
-    worse = "drop" if HIGHER_IS_BETTER[metric] else "rise"
-    return f"{moved} ({'within' if ok else 'over'} the allowed {worse} of {limit})"
-
-
-def _changed(old: float, new: float) -> str:
-    """'1.5 -> 1.6, rose by 0.1', '... fell by 0.1', '... unchanged'."""
+def _moved(metric: str, old: float, new: float, ok: bool, clause: str, where: str = "") -> str:
+    """'accuracy on earlier held-out records 81.0% -> 51.0%: fell by 30.0 points, more than
+    the 5.0 points allowed (gate.max_drop)'; an improvement or no change says so instead."""
+    head = f"{LABELS.get(metric, metric)}{where} {show(metric, old)} -> {show(metric, new)}"
     if new == old:
-        return f"{_fmt(old)} -> {_fmt(new)}, unchanged"
-    return f"{_fmt(old)} -> {_fmt(new)}, {'rose' if new > old else 'fell'} by {abs(new - old):.4g}"
+        return f"{head}: unchanged"
+    moved = f"{head}: {'rose' if new > old else 'fell'} by {_amount(metric, abs(new - old))}"
+    if (new > old) == HIGHER_IS_BETTER[metric]:
+        return f"{moved} (an improvement)"
+    return f"{moved}, {'within' if ok else 'more than'} {clause}"
+
+
+def _changed(metric: str, old: float, new: float, where: str = "") -> str:
+    """'accuracy on new held-out records 40.0% -> 45.0%: rose by 5.0 points', '... unchanged'."""
+    head = f"{LABELS.get(metric, metric)}{where} {show(metric, old)} -> {show(metric, new)}"
+    if new == old:
+        return f"{head}: unchanged"
+    return f"{head}: {'rose' if new > old else 'fell'} by {_amount(metric, abs(new - old))}"
 
 
 def _missing_metric(task: str, metric: str, old: float) -> Check:
-    message = f"{task}: challenger has no {metric} (champion {_fmt(old)})"
+    message = f"{task}: the challenger has no {LABELS.get(metric, metric)} (the champion's: {show(metric, old)})"
     return Check(task, Suite.REGRESSION, metric, "metric_present", old, None, None, False, message)
 
 
@@ -313,10 +385,15 @@ def _drop_check(
     n = champion.get("n", 0)
     noise = _noise(metric, old, n, noise_z)
     limit = max(allowed, noise)
-    widened = f"; widened from {allowed:g} for n={n:g}" if noise > allowed else ""
+    clause = f"the {_amount(metric, limit)} allowed (gate.max_drop"
+    if noise > allowed:
+        clause += (
+            f" {_amount(metric, allowed)}, widened for the noise of {n:g} records, gate.noise_z"
+        )
+    clause += ")"
     ok = drop <= limit + 1e-12
-    message = f"{task}: {metric} " + _moved(metric, old, new, ok, f"{limit:.4g}{widened}")
-    return Check(task, Suite.REGRESSION, metric, "max_drop", old, new, limit, ok, message)
+    message = f"{task}: {_moved(metric, old, new, ok, clause, EARLIER)}"
+    return Check(task, Suite.REGRESSION, metric, "max_drop", old, new, limit, ok, message, clause)
 
 
 def _relative_drop_check(
@@ -326,8 +403,18 @@ def _relative_drop_check(
     base = max(abs(old), RELATIVE_BASE.get(metric, 0.0))
     rel = _drop(metric, old, new) / base
     ok = rel <= limit + 1e-12
-    message = f"{task}: {metric} " + _moved(metric, old, new, ok, f"{100 * limit:g}%", base=base)
-    return Check(task, Suite.REGRESSION, metric, "max_drop_rel", old, new, limit, ok, message)
+    of = (
+        f"the champion's {show(metric, old)}"
+        if base == abs(old)
+        else f"{show(metric, base)}, the least it is taken of"
+    )
+    clause = (
+        f"the {_amount(metric, limit * base)} allowed ({100 * limit:g}% of {of}, gate.max_drop_rel)"
+    )
+    message = f"{task}: {_moved(metric, old, new, ok, clause, EARLIER)}"
+    return Check(
+        task, Suite.REGRESSION, metric, "max_drop_rel", old, new, limit, ok, message, clause
+    )
 
 
 def _gain_checks(
@@ -351,9 +438,8 @@ def _gain_checks(
                 challenger[primary],
                 rules.min_gain,
                 ok,
-                f"{task}: {primary} on new held-out data "
-                f"{_changed(champion[primary], challenger[primary])} "
-                f"(it must rise by at least {rules.min_gain:g})",
+                f"{task}: {_changed(primary, champion[primary], challenger[primary], NEW)} "
+                f"(it must rise by at least {_amount(primary, rules.min_gain)}, gate.min_gain)",
             )
         )
     if "nll" in challenger and "nll" in champion:
@@ -369,9 +455,9 @@ def _gain_checks(
                 challenger["nll"],
                 rules.min_nll_gain,
                 ok,
-                f"{task}: nll on new held-out data "
-                f"{_changed(champion['nll'], challenger['nll'])} "
-                f"(it must fall by at least {rules.min_nll_gain:g})",
+                f"{task}: {_changed('nll', champion['nll'], challenger['nll'], NEW)} "
+                f"(it must fall by at least {_amount('nll', rules.min_nll_gain)}, "
+                "gate.min_nll_gain)",
             )
         )
     return out
@@ -417,27 +503,44 @@ def _consistency_check(
     Clean data of a task improves (or keeps) the reference NLL on that task's earlier
     held-out records; mislabelled data raises it, even when the model is too small to
     move accuracy and even when it "improves" on the batch's own poisoned held-out part.
+    Where the kind is not judged on NLL (ranking), its accuracy there must not fall by more
+    than the noise of the sample (or the task's ``max_drop``, when wider).
     """
-    if champion is None or challenger is None or "nll" not in champion or "nll" not in challenger:
+    if champion is None or challenger is None:
         return []
-    rise = challenger["nll"] - champion["nll"]
-    limit = rules.max_nll_rise_same_task
-    ok = rise <= limit + 1e-12
+    if "nll" in champion and "nll" in challenger:
+        metric, limit = "nll", rules.max_nll_rise_same_task
+    elif "accuracy" in champion and "accuracy" in challenger:
+        metric = "accuracy"
+        noise = _noise(metric, champion[metric], champion.get("n", 0), max(rules.noise_z, 1.0))
+        limit = max(rules.for_task(task).max_drop.get(metric, 0.0), noise)
+    else:
+        return []
+    old, new = champion[metric], challenger[metric]
+    ok = _drop(metric, old, new) <= limit + 1e-12
+    message = _consistency_message(task, metric, old, new, ok, limit)
     return [
-        Check(
-            task,
-            Suite.REGRESSION,
-            "nll",
-            "same_task_consistency",
-            champion["nll"],
-            challenger["nll"],
-            limit,
-            ok,
-            f"{task}: with this task's new data, nll on its earlier held-out records "
-            f"{_changed(champion['nll'], challenger['nll'])} "
-            f"({'within' if ok else 'over'} the allowed rise of {limit:g})",
-        )
+        Check(task, Suite.REGRESSION, metric, "same_task_consistency", old, new, limit, ok, message)
     ]
+
+
+def _consistency_message(
+    task: str, metric: str, old: float, new: float, ok: bool, limit: float
+) -> str:
+    worse = "rise" if metric == "nll" else "drop"
+    verdict = (
+        f"within the {_amount(metric, limit)} {worse} allowed"
+        if ok
+        else f"more than the {_amount(metric, limit)} {worse} allowed: its new records look"
+        " mislabelled"
+    )
+    return (
+        f"{task}: with this task's new data, {_changed(metric, old, new, EARLIER)}, {verdict}"
+        " (gate.max_nll_rise_same_task)"
+        if metric == "nll"
+        else f"{task}: with this task's new data, {_changed(metric, old, new, EARLIER)}, "
+        f"{verdict} (the noise of the held-out sample, gate.noise_z)"
+    )
 
 
 def _conflict_check(task: str, new: int, conflicting: int, rules: GateRules) -> Check:
@@ -452,9 +555,10 @@ def _conflict_check(task: str, new: int, conflicting: int, rules: GateRules) -> 
         share,
         rules.max_conflict_share,
         ok,
-        f"{task}: {conflicting} of {new} new records give another answer to an input already "
-        f"stored ({100 * share:.1f}%; {'within' if ok else 'over'} the allowed "
-        f"{100 * rules.max_conflict_share:g}%): relabelled data",
+        f"{task}: {conflicting} of {new} new records ({100 * share:.1f}%) give another answer "
+        f"to an input already stored, {'within' if ok else 'more than'} the "
+        f"{100 * rules.max_conflict_share:g}% allowed (gate.max_conflict_share)"
+        + ("" if ok else ": the batch relabels stored data"),
     )
 
 
@@ -512,4 +616,4 @@ def judge(
         decision = Decision.AWAITING_APPROVAL
     else:
         decision = Decision.PROMOTED
-    return GateReport(decision, checks)
+    return GateReport(decision, checks, verdicts_of(checks, new_data_tasks))

@@ -10,7 +10,10 @@ and nothing else:
 - ``score``: per-task scores on held-out examples (the one scoring path);
 - ``export``: the champion as a parity-checked bundle;
 - ``train_defaults``: ``train.lr`` and ``train.epochs`` when the settings leave them unset;
-- ``trains_in_processes``: whether ``train.processes`` > 1 may run its training under torchrun.
+- ``trains_in_processes``: whether ``train.processes`` > 1 may run its training under torchrun;
+- ``judged_metrics``: the metrics the gate's rules watch for this kind (the ranking kind is
+  judged on accuracy: the NLL of its sharpened softmax says how confident it is, not what a
+  user gets).
 
 Each kind lives in its own folder under ``kinds/``; ``kinds/__init__`` is their registry.
 """
@@ -43,6 +46,7 @@ class ModelKind(Protocol):
     name: str
     train_defaults: Mapping[str, Any]  # "lr", "epochs": what unset train settings mean
     trains_in_processes: bool
+    judged_metrics: frozenset[str]
 
     def accepts(self, config: Mapping[str, Any]) -> bool:
         """Whether a base with this ``config.json`` is of this kind."""

@@ -35,7 +35,12 @@ from aftertune.store.bundles import (
     published,
     set_latest,
 )
-from aftertune.store.consumer.format import read_manifest, resolve_inside, version_dir_name
+from aftertune.store.consumer.format import (
+    manifest_sha256,
+    read_manifest,
+    resolve_inside,
+    version_dir_name,
+)
 from aftertune.store.errors import BundleError
 from aftertune.store.examples import Example, ExampleStore
 from aftertune.store.failpoints import failpoint
@@ -101,23 +106,35 @@ def export_version(state: LearningState, version: Version, out: Path) -> ExportR
 
 
 def stage_bundle(state: LearningState, version: Version) -> Path:
-    """Export ``version`` into ``bundles/vN``, unpublished."""
+    """Export ``version`` into ``bundles/vN``, unpublished, and record its manifest's sha256
+    and this daemon as its publisher in the registry (what other daemons check a pull by)."""
     staging = new_staging_dir(state.layout.bundles, version.version)
     try:
         failpoint("export.staging")
         export_version(state, version, staging)
-        return install(staging, state.layout.bundles, version.version)
+        final = install(staging, state.layout.bundles, version.version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    state.registry.record_publication(
+        version.version, manifest_sha256(final), state.specs.publisher
+    )
+    return final
 
 
 def promote_and_publish(
-    state: LearningState, version: Version, *, reason: str, gate: dict[str, Any] | None = None
+    state: LearningState,
+    version: Version,
+    *,
+    reason: str,
+    gate: dict[str, Any] | None = None,
+    override: bool = False,
 ) -> Published | None:
     """Export + parity, then promote, then publish. ExportError: rejected, champion kept.
 
-    With ``specs.export=None`` (export disabled) it only promotes and returns None.
+    With ``specs.export=None`` (export disabled) it only promotes and returns None. With
+    ``override`` the version is one the gate rejected, promoted by an operator
+    (``Registry.overrule``: the audit log keeps who and why).
     """
     registry, specs, actor = state.registry, state.specs, state.actor
     spec = specs.export
@@ -125,24 +142,31 @@ def promote_and_publish(
         try:
             stage_bundle(state, version)
         except ExportError as exc:
-            registry.transition(
-                version.version,
-                VersionState.REJECTED,
-                actor=actor,
-                reason=f"export: {exc}",
-                gate=gate,
-            )
+            if not override:  # an overruled version stays rejected, as it was
+                registry.transition(
+                    version.version,
+                    VersionState.REJECTED,
+                    actor=actor,
+                    reason=f"export: {exc}",
+                    gate=gate,
+                )
             raise
-    registry.promote(version.version, actor=actor, reason=reason, gate=gate)
+    if override:
+        registry.overrule(version.version, actor=actor, reason=reason, gate=gate)
+    else:
+        registry.promote(version.version, actor=actor, reason=reason, gate=gate)
     failpoint("publish.before_latest")
     if spec is None:
         return None
-    return _point_latest(state.layout.bundles, version.version, specs.keep_bundles)
+    return _point_latest(state, version.version)
 
 
-def _point_latest(root: Path, version: int, keep: int) -> Published:
+def _point_latest(state: LearningState, version: int) -> Published:
+    """``latest`` to ``version``, then the oldest bundles beyond ``export.keep`` pruned, never
+    one the registry still needs (champion, promoted, awaiting approval, rollback target)."""
+    root, keep = state.layout.bundles, state.specs.keep_bundles
     set_latest(root, version)
-    removed = prune(root, keep)
+    removed = prune(root, keep, protect=state.registry.needed_versions())
     if removed:
         log.info("pruned bundles %s (export.keep = %d)", ", ".join(f"v{v}" for v in removed), keep)
     return published(root, version)
@@ -164,6 +188,13 @@ def sync_latest(state: LearningState) -> Published | None:
     if champion is None:
         return None
     whole = _looks_whole(root / version_dir_name(champion.version))
+    if whole and state.registry.publication(champion.version) is None:
+        # Promoted before the registry recorded publications (schema 3): recorded now.
+        state.registry.record_publication(
+            champion.version,
+            manifest_sha256(root / version_dir_name(champion.version)),
+            state.specs.publisher,
+        )
     if whole and latest_version(root) == champion.version:
         return None
     if not whole:
@@ -171,7 +202,7 @@ def sync_latest(state: LearningState) -> Published | None:
         # from the adapters, which are the source of truth.
         log.info("champion v%d has no whole bundle; exporting it again", champion.version)
         stage_bundle(state, champion)
-    return _point_latest(root, champion.version, state.specs.keep_bundles)
+    return _point_latest(state, champion.version)
 
 
 def _looks_whole(bundle_dir: Path) -> bool:

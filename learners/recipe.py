@@ -481,7 +481,7 @@ def _run_id(
 ) -> str:
     """What a checkpoint must match to be resumed: the data and every setting that shapes it."""
     settings = asdict(train)
-    for volatile in ("progress", "checkpoint_every", "device", "processes"):
+    for volatile in ("progress", "checkpoint_every", "device", "processes", "max_seconds"):
         settings.pop(volatile)
     settings["template"] = [train.template.with_input, train.template.without_input]
     blob: dict[str, Any] = {"train": settings, "lora": asdict(lora), "replay": asdict(replay_spec)}

@@ -86,6 +86,13 @@ class TrainOptions:
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     max_length: int = Field(default=256, ge=8, description="tokens per example")
     checkpoint_every: int = Field(default=25, ge=0, description="optimizer steps; 0 = never")
+    max_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        le=365 * 24 * 3600.0,
+        description="a cycle's training budget: when spent, it checkpoints and stops warm, and"
+        " the next cycle resumes it",
+    )
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda[:n]")
     progress: bool = True
     processes: int = Field(

@@ -83,10 +83,16 @@ class Workspace:
         return stage_bundle(self.state, version)
 
     def promote(
-        self, version: Version, *, reason: str, gate: dict[str, Any] | None = None
+        self,
+        version: Version,
+        *,
+        reason: str,
+        gate: dict[str, Any] | None = None,
+        override: bool = False,
     ) -> Published | None:
-        """Export and check ``version``, make it the champion, publish it as ``latest``."""
-        return promote_and_publish(self.state, version, reason=reason, gate=gate)
+        """Export and check ``version``, make it the champion, publish it as ``latest``;
+        ``override``: a version the gate rejected, promoted by an operator."""
+        return promote_and_publish(self.state, version, reason=reason, gate=gate, override=override)
 
     def sync_latest(self) -> Published | None:
         """Point ``latest`` at the champion's bundle (exported again when missing)."""

@@ -17,7 +17,7 @@ import json
 import random
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +83,8 @@ CREATE TABLE examples (
     source      TEXT    NOT NULL,
     meta        TEXT    NOT NULL,
     added_at    REAL    NOT NULL,
-    quarantined_by INTEGER
+    quarantined_by INTEGER,
+    quarantine_reason TEXT
 );
 CREATE INDEX examples_id_key ON examples (id_key);
 CREATE INDEX examples_prompt_key ON examples (prompt_key);
@@ -118,6 +119,29 @@ def _to_v2(db: sqlite3.Connection) -> None:
     db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('examples', ?)", (next_seq,))
 
 
+# Version 3: why a record was quarantined, beside by which version (0: the data checks that
+# run before training, with no version).
+_TO_V3 = "ALTER TABLE examples ADD COLUMN quarantine_reason TEXT"
+
+
+def _to_v3(db: Any) -> None:
+    # A file migrated from before version 2 was rebuilt with the current schema (which has
+    # the column already); PostgreSQL and version-2 files add it.
+    if _has_reason_column(db):
+        return
+    db.execute(_TO_V3)
+
+
+def _has_reason_column(db: Any) -> bool:
+    if isinstance(db, sqlite3.Connection):
+        return "quarantine_reason" in {row[1] for row in db.execute("PRAGMA table_info(examples)")}
+    row = db.execute(
+        "SELECT 1 FROM information_schema.columns WHERE table_name = 'examples'"
+        " AND column_name = 'quarantine_reason'"
+    ).fetchone()
+    return row is not None
+
+
 # Version 2 on PostgreSQL (its first): the same columns and indexes, PostgreSQL's types.
 POSTGRES_SCHEMA = """
 CREATE TABLE examples (
@@ -135,7 +159,8 @@ CREATE TABLE examples (
     source      TEXT    NOT NULL,
     meta        TEXT    NOT NULL,
     added_at    DOUBLE PRECISION NOT NULL,
-    quarantined_by INTEGER
+    quarantined_by INTEGER,
+    quarantine_reason TEXT
 );
 CREATE INDEX examples_id_key ON examples (id_key);
 CREATE INDEX examples_prompt_key ON examples (prompt_key);
@@ -144,14 +169,18 @@ CREATE INDEX examples_split_task ON examples (split, task, seq)
 
 SCHEMA_PLAN = SchemaPlan(
     name="examples",
-    version=2,
+    version=3,
     create=SCHEMA,
     migrations=(
         Migration(1, "versioned; quarantined_by column", _to_v1),
         Migration(2, "ids and prompts indexed by integer keys", _to_v2),
+        Migration(3, "quarantine_reason column", _to_v3),
     ),
     postgres_create=POSTGRES_SCHEMA,
+    postgres_migrations=(Migration(3, "quarantine_reason column", _to_v3),),
 )
+
+DATA_CHECKS = 0  # quarantined_by of records the data checks set aside before any training
 
 _LIVE = " AND quarantined_by IS NULL"
 _COLUMNS = (
@@ -175,6 +204,19 @@ class Example:
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     added_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class QuarantinedBatch:
+    """Records set aside together: by one version (0: the data checks), of one task, for one
+    reason; ``first``/``last`` are their lowest and highest seq."""
+
+    version: int
+    task: str
+    reason: str
+    count: int
+    first: int
+    last: int
 
 
 class Added(NamedTuple):
@@ -327,13 +369,23 @@ class ExampleStore:
         return self.db.query(sql, tuple(params))
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """{task: {"train": n, "test": n}} for every task with at least one example."""
+        """{task: {"train": n, "test": n}}: live records (not quarantined) of every task that
+        has any; ``quarantined_counts`` counts the others."""
         out: dict[str, dict[str, int]] = {}
         for task, split, n in self._query(
-            "SELECT task, split, COUNT(*) FROM examples GROUP BY task, split ORDER BY task"
+            "SELECT task, split, SUM(CASE WHEN quarantined_by IS NULL THEN 1 ELSE 0 END)"
+            " FROM examples GROUP BY task, split ORDER BY task"
         ):
-            out.setdefault(task, {"train": 0, "test": 0})[split] = n
+            out.setdefault(task, {"train": 0, "test": 0})[split] = int(n)
         return out
+
+    def quarantined_counts(self) -> dict[str, int]:
+        """{task: records set aside} for every task that has any."""
+        rows = self._query(
+            "SELECT task, COUNT(*) FROM examples WHERE quarantined_by IS NOT NULL"
+            " GROUP BY task ORDER BY task"
+        )
+        return {str(t): int(n) for t, n in rows}
 
     def total(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM examples")[0][0])
@@ -355,6 +407,13 @@ class ExampleStore:
             "SELECT COUNT(*) FROM examples WHERE split='train' AND seq > ?" + _LIVE, (seq,)
         )
         return int(rows[0][0])
+
+    def first_added_after(self, seq: int) -> float | None:
+        """When the oldest live train example after watermark ``seq`` arrived (None: none)."""
+        rows = self._query(
+            "SELECT MIN(added_at) FROM examples WHERE split='train' AND seq > ?" + _LIVE, (seq,)
+        )
+        return None if rows[0][0] is None else float(rows[0][0])
 
     def train_after(self, seq: int, until: int | None = None) -> list[Example]:
         """Train examples with ``seq < x.seq <= until`` in arrival order (new data for a cycle)."""
@@ -381,14 +440,83 @@ class ExampleStore:
             params.append(task)
         return [_example(r) for r in self._query(sql + " ORDER BY seq", params)]
 
-    def quarantine(self, after: int, until: int, version: int) -> int:
-        """Set aside the examples with ``after < seq <= until`` (rejected with ``version``)."""
+    def quarantine(
+        self,
+        after: int,
+        until: int,
+        version: int,
+        *,
+        tasks: Collection[str] | None = None,
+        reason: str = "",
+    ) -> int:
+        """Set aside the live examples with ``after < seq <= until`` (of ``tasks`` only, when
+        given), rejected by ``version`` (``DATA_CHECKS``: before training) for ``reason``."""
+        sql = "UPDATE examples SET quarantined_by = ?, quarantine_reason = ? WHERE seq > ?"
+        params: list[Any] = [version, reason or None, after]
+        sql += " AND seq <= ?" + _LIVE
+        params.append(until)
+        if tasks is not None:
+            if not tasks:
+                return 0
+            where, more = member_of(self.db.dialect, "task", sorted(tasks))
+            sql += f" AND {where}"
+            params += list(more)
         with self._transaction() as db:
-            cursor = db.execute(
-                "UPDATE examples SET quarantined_by = ? WHERE seq > ? AND seq <= ?" + _LIVE,
-                (version, after, until),
-            )
-            return cursor.rowcount
+            return db.execute(sql, params).rowcount
+
+    def quarantine_summary(self) -> list[QuarantinedBatch]:
+        """What is set aside, by the version that rejected it, task and reason."""
+        rows = self._query(
+            "SELECT quarantined_by, task, COALESCE(quarantine_reason, ''), COUNT(*),"
+            " MIN(seq), MAX(seq) FROM examples WHERE quarantined_by IS NOT NULL"
+            " GROUP BY quarantined_by, task, COALESCE(quarantine_reason, '')"
+            " ORDER BY quarantined_by, task"
+        )
+        return [
+            QuarantinedBatch(int(v), t, r, int(n), int(lo), int(hi)) for v, t, r, n, lo, hi in rows
+        ]
+
+    def release(
+        self, *, version: int | None = None, task: str | None = None, renew: bool = True
+    ) -> int:
+        """Put quarantined examples back in service (of ``version`` and/or ``task``; both None:
+        every one). With ``renew`` they move to new seqs, after every stored record, in their
+        order: the next cycle takes them as new data (a champion's watermark is past their old
+        seqs). Without, they count as learned by the version whose window held them."""
+        where = " WHERE quarantined_by IS NOT NULL"
+        params: list[Any] = []
+        if version is not None:
+            where += " AND quarantined_by = ?"
+            params.append(version)
+        if task is not None:
+            where += " AND task = ?"
+            params.append(task)
+        with self._transaction() as db:
+            seqs = [
+                int(r[0])
+                for r in db.execute(
+                    f"SELECT seq FROM examples{where} ORDER BY seq", params
+                ).fetchall()
+            ]
+            if not renew or not seqs:
+                sql = "UPDATE examples SET quarantined_by = NULL, quarantine_reason = NULL"
+                return int(db.execute(sql + where, params).rowcount)
+            top = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM examples").fetchone()[0])
+            for offset, seq in enumerate(seqs, start=1):
+                db.execute(
+                    "UPDATE examples SET seq = ?, quarantined_by = NULL, quarantine_reason = NULL"
+                    " WHERE seq = ?",
+                    (top + offset, seq),
+                )
+            self._advance_seq(db, top + len(seqs))
+            return len(seqs)
+
+    def _advance_seq(self, db: Transaction, seq: int) -> None:
+        """Make the next stored record's seq come after ``seq`` (renewed records took it)."""
+        if self.db.dialect is Dialect.POSTGRESQL:
+            db.execute("SELECT setval(pg_get_serial_sequence('examples', 'seq'), ?)", (seq,))
+        else:
+            db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'examples'", (seq,))
 
     def conflicts(self, after: int, until: int) -> dict[str, tuple[int, int]]:
         """{task: (new records, new records contradicting an older one)} for seq in (after, until].
@@ -416,6 +544,26 @@ class ExampleStore:
             " GROUP BY quarantined_by"
         )
         return {int(v): int(n) for v, n in rows}
+
+    def answer_counts(self, task: str, until: int) -> dict[str, int]:
+        """How often each answer was given to ``task`` by live records with ``seq <= until``."""
+        rows = self._query(
+            "SELECT output, COUNT(*) FROM examples WHERE task = ? AND seq <= ?"
+            + _LIVE
+            + " GROUP BY output",
+            (task, until),
+        )
+        return {str(o): int(n) for o, n in rows}
+
+    def labelled(self, task: str, until: int) -> list[tuple[int, str, str, str]]:
+        """(seq, instruction, input, output) of the live records of ``task``, ``seq <= until``."""
+        rows = self._query(
+            "SELECT seq, instruction, input, output FROM examples WHERE task = ? AND seq <= ?"
+            + _LIVE
+            + " ORDER BY seq",
+            (task, until),
+        )
+        return [(int(q), str(i), str(x), str(o)) for q, i, x, o in rows]
 
     def train_outputs(self, until: int | None = None) -> dict[str, list[str]]:
         """Each task's distinct train outputs (live records, ``seq <= until``), sorted."""

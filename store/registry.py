@@ -452,6 +452,49 @@ class Registry:
             self._switch_champion(db, version, actor, f"superseded by v{version}")
         return self.get(version)
 
+    def overrule(
+        self, version: int, *, actor: str, reason: str, gate: dict[str, Any] | None = None
+    ) -> Version:
+        """An operator promotes ``version``, which the gate rejected: the audit log keeps who
+        and why. Only a version trained on the current champion: promoting an older one would
+        drop what the champions since it learned."""
+        if not reason.strip():
+            raise RegistryError(
+                "overruling the gate needs a reason (--reason): the audit log keeps it"
+            )
+        with self._transaction() as db:
+            state = self._state(db, version)
+            if state is not VersionState.REJECTED:
+                raise RegistryError(
+                    f"version {version} is {state.value}, not rejected: there is no verdict to "
+                    "overrule (`aftertune approve N` promotes a version awaiting approval)"
+                )
+            row = db.execute("SELECT version FROM aliases WHERE name = 'champion'").fetchone()
+            champion = int(row[0]) if row is not None else None
+            parent = self._parent(db, version)
+            if parent != champion:
+                made = f"v{parent}" if parent is not None else "the base model"
+                now = f"v{champion}" if champion is not None else "the base model"
+                raise RegistryError(
+                    f"v{version} was trained on {made}, but the champion is {now}: promoting it "
+                    "would drop what the champions since learned; release its quarantined "
+                    "records (`aftertune quarantine release --version N`) so the next cycle "
+                    "learns them instead"
+                )
+            self._audit(db, version, state, VersionState.PROMOTED, actor, f"override: {reason}")
+            sql = "UPDATE versions SET state = ?, updated_at = ?"
+            params: list[Any] = [VersionState.PROMOTED.value, time.time()]
+            if gate is not None:
+                sql += ", gate = ?"
+                params.append(json.dumps(gate, sort_keys=True))
+            db.execute(sql + " WHERE version = ?", (*params, version))
+            self._switch_champion(db, version, actor, f"superseded by v{version} (override)")
+        return self.get(version)
+
+    def _parent(self, db: Transaction, version: int) -> int | None:
+        row = db.execute("SELECT parent FROM versions WHERE version = ?", (version,)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
     def rollback(self, version: int, *, actor: str, reason: str = "") -> Version:
         """Move the champion alias back to ``version``, a retired former champion."""
         with self._transaction() as db:

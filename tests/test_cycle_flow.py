@@ -94,8 +94,8 @@ def test_crash_at_each_step_then_clean_promotion_then_poison_rejected(
 def test_a_new_task_too_small_to_judge_waits_instead_of_being_quarantined(
     redis_url: str, tmp_path: Path
 ) -> None:
-    """Two held-out records cannot show that a model beats chance: the cycle is rejected
-    saying more are needed, and the batch stays live for the next cycle to judge."""
+    """Two held-out records cannot show that a model beats chance: the data checks leave the
+    task out (no training is spent), say more are needed, and the batch stays live."""
     state = tmp_path / "state"
     env = {
         "AFTERTUNE_REDIS__URL": redis_url,
@@ -108,9 +108,12 @@ def test_a_new_task_too_small_to_judge_waits_instead_of_being_quarantined(
     for row in rows:
         row["split"] = "test" if row in held_out else "train"
     ingest(env, tmp_path / "small.jsonl", rows)
-    done = cli_json("cycle", "--json", env=env, timeout=900, code=3)
-    assert done["decision"] == "rejected"
-    assert any("needs more held-out records than 2" in r for r in done["reasons"]), done
+    done = cli_json("cycle", "--json", env=env, timeout=900, code=5)
+    assert done["decision"] == "nothing_to_do"
+    assert "its 2 new held-out records cannot show it beats chance" in done["reasons"][0], done
+    assert "more held-out records are needed" in done["reasons"][0]
+    with Registry(state) as registry:
+        assert registry.versions() == []  # no training was spent on it
     with ExampleStore.in_state_dir(state) as store:
         assert store.quarantined() == {}
         assert store.count_train_after(0) == 38

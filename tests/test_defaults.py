@@ -144,8 +144,8 @@ def test_bench_gate_runs_the_daemon_configuration() -> None:
 
 def test_eval_and_the_gate_cap_held_out_examples_the_same_way(tmp_path: Path) -> None:
     """`aftertune eval` scores what the gate scores: the first max_per_task of each task."""
-    from aftertune.learners.cycle import suites_for
     from aftertune.learners.evaluate import held_out
+    from aftertune.learners.window import Watermarks, suites
     from aftertune.store.examples import ExampleStore
     from aftertune.store.records import record_from_obj
 
@@ -157,9 +157,9 @@ def test_eval_and_the_gate_cap_held_out_examples_the_same_way(tmp_path: Path) ->
     with ExampleStore(tmp_path / "examples.sqlite3") as store:
         store.add([record_from_obj(r) for r in rows])
         evaluated = held_out(store, 3)
-        suites = suites_for(store, 0, store.max_seq(), 3)
+        by_suite = suites(store, Watermarks(), store.max_seq(), 3)
     assert {t: len(v) for t, v in evaluated.items()} == {"a": 3, "b": 3}
-    assert suites["gain"] == evaluated and suites["regression"] == {}
+    assert by_suite["gain"] == evaluated and by_suite["regression"] == {}
 
 
 def test_unset_lr_and_epochs_follow_the_model_kind() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from spec_fixtures import gate_rules
 
-from aftertune.learners.gate import Decision, MetricRules, judge
+from aftertune.learners.gate import Decision, MetricRules, Verdict, judge
 
 RULES = gate_rules(
     default=MetricRules(
@@ -28,7 +28,10 @@ def test_drop_over_threshold_is_rejected_naming_task_metric_and_values() -> None
     assert report.decision is Decision.REJECTED
     (failure,) = report.failures
     assert (failure.task, failure.metric, failure.rule) == ("a", "accuracy", "max_drop")
-    assert failure.message == "a: accuracy 0.8 -> 0.7, fell by 0.1 (over the allowed drop of 0.05)"
+    assert failure.message == (
+        "a: accuracy on earlier held-out records 80.0% -> 70.0%: fell by 10.0 points, more than"
+        " the 5.0 points allowed (gate.max_drop)"
+    )
 
 
 def test_nll_rise_is_a_drop_and_checked_relatively() -> None:
@@ -45,7 +48,10 @@ def test_a_near_zero_nll_that_triples_is_not_a_regression_but_a_real_rise_still_
     report = judge({"a": (sure, {**sure, "nll": 0.0006199})}, {}, set(), RULES)
     assert report.decision is Decision.PROMOTED, [c.message for c in report.failures]
     rel = next(c for c in report.checks if c.rule == "max_drop_rel")
-    assert "rose by 1.9% of 0.02 (within the allowed rise of 25%)" in rel.message
+    assert rel.message.endswith(
+        "rose by 0.0003846 nats, within the 0.005 nats allowed (25% of 0.02 nats, the least it"
+        " is taken of, gate.max_drop_rel)"
+    )
     report = judge({"a": (sure, {**sure, "nll": 0.1})}, {}, set(), RULES)
     assert [c.rule for c in report.failures] == ["max_drop_rel"]
 
@@ -96,7 +102,9 @@ def test_small_held_out_sets_widen_the_allowed_drop_by_sampling_noise() -> None:
     few = {"accuracy": 0.80, "nll": 1.0, "n": 20}  # one answer = 5 points
     report = judge({"a": (few, {**few, "accuracy": 0.72})}, {}, set(), noisy)
     assert report.decision is Decision.PROMOTED
-    assert "widened from 0.05 for n=20" in report.checks[0].message
+    assert "the 8.9 points allowed (gate.max_drop 5.0 points, widened for the noise of 20" in (
+        report.checks[0].message
+    )
     poisoned = judge({"a": (few, {**few, "accuracy": 0.45})}, {}, set(), noisy)
     assert poisoned.decision is Decision.REJECTED
     many = {**few, "n": 5000}
@@ -111,7 +119,11 @@ def test_new_data_must_not_worsen_the_same_tasks_old_held_out() -> None:
     report = judge(regression, gain, {"a"}, RULES)
     assert report.decision is Decision.REJECTED
     assert [c.rule for c in report.failures] == ["same_task_consistency"]
-    assert report.reasons[0].startswith("a: with this task's new data, nll on its earlier held-out")
+    assert report.reasons == [
+        "a: with this task's new data, log-loss on earlier held-out records 1 nats -> 1.05 nats:"
+        " rose by 0.05 nats, more than the 0.02 nats rise allowed: its new records look"
+        " mislabelled (gate.max_nll_rise_same_task)"
+    ]
     clean = judge({"a": (OLD, {**OLD, "nll": 0.95})}, gain, {"a"}, RULES)
     assert clean.decision is Decision.PROMOTED
 
@@ -121,8 +133,8 @@ def test_relabelled_copies_of_stored_inputs_are_rejected_whatever_the_metrics() 
     report = judge(good, good, {"a"}, RULES, conflicts={"a": (100, 48)})
     assert report.decision is Decision.REJECTED
     assert report.reasons == [
-        "a: 48 of 100 new records give another answer to an input already stored "
-        "(48.0%; over the allowed 5%): relabelled data"
+        "a: 48 of 100 new records (48.0%) give another answer to an input already stored, more"
+        " than the 5% allowed (gate.max_conflict_share): the batch relabels stored data"
     ]
     fine = judge(good, good, {"a"}, RULES, conflicts={"a": (100, 2)})
     assert fine.decision is Decision.PROMOTED
@@ -159,12 +171,19 @@ def test_messages_say_which_way_a_metric_moved() -> None:
     report = judge({"a": (OLD, {**OLD, "nll": 6.182})}, {}, set(), RULES)
     messages = {c.rule: c.message for c in report.checks}
     assert messages["max_drop_rel"] == (
-        "a: nll 1 -> 6.182, rose by 518.2% (over the allowed rise of 25%)"
+        "a: log-loss on earlier held-out records 1 nats -> 6.182 nats: rose by 5.182 nats, more"
+        " than the 0.25 nats allowed (25% of the champion's 1 nats, gate.max_drop_rel)"
     )
     better = judge({"a": (OLD, {**OLD, "accuracy": 0.9, "nll": 0.9})}, {}, set(), RULES)
     texts = [c.message for c in better.checks]
-    assert "a: accuracy 0.8 -> 0.9, rose by 0.1 (an improvement)" in texts
-    assert "a: nll 1 -> 0.9, fell by 10.0% (an improvement)" in texts
+    assert (
+        "a: accuracy on earlier held-out records 80.0% -> 90.0%: rose by 10.0 points (an"
+        " improvement)" in texts
+    )
+    assert (
+        "a: log-loss on earlier held-out records 1 nats -> 0.9 nats: fell by 0.1 nats (an"
+        " improvement)" in texts
+    )
     assert not any("drop of -" in t for t in texts)
 
 
@@ -173,11 +192,12 @@ def test_a_metric_over_both_its_limits_is_one_reason() -> None:
     report = judge({"a": (OLD, {**OLD, "accuracy": 0.6, "nll": 6.182})}, {}, set(), RULES)
     assert {c.rule for c in report.failures} == {"max_drop", "max_drop_rel"}
     assert len(report.failures) == 3
-    nll = [r for r in report.reasons if "nll" in r]
-    assert report.reasons[0].startswith("a: accuracy 0.8 -> 0.6, fell by 0.2")
+    nll = [r for r in report.reasons if "log-loss" in r]
+    assert report.reasons[0].startswith("a: accuracy on earlier held-out records 80.0% -> 60.0%")
     assert nll == [
-        "a: nll 1 -> 6.182, rose by 5.182 (over the allowed rise of 0.25)"
-        " and by 518.2% (over the allowed rise of 25%)"
+        "a: log-loss on earlier held-out records 1 nats -> 6.182 nats: rose by 5.182 nats, more"
+        " than the 0.25 nats allowed (gate.max_drop); also more than the 0.25 nats allowed (25%"
+        " of the champion's 1 nats, gate.max_drop_rel)"
     ]
 
 
@@ -201,3 +221,33 @@ def test_too_few_or_one_answer_held_out_records_say_what_would_pass() -> None:
         {}, {"t": (None, {**perfect, "accuracy": 0.5})}, {"t"}, RULES, chance={"t": (0.5, 100)}
     )
     assert coin.failures and not coin.failures[0].waits_for_data  # a verdict: quarantined
+
+
+def test_verdicts_are_per_task_and_an_unexplained_regression_is_the_windows() -> None:
+    """A flipped known task is rejected by itself; a clean new one is admitted; a task with
+    no new held-out records waits; an old task's drop no new task explains is unexplained."""
+    flipped = ({**OLD}, {**OLD, "nll": 1.3})
+    regression = {"known": flipped, "old": (OLD, dict(OLD))}
+    gain = {"known": (OLD, dict(OLD)), "clean": (None, {"accuracy": 0.9, "nll": 0.3, "n": 40})}
+    report = judge(regression, gain, {"known", "clean", "small"}, RULES)
+    assert report.verdicts == {
+        "known": Verdict.REJECTED,
+        "clean": Verdict.ADMITTED,
+        "small": Verdict.WAITING,
+    }
+    assert report.rejected_tasks() == ["known"] and report.unexplained == []
+    regression["old"] = (OLD, {**OLD, "accuracy": 0.5})
+    again = judge(regression, gain, {"known", "clean", "small"}, RULES)
+    assert sorted({c.task for c in again.unexplained}) == ["old"]
+
+
+def test_a_ranking_challenger_more_accurate_everywhere_is_not_rejected_for_its_nll() -> None:
+    """Judged on accuracy alone (the ranking kind's metrics): the sharper softmax's NLL rise
+    that rejected a better model does not count; a real accuracy drop still does."""
+    old = {"accuracy": 0.594, "n": 200}
+    gain = {"movies": (old, {"accuracy": 0.62, "n": 40})}
+    report = judge({"movies": (old, {"accuracy": 0.755, "n": 200})}, gain, {"movies"}, RULES)
+    assert report.decision is Decision.PROMOTED, report.reasons
+    worse = judge({"movies": (old, {"accuracy": 0.30, "n": 200})}, gain, {"movies"}, RULES)
+    assert {c.rule for c in worse.failures} == {"max_drop", "same_task_consistency"}
+    assert "its new records look mislabelled" in worse.reasons[-1]

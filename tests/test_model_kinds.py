@@ -38,6 +38,7 @@ class FirstLetter:
     name = "first-letter"
     train_defaults: Mapping[str, Any] = {"lr": 5e-3, "epochs": 4}
     trains_in_processes = False
+    judged_metrics = frozenset({"accuracy"})
 
     def __init__(self) -> None:
         self.calls: list[str] = []

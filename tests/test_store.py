@@ -77,3 +77,26 @@ def test_conflicts_count_new_records_that_relabel_stored_inputs(
         store.add(relabelled + _records("a", 6, start=50) + _records("b", 3))
         assert store.conflicts(mark, store.max_seq()) == {"a": (10, 4), "b": (3, 0)}
         assert store.conflicts(0, mark) == {"a": (10, 0)}
+
+
+def test_quarantine_by_task_with_its_reason_and_release_as_new_data(
+    tmp_path: Path, store_url: str | None
+) -> None:
+    with ExampleStore.in_state_dir(tmp_path, store_url) as store:
+        store.add(_records("a", 5) + _records("b", 5))
+        mark = store.max_seq()
+        n = store.quarantine(0, mark, 0, tasks=["b"], reason="relabels stored data")
+        assert n == 5 and store.counts()["b"] == {"train": 0, "test": 0}
+        assert store.quarantined_counts() == {"b": 5}
+        (batch,) = store.quarantine_summary()
+        assert (batch.version, batch.task, batch.reason, batch.count) == (
+            0,
+            "b",
+            "relabels stored data",
+            5,
+        )
+        assert store.release(task="b") == 5  # back as new data, after everything stored
+        assert [e.task for e in store.train_after(mark)] == ["b"] * 5
+        store.add(_records("c", 1))
+        assert store.train_after(store.max_seq() - 1)[0].task == "c"  # seqs keep rising
+        assert store.quarantine_summary() == [] and store.quarantined_counts() == {}

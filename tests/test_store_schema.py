@@ -101,7 +101,7 @@ def test_postgres_schema_newer_than_the_code_is_refused(tmp_path: Path, postgres
     ExampleStore(tmp_path / "unused", postgres_url).close()
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute("UPDATE aftertune_schema SET version = version + 1 WHERE name = 'examples'")
-    with pytest.raises(SchemaError, match="examples schema version 3, newer"):
+    with pytest.raises(SchemaError, match="examples schema version 4, newer"):
         ExampleStore(tmp_path / "unused", postgres_url)
 
 
@@ -156,6 +156,7 @@ def test_store_migrate_upgrades_today_s_files_and_refuses_a_newer_schema(tmp_pat
     done = run_cli("store", "migrate", "--state-dir", str(state))
     assert done.returncode == 0, done.stderr
     assert "examples schema version 2: ids and prompts indexed by integer keys" in done.stdout
+    assert "examples schema version 3: quarantine_reason column" in done.stdout
     assert "created registry schema version 3" in done.stdout
     again = run_cli("store", "migrate", "--state-dir", str(state))
     assert again.stdout.count("schema up to date") == 2
@@ -163,7 +164,7 @@ def test_store_migrate_upgrades_today_s_files_and_refuses_a_newer_schema(tmp_pat
         db.execute("PRAGMA user_version = 7")
     refused = run_cli("store", "migrate", "--state-dir", str(state))
     assert refused.returncode == 1
-    assert "examples schema version 7, newer than this aftertune knows (2)" in refused.stderr
+    assert "examples schema version 7, newer than this aftertune knows (3)" in refused.stderr
 
 
 def test_store_migrate_on_postgres(tmp_path: Path, postgres_url: str) -> None:
@@ -171,7 +172,7 @@ def test_store_migrate_on_postgres(tmp_path: Path, postgres_url: str) -> None:
 
     done = run_cli("store", "migrate", "--state-dir", str(tmp_path), "--store-url", postgres_url)
     assert done.returncode == 0, done.stderr
-    assert "created examples schema version 2" in done.stdout
+    assert "created examples schema version 3" in done.stdout
     assert not (tmp_path / "examples.sqlite3").exists()
 
 
@@ -192,6 +193,24 @@ def test_a_postgres_registry_of_version_1_is_migrated(tmp_path: Path, postgres_u
         fisher = tmp_path / "fisher.safetensors"
         fisher.write_bytes(b"f")
         assert registry.keep_state_file("ewc/fisher.safetensors", fisher)
+
+
+def test_a_postgres_example_store_of_version_2_gains_quarantine_reasons(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    import psycopg
+
+    ExampleStore(tmp_path, postgres_url).close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:  # as version 2 left it
+        conn.execute("ALTER TABLE examples DROP COLUMN quarantine_reason")
+        conn.execute("UPDATE aftertune_schema SET version = 2 WHERE name = 'examples'")
+    with ExampleStore(tmp_path, postgres_url) as store:
+        assert store.db.migrated == ["examples schema version 3: quarantine_reason column"]
+        store.add([parse_record(_record(1))])
+        assert store.quarantine(0, store.max_seq(), 0, reason="a data rule") == 1
+        (batch,) = store.quarantine_summary()
+        assert (batch.version, batch.task, batch.reason, batch.count) == (0, "t", "a data rule", 1)
+
 
 REGISTRY_V2_TABLES = ("publications", "daemons")
 

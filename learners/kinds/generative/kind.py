@@ -26,6 +26,7 @@ class Generative:
     # The tiny generative base takes a high LoRA lr over a few epochs (docs/benchmarks.md).
     train_defaults: Mapping[str, Any] = {"lr": 4e-3, "epochs": 3}
     trains_in_processes = True
+    judged_metrics = frozenset({"accuracy", "token_f1", "valid", "nll"})
 
     def accepts(self, config: Mapping[str, Any]) -> bool:
         return family_of(config) == GENERATIVE
