@@ -29,7 +29,8 @@ def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "downloaded when DIR/current already is that bundle. Use it on a machine that "
         "answers with the model (`aftertune generate --bundle DIR/current`, or the Bundle "
         "class): run it again to update, or with --version to pin one. DIR defaults to "
-        "STATE_DIR/consumer.",
+        "STATE_DIR/consumer. With --follow it keeps running and keeps DIR/current at the "
+        "latest promoted version (see `aftertune answer-server` to serve it).",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--server", help="a daemon's HTTP server, e.g. http://127.0.0.1:8760")
@@ -46,6 +47,25 @@ def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         help="bearer token of the server (default: $AFTERTUNE_TOKEN)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep running: pull every promotion as it happens (needs --server; waits on the "
+        "promotions stream when --redis-url is given, else long-polls the server)",
+    )
+    p.add_argument(
+        "--exec",
+        dest="exec_cmd",
+        metavar="CMD",
+        help="with --follow: shell command run after each switch (AFTERTUNE_VERSION and "
+        "AFTERTUNE_BUNDLE in its environment)",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        help="with --follow: seconds one long poll or stream read waits (default 30)",
+    )
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser(
@@ -75,6 +95,10 @@ def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.store.consumer.pull import DirSource, HttpSource, Source, pull
 
+    if args.follow or args.exec_cmd:
+        from aftertune.daemon.cli_deploy import cmd_follow
+
+        return cmd_follow(args, settings)
     source: Source = (
         HttpSource(args.server, args.token) if args.server else DirSource(args.from_dir)
     )

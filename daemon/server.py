@@ -58,6 +58,8 @@ REQUEST_TIMEOUT_S = 10.0  # to send a whole request, from connect or from the la
 KEEP_ALIVE_S = 5  # idle time allowed between requests on one connection
 MAX_CONNECTIONS = 1000  # open connections beyond it: requests answered 503 at once
 MAX_REQUEST_HEAD_BYTES = 16 * 1024  # a longer request line + headers: 400
+MAX_LATEST_WAIT_S = 120.0  # longest long poll of /v1/models/latest?wait=S
+LATEST_POLL_S = 0.25  # how often a long poll looks at `latest` again
 
 
 class ModelSummary(BaseModel):
@@ -204,14 +206,32 @@ def _model_routes(
     def list_models() -> ModelList:
         return _model_list(bundles_dir)
 
-    @router.get("/models/latest")
-    def latest_model() -> LatestModel:
+    @router.get("/models/latest", response_model=None)
+    async def latest_model(request: Request, wait: float = 0.0) -> LatestModel | Response:
+        """The latest bundle, its manifest's sha256 as ETag. With If-None-Match naming it and
+        ``wait`` > 0 (seconds, at most MAX_LATEST_WAIT_S): a long poll, answered as soon as
+        ``latest`` moves, or 304 once ``wait`` passed (``aftertune pull --follow``)."""
+        if not 0 <= wait <= MAX_LATEST_WAIT_S:
+            raise HTTPException(400, f"wait must be between 0 and {MAX_LATEST_WAIT_S:g} seconds")
+        deadline = time.monotonic() + wait
+        if_none_match = request.headers.get("if-none-match")
         bundle = _find(bundles_dir, LATEST, audit)
-        return LatestModel(
+        etag = f'"{bundle.manifest_sha256}"'
+        while _etag_matches(if_none_match, etag):
+            # async: a waiting follower holds no worker thread, only this coroutine; it
+            # looks at the `latest` link (one readlink) until it moves.
+            while latest_version(bundles_dir) == bundle.version:
+                if time.monotonic() >= deadline or await request.is_disconnected():
+                    return Response(status_code=304, headers={"ETag": etag})
+                await asyncio.sleep(LATEST_POLL_S)
+            bundle = _find(bundles_dir, LATEST, audit)
+            etag = f'"{bundle.manifest_sha256}"'
+        body = LatestModel(
             version=bundle.version,
             manifest_sha256=bundle.manifest_sha256,
             manifest=bundle.manifest,
         )
+        return JSONResponse(body.model_dump(), headers={"ETag": etag})
 
     @router.get("/models/{version}/manifest")
     def manifest(version: str, request: Request) -> Response:

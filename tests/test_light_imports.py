@@ -22,6 +22,8 @@ LIGHT = (
     "aftertune.daemon.service",
     "aftertune.store.consumer.pull",
     "aftertune.store.consumer",
+    "aftertune.store.consumer.follow",
+    "aftertune.daemon.cli_deploy",
 )
 CONSUMER_DIR = Path(__file__).resolve().parents[1] / "store" / "consumer"
 # The consumer side, module by module: what a consumer's program imports.

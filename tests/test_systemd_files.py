@@ -130,3 +130,47 @@ def test_install_instructions_work_on_a_fresh_host(tmp_path: Path, source: str) 
     ).read_bytes()
     assert (root / "etc/systemd/system/aftertune.service").is_file()
     assert (root / "etc/systemd/system/aftertune.service.d/gpu.conf").is_file()
+
+
+CONSUMER_UNITS = ["aftertune-follow.service"]
+
+
+@pytest.mark.parametrize("name", CONSUMER_UNITS)
+def test_consumer_units_verify_cleanly_with_low_exposure(tmp_path: Path, name: str) -> None:
+    """The consumer host's units, checked like the daemon's: as shipped, no warnings, and
+    no more exposed than it."""
+    analyze = systemd_analyze()
+    text = (SYSTEMD / name).read_text()
+    assert "ExecStart=/usr/bin/env aftertune " in text  # no venv path that exists only here
+    unit = tmp_path / name
+    unit.write_text(text)
+    done = subprocess.run(
+        [analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert [line for line in out.splitlines() if "Unknown" in line or "ignoring" in line] == []
+    done = subprocess.run(
+        [analyze, "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    exposure = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout + done.stderr)
+    assert exposure is not None, done.stdout + done.stderr
+    assert float(exposure.group(1)) <= MAX_EXPOSURE
+
+
+@pytest.mark.parametrize("name", CONSUMER_UNITS)
+def test_consumer_units_install_lines_work_on_a_fresh_host(tmp_path: Path, name: str) -> None:
+    checkout = SYSTEMD.parent
+    root = tmp_path / "root"
+    (root / "etc/systemd/system").mkdir(parents=True)
+    for command in _install_lines((SYSTEMD / name).read_text()):
+        relocated = command.replace(" /etc/", f" {root}/etc/")
+        done = subprocess.run(
+            relocated, shell=True, cwd=checkout, capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, (command, done.stderr)
+    assert (root / "etc/systemd/system" / name).is_file()
+    assert (root / "etc/aftertune/consumer.env").is_file()
