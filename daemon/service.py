@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import redis
 from pydantic_core import to_jsonable_python
 
+from aftertune.daemon.announce import advertised_url
 from aftertune.daemon.bundle_follow import BundleFollower, FollowConfig
 from aftertune.daemon.bundle_watch import BundleWatch
 from aftertune.daemon.embedded_redis import redis_connection
@@ -142,6 +143,8 @@ class Daemon:
                 me=settings.redis.consumer,
                 token=settings.server.token.get_secret_value() if settings.server.token else None,
                 keep=settings.export.keep,
+                state_dir=settings.state_dir,
+                store_url=settings.store.url,
             ),
         )
         self._next_status = 0.0
@@ -154,6 +157,7 @@ class Daemon:
         self.follower.start()  # before the scheduler: a champion's bundle is pulled, not rebuilt
         if self.settings.server.enabled:
             self.start_server()
+            self.register_server()
         if self.settings.cycle.enabled:
             self.start_scheduler()
         self.bundle_watch.start()  # after the scheduler: a damaged bundle asks it for repair
@@ -198,6 +202,21 @@ class Daemon:
         )
         self.server = HttpServer(app, s.host, s.port)
         self.server.start()
+
+    def register_server(self) -> None:
+        """Tell the shared registry where this daemon's server answers: the one address other
+        daemons pull its bundles from, and send the cluster token to."""
+        s = self.settings
+        if s.store.url is None or self.server is None:
+            return  # no other daemon reads this registry
+        url = advertised_url(s.server.host, self.server.port, s.server.advertise_url)
+        try:
+            with Registry(s.state_dir, s.store.url) as registry:
+                registry.register_daemon(s.redis.consumer, url)
+        except StoreError as exc:
+            log.warning("not registered in the shared registry (%s): no daemon pulls from us", exc)
+            return
+        log.info("registered as %s at %s in the shared registry", s.redis.consumer, url)
 
     def _bundle_damaged(self, version: int, reason: str) -> None:
         """A bundle went out of service (any thread): count it, have the champion's re-exported."""

@@ -72,6 +72,7 @@ def specs_from(settings: Settings) -> LearningSpecs:
             else None
         ),
         keep_bundles=settings.export.keep,
+        publisher=settings.redis.consumer,
     )
 
 

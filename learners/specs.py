@@ -49,3 +49,6 @@ class LearningSpecs:
     ranking: RankingSpec  # how the ranking kind scores (unused by a generative base)
     export: ExportSpec | None  # None: export disabled, a promotion publishes no bundle
     keep_bundles: int  # published bundles kept, the latest included
+    # Who publishes the bundles (the daemon's redis.consumer name): the registry records it
+    # beside each promoted version's manifest sha256, and other daemons pull from it only.
+    publisher: str = "daemon"

@@ -33,6 +33,7 @@ from aftertune.store.files import fsync_dir
 LATEST = "latest"
 STAGING_PREFIX = ".staging-"
 _VERSION_DIR = re.compile(r"^v(\d+)$")
+_PID_SUFFIX = re.compile(r"-(\d+)$")
 
 
 def published_versions(bundles_dir: Path) -> list[int]:
@@ -74,18 +75,45 @@ def new_staging_dir(bundles_dir: Path, version: int) -> Path:
     return staging
 
 
-def clean_staging(bundles_dir: Path) -> list[str]:
-    """Remove what interrupted exports left behind. Returns the names removed."""
+def clean_staging(bundles_dir: Path, *, at_start: bool = False) -> list[str]:
+    """Remove what interrupted exports and pulls left behind. Returns the names removed.
+
+    A staging dir is named after the process that fills it: one of another live process (an
+    ``aftertune cycle`` exporting beside the daemon) is left alone, and so is one of this
+    process unless ``at_start`` (nothing of ours runs yet: a dir with our pid is a dead
+    namesake's, as in a container where every start is pid 1).
+    """
     removed = []
     if Path(bundles_dir).is_dir():
         for entry in Path(bundles_dir).iterdir():
             if entry.name.startswith(STAGING_PREFIX) or ".tmp-" in entry.name:
+                if _owner_running(entry.name, at_start):
+                    continue
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
                 removed.append(entry.name)
     return removed
+
+
+def _owner_running(name: str, at_start: bool) -> bool:
+    """The process whose pid ends ``name`` is alive (and, at start, not this one)."""
+    m = _PID_SUFFIX.search(name)
+    if m is None:
+        return False
+    pid = int(m.group(1))
+    if pid == os.getpid():
+        return not at_start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    except OverflowError:
+        return False
+    return True
 
 
 def install(staging: Path, bundles_dir: Path, version: int) -> Path:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from aftertune.store.bundles import LATEST, install, new_staging_dir, point, published
+from aftertune.store.consumer.deadline import HttpStatus, fetch
 from aftertune.store.consumer.format import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
@@ -55,6 +56,9 @@ log = logging.getLogger(__name__)
 CURRENT = "current"
 CHUNK = 1 << 20
 PULL_PREFIX = ".pull-"
+# A file's total deadline grows by one second per this many bytes (see HttpSource): slower
+# than this, a pull is given up rather than held open by a server that drips its bytes.
+MIN_BYTES_PER_S = 256 * 1024
 
 
 class Source(Protocol):
@@ -125,26 +129,48 @@ class DirSource:
 
 
 class HttpSource:
-    """A daemon's HTTP server (``/v1/models/...``), with an optional bearer token."""
+    """A daemon's HTTP server (``/v1/models/...``), with an optional bearer token.
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0) -> None:
+    Every request has a total deadline (``store/consumer/deadline.py``): ``timeout`` for
+    connecting and the answer's headers, then one second more per ``min_rate`` bytes of the
+    body (its Content-Length, or the most it may hold). A server that drips bytes fails the
+    pull in bounded time.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 60.0,
+        min_rate: float = MIN_BYTES_PER_S,
+    ) -> None:
         if not url.startswith(("http://", "https://")):
             raise BundleError(f"--server must be an http:// or https:// URL, got {url!r}")
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.min_rate = min_rate
 
-    def _get(self, path: str, limit: int) -> Any:
-        """The response to GET ``path``, refused at once if it announces more than ``limit``."""
+    @contextlib.contextmanager
+    def _get(self, path: str, limit: int) -> Iterator[Any]:
+        """The body of GET ``path``, refused at once if it announces more than ``limit``."""
         request = urllib.request.Request(self.url + path)
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            response = urllib.request.urlopen(request, timeout=self.timeout)
-        except urllib.error.HTTPError as exc:
-            detail = _detail(exc.read(2000).decode("utf-8", "replace"))
+            with fetch(request, self.timeout) as body:
+                length = body.headers.get("Content-Length", "")
+                if length.isdigit() and int(length) > limit:
+                    raise BundleError(
+                        f"GET {self.url}{path}: {length} bytes, more than the {limit} expected"
+                    )
+                body.deadline.extend((int(length) if length.isdigit() else limit) / self.min_rate)
+                yield body
+        except HttpStatus as exc:
             hint = " (give the server's token with --token)" if exc.code == 401 else ""
-            raise BundleError(f"GET {self.url}{path}: HTTP {exc.code}: {detail}{hint}") from None
+            raise BundleError(
+                f"GET {self.url}{path}: HTTP {exc.code}: {_detail(exc.body)}{hint}"
+            ) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise BundleError(
@@ -153,23 +179,16 @@ class HttpSource:
                 "that address (server.host, server.port)? On the daemon's machine, "
                 "`aftertune pull --from STATE_DIR` needs no server"
             ) from None
-        length = response.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > limit:
-            response.close()
-            raise BundleError(
-                f"GET {self.url}{path}: {length} bytes, more than the {limit} expected"
-            )
-        return response
 
     def manifest(self, version: str) -> bytes:
         path = f"/v1/models/{urllib.parse.quote(version)}/manifest"
-        with self._get(path, MAX_MANIFEST_BYTES) as response:
-            return read_bounded(response, MAX_MANIFEST_BYTES, f"{self.url}{path}")
+        with self._get(path, MAX_MANIFEST_BYTES) as body:
+            return read_bounded(body, MAX_MANIFEST_BYTES, f"{self.url}{path}")
 
     def open(self, version: int, path: str, size: int) -> Iterator[bytes]:
         quoted = urllib.parse.quote(safe_relpath(path))
-        with self._get(f"/v1/models/{version}/files/{quoted}", size) as response:
-            yield from _chunks(response.read, size)
+        with self._get(f"/v1/models/{version}/files/{quoted}", size) as body:
+            yield from _chunks(body.read, size)
 
 
 def _detail(body: str) -> str:
@@ -254,20 +273,43 @@ def pull(source: Source, to_dir: Path, version: str = LATEST) -> PullResult:
     return PullResult(number, final, digest, downloaded=True, bytes=total)
 
 
-def pull_published(source: Source, bundles_dir: Path, version: int) -> Path:
+def pull_published(
+    source: Source, bundles_dir: Path, version: int, expected_sha256: str | None = None
+) -> Path:
     """Install ``version`` from ``source`` as ``bundles_dir/vN`` of a daemon (another daemon's
-    promotion, bundle_follow.py): staged, verified, renamed in; ``latest`` is not moved."""
+    promotion, bundle_follow.py): staged, verified, renamed in; ``latest`` is not moved.
+
+    ``expected_sha256`` is the sha256 the registry recorded for the manifest: another manifest
+    is refused before any file is fetched, and a local ``vN`` with another one is replaced.
+    """
     raw = source.manifest(str(version))
+    digest = hashlib.sha256(raw).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise BundleError(
+            f"v{version}: the source's manifest has sha256 {digest}, the registry recorded "
+            f"{expected_sha256}; refused, nothing fetched"
+        )
     manifest = parse_manifest(raw, "the source's manifest")
     if manifest["version"] != version:
         raise BundleError(f"asked for v{version}, the source sent v{manifest['version']}")
     staging = new_staging_dir(bundles_dir, version)
     try:
         _fetch(source, manifest, raw, staging)
+        final = Path(bundles_dir) / version_dir_name(version)
+        if expected_sha256 is not None and final.exists() and _sha_or_none(final) != digest:
+            replace_dir(staging, final)  # a copy the registry does not know is swapped out
+            return final
         return install(staging, bundles_dir, version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _sha_or_none(bundle_dir: Path) -> str | None:
+    try:
+        return manifest_sha256(bundle_dir)
+    except OSError:
+        return None
 
 
 def _fetch(source: Source, manifest: dict[str, Any], raw: bytes, staging: Path) -> int:
