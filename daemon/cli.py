@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 from aftertune.daemon.cli_bundles import register_bundle_commands
+from aftertune.daemon.cli_deploy import register_deploy_commands
 from aftertune.daemon.cli_models import EXIT_CODES_HELP, register_model_commands
 from aftertune.daemon.cli_quarantine import register_quarantine_commands
 from aftertune.daemon.errors import DaemonError, RedisUnavailable
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_completion(sub, common)
     register_model_commands(sub, common)
     register_bundle_commands(sub, common)
+    register_deploy_commands(sub, common)
     register_quarantine_commands(sub, common)
     return parser
 

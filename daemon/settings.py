@@ -351,6 +351,10 @@ ENV_NOT_SETTINGS = frozenset(
     {
         "AFTERTUNE_CONFIG",  # the TOML file (load_settings)
         "AFTERTUNE_TOKEN",  # `aftertune pull --token`'s default (daemon/cli_bundles.py)
+        "AFTERTUNE_SERVER",  # the consumer units' daemon URL (systemd/consumer.env)
+        "AFTERTUNE_ANSWER_TOKEN",  # `aftertune answer-server --token`'s default (cli_deploy.py)
+        "AFTERTUNE_VERSION",  # set for `pull --follow --exec CMD` (store/consumer/follow.py)
+        "AFTERTUNE_BUNDLE",  # set for `pull --follow --exec CMD` (store/consumer/follow.py)
         "AFTERTUNE_FAILPOINT",  # crash-safety tests (store/failpoints.py)
         "AFTERTUNE_REQUIRE_AVALANCHE",  # tests/avalanche: fail instead of skip (Makefile)
         "AFTERTUNE_TEST_PG_BINDIR",  # tests: where the PostgreSQL server binaries are

@@ -24,6 +24,8 @@ LIGHT = (
     "aftertune.store.consumer",
     "aftertune.store.consumer.follow",
     "aftertune.daemon.cli_deploy",
+    "aftertune.daemon.answer_server",
+    "aftertune.daemon.hot_swap",
 )
 CONSUMER_DIR = Path(__file__).resolve().parents[1] / "store" / "consumer"
 # The consumer side, module by module: what a consumer's program imports.

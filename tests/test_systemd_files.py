@@ -132,7 +132,7 @@ def test_install_instructions_work_on_a_fresh_host(tmp_path: Path, source: str) 
     assert (root / "etc/systemd/system/aftertune.service.d/gpu.conf").is_file()
 
 
-CONSUMER_UNITS = ["aftertune-follow.service"]
+CONSUMER_UNITS = ["aftertune-follow.service", "aftertune-answer.service"]
 
 
 @pytest.mark.parametrize("name", CONSUMER_UNITS)
