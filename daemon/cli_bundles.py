@@ -8,14 +8,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aftertune.daemon.errors import DaemonError
 from aftertune.daemon.settings import Settings
 from aftertune.daemon.tables import size
+from aftertune.store.errors import BundleError
 from aftertune.store.layout import StateLayout
+
+if TYPE_CHECKING:
+    from aftertune.store.consumer import Bundle
 
 
 def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -76,9 +81,9 @@ def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "and print the answer: greedy decoding for a generative bundle, the nearest of the "
         "task's candidate answers for a ranking bundle (which needs --task). With --jsonl, "
         "answer every record of a file (wire format: instruction, input, task, id; output "
-        "ignored) and print one JSON line per record, in order: {task, answer} plus id when "
-        "given. A malformed line stops the run before any answer, naming the line. Use it "
-        "to try a bundle by hand, or to answer a file of requests from a script.",
+        "ignored), one JSON line out per line in, as they come: {task, answer} (+ id), or "
+        "{line, error} for a malformed line (on stderr too; the rest are answered, exit 1). "
+        "Use it to try a bundle by hand, or to answer a file of requests from a script.",
     )
     p.add_argument("--bundle", type=Path, required=True, help="bundle dir, e.g. DIR/current")
     p.add_argument("--task", help="the task (ranking bundles rank among its known answers)")
@@ -129,11 +134,6 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-# --jsonl answers this many records at a time: a ranking bundle groups them by length into
-# ONNX calls of --batch-size, and the output still follows the input's order.
-ANSWER_BLOCK = 1024
-
-
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.store.consumer import Bundle
 
@@ -142,19 +142,7 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     if args.jsonl is not None:
         if args.instruction is not None or args.prompt is not None:
             raise DaemonError("--jsonl answers a file: leave out --instruction and --prompt")
-        records = read_requests(args.jsonl)
-        bundle = Bundle.open(args.bundle)
-        for start in range(0, len(records), ANSWER_BLOCK):
-            chunk = records[start : start + ANSWER_BLOCK]
-            answers = bundle.answer_many(
-                [(r.get("task"), r["instruction"], r["input"]) for r in chunk], args.batch_size
-            )
-            for record, answer in zip(chunk, answers, strict=True):
-                out = {"task": record.get("task"), "answer": answer}
-                if "id" in record:
-                    out["id"] = record["id"]
-                print(json.dumps(out, ensure_ascii=False))
-        return 0
+        return answer_file(Bundle.open(args.bundle), args.jsonl, args.batch_size)
     if (args.prompt is None) == (args.instruction is None):
         raise DaemonError("give --instruction (and --input) or --prompt, or --jsonl FILE")
     bundle = Bundle.open(args.bundle)
@@ -174,33 +162,60 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def read_requests(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSONL file to answer; a malformed line is an error naming it."""
-    import sys
+def answer_file(bundle: Bundle, path: Path, batch_size: int) -> int:
+    """Answer every line of ``path`` in order, one JSON line out per request line in, a block
+    of ``batch_size`` at a time (memory stays bounded). A bad line's output is
+    ``{"line": N, "error": ...}`` (also on stderr) and the run goes on; exit status 1 then."""
+    from aftertune.daemon.jsonl_requests import BadLine, Request, read_requests
 
-    text = sys.stdin.read() if str(path) == "-" else _read_text(path)
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise DaemonError(f"{path}:{number}: not JSON: {exc}") from None
-        if not isinstance(record, dict):
-            raise DaemonError(f"{path}:{number}: a record is a JSON object")
-        for key in ("instruction", "input", "task"):
-            if key in record and record[key] is not None and not isinstance(record[key], str):
-                raise DaemonError(f"{path}:{number}: {key!r} must be a string")
-        if not (record.get("instruction") or "").strip():
-            raise DaemonError(f"{path}:{number}: 'instruction' is missing or empty")
-        record["input"] = record.get("input") or ""
-        records.append(record)
-    return records
+    # A ranking bundle embeds a block per ONNX call; a generative one answers one at a time,
+    # so each answer is printed as soon as its line is read.
+    block_size = batch_size if bundle.candidates else 1
+    bad = 0
+    block: list[Request | BadLine] = []
+    for item in read_requests(path):
+        block.append(item)
+        if sum(isinstance(r, Request) for r in block) >= block_size:
+            bad += _answer_block(bundle, block, batch_size)
+            block = []
+    bad += _answer_block(bundle, block, batch_size)
+    if bad:
+        print(f"{bad} line(s) of {path} not answered; each has an error line", file=sys.stderr)
+    return 1 if bad else 0
 
 
-def _read_text(path: Path) -> str:
+def _answer_block(bundle: Bundle, block: list[Any], batch_size: int) -> int:
+    """Answer ``block`` (requests and bad lines, in order), print one line each; bad count."""
+    from aftertune.daemon.jsonl_requests import BadLine, Request
+
+    requests = [r for r in block if isinstance(r, Request)]
+    answers: dict[int, str | BundleError] = {}
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DaemonError(f"cannot read {path}: {exc}") from None
+        got = bundle.answer_many([(r.task, r.instruction, r.input) for r in requests], batch_size)
+        answers = {r.line: a for r, a in zip(requests, got, strict=True)}
+    except BundleError:
+        for r in requests:  # one at a time, to tell which line the bundle refused
+            try:
+                answers[r.line] = bundle.answer(r.task, r.instruction, r.input)
+            except BundleError as exc:
+                answers[r.line] = exc
+    bad = 0
+    for item in block:
+        out: dict[str, Any]
+        if isinstance(item, BadLine):
+            out, error = {"line": item.line, "error": item.error}, item.error
+        else:
+            answer = answers[item.line]
+            if isinstance(answer, BundleError):
+                error = f"line {item.line}: {answer}"
+                out = {"line": item.line, "error": error}
+            else:
+                out, error = {"task": item.task, "answer": answer}, ""
+            if item.has_id:
+                out["id"] = item.id
+        if error:
+            bad += 1
+            print(error, file=sys.stderr)
+        print(json.dumps(out, ensure_ascii=False))
+    sys.stdout.flush()
+    return bad

@@ -160,7 +160,9 @@ def test_batch_cli_answers_every_record_in_order(cycled: dict[str, Any]) -> None
 def test_batch_cli_refuses_a_bad_line_and_an_unknown_task(cycled: dict[str, Any]) -> None:
     bad = write_jsonl(cycled["tmp"] / "bad.jsonl", [{"task": "agnews", "instruction": "x"}, "{"])
     done = run_cli("generate", "--bundle", str(cycled["bundle"]), "--jsonl", str(bad))
-    assert done.returncode != 0 and ":2: not JSON" in done.stderr and not done.stdout
+    assert done.returncode == 1 and ":2: not JSON" in done.stderr
+    answered, refused = (json.loads(line) for line in done.stdout.splitlines())
+    assert answered["task"] == "agnews" and refused["line"] == 2 and "not JSON" in refused["error"]
     done = run_cli("generate", "--bundle", str(cycled["bundle"]), "--instruction", "x")
     assert done.returncode != 0 and "needs a task it knows: agnews" in done.stderr
 

@@ -94,6 +94,11 @@ class Bundle:
         """Each task's known answers (a ranking bundle); empty for a generative one."""
         return self.runtime.candidates
 
+    @property
+    def context_length(self) -> int:
+        """Tokens a generative model sees, prompt and answer (0: unknown or not generative)."""
+        return int(getattr(self.runtime, "context_length", 0) or 0)
+
     def encode(self, text: str) -> list[int]:
         """The prompt's ids, special tokens (BOS) included exactly as training added them:
         the export's parity check compares these ids with the training tokenizer's."""

@@ -33,6 +33,7 @@ class LogitsRuntime:
         self.session = onnx_session(path / "model.onnx")
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.stop = stop_ids(manifest)
+        self.context_length = int(manifest.get("context_length") or 0)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=True).ids)

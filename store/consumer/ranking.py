@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from aftertune.store.consumer.runtime import Prompt, onnx_session
+from aftertune.store.consumer.runtime import CHARS_PER_TOKEN, Prompt, onnx_session
 from aftertune.store.errors import BundleError
 
 CANDIDATES = "candidates.json"
@@ -74,7 +74,10 @@ class RankingRuntime:
         return int(probe.shape[1])
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text).ids)  # an encoder's ids carry its special tokens
+        """The ids of ``text`` cut to ``max_length`` tokens; the text is cut first to what those
+        tokens can cover, so a huge input is never tokenized whole."""
+        cut = text[: self.max_length * CHARS_PER_TOKEN]
+        return list(self.tokenizer.encode(cut).ids)  # an encoder's ids carry its special tokens
 
     def answer(self, prompts: Sequence[Prompt], batch_size: int) -> list[str]:
         """Embeds the prompts ``batch_size`` per ONNX call, grouped by length."""

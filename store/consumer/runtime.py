@@ -23,6 +23,10 @@ from aftertune.store.errors import BundleError
 Prompt = tuple[str | None, str]
 # An answer generated for ``Runtime.answer`` is at most this many tokens.
 ANSWER_TOKENS = 32
+# A token covers at most this many characters (tokenizers' longest pieces are shorter), so a
+# text cut to limit * CHARS_PER_TOKEN characters before tokenizing keeps every token the
+# limit would: a 20 MB input costs a cut, not gigabytes of token ids.
+CHARS_PER_TOKEN = 16
 
 
 class Runtime(Protocol):
@@ -44,6 +48,8 @@ class Runtime(Protocol):
 
 class Decoder(Protocol):
     """What greedy text generation needs (``generate_text``)."""
+
+    context_length: int  # tokens the model sees, prompt and answer; 0: unknown
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -88,8 +94,24 @@ def require_prompt(prompt_ids: list[int]) -> None:
 
 
 def generate_text(model: Decoder, prompt: str, max_new_tokens: int) -> str:
-    """The greedy answer to ``prompt``, never ending inside a character the budget cut."""
-    ids = model.generate_ids(model.encode(prompt), max_new_tokens)
+    """The greedy answer to ``prompt``, never ending inside a character the budget cut.
+
+    A prompt the model's context cannot hold with the answer is refused, measured in
+    characters before it is tokenized (a 20 MB prompt is never turned into ids), then in
+    tokens."""
+    context = model.context_length
+    if context and len(prompt) > context * CHARS_PER_TOKEN:
+        raise BundleError(
+            f"the prompt is {len(prompt)} characters, far past the {context} tokens the model "
+            "sees: shorten the instruction or input"
+        )
+    prompt_ids = model.encode(prompt)
+    if context and len(prompt_ids) + max_new_tokens > context:
+        raise BundleError(
+            f"the prompt is {len(prompt_ids)} tokens; with {max_new_tokens} for the answer "
+            f"that is past the {context} tokens the model sees: shorten the instruction or input"
+        )
+    ids = model.generate_ids(prompt_ids, max_new_tokens)
     if len(ids) == max_new_tokens:  # cut by the budget, maybe inside a character
         ids = _whole_characters(model, ids)
     return model.decode(ids)
