@@ -84,6 +84,17 @@ def _entry(entry_id: bytes, flat: list[bytes] | None) -> Entry:
     return Entry(entry_id, fields, size, tuple(repeated))
 
 
+def _near_record_fields(fields: dict[bytes, bytes]) -> str:
+    """Fields other than ``record`` that a reader might take for it ('RECORD', ' record');
+    '' when there are none."""
+    near = [
+        k.decode("utf-8", "replace")
+        for k in fields
+        if k != RECORD_FIELD and k.strip().lower() == RECORD_FIELD
+    ]
+    return ", ".join(repr(name) for name in sorted(near))
+
+
 def _parse_xreadgroup(response: Any, **options: Any) -> list[Entry]:
     """XREADGROUP's reply (RESP2 list or RESP3 map, one stream) as entries.
 
@@ -265,6 +276,14 @@ class Ingestor:
                 continue
             if RECORD_FIELD in repeated:
                 reason = "entry has more than one 'record' field; send one record per entry"
+                out.dead.append((entry_id, fields, reason))
+                continue
+            near = _near_record_fields(fields)
+            if near:
+                reason = (
+                    f"entry has {near} beside 'record'; field names are matched exactly, so "
+                    "one of them would be dropped unread: send one 'record' field per entry"
+                )
                 out.dead.append((entry_id, fields, reason))
                 continue
             try:

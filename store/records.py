@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 from enum import Enum
 from typing import Any, NamedTuple
 
@@ -89,6 +90,7 @@ class _Wire(msgspec.Struct, forbid_unknown_fields=True):
 _WIRE = msgspec.json.Decoder(_Wire)
 _TEXT_FIELDS = ("id", "instruction", "input", "output", "source")
 _SPLITS = frozenset(s.value for s in Split)
+CONFUSABLE_SCRIPTS = frozenset({"LATIN", "CYRILLIC", "GREEK"})  # letters that look alike
 
 
 def _check_types(obj: dict[str, Any]) -> None:
@@ -116,6 +118,24 @@ def _json_type(value: object) -> str:
     )
 
 
+def _mixed_scripts(task: str) -> str | None:
+    """Why ``task`` could pass for another task: letters from more than one of the Latin,
+    Cyrillic and Greek scripts ('parity' with a Cyrillic 'а' looks like 'parity'); else None.
+    Other scripts mix legitimately (Japanese: kanji and kana) and are not checked."""
+    seen: dict[str, str] = {}
+    for ch in task:
+        script = unicodedata.name(ch, "").split(" ", 1)[0] if ch.isalpha() else ""
+        if script in CONFUSABLE_SCRIPTS:
+            seen.setdefault(script, ch)
+    if len(seen) < 2:
+        return None
+    shown = ", ".join(f"{s.title()} {c!r} (U+{ord(c):04X})" for s, c in sorted(seen.items()))
+    return (
+        f"field 'task' mixes scripts ({shown}), so it looks like a task it is not; "
+        "write a task name in one script"
+    )
+
+
 def _check_values(obj: dict[str, Any]) -> None:
     for name in ("task", "instruction", "output"):
         if not obj[name].strip():
@@ -129,6 +149,9 @@ def _check_values(obj: dict[str, Any]) -> None:
         raise RecordError(f"field 'task' must be at most {MAX_TASK_CHARS} characters")
     if not task.isprintable() or _WHITESPACE.search(task):
         raise RecordError("field 'task' must not contain whitespace or control characters")
+    mixed = _mixed_scripts(task)
+    if mixed:
+        raise RecordError(mixed)
     record_id = obj.get("id")
     if record_id is not None and (not record_id.strip() or len(record_id) > MAX_ID_CHARS):
         raise RecordError(
@@ -212,6 +235,8 @@ def record_from_obj(obj: object) -> Record:
 def _validated(obj: dict[str, Any]) -> Record:
     """The record for an object known to hold only valid UTF-8 strings."""
     _check_types(obj)
+    # One spelling per task name: "é" precomposed or as e + U+0301 is the same task.
+    obj["task"] = unicodedata.normalize("NFC", obj["task"])
     _check_values(obj)
     task, instruction, input, output = (
         obj["task"],
@@ -275,7 +300,8 @@ def _plainly_valid(wire: _Wire) -> bool:
     record to the path that names its problem."""
     task, record_id = wire.task, wire.id
     return bool(
-        task.strip()
+        task.isascii()  # other names are normalized and checked for mixed scripts there
+        and task.strip()
         and wire.instruction.strip()
         and wire.output.strip()
         and len(task) <= MAX_TASK_CHARS

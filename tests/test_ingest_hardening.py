@@ -79,6 +79,37 @@ def test_an_entry_with_two_record_fields_is_dead_lettered(
     assert ingestor.store.total() == 0
 
 
+def test_a_near_duplicate_record_field_is_dead_lettered_with_the_reason(
+    redis_client: redis.Redis, make_ingestor: Callable[..., Ingestor]
+) -> None:
+    """'RECORD' beside 'record' used to be dropped unread; now the entry is refused whole."""
+    ingestor = make_ingestor()
+    redis_client.execute_command("XADD", STREAM, "*", "record", _record(1), "RECORD", _record(2))
+    redis_client.execute_command("XADD", STREAM, "*", "record", _record(3), " record", _record(4))
+    redis_client.xadd(STREAM, {"record": _record(5), "source": b"x"})  # another field: fine
+    totals = ingestor.drain()
+    assert (totals.stored, totals.dead) == (1, 2)
+    reasons = _dead_reasons(redis_client)
+    assert "entry has 'RECORD' beside 'record'; field names are matched exactly" in reasons[0]
+    assert "entry has ' record' beside 'record'" in reasons[1]
+    assert ingestor.store.total() == 1
+
+
+def test_task_names_are_nfc_and_a_mixed_script_name_is_dead_lettered(
+    redis_client: redis.Redis, make_ingestor: Callable[..., Ingestor]
+) -> None:
+    ingestor = make_ingestor()
+    redis_client.xadd(STREAM, {"record": _record(1, task="caf\u00e9")})  # precomposed é
+    redis_client.xadd(STREAM, {"record": _record(1, task="cafe\u0301")})  # e + combining acute
+    redis_client.xadd(STREAM, {"record": _record(2, task="p\u0430rity")})  # Cyrillic а
+    redis_client.xadd(STREAM, {"record": _record(3, task="\u043f\u0430\u0440")})  # all Cyrillic
+    totals = ingestor.drain()
+    assert (totals.stored, totals.duplicates, totals.dead) == (2, 1, 1)
+    assert set(ingestor.store.counts()) == {"caf\u00e9", "\u043f\u0430\u0440"}
+    (reason,) = _dead_reasons(redis_client)
+    assert "field 'task' mixes scripts" in reason and "U+0430" in reason
+
+
 def test_a_batch_holds_about_max_batch_bytes(
     redis_client: redis.Redis, make_ingestor: Callable[..., Ingestor]
 ) -> None:
