@@ -69,7 +69,17 @@ WIRE_FIELDS: dict[str, tuple[bool, tuple[type, ...]]] = {
     "weight": (False, (int, float)),
     "source": (False, (str,)),
     "meta": (False, (dict,)),
+    # Feedback on a served answer (the answer server sends them; README "Wire format").
+    "answer_id": (False, (str,)),
+    "served_version": (False, (int,)),
+    "served_answer": (False, (str,)),
+    "rating": (False, (str,)),
 }
+# Where a record's feedback fields are kept: under this key of its stored ``meta``, so the
+# store's columns stay as they are; a producer's own meta may not use the key.
+FEEDBACK_META = "aftertune"
+SERVED_FIELDS = ("answer_id", "served_version", "served_answer", "rating")
+RATINGS = ("up", "down")
 _TYPE_NAMES = {str: "a string", dict: "a JSON object", int: "a number", float: "a number"}
 
 
@@ -85,10 +95,14 @@ class _Wire(msgspec.Struct, forbid_unknown_fields=True):
     weight: float = 1.0
     source: str = ""
     meta: dict[str, Any] = {}
+    answer_id: str | None = None
+    served_version: int | None = None
+    served_answer: str | None = None
+    rating: str | None = None
 
 
 _WIRE = msgspec.json.Decoder(_Wire)
-_TEXT_FIELDS = ("id", "instruction", "input", "output", "source")
+_TEXT_FIELDS = ("id", "instruction", "input", "output", "source", "answer_id", "served_answer")
 _SPLITS = frozenset(s.value for s in Split)
 CONFUSABLE_SCRIPTS = frozenset({"LATIN", "CYRILLIC", "GREEK"})  # letters that look alike
 
@@ -104,7 +118,7 @@ def _check_types(obj: dict[str, Any]) -> None:
             continue
         value = obj[name]
         if not isinstance(value, types) or isinstance(value, bool):
-            want = _TYPE_NAMES[types[0]]
+            want = "an integer" if types == (int,) else _TYPE_NAMES[types[0]]
             raise RecordError(f"field '{name}' must be {want}, got {_json_type(value)}")
 
 
@@ -167,6 +181,32 @@ def _check_values(obj: dict[str, Any]) -> None:
         )
     if obj.get("meta") and _depth(obj["meta"]) > MAX_META_DEPTH:
         raise RecordError(f"field 'meta' must nest at most {MAX_META_DEPTH} levels deep")
+    _check_served(obj)
+
+
+def _check_served(obj: dict[str, Any]) -> None:
+    """The feedback fields: a rating is up or down, a thumbs-down never a held-out record."""
+    if FEEDBACK_META in (obj.get("meta") or {}):
+        raise RecordError(
+            f"meta key '{FEEDBACK_META}' is reserved for what was served: send answer_id, "
+            "served_version, served_answer and rating as top-level fields"
+        )
+    rating = obj.get("rating")
+    if rating is not None and rating not in RATINGS:
+        raise RecordError('field \'rating\' must be "up" or "down"')
+    if rating == "down" and obj.get("split") == "test":
+        raise RecordError(
+            "a record rated down (its output is a wrong answer) cannot be split 'test': "
+            "a held-out record is a right answer; leave split out or send 'train'"
+        )
+    version = obj.get("served_version")
+    if version is not None and version < 1:
+        raise RecordError(f"field 'served_version' must be a version (1 or more), got {version}")
+    answer_id = obj.get("answer_id")
+    if answer_id is not None and (not answer_id.strip() or len(answer_id) > MAX_ID_CHARS):
+        raise RecordError(
+            f"field 'answer_id' must be a non-empty string of at most {MAX_ID_CHARS} characters"
+        )
 
 
 def _as_float(number: float) -> float:
@@ -207,9 +247,26 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
-def content_id(task: str, instruction: str, input: str, output: str) -> str:
-    """sha256 (hex) of the compact UTF-8 JSON array ``[task, instruction, input, output]``."""
-    return hashlib.sha256(orjson.dumps([task, instruction, input, output])).hexdigest()
+def content_id(
+    task: str, instruction: str, input: str, output: str, rating: str | None = None
+) -> str:
+    """sha256 (hex) of the compact UTF-8 JSON array ``[task, instruction, input, output]``,
+    with the rating appended when there is one (so an up and a down on one answer are two
+    records, and an unrated record keeps the id it always had)."""
+    fields = [task, instruction, input, output] + ([rating] if rating is not None else [])
+    return hashlib.sha256(orjson.dumps(fields)).hexdigest()
+
+
+def served_meta(meta: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with the feedback fields present in ``fields`` under ``FEEDBACK_META``."""
+    served = {name: fields[name] for name in SERVED_FIELDS if fields.get(name) is not None}
+    return {**meta, FEEDBACK_META: served} if served else meta
+
+
+def rating_of(meta: dict[str, Any]) -> str | None:
+    """The rating (up/down) a stored record's meta carries, if any."""
+    served = meta.get(FEEDBACK_META)
+    return served.get("rating") if isinstance(served, dict) else None
 
 
 def auto_split(record_id: str) -> Split:
@@ -217,6 +274,11 @@ def auto_split(record_id: str) -> Split:
     digest = hashlib.sha256(f"aftertune-split:{record_id}".encode()).digest()
     bucket = int.from_bytes(digest[:8], "big") % 100
     return Split.TEST if bucket < TEST_SHARE_PERCENT else Split.TRAIN
+
+
+def _auto(record_id: str, rating: str | None) -> Split:
+    """``split: auto``: a thumbs-down (a wrong answer) always trains, never is held out."""
+    return Split.TRAIN if rating == "down" else auto_split(record_id)
 
 
 def record_from_obj(obj: object) -> Record:
@@ -244,7 +306,7 @@ def _validated(obj: dict[str, Any]) -> Record:
         obj.get("input", ""),
         obj["output"],
     )
-    record_id = obj.get("id") or content_id(task, instruction, input, output)
+    record_id = obj.get("id") or content_id(task, instruction, input, output, obj.get("rating"))
     requested = Split(obj.get("split", "auto"))
     pinned = requested is not Split.AUTO
     return Record(
@@ -253,11 +315,11 @@ def _validated(obj: dict[str, Any]) -> Record:
         instruction=instruction,
         input=input,
         output=output,
-        split=requested if pinned else auto_split(record_id),
+        split=requested if pinned else _auto(record_id, obj.get("rating")),
         pinned=pinned,
         weight=float(obj.get("weight", 1.0)),
         source=obj.get("source", ""),
-        meta=obj.get("meta", {}),
+        meta=served_meta(obj.get("meta", {}), obj),
     )
 
 
@@ -279,7 +341,9 @@ def parse_record(payload: bytes | str, max_bytes: int = DEFAULT_MAX_RECORD_BYTES
         return _parse_named(raw)
     if not _plainly_valid(wire):
         return _parse_named(raw)
-    record_id = wire.id or content_id(wire.task, wire.instruction, wire.input, wire.output)
+    record_id = wire.id or content_id(
+        wire.task, wire.instruction, wire.input, wire.output, wire.rating
+    )
     requested = wire.split
     return Record(
         record_id,
@@ -287,12 +351,16 @@ def parse_record(payload: bytes | str, max_bytes: int = DEFAULT_MAX_RECORD_BYTES
         wire.instruction,
         wire.input,
         wire.output,
-        auto_split(record_id) if requested == "auto" else Split(requested),
+        _auto(record_id, wire.rating) if requested == "auto" else Split(requested),
         requested != "auto",
         wire.weight,
         wire.source,
-        wire.meta,
+        served_meta(wire.meta, _served_fields(wire)),
     )
+
+
+def _served_fields(wire: _Wire) -> dict[str, Any]:
+    return {name: getattr(wire, name) for name in SERVED_FIELDS}
 
 
 def _plainly_valid(wire: _Wire) -> bool:
@@ -311,6 +379,14 @@ def _plainly_valid(wire: _Wire) -> bool:
         and wire.split in _SPLITS
         and 0 < wire.weight <= MAX_WEIGHT
         and (not wire.meta or _depth(wire.meta) <= MAX_META_DEPTH)
+        and FEEDBACK_META not in wire.meta
+        and (wire.rating is None or wire.rating in RATINGS)
+        and not (wire.rating == "down" and wire.split == "test")
+        and (wire.served_version is None or wire.served_version >= 1)
+        and (
+            wire.answer_id is None
+            or (wire.answer_id.strip() and len(wire.answer_id) <= MAX_ID_CHARS)
+        )
     )
 
 

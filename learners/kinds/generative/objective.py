@@ -21,6 +21,7 @@ from aftertune.learners.data import (
 from aftertune.learners.kinds.generative.fisher import estimate_fisher_per_sample
 from aftertune.learners.objective import ExampleT
 from aftertune.store.prompt import PromptTemplate
+from aftertune.store.records import rating_of
 
 
 class ResponseObjective:
@@ -71,5 +72,7 @@ class ResponseObjective:
         """Nothing: a generative version is its adapter."""
 
     def kept(self, examples: Sequence[ExampleT], what: str) -> list[ExampleT]:
-        """All of them: a causal LM learns any answer."""
-        return list(examples)
+        """All but answers rated down: a causal LM learns any answer, and a thumbs-down
+        names a wrong one without the right one, which this loss has no term for (the
+        record stays stored with its rating)."""
+        return [ex for ex in examples if rating_of(getattr(ex, "meta", {})) != "down"]

@@ -3,6 +3,10 @@
 Cross-entropy of ``cosine / temperature`` against the reference, both sides through the same
 LoRA-adapted encoder; a mixed-task batch is grouped by task, each group ranked against its
 own task's candidates.
+
+A record rated down (a user said the served answer is wrong for that input) is a hard
+negative: its loss is ``-log(1 - p(rejected))``, which pushes the rejected candidate's logit
+down for that input without naming a right one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from aftertune.learners.kinds.ranking.fisher import ranking_fisher
 from aftertune.learners.objective import ExampleT
 from aftertune.learners.specs import RankingSpec
 from aftertune.store.prompt import PromptTemplate
+from aftertune.store.records import rating_of
+
+REJECTED = 1  # labels[1] of a hard negative: labels[0] is the candidate a user rated down
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +80,8 @@ class RankingObjective:
         encoded = [
             Encoded(
                 input_ids=row,
-                labels=[self._index[ex.task][ex.output.strip()]],
+                labels=[self._index[ex.task][ex.output.strip()]]
+                + ([REJECTED] if rating_of(getattr(ex, "meta", {})) == "down" else []),
                 weight=float(getattr(ex, "weight", 1.0)),
                 task=ex.task,
                 prompt_truncated=len(whole) > len(row),
@@ -100,7 +108,11 @@ class RankingObjective:
                 answers = embed_ids(model, self._ids[task], pad, device)
                 logits = prompts @ answers.T / self.spec.temperature
                 target = torch.tensor([e.labels[0] for e in group], device=device)
-                per = F.cross_entropy(logits.float(), target, reduction="none")
+                chosen = F.log_softmax(logits.float(), -1).gather(1, target[:, None])[:, 0]
+                rejected = torch.tensor([len(e.labels) > 1 for e in group], device=device)
+                # cross-entropy for a reference; -log(1 - p) for a candidate rated down
+                unlikely = -torch.log1p(-chosen.exp().clamp(max=1 - 1e-6))
+                per = torch.where(rejected, unlikely, -chosen)
                 weights = torch.tensor([e.weight for e in group], device=device)
                 total = total + (per * weights).sum()
                 tokens += sum(len(e.input_ids) for e in group)
