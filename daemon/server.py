@@ -337,13 +337,39 @@ class _RequestDeadline(H11Protocol):
 
     request_timeout_s = REQUEST_TIMEOUT_S
     _deadline: asyncio.TimerHandle | None = None
+    _head_bytes = 0  # of the request head being received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
         self._arm_deadline()
 
+    def data_received(self, data: bytes) -> None:
+        """The request line and headers are capped in total, however they arrive: h11's own
+        limit holds only for a head still incomplete after a read, so 70 KB of headers in
+        one read used to pass."""
+        if self.conn.their_state is h11.IDLE:
+            end = data.find(b"\r\n\r\n")
+            self._head_bytes += len(data) if end < 0 else end + 4
+            if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
+                self._refuse_head()
+                return
+        super().data_received(data)
+
+    def _refuse_head(self) -> None:
+        """431, written raw (h11 sends no response before a request is read), then close."""
+        body = f"request line and headers past {MAX_REQUEST_HEAD_BYTES} bytes\n".encode()
+        head = (
+            "HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            "content-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n"
+        )
+        if not self.transport.is_closing():
+            self.transport.write(head.encode() + body)
+            self.transport.close()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        self._head_bytes = 0
         self._arm_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -16,7 +16,12 @@ import prometheus_client
 import pytest
 from fastapi import FastAPI
 
-from aftertune.daemon.server import REQUEST_TIMEOUT_S, HttpServer, build_app
+from aftertune.daemon.server import (
+    MAX_REQUEST_HEAD_BYTES,
+    REQUEST_TIMEOUT_S,
+    HttpServer,
+    build_app,
+)
 
 SLACK_S = 3.0  # scheduling on a loaded machine
 
@@ -119,6 +124,36 @@ def test_a_slow_answer_is_not_cut_by_the_request_deadline(start: object) -> None
     server = start(app, request_timeout_s=0.5)  # type: ignore[operator]
     with _connect(server) as conn:
         assert b" 200 " in _get(conn, "/slow")
+
+
+@pytest.mark.parametrize("pieces", [1, 7, 300])
+def test_request_headers_are_capped_in_total_however_they_arrive(
+    start: object, pieces: int
+) -> None:
+    """70 KB of headers in one read, in a few reads or in many: 431, connection closed; a
+    request just under the cap is answered."""
+    server = start()  # type: ignore[operator]
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 70_000 + b"\r\n\r\n"
+    with _connect(server) as sock:
+        step = -(-len(head) // pieces)
+        try:
+            for i in range(0, len(head), step):
+                sock.sendall(head[i : i + step])
+        except OSError:
+            pass  # closed on us mid-send: refused
+        sock.settimeout(10)
+        reply = b""
+        try:
+            while chunk := sock.recv(65536):
+                reply += chunk
+        except OSError:
+            pass
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
+    with _connect(server) as sock:
+        pad = b"a" * (MAX_REQUEST_HEAD_BYTES - 200)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + pad + b"\r\n\r\n")
+        sock.settimeout(10)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
 
 
 def test_past_the_connection_limit_requests_get_503(start: object) -> None:
