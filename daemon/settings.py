@@ -130,7 +130,10 @@ class IngestSettings(_Section):
     )
     claim_interval_s: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
     dead_letter_max_payload_bytes: int = Field(
-        default=1024 * 1024, gt=0, description="longer payloads are kept truncated, with their size"
+        default=1024 * 1024,
+        gt=0,
+        le=512 * 1024 * 1024,  # Redis' largest string (proto-max-bulk-len)
+        description="longer payloads are kept truncated, with their size",
     )
     max_batch_bytes: int = Field(
         default=64 * 1024 * 1024,
@@ -181,7 +184,9 @@ class ExportSettings(ExportOptions):
     """``[export]``: champion → ONNX bundle, parity-checked before it is published."""
 
     enabled: bool = True
-    keep: int = Field(default=5, ge=1, description="published bundles kept (latest included)")
+    keep: int = Field(
+        default=5, ge=1, le=10_000, description="published bundles kept (latest included)"
+    )
 
 
 class ServerSettings(_Section):
