@@ -38,6 +38,9 @@ from aftertune.store.records import record_from_obj
 
 log = logging.getLogger("bench.continual")
 
+# The real-task samples shipped with the repository (see data/README.md).
+DATA = Path(__file__).resolve().parent / "data"
+
 STRATEGIES = ("naive", "replay", "ewc", "replay+ewc", "joint")
 
 
@@ -547,7 +550,9 @@ def _positive(text: str) -> int:
 
 def _parser(defaults: BenchConfig, base: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="folder of <task>.train/.test.jsonl")
+    p.add_argument(
+        "--data", type=Path, default=DATA, help="folder of <task>.train/.test.jsonl (bench/data)"
+    )
     p.add_argument("--tasks", required=True, help="comma-separated, in training order")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument(

@@ -13,7 +13,7 @@ Three parts, each optional, all in one process so the ratios compare like with l
   bundle (``Bundle.answer_many``, 32 prompts per ONNX call grouped by length, as
   ``rank`` groups them) against PyTorch (``ranking.rank``).
 
-    python bench/ranking.py --data ../shared/datasets --tasks agnews,sni_emotion \\
+    python bench/ranking.py --tasks agnews,sni_emotion \\
         --train 300 --test 200 --peer --cycle --consumer --threads 1
 """
 
@@ -35,6 +35,9 @@ from aftertune.learners.base_model import EMBEDDED_MINILM, load_base, resolve_ba
 from aftertune.learners.specs import LearningSpecs
 
 log = logging.getLogger("bench.ranking")
+
+# The real-task samples shipped with the repository (see data/README.md).
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def _read(data: Path, task: str, split: str, n: int) -> list[dict[str, Any]]:
@@ -220,7 +223,9 @@ def consumer(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="folder of <task>.train/.test.jsonl")
+    p.add_argument(
+        "--data", type=Path, default=DATA, help="folder of <task>.train/.test.jsonl (bench/data)"
+    )
     p.add_argument("--tasks", default="agnews,sni_emotion", help="comma-separated")
     p.add_argument("--train", type=int, default=300, help="train examples per task")
     p.add_argument("--test", type=int, default=200, help="test examples per task")

@@ -1,0 +1,327 @@
+"""Answer-server benchmark: `aftertune answer-server` against raw ONNX Runtime on the same
+bundle, in one run, and failed requests across swaps under load.
+
+    .venv/bin/python bench/answer_server.py [--bundle DIR] [--clients 4] [--seconds 5]
+        [--batch 16] [--swaps 10] [--json FILE]
+
+--bundle: a published bundle (any format); without it the embedded tiny base is exported
+(genai, fp32) into a temporary directory first. The bundle is installed as v1 of a temporary
+state dir and pulled (the verified pull) into a consumer dir, whose `current` the server
+answers from; the server runs as its own process (`python -m aftertune.daemon.cli
+answer-server`), the clients are threads here, one keep-alive connection each.
+
+  raw single    --clients threads calling `Bundle.answer` on one record each, in process
+  server single --clients threads POSTing one record to /v1/answer
+  raw batch     the same with `Bundle.answer_many` on --batch records per call
+  server batch  POST {"records": [--batch records]}
+  swaps         --clients threads POST single records while the bundle is republished as
+                v2..v(1+--swaps) and pulled into the consumer dir, one swap at a time (each
+                waits until the server answers with the new version); every non-200 answer
+                or connection error is a failed request
+
+Each phase runs --seconds. Records/s, and the server's p50/p99 latency per request (client
+side, HTTP included). Targets (issue 26), printed, never asserted: server ≥ 0.8× raw, single
+and batch; 0 failed requests across the swaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aftertune.daemon.embedded_redis import free_port
+from aftertune.store.bundles import install, new_staging_dir, set_latest
+from aftertune.store.consumer import Bundle
+from aftertune.store.consumer.format import MANIFEST, read_manifest, write_manifest
+from aftertune.store.consumer.pull import DirSource, pull
+
+WORDS = [
+    "parcel",
+    "refund",
+    "order",
+    "late",
+    "broken",
+    "card",
+    "account",
+    "password",
+    "delivery",
+    "invoice",
+]
+
+
+def questions(bundle: Bundle, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    tasks = sorted(bundle.candidates) or [None]
+    return [
+        {
+            "task": rng.choice(tasks),
+            "instruction": "Answer the request.",
+            "input": " ".join(rng.choices(WORDS, k=rng.randint(3, 12))),
+        }
+        for _ in range(n)
+    ]
+
+
+def publish(state: Path, source: Path, version: int) -> None:
+    """``source``'s files as ``version`` of ``state``, made latest: a promotion."""
+    bundles = state / "bundles"
+    staging = new_staging_dir(bundles, version)
+    for path in source.iterdir():
+        if path.name != MANIFEST:
+            shutil.copy2(path, staging / path.name)
+    fields = {
+        k: v for k, v in read_manifest(source).items() if k not in ("schema", "created_at", "files")
+    }
+    write_manifest(staging, {**fields, "version": version})
+    install(staging, bundles, version)
+    set_latest(bundles, version)
+
+
+def export_tiny(out: Path) -> Path:
+    from dataclasses import replace
+
+    from aftertune.daemon.specs import default_specs
+    from aftertune.learners.base_model import EMBEDDED_TINY, resolve_base
+    from aftertune.learners.curriculum import sample
+    from aftertune.learners.kinds.generative.export import export_bundle
+
+    rng = random.Random(11)
+    export_bundle(
+        resolve_base(EMBEDDED_TINY),
+        out,
+        replace(default_specs().export, method="genai", parity_prompts=4),
+        [sample(rng).prompt for _ in range(4)],
+        {"name": "aftertune", "version": 1},
+    )
+    return out
+
+
+def run_threads(clients: int, seconds: float, work: Callable[[int], int]) -> tuple[int, float]:
+    """``clients`` threads calling ``work(n)`` (records done) until ``seconds`` pass."""
+    total = 0
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def loop(n: int) -> None:
+        nonlocal total
+        done = 0
+        while time.monotonic() < deadline:
+            done += work(n)
+        with lock:
+            total += done
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=loop, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return total, time.monotonic() - started
+
+
+class Client:
+    """One keep-alive connection to the answer server."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def post(self, body: Any) -> tuple[int, Any]:
+        data = json.dumps(body)
+        try:
+            self.conn.request("POST", "/v1/answer", data, {"Content-Type": "application/json"})
+            response = self.conn.getresponse()
+            return response.status, json.loads(response.read())
+        except (OSError, http.client.HTTPException):
+            self.conn.close()
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            raise
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--bundle", type=Path)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--swaps", type=int, default=10)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-answer-"))
+    try:
+        source = args.bundle or export_tiny(work / "exported")
+        state = work / "state"
+        publish(state, Path(source), 1)
+        consumer = work / "consumer"
+        pull(DirSource(state), consumer)
+        results = measure(args, state, consumer)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def measure(args: argparse.Namespace, state: Path, consumer: Path) -> dict[str, Any]:
+    bundle = Bundle.open(consumer / "current")
+    asked = questions(bundle, 512)
+    batch = [asked[i : i + args.batch] for i in range(0, len(asked), args.batch)]
+    as_tuple = [(q["task"], q["instruction"], q["input"]) for q in asked]
+    results: dict[str, Any] = {
+        "bundle_format": bundle.format,
+        "clients": args.clients,
+        "batch": args.batch,
+        "seconds_per_phase": args.seconds,
+        "cpus": os.cpu_count(),
+    }
+
+    def raw_single(n: int) -> int:
+        bundle.answer(*as_tuple[random.randrange(len(as_tuple))])
+        return 1
+
+    def raw_batch(n: int) -> int:
+        chunk = as_tuple[: args.batch]
+        bundle.answer_many(chunk, args.batch)
+        return len(chunk)
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "AFTERTUNE_STATE_DIR": str(state.parent / "s"),
+        "AFTERTUNE_ANSWER_TOKEN": "",
+    }
+    env.pop("AFTERTUNE_REDIS__URL", None)
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "aftertune.daemon.cli", "answer-server"),
+            *("--bundle", str(consumer / "current"), "--port", str(port)),
+            *("--max-batch", str(args.batch), "--log-level", "WARNING"),
+        ],
+        env=env,
+    )
+    try:
+        clients = wait_up(port, args.clients)
+        latencies: dict[str, list[float]] = {"single": [], "batch": []}
+        failures = {"single": 0, "batch": 0}
+
+        def server_call(kind: str, body: Callable[[], Any], records: int) -> Callable[[int], int]:
+            def call(n: int) -> int:
+                started = time.perf_counter()
+                try:
+                    code, _ = clients[n].post(body())
+                except (OSError, http.client.HTTPException):
+                    code = 0
+                latencies[kind].append(time.perf_counter() - started)
+                if code != 200:
+                    failures[kind] += 1
+                    return 0
+                return records
+
+            return call
+
+        phases = {
+            "raw_single": raw_single,
+            "server_single": server_call("single", lambda: random.choice(asked), 1),
+            "raw_batch": raw_batch,
+            "server_batch": server_call("batch", lambda: {"records": batch[0]}, args.batch),
+        }
+        for name, call in phases.items():
+            call(0)  # warm-up
+            done, seconds = run_threads(args.clients, args.seconds, call)
+            results[f"{name}_records_per_s"] = round(done / seconds, 1)
+        for kind in ("single", "batch"):
+            ms = sorted(x * 1000 for x in latencies[kind])
+            results[f"server_{kind}_p50_ms"] = round(statistics.median(ms), 2)
+            results[f"server_{kind}_p99_ms"] = round(ms[int(0.99 * (len(ms) - 1))], 2)
+            results[f"server_{kind}_failed"] = failures[kind]
+            ratio = results[f"server_{kind}_records_per_s"] / results[f"raw_{kind}_records_per_s"]
+            results[f"{kind}_ratio"] = round(ratio, 3)
+            print(f"{kind}: server/raw {ratio:.2f}x ({'PASS' if ratio >= 0.8 else 'MISS'} ≥ 0.8x)")
+        results.update(swaps_under_load(args, state, consumer, clients, asked))
+        print(
+            f"swaps: {results['swap_failed']} failed of {results['swap_requests']} requests "
+            f"across {results['swaps']} swaps ({'PASS' if results['swap_failed'] == 0 else 'MISS'})"
+        )
+    finally:
+        server.terminate()
+        server.wait(15)
+    return results
+
+
+def wait_up(port: int, clients: int) -> list[Client]:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            probe = Client(port)
+            probe.post({"instruction": "up?"})
+            return [Client(port) for _ in range(clients)]
+        except (OSError, http.client.HTTPException):
+            if time.monotonic() > deadline:
+                raise SystemExit("the answer server did not start within 60 s") from None
+            time.sleep(0.2)
+
+
+def swaps_under_load(
+    args: argparse.Namespace, state: Path, consumer: Path, clients: list[Client], asked: list[Any]
+) -> dict[str, Any]:
+    failed = requests = 0
+    seen: set[int] = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def ask(n: int) -> None:
+        nonlocal failed, requests
+        while not stop.is_set():
+            try:
+                code, got = clients[n].post(random.choice(asked))
+            except (OSError, http.client.HTTPException):
+                code, got = 0, {}
+            with lock:
+                requests += 1
+                if code != 200:
+                    failed += 1
+                else:
+                    seen.add(got["version"])
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(len(clients))]
+    for t in threads:
+        t.start()
+    started = time.monotonic()
+    try:
+        for version in range(2, 2 + args.swaps):
+            publish(state, state / "bundles" / "v1", version)
+            pull(DirSource(state), consumer)
+            deadline = time.monotonic() + 60
+            while version not in seen and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return {
+        "swaps": args.swaps,
+        "swap_requests": requests,
+        "swap_failed": failed,
+        "swap_versions_seen": sorted(seen),
+        "swap_seconds": round(time.monotonic() - started, 1),
+    }
+
+
+if __name__ == "__main__":
+    main()
