@@ -1,12 +1,12 @@
 """Gate benchmark: clean cycles should be promoted, poisoned cycles rejected.
 
-    .venv/bin/python bench/gate.py --data DIR [--tasks t1,t2,...] [--k 4] [--train N]
+    .venv/bin/python bench/gate.py [--data DIR] [--tasks t1,t2,...] [--k 4] [--train N]
         [--steps S] [--poison flip|shuffle|both] [--base BASE] [--threads 1] [--json FILE]
 
 Real tasks on the ranking kind (MiniLM):
 
-    .venv/bin/python bench/gate.py --data ../shared/datasets --base embedded:minilm \
-        --tasks agnews,sni_emotion,dbpedia --k 2 --train 200 --steps 25 --poison flip
+    .venv/bin/python bench/gate.py --base embedded:minilm \
+        --tasks agnews,sni_emotion,dbpedia --k 2 --train 160 --poison flip
 
 A champion first learns the first task. Then, alternately, a clean batch (the next task, or
 more data of a known one once all are known) and a poisoned batch (a known task's labels
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -41,9 +42,15 @@ from aftertune.store.examples import ExampleStore
 from aftertune.store.records import record_from_obj
 from aftertune.store.registry import Registry
 
+# The real-task samples shipped with the repository (see data/README.md).
+DATA = Path(__file__).resolve().parent / "data"
+
 
 def _rows(data: Path, task: str, split: str, start: int, n: int) -> list[dict[str, Any]]:
-    lines = (data / f"{task}.{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    path = data / f"{task}.{split}.jsonl"
+    if not path.exists():
+        sys.exit(f"{path} not found; synthetic tasks: bench/tasks.py --out DIR, then --data DIR")
+    lines = path.read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines[start : start + n]]
 
 
@@ -75,7 +82,9 @@ def gate_specs(daemon: LearningSpecs, steps: int) -> LearningSpecs:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument(
+        "--data", type=Path, default=DATA, help="folder of <task>.train.jsonl (bench/data)"
+    )
     parser.add_argument("--tasks", default="parity,vowel_end,last_digit,last_letter")
     parser.add_argument("--k", type=int, default=4, help="clean and poisoned cycles each")
     parser.add_argument("--train", type=int, default=300, help="records per batch")
