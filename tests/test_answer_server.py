@@ -255,3 +255,16 @@ def test_the_cli_serves_and_stops_cleanly_on_sigterm(consumer: Path, tmp_path: P
         proc.kill()
     assert proc.returncode == 0, err
     assert "answering with v1" in err and "feedback off: no Redis URL" in err
+
+
+def test_every_answer_server_metric_is_documented_with_its_unit() -> None:
+    import re
+
+    import prometheus_client
+
+    text = prometheus_client.generate_latest(AnswerMetrics().registry).decode()
+    families = {f for f in re.findall(r"^# TYPE (\S+) ", text, re.M) if not f.endswith("_created")}
+    operations = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    for family in families:
+        row = re.search(rf"^\| `{family}(_total)?` \| \w+ \| (\w+) \|", operations, re.M)
+        assert row is not None, f"{family} is not in docs/operations.md's answer-server table"
