@@ -293,15 +293,18 @@ def _pull_and_answer(
 
 def _before_after(version: Version) -> str:
     """Each task's held-out accuracy before (the champion) and after (this version)."""
-    return (
-        ", ".join(
-            f"{task} {100 * m['champion'].get('accuracy', 0):.0f}% -> "
-            f"{100 * m['challenger'].get('accuracy', 0):.0f}%"
-            for task, m in sorted(version.metrics.items())
-            if "accuracy" in m.get("challenger", {})
-        )
-        or "-"
-    )
+    rows = []
+    for task, m in sorted(version.metrics.items()):
+        # The figure the gate judges a task on: its earlier held-out records when it has any
+        # (a poisoned batch's own held-out part cannot vouch for it), else the new ones.
+        suites = m.get("suites", {})
+        suite = suites.get("regression") or suites.get("gain") or m
+        old, new = suite.get("champion", {}), suite.get("challenger", {})
+        if "accuracy" in new:
+            rows.append(
+                f"{task} {100 * old.get('accuracy', 0):.0f}% -> {100 * new['accuracy']:.0f}%"
+            )
+    return ", ".join(rows) or "-"
 
 
 def _summary(
@@ -325,7 +328,7 @@ def _summary(
             [f"{mark}v{v.version}", decision, seconds(timings.get(v.version)), _before_after(v)]
         )
     print()
-    header = "accuracy on held-out records (champion -> challenger)"
+    header = "accuracy on earlier held-out records (champion -> challenger)"
     print(table(["version", "decision", "cycle", header], rows))
     for v in versions:
         for reason in v.gate.get("reasons", [])[:3]:

@@ -203,9 +203,10 @@ class GateReport:
 
     @property
     def reasons(self) -> list[str]:
-        """Why: every failed check, or (when it passed) that every check held."""
+        """Why: what the data looks like, then every failed check; or (when it passed) that
+        every check held."""
         if self.failures:
-            return _joined(self.failures)
+            return [*mislabelled(self.checks, self.verdicts), *_joined(self.failures)]
         if not self.checks:
             return [
                 "no rule applied: every task is new to the champion and no value "
@@ -220,6 +221,41 @@ class GateReport:
             "checks": [c.to_json() for c in self.checks],
             "verdicts": {t: v.value for t, v in sorted(self.verdicts.items())},
         }
+
+
+def mislabelled(checks: list[Check], verdicts: Mapping[str, Verdict]) -> list[str]:
+    """The data problem a flipped batch is: learning a task's new records made its earlier
+    held-out records worse while its new ones (the batch's own) got better."""
+    out = []
+    for task in sorted(t for t, v in verdicts.items() if v is Verdict.REJECTED):
+        worse = [
+            c
+            for c in checks
+            if c.task == task
+            and c.suite is Suite.REGRESSION
+            and not c.passed
+            and c.champion is not None
+            and c.challenger is not None
+        ]
+        better = [
+            c
+            for c in checks
+            if c.task == task
+            and c.suite is Suite.GAIN
+            and c.rule in ("min_gain", "min_nll_gain")
+            and c.champion is not None
+            and c.challenger is not None
+            and _drop(c.metric, c.champion, c.challenger) < 0
+        ]
+        if worse and better:
+            w, b = worse[0], better[0]
+            out.append(
+                f"{task}: its new records look mislabelled: learning them made its earlier "
+                f"held-out records worse ({_changed(w.metric, w.champion or 0.0, w.challenger or 0.0)})"
+                f" while its new held-out records, the batch's own, got better "
+                f"({_changed(b.metric, b.champion or 0.0, b.challenger or 0.0)})"
+            )
+    return out
 
 
 def verdicts_of(checks: list[Check], new_data_tasks: set[str]) -> dict[str, Verdict]:

@@ -120,9 +120,12 @@ def test_new_data_must_not_worsen_the_same_tasks_old_held_out() -> None:
     assert report.decision is Decision.REJECTED
     assert [c.rule for c in report.failures] == ["same_task_consistency"]
     assert report.reasons == [
+        "a: its new records look mislabelled: learning them made its earlier held-out records"
+        " worse (log-loss 1 nats -> 1.05 nats: rose by 0.05 nats) while its new held-out"
+        " records, the batch's own, got better (log-loss 1 nats -> 0.8 nats: fell by 0.2 nats)",
         "a: with this task's new data, log-loss on earlier held-out records 1 nats -> 1.05 nats:"
         " rose by 0.05 nats, more than the 0.02 nats rise allowed: its new records look"
-        " mislabelled (gate.max_nll_rise_same_task)"
+        " mislabelled (gate.max_nll_rise_same_task)",
     ]
     clean = judge({"a": (OLD, {**OLD, "nll": 0.95})}, gain, {"a"}, RULES)
     assert clean.decision is Decision.PROMOTED
