@@ -79,7 +79,9 @@ def plan_window(
 def _rejection(
     store: ExampleStore, mark: int, until: int, task: str, rules: GateRules, labels: object
 ) -> str | None:
-    records = store.labelled(task, until)
+    # A thumbs-down says its answer is wrong: it relabels nothing and shifts no share.
+    down = store.rated_down(task, until)
+    records = [r for r in store.labelled(task, until) if r[0] not in down]
     old = [r for r in records if r[0] <= mark]
     fresh = [r for r in records if r[0] > mark]
     relabels = _relabels(old, fresh)

@@ -110,11 +110,14 @@ class TrainExample:
     input: str
     output: str
     weight: float = 1.0
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. a rating of a served answer
 
     @classmethod
     def of(cls, example: ExampleLike) -> TrainExample:
         e = example
-        return cls(e.task, e.instruction, e.input, e.output, float(getattr(e, "weight", 1.0)))
+        weight = float(getattr(e, "weight", 1.0))
+        meta = dict(getattr(e, "meta", None) or {})
+        return cls(e.task, e.instruction, e.input, e.output, weight, meta)
 
 
 @dataclass(frozen=True)

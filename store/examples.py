@@ -32,7 +32,7 @@ from aftertune.store.database import (
     open_database,
 )
 from aftertune.store.layout import StateLayout
-from aftertune.store.records import Record
+from aftertune.store.records import Record, rating_of
 from aftertune.store.schema import (
     Dialect,
     Migration,
@@ -564,6 +564,15 @@ class ExampleStore:
             (task, until),
         )
         return [(int(q), str(i), str(x), str(o)) for q, i, x, o in rows]
+
+    def rated_down(self, task: str, until: int) -> set[int]:
+        """Seqs of ``task``'s live records that rate a served answer down (their output is
+        the answer a user said is wrong: ``records.rating_of``)."""
+        rows = self._query(
+            "SELECT seq, meta FROM examples WHERE task = ? AND seq <= ? AND meta LIKE ?" + _LIVE,
+            (task, until, '%"rating"%'),
+        )
+        return {int(q) for q, meta in rows if rating_of(json.loads(meta)) == "down"}
 
     def train_outputs(self, until: int | None = None) -> dict[str, list[str]]:
         """Each task's distinct train outputs (live records, ``seq <= until``), sorted."""
