@@ -186,6 +186,17 @@ def _answer_routes(
         count(200)
         return JSONResponse({"answers": out} if batch else out[0])
 
+    _add_feedback_route(router, answers, metrics, limits, feedback)
+    return router
+
+
+def _add_feedback_route(
+    router: APIRouter,
+    answers: AnswerLog,
+    metrics: AnswerMetrics,
+    limits: AnswerLimits,
+    feedback: FeedbackSink | None,
+) -> None:
     @router.post("/feedback")
     async def give_feedback(request: Request) -> JSONResponse:
         count = _counted(metrics, "feedback")
@@ -208,8 +219,6 @@ def _answer_routes(
         metrics.feedback.labels(kind).inc()
         count(202)
         return JSONResponse({"status": "accepted", "kind": kind, "record": record}, status_code=202)
-
-    return router
 
 
 def _questions(body: dict[str, Any], max_batch: int) -> list[tuple[str | None, str, str]]:

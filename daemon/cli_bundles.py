@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 
 def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    _add_pull(sub, common)
+    _add_generate(sub, common)
+
+
+def _add_pull(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "pull",
         parents=[common],
@@ -73,6 +78,8 @@ def register_bundle_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.set_defaults(func=cmd_pull)
 
+
+def _add_generate(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "generate",
         parents=[common],
