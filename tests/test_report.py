@@ -131,7 +131,7 @@ def test_rejected_version_shows_why_it_failed(state: Path) -> None:
         reasons = reg.get(3).gate["reasons"]
     assert len(reasons) == 1
     assert reasons[0].startswith(
-        "sentiment: accuracy 0.82 -> 0.7, fell by 0.12 (over the allowed drop of"
+        "sentiment: accuracy on earlier held-out records 82.0% -> 70.0%: fell by 12.0 points"
     )
     assert html.escape(reasons[0]) in page
     failed = re.findall(r'<tr class="fail">(.*?)</tr>', page, re.S)
