@@ -5,7 +5,7 @@ the lineage from the answer to the next adapter) and the prompt. A correction is
 labelled record whose ``output`` is the corrected answer. A rating labels the served answer:
 ``up`` confirms it (``output`` is the served answer), ``down`` says it is wrong for this
 input (``output`` is the served answer, ``rating: "down"``; always a training record, never
-a held-out one). The wire fields are store/records.py's; README "Wire format".
+a held-out one). The wire fields are store/records.py's; docs/wire-format.md.
 """
 
 from __future__ import annotations

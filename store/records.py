@@ -1,7 +1,7 @@
 """The feedback record: the wire format producers write and the unit the store keeps.
 
-One stream entry carries one field ``record`` holding a JSON object (see README, "Wire
-format"). ``parse_record`` turns raw bytes into a validated :class:`Record` or raises
+One stream entry carries one field ``record`` holding a JSON object (see
+docs/wire-format.md). ``parse_record`` turns raw bytes into a validated :class:`Record` or raises
 :class:`~aftertune.store.errors.RecordError` naming the field and what was wrong with it.
 """
 
@@ -69,7 +69,7 @@ WIRE_FIELDS: dict[str, tuple[bool, tuple[type, ...]]] = {
     "weight": (False, (int, float)),
     "source": (False, (str,)),
     "meta": (False, (dict,)),
-    # Feedback on a served answer (the answer server sends them; README "Wire format").
+    # Feedback on a served answer (the answer server sends them; docs/wire-format.md).
     "answer_id": (False, (str,)),
     "served_version": (False, (int,)),
     "served_answer": (False, (str,)),
