@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import math
+import random
 import sys
 import tempfile
 import time
@@ -403,12 +404,18 @@ class _Strategy:
         """What answers are judged against: label sets, or a ranking task's candidates."""
         if self.kind.name != "ranking":
             return dict(self.suite.labels)
-        from aftertune.learners.kinds.ranking.candidates import candidates_of
+        from aftertune.learners.kinds.ranking.candidates import answer_set, candidates_of
 
-        cap = self.daemon.ranking.max_candidates
-        return {
-            t: candidates_of([e.output for e in self.suite.train[t]], cap) for t in self.suite.tasks
-        }
+        cap, k = self.daemon.ranking.max_candidates, self.daemon.ranking.exemplars
+        template = self.daemon.train.template
+        sets: dict[str, Any] = {}
+        for t in self.suite.tasks:
+            train = self.suite.train[t]
+            found = candidates_of([e.output for e in train], cap)
+            n = k * len(found or ())
+            drawn = random.Random(f"exemplars:{t}").sample(train, min(n, len(train)))
+            sets[t] = answer_set(found, drawn, template) if found else None
+        return sets
 
     @property
     def objective(self) -> Any:

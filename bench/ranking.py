@@ -2,8 +2,10 @@
 
 Three parts, each optional, all in one process so the ratios compare like with like:
 
-- ``--peer``: per task, aftertune's ranking kind (MiniLM + LoRA, the daemon's settings for
-  the kind: contrastive over the task's candidates) against SetFit (the same MiniLM, full
+- ``--peer``: per task, the majority share, zero-shot accuracy (nearest answer text), the
+  floor (the frozen encoder's class prototypes from every train record) and aftertune's
+  ranking kind (MiniLM + LoRA, the daemon's settings for the kind: contrastive against the
+  task's prototypes) against SetFit (the same MiniLM, full
   fine-tuning on sentence pairs + a logistic-regression head; PyPI ``setfit``, which needs
   ``datasets`` and so ``pyarrow<21`` here) on the same train examples: held-out accuracy and
   training seconds, side by side. The peer runs only when ``setfit`` imports.
@@ -22,9 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -57,8 +62,10 @@ def _accuracy(
     tokenizer: Any,
     test: list[dict[str, Any]],
     specs: LearningSpecs,
-    candidates: list[str],
+    candidates: Sequence[str],
 ) -> float:
+    """Held-out accuracy of the nearest anchor (prototypes where ``candidates`` carry
+    exemplars, else the answer texts), the daemon's scoring rule."""
     from aftertune.learners.kinds.ranking.encoder import rank
 
     prompts = [specs.train.template.render(r["instruction"], r.get("input", "")) for r in test]
@@ -67,25 +74,38 @@ def _accuracy(
     return sum(p == r["output"] for p, r in zip(picks, test, strict=True)) / len(test)
 
 
+def _majority(test: list[dict[str, Any]]) -> float:
+    return Counter(r["output"] for r in test).most_common(1)[0][1] / len(test)
+
+
 def aftertune_task(
     specs: LearningSpecs, train: list[dict[str, Any]], test: list[dict[str, Any]]
 ) -> dict[str, float]:
-    """Zero-shot accuracy, one cycle's adapter, accuracy after; seconds of training."""
+    """Zero-shot (answer texts) and floor (frozen prototypes of every train record) accuracy,
+    one cycle's adapter, accuracy after (the daemon's answer sets); seconds of training."""
     from peft import PeftModel
 
     from aftertune.learners.kinds import kind_for
-    from aftertune.learners.kinds.ranking.candidates import candidates_of
+    from aftertune.learners.kinds.ranking.candidates import answer_set, candidates_of
     from aftertune.learners.recipe import TrainJob, train_adapter
 
     task = train[0]["task"]
-    candidates = candidates_of([r["output"] for r in train], specs.ranking.max_candidates) or []
+    answers = candidates_of([r["output"] for r in train], specs.ranking.max_candidates) or []
+    examples = [_Ex(r) for r in train]
+    # As ``Ranking.answer_sets`` draws them: ranking.exemplars prompts per answer, seeded
+    k = specs.ranking.exemplars * len(answers)
+    drawn = random.Random(f"exemplars:{task}").sample(examples, min(len(examples), k))
+    candidates = answer_set(answers, drawn, specs.train.template)
     model, tokenizer = load_base(specs.base)
-    before = _accuracy(model, tokenizer, test, specs, candidates)
+    zero_shot = _accuracy(model, tokenizer, test, specs, answers)
+    floor = _accuracy(
+        model, tokenizer, test, specs, answer_set(answers, examples, specs.train.template)
+    )
     objective = kind_for(specs.base).objective(tokenizer, {task: candidates}, specs)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         job = TrainJob.of(
-            [_Ex(r) for r in train],
+            examples,
             [],
             train=replace(specs.train, progress=False, checkpoint_every=0),
             lora=specs.lora,
@@ -97,7 +117,14 @@ def aftertune_task(
         seconds = time.perf_counter() - started
         merged = PeftModel.from_pretrained(model, str(result.adapter_dir)).merge_and_unload()
     after = _accuracy(merged, tokenizer, test, specs, candidates)
-    return {"zero_shot": before, "accuracy": after, "train_s": seconds, "steps": result.steps}
+    return {
+        "majority": _majority(test),
+        "zero_shot": zero_shot,
+        "floor": floor,
+        "accuracy": after,
+        "train_s": seconds,
+        "steps": result.steps,
+    }
 
 
 def setfit_task(
@@ -153,7 +180,28 @@ def peer(
             row["accuracy_gap"] = row["aftertune"]["accuracy"] - row["setfit"]["accuracy"]
         out[task] = row
         print(f"{task}: {json.dumps(row)}", flush=True)
+    print(_table(out), flush=True)
     return out
+
+
+def _table(rows: dict[str, Any]) -> str:
+    """The per-task figures as the markdown table docs/benchmarks.md keeps."""
+    lines = [
+        "| task | majority | zero-shot | floor | aftertune | train s | SetFit | SetFit s"
+        " | time ratio | gap |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for task, row in rows.items():
+        a, peer = row["aftertune"], row.get("setfit")
+        ours = [a["majority"], a["zero_shot"], a["floor"], a["accuracy"]]
+        cells = [f"{100 * x:.1f} %" for x in ours] + [f"{a['train_s']:.1f}"]
+        if peer:
+            cells += [f"{100 * peer['accuracy']:.1f} %", f"{peer['train_s']:.1f}"]
+            cells += [f"{row['time_ratio']:.2f}x", f"{100 * row['accuracy_gap']:+.1f}"]
+        else:
+            cells += ["–"] * 4
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def cycle(specs: LearningSpecs, data: Path, task: str, n_train: int, n_test: int) -> dict[str, Any]:
@@ -188,6 +236,7 @@ def consumer(
 ) -> dict[str, Any]:
     """Answers per second: the published bundle (ONNX Runtime) vs PyTorch on the same prompts."""
     from aftertune.learners.champion import load_version
+    from aftertune.learners.kinds.ranking.candidates import load_exemplars, with_exemplars
     from aftertune.learners.kinds.ranking.encoder import rank
     from aftertune.store.consumer import Bundle
     from aftertune.store.registry import Registry
@@ -199,12 +248,16 @@ def consumer(
     answers = bundle.answer_many(records, batch_size=32)  # grouped by length, as rank() does
     onnx_s = time.perf_counter() - started
     with Registry(state) as registry:
-        model, tokenizer = load_version(registry, specs.base, state, registry.champion())
+        champion = registry.champion()
+        model, tokenizer = load_version(registry, specs.base, state, champion)
+        adapter_dir = champion.adapter_dir if champion is not None else None
+    # the candidates with the exemplars the bundle's anchors were built from
+    answers = bundle.candidates[task]
+    if adapter_dir is not None:
+        answers = with_exemplars({task: answers}, load_exemplars(adapter_dir))[task]
     prompts = [bundle.render(i, x) for _, i, x in records]
     started = time.perf_counter()
-    sims = rank(
-        model, tokenizer, prompts, bundle.candidates[task], max_length=specs.train.max_length
-    )
+    sims = rank(model, tokenizer, prompts, answers, max_length=specs.train.max_length)
     torch_s = time.perf_counter() - started
     same = sum(
         bundle.candidates[task][j] == a

@@ -1,7 +1,8 @@
 """The encoder side of the ranking kind: sentence embeddings and cosine ranking.
 
 Mean pooling over the attention mask, L2-normalised (as sentence-transformers'
-all-MiniLM-L6-v2 does); ``rank`` gives every prompt's cosine to every candidate.
+all-MiniLM-L6-v2 does); ``anchors`` gives each candidate's point in that space (its class
+prototype, see ``candidates.py``) and ``rank`` every prompt's cosine to every anchor.
 """
 
 from __future__ import annotations
@@ -67,6 +68,65 @@ def pad_token(tokenizer: Any) -> int:
 
 
 @torch.no_grad()
+def embed_texts(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Normalised embeddings of ``texts`` in eval mode, [texts, width] float on CPU; batches
+    grouped by length (less padding), rows in the caller's order."""
+    pad = pad_token(tokenizer)
+    rows = tokenize(tokenizer, texts, max_length)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    was_training = model.training
+    model.eval()
+    try:
+        out: torch.Tensor | None = None
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            vecs = embed_ids(model, [rows[i] for i in idx], pad, device).float().cpu()
+            if out is None:
+                out = torch.zeros(len(rows), vecs.shape[1])
+            out[idx] = vecs
+    finally:
+        model.train(was_training)
+    return out if out is not None else torch.zeros(0, 0)
+
+
+def anchors(
+    model: Any,
+    tokenizer: Any,
+    candidates: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Each candidate's anchor, [candidates, width] on CPU: the normalised mean embedding of
+    its exemplar prompts (its class prototype) when ``candidates`` carries exemplars
+    (``candidates.AnswerSet``), else the embedding of the answer text itself."""
+    exemplars = getattr(candidates, "exemplars", {})
+    texts = [p for c in candidates for p in exemplars.get(c, ())]
+    bare = [c for c in candidates if not exemplars.get(c)]
+    vecs = embed_texts(
+        model, tokenizer, texts + bare, max_length=max_length, batch_size=batch_size, device=device
+    )
+    rows, start, label = [], 0, len(texts)
+    for c in candidates:
+        n = len(exemplars.get(c, ()))
+        if n:
+            rows.append(F.normalize(vecs[start : start + n].mean(0), dim=-1))
+            start += n
+        else:
+            rows.append(vecs[label])
+            label += 1
+    return torch.stack(rows)
+
+
 def rank(
     model: Any,
     tokenizer: Any,
@@ -77,22 +137,13 @@ def rank(
     batch_size: int = 32,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Cosine similarity of every prompt to every candidate, [prompts, candidates] on CPU."""
-    pad = pad_token(tokenizer)
-    was_training = model.training
-    model.eval()
-    try:
-        answer_vecs = embed_ids(model, tokenize(tokenizer, candidates, max_length), pad, device)
-        rows = tokenize(tokenizer, prompts, max_length)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        sims = torch.zeros(len(rows), len(candidates))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            vecs = embed_ids(model, [rows[i] for i in idx], pad, device)
-            sims[idx] = (vecs @ answer_vecs.T).float().cpu()
-    finally:
-        model.train(was_training)
-    return sims
+    """Cosine similarity of every prompt to every candidate's anchor, [prompts, candidates]
+    on CPU."""
+    if not prompts:
+        return torch.zeros(0, len(candidates))
+    opts: dict[str, Any] = {"max_length": max_length, "batch_size": batch_size, "device": device}
+    answer_vecs = anchors(model, tokenizer, candidates, **opts)
+    return embed_texts(model, tokenizer, prompts, **opts) @ answer_vecs.T
 
 
 def ranking_nll(sims: torch.Tensor, targets: Sequence[int], temperature: float) -> float:

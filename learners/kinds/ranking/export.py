@@ -3,10 +3,14 @@
 The bundle holds the encoder as ONNX (``input_ids``, ``attention_mask`` → normalised
 embedding; dynamic batch and length; ``torch.onnx.export``), the tokenizer
 (``tokenizer.json``, run by the ``tokenizers`` library), each task's candidate answers
-(``candidates.json``) and their embeddings (``candidate_embeddings.npy``, float32, computed by
-the exported encoder itself), and the manifest. Parity before publication: on every
-regression prompt the bundle's embedding is within ``export.embedding_atol`` of PyTorch's and
-its chosen answer is PyTorch's.
+(``candidates.json``) and their anchors (``candidate_embeddings.npy``, float32, computed by the
+exported encoder itself: each answer's class prototype, the normalised mean embedding of its
+exemplar prompts, or its own text's embedding where it has none; the manifest's ``anchors``
+says which), and the manifest. The consumer runtime answers with the nearest anchor whatever
+it was built from, so bundles written before prototypes still read. Parity before
+publication: on every regression prompt the bundle's embedding is within
+``export.embedding_atol`` of PyTorch's and its chosen answer is PyTorch's, the anchors
+rebuilt by PyTorch from the same exemplars.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import torch
 from aftertune.learners.base_model import load_base
 from aftertune.learners.errors import ExportError
 from aftertune.learners.export import ExportResult, ExportSpec
-from aftertune.learners.kinds.ranking.encoder import Embedder, embed_ids, pad_rows, tokenize
+from aftertune.learners.kinds.ranking.candidates import exemplars_of
+from aftertune.learners.kinds.ranking.encoder import Embedder, anchors, pad_rows, tokenize
 from aftertune.store.consumer import Bundle
 from aftertune.store.consumer.format import FORMAT_RANKING, write_manifest
 
@@ -68,12 +73,13 @@ def export_ranking(
         "max_length": max_length,
         "pad_token_id": int(tokenizer.pad_token_id or 0),
         "tasks": {task: len(answers) for task, answers in sorted(candidates.items())},
+        "anchors": "prototypes" if exemplars_of(candidates) else "answer texts",
     }
     _write_candidates(staging, candidates, header)
     seconds = {"export_s": time.monotonic() - t0}
     t0 = time.monotonic()
     parity = check_ranking_parity(
-        model, tokenizer, Bundle(staging, {**header, "files": {}}), spec, prompts
+        model, tokenizer, Bundle(staging, {**header, "files": {}}), spec, prompts, candidates
     )
     seconds["parity_s"] = time.monotonic() - t0
     manifest = write_manifest(
@@ -114,12 +120,12 @@ def _onnx_encoder(model: Any, tokenizer: Any, path: Path) -> None:
 def _write_candidates(
     staging: Path, candidates: Mapping[str, Sequence[str]], header: Mapping[str, Any]
 ) -> None:
-    """candidates.json and their embeddings, computed by the exported encoder itself."""
+    """candidates.json and their anchors, computed by the exported encoder itself."""
     staged = Bundle(staging, {**header, "files": {}, "candidates": None})
     tasks, rows, start = {}, [], 0
     for task, answers in sorted(candidates.items()):
         tasks[task] = {"answers": list(answers), "start": start}
-        rows.append(staged.embed(list(answers)))
+        rows.append(_anchors(staged, answers))
         start += len(answers)
     (staging / "candidates.json").write_text(
         json.dumps({"tasks": tasks}, ensure_ascii=False, indent=1), encoding="utf-8"
@@ -129,14 +135,27 @@ def _write_candidates(
     np.save(staging / "candidate_embeddings.npy", matrix.astype(np.float32), allow_pickle=False)
 
 
+def _anchors(staged: Bundle, answers: Sequence[str]) -> Any:
+    """Each answer's anchor by the bundle's encoder, as ``encoder.anchors`` builds it."""
+    exemplars = getattr(answers, "exemplars", {})
+    rows = []
+    for answer in answers:
+        vecs = staged.embed(list(exemplars.get(answer) or [answer]))
+        mean = vecs.mean(0)
+        rows.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
+    return np.stack(rows).astype(np.float32)
+
+
 def check_ranking_parity(
     model: Any,
     tokenizer: Any,
     bundle: Bundle,
     spec: ExportSpec,
     prompts: Sequence[tuple[str, str]],
+    candidates: Mapping[str, Sequence[str]],
 ) -> dict[str, Any]:
-    """Bundle vs PyTorch on the regression prompts: embeddings and chosen answers."""
+    """Bundle vs PyTorch on the regression prompts: embeddings and chosen answers (PyTorch
+    anchors built from ``candidates``' exemplars, as training and scoring build them)."""
     if not prompts:
         raise ExportError("no parity prompts: the champion has no held-out example to compare on")
     pairs = [(t, p) for t, p in prompts if t in bundle.candidates][: spec.parity_prompts]
@@ -154,7 +173,7 @@ def check_ranking_parity(
         raise ExportError(
             f"parity: embeddings differ by up to {diff:.2e} > {spec.embedding_atol:g} from PyTorch"
         )
-    same, first_diff = _compare_answers(model, tokenizer, bundle, pairs, got, want)
+    same, first_diff = _compare_answers(model, tokenizer, bundle, candidates, pairs, got, want)
     if same < len(pairs):
         raise ExportError(
             f"parity: {len(pairs) - same}/{len(pairs)} answers differ from PyTorch, "
@@ -167,6 +186,7 @@ def _compare_answers(
     model: Any,
     tokenizer: Any,
     bundle: Bundle,
+    candidates: Mapping[str, Sequence[str]],
     pairs: Sequence[tuple[str, str]],
     got: Any,
     want: Any,
@@ -177,9 +197,8 @@ def _compare_answers(
     for (task, text), onnx_vec, torch_vec in zip(pairs, got, want, strict=True):
         answers = bundle.candidates[task]
         if task not in answer_vecs:
-            with torch.no_grad():
-                rows = tokenize(tokenizer, answers, bundle.max_length)
-                answer_vecs[task] = embed_ids(model, rows, bundle.pad_token_id, "cpu").numpy()
+            built = anchors(model, tokenizer, candidates[task], max_length=bundle.max_length)
+            answer_vecs[task] = built.numpy()
         torch_pick = answers[int((answer_vecs[task] @ torch_vec).argmax())]
         onnx_pick = bundle.pick(task, onnx_vec)
         same += torch_pick == onnx_pick

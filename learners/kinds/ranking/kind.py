@@ -10,7 +10,14 @@ from aftertune.learners.base_model import RANKING, family_of
 from aftertune.learners.errors import LearnerError
 from aftertune.learners.evaluate import TaskScore
 from aftertune.learners.export import ExportResult
-from aftertune.learners.kinds.ranking.candidates import candidates_of, load_candidates, refusal
+from aftertune.learners.kinds.ranking.candidates import (
+    answer_set,
+    candidates_of,
+    load_candidates,
+    load_exemplars,
+    refusal,
+    with_exemplars,
+)
 from aftertune.learners.kinds.ranking.export import export_ranking
 from aftertune.learners.kinds.ranking.objective import RankingObjective
 from aftertune.learners.kinds.ranking.scoring import rank_scores
@@ -52,7 +59,8 @@ class Ranking:
         until: int | None,
         specs: LearningSpecs,
     ) -> Judged:
-        """Each task's candidates: its distinct live train outputs up to ``until``."""
+        """Each task's candidates: its distinct live train outputs up to ``until``, with a
+        seeded sample of ``ranking.exemplars`` train prompts per candidate as their exemplars."""
         outputs = store.train_outputs(until)
         wanted = sorted(outputs) if tasks is None else list(tasks)
         sets: dict[str, Collection[str] | None] = {}
@@ -60,7 +68,9 @@ class Ranking:
         cap = specs.ranking.max_candidates
         for task in wanted:
             found = candidates_of(outputs.get(task, []), cap)
-            sets[task] = found
+            k = specs.ranking.exemplars * len(found or ())
+            drawn = store.sample_train(task, k, f"exemplars:{task}", until)
+            sets[task] = answer_set(found, drawn, specs.train.template) if found else None
             if found is None:
                 refused[task] = refusal(task, outputs.get(task, []), cap)
         return Judged(sets, refused)
@@ -93,7 +103,7 @@ class Ranking:
             staging,
             specs.export,
             max_length=specs.train.max_length,
-            candidates=load_candidates(adapter_dir),
+            candidates=with_exemplars(load_candidates(adapter_dir), load_exemplars(adapter_dir)),
             prompts=prompts,
             manifest_fields=fields,
         )

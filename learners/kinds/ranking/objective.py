@@ -1,8 +1,14 @@
 """The ranking kind's training loss: contrastive over each task's candidate answers.
 
-Cross-entropy of ``cosine / temperature`` against the reference, both sides through the same
-LoRA-adapted encoder; a mixed-task batch is grouped by task, each group ranked against its
-own task's candidates.
+Cross-entropy of ``cosine / temperature`` against the reference's anchor, the prompt through
+the LoRA-adapted encoder; a mixed-task batch is grouped by task, each group ranked against
+its own task's candidates. A candidate's anchor is the one scoring and the bundle answer with
+(``encoder.anchors``): its class prototype, the mean embedding of its exemplar prompts, taken
+without gradient and rebuilt by the model being trained once per pass over as many examples
+of the task as it has exemplars (once an epoch for a task of a few hundred records). So
+training pulls each prompt towards its own class's mean and away from the others, the rule it
+is answered by. A task whose candidates carry no exemplars is ranked against its answer texts,
+through the same encoder, with gradient on both sides.
 
 A record rated down (a user said the served answer is wrong for that input) is a hard
 negative: its loss is ``-log(1 - p(rejected))``, which pushes the rejected candidate's logit
@@ -22,8 +28,14 @@ import torch.nn.functional as F
 
 from aftertune.learners.data import Encoded, ExampleLike, TruncationCount
 from aftertune.learners.errors import LearnerError
-from aftertune.learners.kinds.ranking.candidates import Candidates, save_candidates
-from aftertune.learners.kinds.ranking.encoder import embed_ids, pad_token, tokenize
+from aftertune.learners.kinds.ranking.candidates import (
+    AnswerSet,
+    Candidates,
+    exemplars_of,
+    save_candidates,
+    save_exemplars,
+)
+from aftertune.learners.kinds.ranking.encoder import anchors, embed_ids, pad_token, tokenize
 from aftertune.learners.kinds.ranking.fisher import ranking_fisher
 from aftertune.learners.objective import ExampleT
 from aftertune.learners.specs import RankingSpec
@@ -54,6 +66,14 @@ class RankingObjective:
         self.candidates = {task: list(answers) for task, answers in candidates.items()}
         self._index = {t: {a: i for i, a in enumerate(c)} for t, c in self.candidates.items()}
         self._ids = {t: tokenize(tokenizer, c, max_length) for t, c in self.candidates.items()}
+        # the answer sets themselves (they may carry exemplars); anchors rebuilt as they age
+        self._sets = {
+            t: found
+            for t, found in candidates.items()
+            if isinstance(found, AnswerSet) and any(found.exemplars.values())
+        }
+        self._anchors: dict[str, torch.Tensor] = {}
+        self._seen: dict[str, int] = {}
 
     def encode(
         self,
@@ -104,8 +124,8 @@ class RankingObjective:
         pad = pad_token(self.tokenizer)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             for task, group in sorted(by_task.items()):
+                answers = self._anchor_vecs(model, task, len(group), device)
                 prompts = embed_ids(model, [e.input_ids for e in group], pad, device)
-                answers = embed_ids(model, self._ids[task], pad, device)
                 logits = prompts @ answers.T / self.spec.temperature
                 target = torch.tensor([e.labels[0] for e in group], device=device)
                 chosen = F.log_softmax(logits.float(), -1).gather(1, target[:, None])[:, 0]
@@ -118,6 +138,22 @@ class RankingObjective:
                 tokens += sum(len(e.input_ids) for e in group)
         weight_sum = sum(e.weight for e in chunk)
         return total / max(weight_sum, 1e-12), tokens
+
+    def _anchor_vecs(
+        self, model: Any, task: str, examples: int, device: torch.device
+    ) -> torch.Tensor:
+        """The task's anchors for a group of ``examples``: its prototypes (rebuilt once the
+        task has trained on as many examples as it has exemplars), else its answer texts."""
+        if task not in self._sets:
+            return embed_ids(model, self._ids[task], pad_token(self.tokenizer), device)
+        exemplars = sum(len(p) for p in self._sets[task].exemplars.values())
+        if task not in self._anchors or self._seen[task] >= exemplars:
+            self._anchors[task] = anchors(
+                model, self.tokenizer, self._sets[task], max_length=self.max_length, device=device
+            ).to(device)
+            self._seen[task] = 0
+        self._seen[task] += examples
+        return self._anchors[task]
 
     def kept(self, examples: Sequence[ExampleT], what: str) -> list[ExampleT]:
         """Examples of ranked tasks whose answer is a candidate; the rest are logged."""
@@ -136,8 +172,9 @@ class RankingObjective:
         return kept
 
     def save_beside(self, adapter_dir: Path) -> None:
-        """The candidates this version ranks among: its bundle and evaluation read them."""
+        """The candidates this version ranks among, and their exemplars: its bundle reads them."""
         save_candidates(adapter_dir, self.candidates)
+        save_exemplars(adapter_dir, exemplars_of(self._sets))
 
     def fisher(
         self,

@@ -1,7 +1,8 @@
 """Scoring a ranking model: accuracy of the nearest candidate, and its cross-entropy.
 
-Per task, every held-out prompt is ranked against the task's candidates (``ranking.rank``);
-accuracy is the share whose nearest candidate is the reference, ``nll`` the mean
+Per task, every held-out prompt is ranked against the anchors of the task's candidates (their
+prototypes, from the exemplars the answer sets carry, embedded by the model scored:
+``encoder.rank``); accuracy is the share whose nearest candidate is the reference, ``nll`` the mean
 cross-entropy (nats per example) of the reference under softmax(cosine / temperature), the
 same loss the kind trains on. ``valid`` is 1: a ranked answer is always one of the labels.
 A reference that is not among the candidates (a label no train record carries) counts as a
@@ -14,6 +15,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from aftertune.learners.evaluate import EvalSpec, TaskScore
+from aftertune.learners.kinds.ranking.candidates import AnswerSet
 from aftertune.learners.kinds.ranking.encoder import rank, ranking_nll
 from aftertune.learners.specs import RankingSpec
 from aftertune.store.examples import Example
@@ -37,7 +39,7 @@ def rank_scores(
         examples = list(by_task[task])
         if not found or not examples:
             continue
-        candidates = sorted(found)
+        candidates = found if isinstance(found, AnswerSet) else AnswerSet(sorted(found))
         prompts = [spec.template.render(ex.instruction, ex.input) for ex in examples]
         sims = rank(
             model,
