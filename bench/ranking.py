@@ -252,12 +252,12 @@ def consumer(
         model, tokenizer = load_version(registry, specs.base, state, champion)
         adapter_dir = champion.adapter_dir if champion is not None else None
     # the candidates with the exemplars the bundle's anchors were built from
-    answers = bundle.candidates[task]
+    candidates = bundle.candidates[task]
     if adapter_dir is not None:
-        answers = with_exemplars({task: answers}, load_exemplars(adapter_dir))[task]
+        candidates = with_exemplars({task: candidates}, load_exemplars(adapter_dir))[task]
     prompts = [bundle.render(i, x) for _, i, x in records]
     started = time.perf_counter()
-    sims = rank(model, tokenizer, prompts, answers, max_length=specs.train.max_length)
+    sims = rank(model, tokenizer, prompts, candidates, max_length=specs.train.max_length)
     torch_s = time.perf_counter() - started
     same = sum(
         bundle.candidates[task][j] == a

@@ -34,7 +34,7 @@ class RankingSpec:
         default=256, ge=2, description="more distinct outputs: a free-text task, refused"
     )
     exemplars: int = Field(
-        default=48,
+        default=128,
         ge=0,
         description="train prompts per answer, on average (a seeded sample of this many times"
         " a task's candidates), whose mean embedding is the answer's prototype; 0: answers"

@@ -66,7 +66,7 @@ class TrainOptions:
     """
 
     lr: float | None = Field(
-        default=None, gt=0, description="peak learning rate; unset: 4e-3 generative, 2e-3 ranking"
+        default=None, gt=0, description="peak learning rate; unset: 4e-3 generative, 1e-3 ranking"
     )
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=10, ge=0, description="linear warmup from 0 to lr")

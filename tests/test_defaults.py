@@ -164,6 +164,6 @@ def test_eval_and_the_gate_cap_held_out_examples_the_same_way(tmp_path: Path) ->
 
 def test_unset_lr_and_epochs_follow_the_model_kind() -> None:
     ranking = specs_from(Settings(model={"base": "embedded:minilm"}))
-    assert (ranking.train.lr, ranking.train.epochs) == (2e-3, 2)
+    assert (ranking.train.lr, ranking.train.epochs) == (1e-3, 2)
     chosen = specs_from(Settings(model={"base": "embedded:minilm"}, train={"lr": 0.1, "epochs": 4}))
     assert (chosen.train.lr, chosen.train.epochs) == (0.1, 4)
