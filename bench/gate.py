@@ -36,6 +36,7 @@ import torch
 from aftertune.daemon.settings import load_settings
 from aftertune.daemon.specs import LearningSpecs, specs_from
 from aftertune.learners.cycle import run_cycle
+from aftertune.learners.errors import DataRejected, NothingToTrain
 from aftertune.learners.gate import Decision
 from aftertune.learners.learning_state import LearningState
 from aftertune.store.examples import ExampleStore
@@ -136,13 +137,20 @@ def main() -> None:
 
             def cycle(kind: str, task: str) -> None:
                 t0 = time.monotonic()
-                result = run_cycle(LearningState(store, registry, state, specs))
+                try:
+                    result = run_cycle(LearningState(store, registry, state, specs))
+                    version, decision = result.version, result.decision.value
+                    reasons = result.reasons if result.decision is Decision.REJECTED else []
+                except DataRejected as exc:  # the data checks, before any training
+                    version, decision, reasons = None, "rejected", exc.reasons
+                except NothingToTrain as exc:  # e.g. too few held-out records to judge
+                    version, decision, reasons = None, "waiting", [str(exc)]
                 row = {
                     "kind": kind,
                     "task": task,
-                    "version": result.version,
-                    "decision": result.decision.value,
-                    "reasons": result.reasons if result.decision is Decision.REJECTED else [],
+                    "version": version,
+                    "decision": decision,
+                    "reasons": reasons,
                     "seconds": round(time.monotonic() - t0, 1),
                 }
                 results.append(row)

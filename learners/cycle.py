@@ -192,8 +192,11 @@ class _CycleRun:
         sets = state.kind.answer_sets(
             state.store, sorted({e.task for e in new}), until, state.specs
         )
+        # Tasks the kind cannot learn (free text for the ranking kind) are not judged here:
+        # training leaves them out and says why.
+        learnable = [e for e in new if e.task not in sets.refused]
         self.plan = plan_window(
-            state.store, marks, until, new, by_suite, sets.sets, state.specs.rules
+            state.store, marks, until, learnable, by_suite, sets.sets, state.specs.rules
         )
         for task in self.plan.tasks(Verdict.REJECTED):
             why = self.plan.reasons[task]
@@ -203,7 +206,7 @@ class _CycleRun:
             log.warning("rejected before training, %d records quarantined: %s", n, why)
         for task in self.plan.tasks(Verdict.WAITING):
             log.info("waiting, left out of this cycle: %s", self.plan.reasons[task])
-        if new and not self.plan.tasks(Verdict.ADMITTED):
+        if learnable and not self.plan.tasks(Verdict.ADMITTED):
             rejected = [self.plan.reasons[t] for t in self.plan.tasks(Verdict.REJECTED)]
             waiting = [self.plan.reasons[t] for t in self.plan.tasks(Verdict.WAITING)]
             if rejected:

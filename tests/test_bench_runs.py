@@ -29,21 +29,23 @@ def _bench(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_gate_bench_runs_a_clean_and_a_poisoned_cycle(tmp_path: Path) -> None:
     data, out = tmp_path / "suite", tmp_path / "gate.json"
-    made = _bench("bench/tasks.py", "--out", str(data), "--train", "60", "--test", "20")
+    made = _bench("bench/tasks.py", "--out", str(data), "--train", "240", "--test", "20")
     assert made.returncode == 0, made.stderr
     done = _bench(
         "bench/gate.py", "--data", str(data), "--tasks", "parity,vowel_end", "--k", "1",
-        "--train", "40", "--steps", "5", "--poison", "flip", "--json", str(out),
+        "--train", "100", "--steps", "5", "--poison", "flip", "--json", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert report["threads"] == 1
     cycles = report["cycles"]
     assert [c["kind"] for c in cycles] == ["setup", "clean", "poisoned-flip"]
-    assert [c["version"] for c in cycles] == [1, 2, 3]
+    versions = [c["version"] for c in cycles if c["version"] is not None]
+    assert versions == sorted(set(versions))  # each training a new version
     for c in cycles:
-        assert c["decision"] in DECISIONS and c["seconds"] > 0
-        assert bool(c["reasons"]) == (c["decision"] == "rejected"), c
+        # waiting: a task whose few held-out records cannot be judged yet (no training)
+        assert c["decision"] in {*DECISIONS, "waiting"} and c["seconds"] >= 0
+        assert bool(c["reasons"]) == (c["decision"] in ("rejected", "waiting")), c
     rejected = sum(c["decision"] == "rejected" for c in cycles[2:])
     assert f"poisoned cycles rejected: {rejected}/1" in done.stdout
 

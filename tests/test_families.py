@@ -177,7 +177,7 @@ def test_a_cycle_whose_exporters_both_fail_rejects_the_challenger_with_both_reas
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    import aftertune.learners.export as export_module
+    import aftertune.learners.kinds.generative.export as export_module
 
     def crash(*_: Any) -> None:  # what onnxruntime-genai's tokenizer once did to parity
         raise IndexError("list index out of range")

@@ -79,7 +79,7 @@ def test_status_in_another_shell_shows_the_cycle_while_it_runs(
         "AFTERTUNE_TRAIN__MAX_STEPS": "100000",  # still training when Ctrl-C ends it
         "AFTERTUNE_TRAIN__PROGRESS": "false",
     }
-    ingest(env, tmp_path / "in.jsonl", parity_rows(100, seed=4))
+    ingest(env, tmp_path / "in.jsonl", parity_rows(300, seed=4))
     cycle = subprocess.Popen(
         [sys.executable, "-m", "aftertune.daemon.cli", "cycle"],
         env={**os.environ, **env},
