@@ -8,7 +8,9 @@ without gradient and rebuilt by the model being trained once per pass over as ma
 of the task as it has exemplars (once an epoch for a task of a few hundred records). So
 training pulls each prompt towards its own class's mean and away from the others, the rule it
 is answered by. A task whose candidates carry no exemplars is ranked against its answer texts,
-through the same encoder, with gradient on both sides.
+through the same encoder, with gradient on both sides. The prototypes are not checkpointed: a
+resumed run rebuilds them from the model it resumes with, so it is close to, not bit-identical
+with, a run that was never interrupted.
 
 A record rated down (a user said the served answer is wrong for that input) is a hard
 negative: its loss is ``-log(1 - p(rejected))``, which pushes the rejected candidate's logit
