@@ -91,17 +91,37 @@ def migrate_sqlite(db: sqlite3.Connection, plan: SchemaPlan, path: Path) -> list
         )
     if version == plan.version:
         return []
+    # Every step checks again under the write lock: another process opening the same file
+    # at the same moment (two daemons starting together) may have done it meanwhile.
     done: list[str] = []
     if version == 0 and not _has_tables(db):
-        _in_transaction(db, lambda c: _create(c, plan))
-        return [f"created {plan.name} schema version {plan.version}"]
+        created: list[bool] = []
+        _in_transaction(db, lambda c: created.append(_create_unless_there(c, plan)))
+        if created[0]:
+            return [f"created {plan.name} schema version {plan.version}"]
     for step in plan.migrations:
         if step.to <= version:
             continue
-        _in_transaction(db, lambda c, s=step: _apply(c, s))  # type: ignore[misc]
-        log.info("%s: %s schema version %d: %s", path, plan.name, step.to, step.what)
-        done.append(f"{plan.name} schema version {step.to}: {step.what}")
+        applied: list[bool] = []
+        _in_transaction(db, lambda c, s=step, a=applied: a.append(_apply_unless_done(c, s)))  # type: ignore[misc]
+        if applied[0]:
+            log.info("%s: %s schema version %d: %s", path, plan.name, step.to, step.what)
+            done.append(f"{plan.name} schema version {step.to}: {step.what}")
     return done
+
+
+def _create_unless_there(db: sqlite3.Connection, plan: SchemaPlan) -> bool:
+    if sqlite_version(db) != 0 or _has_tables(db):
+        return False
+    _create(db, plan)
+    return True
+
+
+def _apply_unless_done(db: sqlite3.Connection, step: Migration) -> bool:
+    if sqlite_version(db) >= step.to:
+        return False
+    _apply(db, step)
+    return True
 
 
 def _has_tables(db: sqlite3.Connection) -> bool:

@@ -255,3 +255,33 @@ def test_a_registry_of_version_2_gains_publications_and_daemons(
         )
         assert registry.daemon_url("daemon-b") == "http://b.internal:8760"
         assert registry.daemon_url("daemon-x") is None
+
+
+def test_processes_opening_a_new_store_at_once_create_it_once(tmp_path: Path) -> None:
+    """Two daemons starting together on one state dir: each step is checked again under
+    the write lock, so the second finds the tables the first made (was: 'table examples
+    already exists' and a daemon that did not start)."""
+    import threading
+
+    for attempt in range(5):
+        state = tmp_path / str(attempt)
+        barrier = threading.Barrier(6)
+        errors: list[BaseException] = []
+
+        def open_store(
+            state: Path = state,
+            barrier: threading.Barrier = barrier,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            barrier.wait()
+            try:
+                ExampleStore.in_state_dir(state).close()
+            except BaseException as exc:  # the test reports whatever it was
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_store) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
