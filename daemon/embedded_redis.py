@@ -162,6 +162,11 @@ class RedisServer:
         self.stop()
 
 
+def redis_url(url: str | None, state_dir: Path | str) -> str:
+    """``url``, or with none the URL of the embedded server in ``state_dir/redis``."""
+    return url or RedisServer(StateLayout(state_dir).redis).url
+
+
 @contextlib.contextmanager
 def redis_connection(
     url: str | None, state_dir: Path | str, *, socket_timeout: float | None = 30.0

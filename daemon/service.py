@@ -27,12 +27,12 @@ from pydantic_core import to_jsonable_python
 from aftertune.daemon.announce import advertised_url
 from aftertune.daemon.bundle_follow import BundleFollower, FollowConfig
 from aftertune.daemon.bundle_watch import BundleWatch
-from aftertune.daemon.embedded_redis import redis_connection
+from aftertune.daemon.embedded_redis import redis_connection, redis_url
 from aftertune.daemon.errors import SettingsError, StateDirError
 from aftertune.daemon.ingest import IngestConfig, Ingestor, IngestStats
 from aftertune.daemon.metrics import DaemonMetrics
 from aftertune.daemon.notify import Heartbeat, Notifier, WatchdogPinger
-from aftertune.daemon.readiness import Readiness
+from aftertune.daemon.readiness import Readiness, RedisPinger
 from aftertune.daemon.settings import Settings, load_settings
 from aftertune.daemon.worker import StopMode, Worker
 from aftertune.store.bundle_audit import BundleAudit
@@ -130,6 +130,13 @@ class Daemon:
         self.server: HttpServer | None = None
         self.scheduler: CycleScheduler | None = None
         self.pinger: WatchdogPinger | None = None
+        # Sees a Redis that stopped answering within redis.ping_timeout_s; the worker's
+        # blocking read would wait out its 30 s socket timeout first.
+        self.redis_pinger = RedisPinger(
+            redis_url(settings.redis.url, settings.state_dir),
+            self.readiness,
+            settings.redis.ping_timeout_s,
+        )
         # Verdicts on the published bundles, shared by the HTTP server and the sweeps.
         self.audit = BundleAudit(
             StateLayout(settings.state_dir).bundles, on_damaged=self._bundle_damaged
@@ -152,8 +159,8 @@ class Daemon:
         self.ingest_log = IngestLog()
 
     def start(self) -> None:
-        """Bundles other daemons published caught up, server and scheduler up, then READY=1
-        and watchdog pings."""
+        """Bundles other daemons published caught up, server and scheduler up, Redis pinged,
+        then READY=1 and watchdog pings."""
         self.follower.start()  # before the scheduler: a champion's bundle is pulled, not rebuilt
         if self.settings.server.enabled:
             self.start_server()
@@ -161,6 +168,7 @@ class Daemon:
         if self.settings.cycle.enabled:
             self.start_scheduler()
         self.bundle_watch.start()  # after the scheduler: a damaged bundle asks it for repair
+        self.redis_pinger.start()
         self.readiness.started()
         self.notifier.ready()
         interval = self.notifier.watchdog_interval_s
@@ -179,6 +187,8 @@ class Daemon:
             left_running = not self.scheduler.stop(timeout, give_up=give_up)
         self.bundle_watch.stop()
         self.follower.stop()
+        if self.redis_pinger.is_alive():
+            self.redis_pinger.stop()
         if self.server is not None:
             self.server.stop()
         if self.pinger is not None:

@@ -65,6 +65,8 @@ MAX_BLOCK_MS = 20_000
 # XAUTOCLAIM takes a 64-bit min-idle-time; 1e19 used to pass and crash `serve`. A year is
 # longer than any consumer could be presumed alive.
 MAX_IDLE_MS = int(MAX_SECONDS) * 1000
+# Past the client's socket timeout (30 s) the worker's own read sees a silent Redis first.
+MAX_PING_TIMEOUT_S = 30.0
 
 
 class StoreSettings(_Section):
@@ -93,10 +95,20 @@ class RedisSettings(_Section):
     stream: str = "aftertune:feedback"
     dead_letter_stream: str = "aftertune:feedback:dead"
     promotions_stream: str = "aftertune:promotions"
+    shadow_stream: str = Field(
+        default="aftertune:shadow",
+        description="answer servers' shadow reports on the challenger (gate.shadow_requests)",
+    )
     group: str = "aftertune"
     consumer: str = Field(
         default_factory=socket.gethostname,
         description="consumer name in the group; give each daemon on one host its own",
+    )
+    ping_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=MAX_PING_TIMEOUT_S,
+        description="Redis not answering a PING this long = not ready (pinged every second)",
     )
 
     @field_validator("url")
@@ -108,7 +120,9 @@ class RedisSettings(_Section):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
-    @field_validator("stream", "dead_letter_stream", "promotions_stream", "group", "consumer")
+    @field_validator(
+        "stream", "dead_letter_stream", "promotions_stream", "shadow_stream", "group", "consumer"
+    )
     @classmethod
     def _name(cls, value: str) -> str:
         if not value.strip():
