@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import prometheus_client
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
@@ -28,6 +28,9 @@ from aftertune.daemon.errors import RedisUnavailable
 from aftertune.daemon.hot_swap import BundleSlot
 from aftertune.daemon.server import _bearer_check
 from aftertune.store.errors import BundleError
+
+if TYPE_CHECKING:
+    from aftertune.daemon.shadow import Shadow
 
 MAX_TEXT_CHARS = 16_384  # one instruction, input or correction
 
@@ -103,8 +106,10 @@ def build_answer_app(
     token: str | None = None,
     limits: AnswerLimits | None = None,
     feedback: FeedbackSink | None = None,
+    shadow: Shadow | None = None,
 ) -> FastAPI:
-    """The answer server's app; ``token`` guards /v1 and /metrics when set."""
+    """The answer server's app; ``token`` guards /v1 and /metrics when set; ``shadow``
+    (daemon/shadow.py) is offered what was served and told of feedback, off the request path."""
     if token == "":
         raise ValueError("token must not be empty; leave it unset to serve without one")
     limits = limits or AnswerLimits()
@@ -112,7 +117,7 @@ def build_answer_app(
     guarded = [Depends(_bearer_check(token))]
     app.include_router(_probes(slot))
     app.include_router(_metrics(metrics), dependencies=guarded)
-    routes = _answer_routes(slot, answers, metrics, limits, feedback)
+    routes = _answer_routes(slot, answers, metrics, limits, feedback, shadow)
     app.include_router(routes, prefix="/v1", dependencies=guarded)
     return app
 
@@ -155,6 +160,7 @@ def _answer_routes(
     metrics: AnswerMetrics,
     limits: AnswerLimits,
     feedback: FeedbackSink | None,
+    shadow: Shadow | None = None,
 ) -> APIRouter:
     router = APIRouter()
 
@@ -181,12 +187,14 @@ def _answer_routes(
             for (task, instruction, input), text in zip(questions, given, strict=True)
         ]
         out = [{"answer": s.answer, "version": s.version, "answer_id": s.answer_id} for s in served]
+        if shadow is not None:
+            shadow.offer(served)  # a coin flip and a put_nowait per record, no more
         metrics.latency.observe(time.perf_counter() - started)
         metrics.answers.inc(len(out))
         count(200)
         return JSONResponse({"answers": out} if batch else out[0])
 
-    _add_feedback_route(router, answers, metrics, limits, feedback)
+    _add_feedback_route(router, answers, metrics, limits, feedback, shadow)
     return router
 
 
@@ -196,6 +204,7 @@ def _add_feedback_route(
     metrics: AnswerMetrics,
     limits: AnswerLimits,
     feedback: FeedbackSink | None,
+    shadow: Shadow | None = None,
 ) -> None:
     @router.post("/feedback")
     async def give_feedback(request: Request) -> JSONResponse:
@@ -217,6 +226,9 @@ def _add_feedback_route(
             count(exc.status_code)
             raise
         metrics.feedback.labels(kind).inc()
+        if shadow is not None:
+            correction = record["output"] if kind == "correction" else None
+            shadow.feedback(record["answer_id"], correction, record.get("rating"))
         count(202)
         return JSONResponse({"status": "accepted", "kind": kind, "record": record}, status_code=202)
 

@@ -89,7 +89,69 @@ def register_deploy_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         default=DEFAULT_TTL_S,
         help=f"seconds an answer id is kept for feedback (default {DEFAULT_TTL_S:g})",
     )
+    _add_shadow_options(p)
     p.set_defaults(func=cmd_answer_server)
+
+
+def _add_shadow_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "shadow evaluation",
+        "Also run the challenger the daemon is judging (gate.shadow_requests) on a sample of "
+        "live requests, off the request path: clients always get the champion's answer. How "
+        "often it agrees with the champion, and with the feedback given on those answers, is "
+        "shown on /metrics and reported to the daemon on redis.shadow_stream (needs "
+        "--redis-url); the gate promotes the challenger only once enough agree.",
+    )
+    g.add_argument(
+        "--shadow",
+        metavar="URL",
+        default=None,
+        help="the daemon's HTTP server (as for pull --server): its /v1/models/candidate is "
+        "pulled with the verified pull and shadowed; unset: no shadow evaluation",
+    )
+    g.add_argument(
+        "--shadow-token",
+        default=os.environ.get("AFTERTUNE_TOKEN") or None,
+        help="that server's bearer token (default: $AFTERTUNE_TOKEN)",
+    )
+    g.add_argument(
+        "--shadow-rate",
+        type=float,
+        default=0.1,
+        help="share of answered records the challenger answers too (default 0.1)",
+    )
+    g.add_argument(
+        "--shadow-dir",
+        type=Path,
+        default=None,
+        help="where the challenger is pulled (default: 'shadow' beside the --bundle link)",
+    )
+
+
+def _shadow(args: argparse.Namespace, settings: Settings, metrics: Any) -> Any:
+    """The shadow of ``--shadow URL``, or None without it."""
+    if args.shadow is None:
+        return None
+    from aftertune.daemon.shadow import Shadow, ShadowMetrics, ShadowSpec
+    from aftertune.store.errors import BundleError
+
+    if not settings.redis.url:
+        raise DaemonError(
+            "--shadow reports to the daemon on its Redis: give --redis-url (or "
+            "AFTERTUNE_REDIS__URL) too"
+        )
+    try:
+        spec = ShadowSpec(
+            server=args.shadow,
+            token=args.shadow_token,
+            rate=args.shadow_rate,
+            to_dir=args.shadow_dir or Path(os.path.abspath(args.bundle)).parent / "shadow",
+            redis_url=settings.redis.url,
+            stream=settings.redis.shadow_stream,
+        )
+        return Shadow(spec, ShadowMetrics(metrics.registry))
+    except (ValueError, BundleError) as exc:
+        raise DaemonError(f"answer-server --shadow: {exc}") from None
 
 
 def cmd_answer_server(args: argparse.Namespace, settings: Settings) -> int:
@@ -105,6 +167,7 @@ def cmd_answer_server(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         raise DaemonError(f"answer-server: {exc}") from None
     metrics = AnswerMetrics()
+    shadow = _shadow(args, settings, metrics)  # its options checked before the bundle opens
     slot = BundleSlot(
         args.bundle,
         on_swap=lambda bundle: (metrics.swaps.inc(), metrics.version.set(bundle.version)),
@@ -112,7 +175,9 @@ def cmd_answer_server(args: argparse.Namespace, settings: Settings) -> int:
     )
     metrics.version.set(slot.bundle.version)
     sink = StreamSink(settings.redis.url, settings.redis.stream) if settings.redis.url else None
-    app = build_answer_app(slot, answers, metrics, token=args.token, limits=limits, feedback=sink)
+    app = build_answer_app(
+        slot, answers, metrics, token=args.token, limits=limits, feedback=sink, shadow=shadow
+    )
     server = HttpServer(app, args.host, args.port)
     stop = threading.Event()
     # The handlers only set the flag; this thread acts on it (STYLE.md).
@@ -120,6 +185,8 @@ def cmd_answer_server(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     server.start()
     slot.start()
+    if shadow is not None:
+        shadow.start()
     log.info(
         "answering with v%d from %s on http://%s:%d (feedback %s)",
         slot.bundle.version,
@@ -134,6 +201,8 @@ def cmd_answer_server(args: argparse.Namespace, settings: Settings) -> int:
         log.info("answer server stopping")
         server.stop()
         slot.stop()
+        if shadow is not None:
+            shadow.stop()
         if sink is not None:
             sink.close()
     return 0

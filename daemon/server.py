@@ -5,6 +5,7 @@
     GET /metrics                              Prometheus text exposition
     GET /v1/models                            published bundles, ascending, and which is latest
     GET /v1/models/latest                     the latest bundle's manifest
+    GET /v1/models/candidate                  the challenger in shadow evaluation, if any
     GET /v1/models/{version}/manifest         manifest.json as on disk; ETag = its sha256
     GET /v1/models/{version}/files/{path}     one file the manifest lists; ETag, Range, HEAD
 
@@ -146,12 +147,14 @@ def build_app(
     metrics: prometheus_client.CollectorRegistry,
     audit: BundleAudit | None = None,
     explain: Callable[[int], str] | None = None,
+    candidate: Callable[[], int | None] | None = None,
 ) -> FastAPI:
     """The read-only app over ``bundles_dir``; ``token`` guards /v1 and /metrics when set.
 
     ``audit`` holds the verdicts on published files (the daemon shares its own with its
     sweeps); a file is hashed before it is first served and whenever it changed on disk.
     ``explain(version)`` says why a version has no bundle (rejected, pruned...) in a 404.
+    ``candidate()`` names the version in shadow evaluation (None: none), for answer servers.
     """
     if token == "":
         # An empty token would leave the server open while the operator believes it guarded.
@@ -163,6 +166,8 @@ def build_app(
     audit = audit or BundleAudit(Path(bundles_dir))
     routes = _model_routes(Path(bundles_dir), audit, explain)
     app.include_router(routes, prefix="/v1", dependencies=guarded)
+    shadow = _candidate_route(Path(bundles_dir), audit, candidate)
+    app.include_router(shadow, prefix="/v1", dependencies=guarded)
     return app
 
 
@@ -245,6 +250,28 @@ def _model_routes(
     @router.api_route("/models/{version}/files/{path:path}", methods=["GET", "HEAD"])
     def bundle_file(version: str, path: str, request: Request) -> Response:
         return _file_response(bundles_dir, audit, version, path, request, explain)
+
+    return router
+
+
+def _candidate_route(
+    bundles_dir: Path, audit: BundleAudit, candidate: Callable[[], int | None] | None
+) -> APIRouter:
+    """/models/candidate: the challenger answer servers shadow (``answer-server --shadow``)."""
+    router = APIRouter()
+
+    @router.get("/models/candidate")
+    def shadow_candidate() -> JSONResponse:
+        version = candidate() if candidate is not None else None
+        if version is None:
+            raise HTTPException(
+                404, "no challenger is in shadow evaluation (gate.shadow_requests) on this daemon"
+            )
+        bundle = _find(bundles_dir, str(version), audit)
+        return JSONResponse(
+            {"version": bundle.version, "manifest_sha256": bundle.manifest_sha256},
+            headers={"ETag": f'"{bundle.manifest_sha256}"'},
+        )
 
     return router
 
