@@ -7,10 +7,12 @@ idempotent store absorbs. Entries a dead consumer left pending are taken over wi
 XAUTOCLAIM at start and every ``claim_interval_s``.
 
 Dead-lettered, with the reason: an entry without a ``record`` field or with more than one,
-a record that fails validation, a record id already stored with other content. A batch is
-bounded by entries (``batch_size``) and by bytes (``max_batch_bytes``): the next read asks
-for as many entries as fit, judged by the largest entry of the last one. A storage error
-(disk full, I/O) raises StorageError before anything is acknowledged; the worker waits it out.
+a record that fails validation, a new task name that imitates a known one (all its letters
+Cyrillic, Greek or fullwidth look-alikes: ``store/lookalikes.py``), a record id already
+stored with other content. A batch is bounded by entries (``batch_size``) and by bytes
+(``max_batch_bytes``): the next read asks for as many entries as fit, judged by the largest
+entry of the last one. A storage error (disk full, I/O) raises StorageError before anything
+is acknowledged; the worker waits it out.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import redis
 from aftertune.store.errors import RecordError
 from aftertune.store.examples import ExampleStore
 from aftertune.store.failpoints import failpoint
+from aftertune.store.lookalikes import TaskNames, imitation_reason
 from aftertune.store.records import Record, parse_record
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,9 @@ log = logging.getLogger(__name__)
 RECORD_FIELD = b"record"
 REUSED_ID = "id reused with different content"
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
+# How often a batch with a task name not seen yet reads the store's names again: the tasks
+# other daemons added since, at a bounded cost under a flood of new names.
+TASKS_REREAD_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -177,6 +183,8 @@ class Ingestor:
         self.totals = IngestStats()
         self._own_pending_done = False
         self._next_claim = 0.0
+        self.task_names = TaskNames()  # what a new task name must not imitate
+        self._next_tasks_read = 0.0
 
     def ensure_group(self) -> None:
         """Create the consumer group (and stream) if missing; from id 0 so nothing is skipped."""
@@ -295,8 +303,32 @@ class Ingestor:
             out.ok_ids.append(entry_id)
         return out
 
+    def _refuse_lookalikes(self, triage: _Triage, entries: Sequence[Entry]) -> None:
+        """Dead-letter records whose new task name imitates a known one ('ѕрес' in Cyrillic
+        letters beside 'spec'), naming it; the first of two look-alikes in a batch is kept."""
+        if all(record.task in self.task_names for record in triage.records):
+            return
+        if time.monotonic() >= self._next_tasks_read:
+            self._next_tasks_read = time.monotonic() + TASKS_REREAD_S
+            self.task_names.add(self.store.tasks())
+        refused: dict[int, str] = {}  # position -> why
+        for position, record in enumerate(triage.records):
+            imitated = self.task_names.imitated(record.task)
+            if imitated is None:
+                self.task_names.add([record.task])
+            else:
+                refused[position] = imitation_reason(record.task, imitated)
+        fields = {e.id: e.fields for e in entries} if refused else {}
+        for position, reason in refused.items():
+            entry_id = triage.ok_ids[position]
+            triage.dead.append((entry_id, fields[entry_id], reason))
+        for position in reversed(refused):
+            del triage.records[position]
+            del triage.ok_ids[position]
+
     def _process(self, entries: Sequence[Entry]) -> IngestStats:
         triage = self._triage(entries)
+        self._refuse_lookalikes(triage, entries)
         added = self.store.add(triage.records)  # committed before anything is acked
         failpoint("ingest.stored")  # crash tests: stored, not acked (redelivered, absorbed)
         for position in reversed(added.conflicts):

@@ -14,6 +14,7 @@ from aftertune.daemon.settings import Settings
 from aftertune.daemon.tables import table
 from aftertune.store.examples import ExampleStore
 from aftertune.store.layout import StateLayout
+from aftertune.store.lookalikes import lookalike_groups, lookalike_letters
 from aftertune.store.records import printable
 from aftertune.store.registry import Registry
 
@@ -76,9 +77,12 @@ def daemon_status(settings: Settings) -> dict[str, Any] | None:
 def gather_status(
     client: redis.Redis, store: ExampleStore, registry: Registry, settings: Settings
 ) -> dict[str, Any]:
+    examples = store.counts()
     return {
         "stream": stream_status(client, settings),
-        "examples": store.counts(),
+        "examples": examples,
+        # Stored before ingest refused look-alikes, or by two daemons at one moment.
+        "lookalike_tasks": lookalike_groups(examples),
         "quarantined": store.quarantined_counts(),
         "champion": champion_status(registry),
         "daemon": daemon_status(settings),
@@ -102,6 +106,14 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append(table(["task", "train examples", "held-out examples"], rows, indent=2))
     else:
         lines.append("examples: none yet")
+    for group in status.get("lookalike_tasks") or []:
+        imitations = "; ".join(
+            f"{name!r}: {lookalike_letters(name)}" for name in group if lookalike_letters(name)
+        )
+        lines.append(
+            f"look-alike task names: {' and '.join(repr(n) for n in group)} are different "
+            f"tasks ({imitations})"
+        )
     held = status.get("quarantined") or {}
     if held:
         per_task = ", ".join(f"{task} {n}" for task, n in held.items())

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from conftest import run_cli
 
 from aftertune.daemon.ingest import REUSED_ID, IngestConfig, Ingestor
 from aftertune.daemon.readiness import Readiness
@@ -108,6 +109,62 @@ def test_task_names_are_nfc_and_a_mixed_script_name_is_dead_lettered(
     assert set(ingestor.store.counts()) == {"caf\u00e9", "\u043f\u0430\u0440"}
     (reason,) = _dead_reasons(redis_client)
     assert "field 'task' mixes scripts" in reason and "U+0430" in reason
+
+
+def test_a_task_written_in_look_alikes_of_a_known_one_is_dead_lettered_naming_it(
+    redis_client: redis.Redis,
+    redis_url: str,
+    make_ingestor: Callable[..., Ingestor],
+    tmp_path: Path,
+) -> None:
+    """Whole-script look-alikes: each letter Cyrillic, Greek or fullwidth, so the mixed-script
+    rule cannot see them; only the names already stored tell them from a real task. (Written
+    as escapes: on screen they are the point, indistinguishable.)"""
+    cyrillic_spec, fullwidth_spec = "\u0455\u0440\u0435\u0441", "\uff53\uff50\uff45\uff43"
+    greek_taxi = "\u03a4\u0391\u03a7\u0399"
+    cyrillic_scope, cyrillic_copy = "\u0455\u0441\u043e\u0440\u0435", "\u0441\u043e\u0440\u0443"
+    russian = "\u043e\u0442\u0437\u044b\u0432"  # a Cyrillic word that imitates nothing
+    ingestor = make_ingestor()
+    for i, task in enumerate(["spec", "TAXI"]):
+        redis_client.xadd(STREAM, {"record": _record(i, task=task)})
+    ingestor.drain()
+    imitations = {cyrillic_spec: "spec", fullwidth_spec: "spec", greek_taxi: "TAXI"}
+    for i, task in enumerate([*imitations, russian]):
+        redis_client.xadd(STREAM, {"record": _record(10 + i, task=task)})
+    totals = ingestor.drain()
+    assert (totals.stored, totals.dead) == (1, 3)
+    reasons = _dead_reasons(redis_client)
+    for reason, (task, imitated) in zip(reasons, imitations.items(), strict=True):
+        assert reason.startswith(
+            f"field 'task' {task!r} looks like the existing task {imitated!r} but is another name"
+        ), reason
+    assert "Cyrillic '\u0455' U+0455" in reasons[0] and "Fullwidth" in reasons[1]
+
+    # Another daemon's ingestor knows the names from the store, not from what it read itself.
+    other = make_ingestor()
+    redis_client.xadd(STREAM, {"record": _record(30, task=cyrillic_spec)})
+    # In one batch: a new Latin name, then its look-alike (refused); a new look-alike, then
+    # the Latin name it imitates (both kept: a name written as it looks is never refused).
+    for i, task in enumerate(["scope", cyrillic_scope, cyrillic_copy, "copy"]):
+        redis_client.xadd(STREAM, {"record": _record(40 + i, task=task)})
+    totals = other.drain()
+    assert (totals.stored, totals.dead) == (3, 2)
+    reasons = _dead_reasons(redis_client)
+    assert "looks like the existing task 'spec'" in reasons[3]
+    assert "looks like the existing task 'scope'" in reasons[4]
+    tasks = {"spec", "TAXI", russian, "scope", cyrillic_copy, "copy"}
+    assert set(other.store.counts()) == tasks
+
+    # What got in side by side, `aftertune status` names, with the letters that imitate.
+    env = {"AFTERTUNE_STATE_DIR": str(tmp_path / "state"), "AFTERTUNE_REDIS__URL": redis_url}
+    done = run_cli("status", env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"look-alike task names: 'copy' and '{cyrillic_copy}' are different tasks "
+        f"('{cyrillic_copy}': Cyrillic '\u0441' U+0441, Cyrillic '\u043e' U+043E, "
+        "Cyrillic '\u0440' U+0440, Cyrillic '\u0443' U+0443)"
+    ) in done.stdout
+    assert done.stdout.count("look-alike task names") == 1
 
 
 def test_a_batch_holds_about_max_batch_bytes(
