@@ -30,6 +30,7 @@ from aftertune.store.files import write_atomic
 from aftertune.store.layout import StateLayout
 from aftertune.store.records import printable
 from aftertune.store.registry import Registry, Version
+from aftertune.store.shadow import shadow_lines
 
 
 def version_arg(text: str) -> int:
@@ -261,7 +262,7 @@ def _gate_text(gate: Mapping[str, Any]) -> str:
         ]
         headers = ["task", "suite", "metric", "rule", "champion", "challenger", "threshold"]
         lines.append(table([*headers, "result"], rows, indent=2))
-    return "\n".join(lines)
+    return "\n".join(lines + shadow_lines(gate.get("shadow")))
 
 
 def metrics_table(metrics: Mapping[str, Any]) -> str:

@@ -5,7 +5,9 @@ Two jobs decide (APScheduler 3, background thread, UTC):
 * ``threshold`` every ``cycle.check_every_s``: start when ``cycle.min_new_examples`` new
   train examples wait (newer than the champion and than the last attempt that did not
   promote, so a failing batch is not retrained in a tight loop);
-* ``interval`` every ``cycle.interval_s``: start when any example waits.
+* ``interval`` every ``cycle.interval_s``: start when any example waits;
+* ``shadow`` every ``cycle.check_every_s`` while a challenger is in shadow evaluation: its
+  answer servers' reports are judged (``shadow_judge.py``), which may promote or reject it.
 
 A cycle starts only while this daemon holds the Redis trainer lock, and runs in a daemon
 thread so ingest, the HTTP server and watchdog pings never wait for it. A warm stop asks the
@@ -28,6 +30,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from aftertune.daemon.announce import announce_latest
 from aftertune.daemon.metrics import DaemonMetrics
 from aftertune.daemon.settings import CycleSettings, Settings
+from aftertune.daemon.shadow_judge import candidate_version, judge_shadow
 from aftertune.daemon.trainer_lock import TrainerLock
 from aftertune.learners.errors import (
     CycleBlocked,
@@ -42,6 +45,7 @@ from aftertune.store.registry import Registry
 log = logging.getLogger(__name__)
 
 REPAIR = "bundle repair"  # a run that repairs publication, and trains only if a cycle is due
+SHADOW = "shadow evaluation"  # a run that judges live-traffic reports, and never trains
 
 
 @dataclass
@@ -96,6 +100,7 @@ class CycleScheduler:
         for job, seconds, check in (
             ("threshold", cycle.check_every_s, self._check_threshold),
             ("interval", cycle.interval_s, self._check_interval),
+            ("shadow", cycle.check_every_s, self._check_shadow),
         ):
             self._scheduler.add_job(
                 check,
@@ -175,6 +180,10 @@ class CycleScheduler:
         if self.waiting()[0] > 0:
             self._begin("interval")
 
+    def _check_shadow(self) -> None:
+        if candidate_version(self._settings()) is not None:
+            self._begin(SHADOW)
+
     def _begin(self, reason: str) -> None:
         with self._guard:
             if self._stop.is_set() or (self._thread is not None and self._thread.is_alive()):
@@ -210,6 +219,12 @@ class CycleScheduler:
             self._repair.clear()
             recover_publication(settings)
             self._announce_latest(settings)
+            if reason == SHADOW:
+                outcome = "skipped"  # not a cycle: cycles_total counts none
+                if judge_shadow(settings, self._client) == "passed":
+                    self._attempted_seq = 0
+                    self._announce_latest(settings)
+                return
             if reason in ("start-up", REPAIR):
                 interrupted = bool(interrupted_versions(settings)) or _has_checkpoints(settings)
                 if not interrupted and self.waiting()[1] < settings.cycle.min_new_examples:

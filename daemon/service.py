@@ -198,6 +198,7 @@ class Daemon:
 
     def start_server(self) -> None:
         from aftertune.daemon.server import HttpServer, build_app
+        from aftertune.daemon.shadow_judge import candidate_version
         from aftertune.store.consumer.pull import why_unpublished
 
         s = self.settings.server
@@ -209,6 +210,7 @@ class Daemon:
             metrics=self.metrics.registry,
             audit=self.audit,
             explain=lambda version: why_unpublished(state_dir, version, self.settings.store.url),
+            candidate=lambda: candidate_version(self.settings),
         )
         self.server = HttpServer(app, s.host, s.port)
         self.server.start()

@@ -38,6 +38,7 @@ from aftertune.learners.judging import (
 from aftertune.learners.learning_state import LearningState
 from aftertune.learners.model_kind import AnswerSets
 from aftertune.learners.promote import promote_and_publish, sync_latest
+from aftertune.learners.shadow_gate import SHADOW, begin_shadow, shadow_wanted
 from aftertune.learners.window import Suites, Watermarks, new_train, suites
 from aftertune.store.bundles import Published
 from aftertune.store.examples import DATA_CHECKS
@@ -107,6 +108,13 @@ def _pick_challenger(registry: Registry, champion: Version | None, actor: str) -
 
 def _refuse_while_awaiting(registry: Registry) -> None:
     waiting = registry.in_state(VersionState.AWAITING_APPROVAL)
+    if waiting and SHADOW in waiting[0].gate:
+        v = waiting[0].version
+        raise CycleBlocked(
+            f"v{v} is in shadow evaluation on live traffic (`aftertune models show {v}`); "
+            f"the next cycle runs once it is decided, or after `aftertune approve {v}` or "
+            f"`aftertune reject {v} --why ...`"
+        )
     if waiting:
         v = waiting[0].version
         raise CycleBlocked(
@@ -228,7 +236,9 @@ class _CycleRun:
         mark_chance(metrics, chance["all"], state.specs.rules.chance_z)
         state.registry.set_metrics(challenger.version, metrics)
         self.retry = False
-        if gate.decision is Decision.PROMOTED:
+        if gate.decision is not Decision.REJECTED and shadow_wanted(state):
+            decision, reasons, bundle = begin_shadow(state, challenger, gate)
+        elif gate.decision is Decision.PROMOTED:
             decision, reasons, bundle = self.promote(challenger, gate)
         elif gate.decision is Decision.AWAITING_APPROVAL:
             decision, reasons, bundle = self.settle(

@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from aftertune.learners.shadow_rules import ShadowOptions
 from aftertune.learners.spec_config import SPEC_CONFIG
 
 # Metrics the gate knows, and which way is better.
@@ -89,8 +90,9 @@ class MetricRules:
 
 
 @pydantic_dataclass(frozen=True, kw_only=True, config=SPEC_CONFIG)
-class GateOptions:
-    """The gate's rules besides the per-metric thresholds (``[gate]``)."""
+class GateOptions(ShadowOptions):
+    """The gate's rules besides the per-metric thresholds (``[gate]``); the rule on live
+    traffic is ``shadow_rules.py``'s."""
 
     min_gain: float = Field(
         default=0.0, ge=-1, le=1, description="headline score gain on new held-out data"

@@ -36,9 +36,11 @@ from aftertune.store.bundles import (
     set_latest,
 )
 from aftertune.store.consumer.format import (
+    MANIFEST,
     manifest_sha256,
     read_manifest,
     resolve_inside,
+    verify_bundle,
     version_dir_name,
 )
 from aftertune.store.errors import BundleError
@@ -107,7 +109,11 @@ def export_version(state: LearningState, version: Version, out: Path) -> ExportR
 
 def stage_bundle(state: LearningState, version: Version) -> Path:
     """Export ``version`` into ``bundles/vN``, unpublished, and record its manifest's sha256
-    and this daemon as its publisher in the registry (what other daemons check a pull by)."""
+    and this daemon as its publisher in the registry (what other daemons check a pull by).
+    A bundle exported before (for shadow evaluation) that is whole and as recorded is kept."""
+    ready = _staged(state, version)
+    if ready is not None:
+        return ready
     staging = new_staging_dir(state.layout.bundles, version.version)
     try:
         failpoint("export.staging")
@@ -120,6 +126,20 @@ def stage_bundle(state: LearningState, version: Version) -> Path:
         version.version, manifest_sha256(final), state.specs.publisher
     )
     return final
+
+
+def _staged(state: LearningState, version: Version) -> Path | None:
+    """``bundles/vN`` when every file verifies and its manifest is the one the registry
+    recorded for ``version``; None when it must be exported (again)."""
+    recorded = state.registry.publication(version.version)
+    final = state.layout.bundles / version_dir_name(version.version)
+    if recorded is None or not (final / MANIFEST).is_file():
+        return None
+    try:
+        verify_bundle(final)
+    except (BundleError, OSError):
+        return None
+    return final if manifest_sha256(final) == recorded.manifest_sha256 else None
 
 
 def promote_and_publish(

@@ -538,6 +538,15 @@ class Registry:
                 (json.dumps(metrics, sort_keys=True), time.time(), version),
             )
 
+    def set_gate(self, version: int, gate: dict[str, Any]) -> None:
+        """Replace ``version``'s gate report without a state change (the live-traffic
+        figures of a version in shadow evaluation, learners/shadow_gate.py)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE versions SET gate = ?, updated_at = ? WHERE version = ?",
+                (json.dumps(gate, sort_keys=True), time.time(), version),
+            )
+
     def record_publication(self, version: int, manifest_sha256: str, publisher: str) -> None:
         """``publisher`` installed ``version``'s bundle, whose manifest has ``manifest_sha256``.
 
