@@ -330,3 +330,17 @@ def test_shadow_needs_the_daemons_redis() -> None:
     )
     assert proc.returncode == 1, proc.stderr
     assert "--shadow reports to the daemon on its Redis: give --redis-url" in proc.stderr
+
+
+def test_every_shadow_metric_is_documented_with_its_unit() -> None:
+    import re
+
+    registry = prometheus_client.CollectorRegistry()
+    ShadowMetrics(registry)
+    text = prometheus_client.generate_latest(registry).decode()
+    families = {f for f in re.findall(r"^# TYPE (\S+) ", text, re.M) if not f.endswith("_created")}
+    assert len(families) == 7
+    operations = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    for family in families:
+        row = re.search(rf"^\| `{family}(_total)?` \| \w+ \| (\w+) \|", operations, re.M)
+        assert row is not None, f"{family} is not in docs/operations.md's answer-server table"
