@@ -6,13 +6,20 @@ the version it names. An event is sent after ``latest`` moved; one lost to a cra
 unreachable Redis is sent at the next daemon start (``announce_if_missed``). ``publisher``
 (the daemon's consumer name) and ``server`` (where its HTTP server answers) let the other
 daemons pull the bundle from it (bundle_follow.py).
+
+With ``cluster.key`` set, each event carries ``signature``: an HMAC-SHA256 over its other
+fields, which the daemons sharing the key check before they act on the event.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import logging
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +33,7 @@ from aftertune.store.layout import StateLayout
 log = logging.getLogger(__name__)
 
 MAXLEN = 10_000  # approximate cap: the stream is a notification channel, not the registry
+SIGNED_FIELDS = ("version", "manifest_sha256", "published_at", "publisher", "server")
 
 
 @dataclass(frozen=True)
@@ -37,24 +45,49 @@ class Promotion:
     manifest_sha256: str
     publisher: str = ""
     server: str = ""
+    published_at: str = ""
+    signature: str = ""
+
+    def signed_with(self, key: bytes) -> bool:
+        """Whether ``signature`` is the one ``key`` gives these fields (constant-time)."""
+        fields = {
+            "version": str(self.version),
+            "manifest_sha256": self.manifest_sha256,
+            "published_at": self.published_at,
+            "publisher": self.publisher,
+            "server": self.server,
+        }
+        # As bytes: compare_digest refuses a str with non-ASCII characters, which a forger sends.
+        return hmac.compare_digest(self.signature.encode(), signature(fields, key).encode())
+
+
+def signature(fields: Mapping[str, str], key: bytes) -> str:
+    """HMAC-SHA256 (hex) over ``SIGNED_FIELDS`` in order, as a JSON array: no value can
+    borrow another's bytes."""
+    message = json.dumps([fields.get(name, "") for name in SIGNED_FIELDS]).encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 def announce(
-    client: redis.Redis, stream: str, bundle: Published, publisher: str = "", server: str = ""
+    client: redis.Redis,
+    stream: str,
+    bundle: Published,
+    publisher: str = "",
+    server: str = "",
+    key: bytes | None = None,
 ) -> str:
-    """Send the promotion event for ``bundle``; returns the entry id."""
-    entry = client.xadd(
-        stream,
-        {
-            "version": str(bundle.version),
-            "manifest_sha256": bundle.manifest_sha256,
-            "published_at": f"{time.time():.3f}",
-            "publisher": publisher,
-            "server": server,
-        },
-        maxlen=MAXLEN,
-        approximate=True,
-    )
+    """Send the promotion event for ``bundle``, signed when ``key`` is given; returns the
+    entry id."""
+    fields: dict[Any, Any] = {  # what redis-py's xadd is typed to take
+        "version": str(bundle.version),
+        "manifest_sha256": bundle.manifest_sha256,
+        "published_at": f"{time.time():.3f}",
+        "publisher": publisher,
+        "server": server,
+    }
+    if key is not None:
+        fields["signature"] = signature(fields, key)
+    entry = client.xadd(stream, fields, maxlen=MAXLEN, approximate=True)
     log.info("announced v%d on %s (%s)", bundle.version, stream, _text(entry))
     return _text(entry)
 
@@ -72,6 +105,8 @@ def promotion(entry_id: bytes | str, fields: dict[Any, Any] | None) -> Promotion
         found.get("manifest_sha256", ""),
         found.get("publisher", ""),
         found.get("server", ""),
+        found.get("published_at", ""),
+        found.get("signature", ""),
     )
 
 
@@ -87,7 +122,12 @@ def last_announced(client: redis.Redis, stream: str) -> tuple[int, str] | None:
 
 
 def announce_if_missed(
-    client: redis.Redis, stream: str, bundles_dir: Path, publisher: str = "", server: str = ""
+    client: redis.Redis,
+    stream: str,
+    bundles_dir: Path,
+    publisher: str = "",
+    server: str = "",
+    key: bytes | None = None,
 ) -> str | None:
     """Announce ``latest`` when the stream's newest event names another bundle."""
     version = latest_version(bundles_dir)
@@ -96,11 +136,12 @@ def announce_if_missed(
     bundle = published(bundles_dir, version)
     if last_announced(client, stream) == (bundle.version, bundle.manifest_sha256):
         return None
-    return announce(client, stream, bundle, publisher, server)
+    return announce(client, stream, bundle, publisher, server, key)
 
 
 def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    # A forged field may hold any bytes: replaced, they cannot stop the follower's thread.
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def advertised_url(host: str, port: int, configured: str | None) -> str:
@@ -123,4 +164,11 @@ def announce_latest(client: redis.Redis, settings: Settings) -> str | None:
         server=advertised_url(server.host, server.port, server.advertise_url)
         if server.enabled
         else "",
+        key=cluster_key(settings),
     )
+
+
+def cluster_key(settings: Settings) -> bytes | None:
+    """``cluster.key`` as the bytes events are signed and checked with; None when unset."""
+    key = settings.cluster.key
+    return key.get_secret_value().encode() if key is not None else None

@@ -15,12 +15,13 @@ look, since anyone who can write to Redis can forge one. On an event each other 
   staged, verified, renamed in);
 - moves its ``latest`` and prunes, never a bundle the registry still needs.
 
-Without a shared registry (``store.url`` unset) each daemon's registry is its own, so a daemon
-follows nothing it did not publish. At start the registry's champion is caught up first,
-whatever the stream holds, and staging dirs a killed pull or export left are removed. A
-failed pull (publisher unreachable, too slow, a bad byte) is logged and tried again after
-``RETRY_S``; every request has a total deadline, so a server that drips bytes cannot hold
-the follower.
+With ``cluster.key`` set, an event without a valid signature is ignored before the registry
+is read (a log line each). Without a shared registry (``store.url`` unset) each daemon's
+registry is its own, so a daemon follows nothing it did not publish. At start the
+registry's champion is caught up first, whatever the stream holds, and staging dirs a
+killed pull or export left are removed. A failed pull (publisher unreachable, too slow, a
+bad byte) is logged and tried again after ``RETRY_S``; every request has a total deadline,
+so a server that drips bytes cannot hold the follower.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class FollowConfig:
     state_dir: Path
     store_url: str | None  # the shared registry (store.url); None: nothing is followed
     timeout_s: float = TIMEOUT_S
+    key: bytes | None = None  # cluster.key: events must be signed with it; None: unsigned
 
 
 class BundleFollower:
@@ -111,7 +113,7 @@ class BundleFollower:
                 for entry_id, fields in entries:
                     self._last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                     event = promotion(entry_id, fields)
-                    if event is not None and not self._stop.is_set():
+                    if event is not None and not self._stop.is_set() and self._signed(event):
                         self._sync(event)
             if not reply and self.behind:
                 self._stop.wait(RETRY_S)
@@ -132,6 +134,21 @@ class BundleFollower:
         except StoreError as exc:
             self.behind = True
             log.warning("registry not read (%s); tried again in %.0f s", exc, RETRY_S)
+
+    def _signed(self, event: Promotion) -> bool:
+        """True without a cluster key; with one, whether the event carries its signature."""
+        if self.config.key is None or event.signed_with(self.config.key):
+            return True
+        self.ignored += 1
+        log.warning(
+            "ignored a promotion event for v%d (entry %s, publisher %r): %s; cluster.key is "
+            "set, so every event must be signed with it",
+            event.version,
+            event.entry_id,
+            event.publisher,
+            "a wrong signature" if event.signature else "no signature",
+        )
+        return False
 
     def _champion(self, registry: Registry, event: Promotion | None) -> Publication | None:
         """The champion's publication, if this daemon should have its bundle; else None."""

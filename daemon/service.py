@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import redis
 from pydantic_core import to_jsonable_python
 
-from aftertune.daemon.announce import advertised_url
+from aftertune.daemon.announce import advertised_url, cluster_key
 from aftertune.daemon.bundle_follow import BundleFollower, FollowConfig
 from aftertune.daemon.bundle_watch import BundleWatch
 from aftertune.daemon.embedded_redis import redis_connection, redis_url
@@ -152,6 +152,7 @@ class Daemon:
                 keep=settings.export.keep,
                 state_dir=settings.state_dir,
                 store_url=settings.store.url,
+                key=cluster_key(settings),
             ),
         )
         self._next_status = 0.0

@@ -67,6 +67,8 @@ MAX_BLOCK_MS = 20_000
 MAX_IDLE_MS = int(MAX_SECONDS) * 1000
 # Past the client's socket timeout (30 s) the worker's own read sees a silent Redis first.
 MAX_PING_TIMEOUT_S = 30.0
+# A shorter cluster key is one an attacker could guess: 16 characters of hex is 64 bits.
+MIN_KEY_CHARS = 16
 
 
 class StoreSettings(_Section):
@@ -244,6 +246,28 @@ class ServerSettings(_Section):
         return self
 
 
+class ClusterSettings(_Section):
+    """What the daemons of one cluster share beyond the store and Redis."""
+
+    key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "HMAC-SHA256 key for promotion events: each is signed with it, and one without a "
+            "valid signature is ignored; unset = events unsigned (the registry still decides)"
+        ),
+    )
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().strip()) < MIN_KEY_CHARS:
+            raise ValueError(
+                f"must be at least {MIN_KEY_CHARS} characters (e.g. `openssl rand -hex 32`); "
+                "unset it to send events unsigned"
+            )
+        return value
+
+
 def is_loopback(host: str) -> bool:
     """127.0.0.0/8, ::1 or localhost: only this machine can connect."""
     if host.lower().rstrip(".") == "localhost":
@@ -316,6 +340,7 @@ class Settings(BaseSettings):
     export: ExportSettings = Field(default_factory=ExportSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     cycle: CycleSettings = Field(default_factory=CycleSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -448,6 +473,20 @@ def _one_line(exc: ValidationError) -> str:
         msg = "unknown setting"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     value = err.get("input")
-    # A check across a section's fields has the whole section as its input: not worth a repr.
-    got = "" if isinstance(value, ArgsKwargs | dict) else f" (got {value!r})"
+    # A check across a section's fields has the whole section as its input: not worth a repr;
+    # a secret's value is never shown (it would reach the journal).
+    hidden = isinstance(value, ArgsKwargs | dict) or _is_secret(err["loc"])
+    got = "" if hidden else f" (got {value!r})"
     return f"invalid setting {field}: {msg}{got}{more}"
+
+
+def _is_secret(path: tuple[int | str, ...]) -> bool:
+    """Whether the setting at ``path`` (``("cluster", "key")``) holds a secret."""
+    fields: dict[str, FieldInfo] | None = Settings.model_fields
+    info = None
+    for part in path:
+        info = (fields or {}).get(str(part))
+        if info is None:
+            return False
+        fields = section_fields(info.annotation)
+    return info is not None and SecretStr in typing.get_args(info.annotation)

@@ -18,7 +18,7 @@ import redis
 from hostile_server import HostileServer
 
 from aftertune.daemon import bundle_follow
-from aftertune.daemon.announce import announce
+from aftertune.daemon.announce import announce, signature
 from aftertune.daemon.bundle_follow import BundleFollower, FollowConfig
 from aftertune.daemon.embedded_redis import free_port
 from aftertune.daemon.server import HttpServer, build_app
@@ -96,7 +96,12 @@ def cluster(
 
 
 def _follower(
-    client: redis.Redis, state: Path, store_url: str | None, me: str = "b", keep: int = 5
+    client: redis.Redis,
+    state: Path,
+    store_url: str | None,
+    me: str = "b",
+    keep: int = 5,
+    key: bytes | None = None,
 ) -> BundleFollower:
     config = FollowConfig(
         STREAM,
@@ -107,6 +112,7 @@ def _follower(
         state_dir=state,
         store_url=store_url,
         timeout_s=1.0,
+        key=key,
     )
     return BundleFollower(client, config)
 
@@ -228,6 +234,51 @@ def test_forged_promotion_events_move_nothing_and_learn_no_token(
             follower.stop()
         served.stop(timeout=5)
         hostile.close()
+
+
+def test_with_a_cluster_key_only_events_signed_with_it_are_followed(
+    cluster: tuple[Path, str, Registry],
+    redis_client: redis.Redis,
+    postgres_url: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = b"0123456789abcdef0123456789abcdef"
+    a_bundles, url, registry = cluster
+    follower = _follower(redis_client, tmp_path / "b", postgres_url, key=key)
+    mine = tmp_path / "b" / "bundles"
+    follower.start()  # v1 from the registry at start: no event needed
+    try:
+        assert latest_version(mine) == 1
+        _bundle(a_bundles, 2)
+        _promote(registry, tmp_path, a_bundles, 2, "a")  # the registry's champion is v2 now
+        v2 = published(a_bundles, 2)
+        announce(redis_client, STREAM, v2, publisher="a", server=url)  # unsigned
+        announce(redis_client, STREAM, v2, publisher="a", server=url, key=b"x" * 32)
+        fields = {
+            "version": "2",
+            "manifest_sha256": v2.manifest_sha256,
+            "published_at": "1.000",
+            "publisher": "a",
+            "server": url,
+        }
+        valid = signature(fields, key)
+        hostile = {**fields, "server": "http://127.0.0.1:9"}
+        redis_client.xadd(STREAM, {**hostile, "signature": valid})  # a signature moved over
+        redis_client.xadd(STREAM, {**fields, "signature": "\u00e9" * 64})  # not hex, not ASCII
+        redis_client.xadd(STREAM, {**fields, "signature": b"\xff\xfe"})  # not UTF-8
+        _wait(lambda: follower.ignored >= 5)
+        time.sleep(0.5)  # a follower acting on any of them would have moved by now
+        assert latest_version(mine) == 1  # unsigned events do not even send it to the registry
+        assert "no signature; cluster.key is set" in caplog.text
+        assert caplog.text.count("a wrong signature") == 4
+
+        announce(redis_client, STREAM, v2, publisher="a", server=url, key=key)  # as a daemon does
+        _wait(lambda: latest_version(mine) == 2)
+        assert follower.pulled == [1, 2] and follower.ignored == 5
+        assert follower._thread is not None and follower._thread.is_alive()
+    finally:
+        follower.stop()
 
 
 def test_a_pull_from_the_registered_publisher_is_refused_when_its_manifest_differs(

@@ -201,6 +201,23 @@ def test_the_gate_built_from_loaded_settings_never_refuses_them() -> None:
     assert specs_from(settings).rules.default.floor["accuracy"] == 0.0
 
 
+def test_the_cluster_key_comes_from_the_environment_and_a_short_one_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aftertune.daemon.announce import cluster_key
+
+    assert cluster_key(load_settings()) is None  # unset: events go unsigned
+    monkeypatch.setenv("AFTERTUNE_CLUSTER__KEY", "0123456789abcdef")
+    assert cluster_key(load_settings()) == b"0123456789abcdef"
+    assert "0123456789abcdef" not in repr(load_settings())  # a secret: never printed
+    monkeypatch.setenv("AFTERTUNE_CLUSTER__KEY", "short-secret")
+    with pytest.raises(
+        SettingsError, match=r"invalid setting cluster\.key: .*at least 16 characters"
+    ) as refused:
+        load_settings()
+    assert "short-secret" not in str(refused.value)  # nor in the journal
+
+
 @pytest.mark.parametrize("token", ["", "   ", "\t"])
 def test_an_empty_token_is_refused(monkeypatch: pytest.MonkeyPatch, token: str) -> None:
     # It used to switch authentication off without a word.
