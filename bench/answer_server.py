@@ -1,14 +1,19 @@
 """Answer-server benchmark: `aftertune answer-server` against raw ONNX Runtime on the same
 bundle, in one run, and failed requests across swaps under load.
 
-    .venv/bin/python bench/answer_server.py [--bundle DIR] [--clients 4] [--seconds 5]
-        [--batch 16] [--swaps 10] [--json FILE]
+    .venv/bin/python bench/answer_server.py [--bundle DIR | --kind generative|ranking]
+        [--clients 4] [--seconds 5] [--rounds 1] [--batch 16] [--swaps 10]
+        [--server-args "OPTIONS"] [--json FILE]
 
---bundle: a published bundle (any format); without it the embedded tiny base is exported
-(genai, fp32) into a temporary directory first. The bundle is installed as v1 of a temporary
-state dir and pulled (the verified pull) into a consumer dir, whose `current` the server
-answers from; the server runs as its own process (`python -m aftertune.daemon.cli
-answer-server`), the clients are threads here, one keep-alive connection each.
+--bundle: a published bundle (any format); without it a bundle of --kind is exported into a
+temporary directory first: generative, the embedded tiny base (genai, fp32); ranking, the
+frozen embedded MiniLM (onnx-ranking) with agnews's four answers, each anchored on the
+prototype of its bench/data train prompts. A task of the bundle that bench/data holds is
+asked with that task's test records (real text), any other with short made-up inputs. The
+bundle is installed as v1 of a temporary state dir and pulled (the verified pull) into a
+consumer dir, whose `current` the server answers from; the server runs as its own process
+(`python -m aftertune.daemon.cli answer-server` with --server-args), the clients are threads
+here, one keep-alive connection each.
 
   raw single    --clients threads calling `Bundle.answer` on one record each, in process
   server single --clients threads POSTing one record to /v1/answer
@@ -19,9 +24,11 @@ answer-server`), the clients are threads here, one keep-alive connection each.
                 waits until the server answers with the new version); every non-200 answer
                 or connection error is a failed request
 
-Each phase runs --seconds. Records/s, and the server's p50/p99 latency per request (client
-side, HTTP included). Targets (issue 26), printed, never asserted: server ≥ 0.8× raw, single
-and batch; 0 failed requests across the swaps.
+Each phase runs --seconds, and the four phases --rounds times in turn (a change in the
+machine's load then falls on raw and server alike). Records/s; CPU ms per record (raw: this
+process; server: the server's process, and this process's as its clients); the server's
+p50/p99 latency per request (client side, HTTP included). Targets (issue 26), printed, never
+asserted: server ≥ 0.8× raw, single and batch; 0 failed requests across the swaps.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import http.client
 import json
 import os
 import random
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -39,6 +47,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +56,9 @@ from aftertune.store.bundles import install, new_staging_dir, set_latest
 from aftertune.store.consumer import Bundle
 from aftertune.store.consumer.format import MANIFEST, read_manifest, write_manifest
 from aftertune.store.consumer.pull import DirSource, pull
+
+DATA = Path(__file__).resolve().parent / "data"  # the real-task samples (data/README.md)
+RANKING_TASK = "agnews"  # the task of --kind ranking's bundle
 
 WORDS = [
     "parcel",
@@ -62,9 +74,21 @@ WORDS = [
 ]
 
 
+def read_records(task: str, split: str) -> list[dict[str, Any]]:
+    lines = (DATA / f"{task}.{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def questions(bundle: Bundle, n: int, seed: int = 0) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     tasks = sorted(bundle.candidates) or [None]
+    real = [t for t in tasks if t is not None and (DATA / f"{t}.test.jsonl").is_file()]
+    if real:
+        rows = [r for t in real for r in read_records(t, "test")]
+        return [
+            {"task": r["task"], "instruction": r["instruction"], "input": r.get("input", "")}
+            for r in (rng.choice(rows) for _ in range(n))
+        ]
     return [
         {
             "task": rng.choice(tasks),
@@ -91,8 +115,6 @@ def publish(state: Path, source: Path, version: int) -> None:
 
 
 def export_tiny(out: Path) -> Path:
-    from dataclasses import replace
-
     from aftertune.daemon.specs import default_specs
     from aftertune.learners.base_model import EMBEDDED_TINY, resolve_base
     from aftertune.learners.curriculum import sample
@@ -105,6 +127,38 @@ def export_tiny(out: Path) -> Path:
         replace(default_specs().export, method="genai", parity_prompts=4),
         [sample(rng).prompt for _ in range(4)],
         {"name": "aftertune", "version": 1},
+    )
+    return out
+
+
+def export_minilm(out: Path) -> Path:
+    """The frozen embedded MiniLM as an onnx-ranking bundle answering RANKING_TASK."""
+    from aftertune.daemon.specs import default_specs
+    from aftertune.learners.base_model import EMBEDDED_MINILM, resolve_base
+    from aftertune.learners.kinds.ranking.candidates import AnswerSet
+    from aftertune.learners.kinds.ranking.export import export_ranking
+
+    specs = default_specs()
+    if specs.export is None:
+        raise SystemExit("export is disabled in this environment (AFTERTUNE_EXPORT__ENABLED)")
+    train = read_records(RANKING_TASK, "train")
+    exemplars: dict[str, list[str]] = {}
+    for r in train:
+        prompt = specs.export.template.render(r["instruction"], r.get("input", ""))
+        exemplars.setdefault(r["output"].strip(), []).append(prompt)
+    prompts = [
+        (RANKING_TASK, specs.export.template.render(r["instruction"], r.get("input", "")))
+        for r in read_records(RANKING_TASK, "test")[:8]
+    ]
+    out.mkdir(parents=True)
+    export_ranking(
+        resolve_base(EMBEDDED_MINILM),
+        out,
+        replace(specs.export, parity_prompts=len(prompts)),
+        max_length=specs.train.max_length,
+        candidates={RANKING_TASK: AnswerSet(sorted(exemplars), exemplars)},
+        prompts=prompts,
+        manifest_fields={"name": "aftertune", "version": 1},
     )
     return out
 
@@ -139,6 +193,10 @@ class Client:
         self.port = port
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 
+    def reconnect(self) -> None:
+        self.conn.close()
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+
     def post(self, body: Any) -> tuple[int, Any]:
         data = json.dumps(body)
         try:
@@ -146,8 +204,7 @@ class Client:
             response = self.conn.getresponse()
             return response.status, json.loads(response.read())
         except (OSError, http.client.HTTPException):
-            self.conn.close()
-            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            self.reconnect()
             raise
 
 
@@ -156,8 +213,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--bundle", type=Path)
+    ap.add_argument("--kind", choices=("generative", "ranking"), default="generative")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--server-args", default="", help="more answer-server options")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--swaps", type=int, default=10)
     ap.add_argument("--json", type=Path)
@@ -165,7 +225,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-answer-"))
     try:
-        source = args.bundle or export_tiny(work / "exported")
+        export = export_minilm if args.kind == "ranking" else export_tiny
+        source = args.bundle or export(work / "exported")
         state = work / "state"
         publish(state, Path(source), 1)
         consumer = work / "consumer"
@@ -188,6 +249,8 @@ def measure(args: argparse.Namespace, state: Path, consumer: Path) -> dict[str, 
         "clients": args.clients,
         "batch": args.batch,
         "seconds_per_phase": args.seconds,
+        "rounds": args.rounds,
+        "server_args": args.server_args,
         "cpus": os.cpu_count(),
     }
 
@@ -212,6 +275,7 @@ def measure(args: argparse.Namespace, state: Path, consumer: Path) -> dict[str, 
             *(sys.executable, "-m", "aftertune.daemon.cli", "answer-server"),
             *("--bundle", str(consumer / "current"), "--port", str(port)),
             *("--max-batch", str(args.batch), "--log-level", "WARNING"),
+            *shlex.split(args.server_args),
         ],
         env=env,
     )
@@ -241,10 +305,28 @@ def measure(args: argparse.Namespace, state: Path, consumer: Path) -> dict[str, 
             "raw_batch": raw_batch,
             "server_batch": server_call("batch", lambda: {"records": batch[0]}, args.batch),
         }
-        for name, call in phases.items():
-            call(0)  # warm-up
-            done, seconds = run_threads(args.clients, args.seconds, call)
+        # records, seconds, CPU seconds of this process, CPU seconds of the server
+        totals = {name: [0, 0.0, 0.0, 0.0] for name in phases}
+        for _ in range(args.rounds):  # interleaved, so a change in the machine's load hits both
+            for name, call in phases.items():
+                for client in clients:  # the server closes connections idle past 5 s
+                    client.reconnect()
+                call(0)  # warm-up
+                own, served = time.process_time(), cpu_seconds(server.pid)
+                done, seconds = run_threads(args.clients, args.seconds, call)
+                total = totals[name]
+                total[0] += done
+                total[1] += seconds
+                total[2] += time.process_time() - own
+                total[3] += cpu_seconds(server.pid) - served
+        for name, (done, seconds, own, served) in totals.items():
             results[f"{name}_records_per_s"] = round(done / seconds, 1)
+            per_record = 1000 / max(done, 1)
+            if name.startswith("raw"):
+                results[f"{name}_cpu_ms_per_record"] = round(own * per_record, 2)
+            else:
+                results[f"{name}_cpu_ms_per_record"] = round(served * per_record, 2)
+                results[f"{name}_client_cpu_ms_per_record"] = round(own * per_record, 2)
         for kind in ("single", "batch"):
             ms = sorted(x * 1000 for x in latencies[kind])
             results[f"server_{kind}_p50_ms"] = round(statistics.median(ms), 2)
@@ -262,6 +344,12 @@ def measure(args: argparse.Namespace, state: Path, consumer: Path) -> dict[str, 
         server.terminate()
         server.wait(15)
     return results
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process ``pid`` has used, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_up(port: int, clients: int) -> list[Client]:
