@@ -306,7 +306,7 @@ def measure(args: argparse.Namespace, state: Path, consumer: Path) -> dict[str, 
             "server_batch": server_call("batch", lambda: {"records": batch[0]}, args.batch),
         }
         # records, seconds, CPU seconds of this process, CPU seconds of the server
-        totals = {name: [0, 0.0, 0.0, 0.0] for name in phases}
+        totals = {name: [0.0, 0.0, 0.0, 0.0] for name in phases}
         for _ in range(args.rounds):  # interleaved, so a change in the machine's load hits both
             for name, call in phases.items():
                 for client in clients:  # the server closes connections idle past 5 s
@@ -319,9 +319,9 @@ def measure(args: argparse.Namespace, state: Path, consumer: Path) -> dict[str, 
                 total[1] += seconds
                 total[2] += time.process_time() - own
                 total[3] += cpu_seconds(server.pid) - served
-        for name, (done, seconds, own, served) in totals.items():
-            results[f"{name}_records_per_s"] = round(done / seconds, 1)
-            per_record = 1000 / max(done, 1)
+        for name, (records, seconds, own, served) in totals.items():
+            results[f"{name}_records_per_s"] = round(records / seconds, 1)
+            per_record = 1000 / max(records, 1)
             if name.startswith("raw"):
                 results[f"{name}_cpu_ms_per_record"] = round(own * per_record, 2)
             else:
