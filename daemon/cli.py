@@ -157,21 +157,23 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "demo",
         parents=[common],
-        help="the whole loop on embedded defaults in a few minutes (what `make run` runs)",
-        description="Start the daemon (embedded Redis, an embedded base) in STATE_DIR/demo, "
-        "or STATE_DIR/demo-minilm for --base embedded:minilm (wiped first; each keeps the "
-        "other's), push feedback for a task (or two), then another, then a poisoned batch "
-        "(a known task with flipped labels); wait for two promotions and a rejection; pull the "
-        "latest bundle over HTTP and answer with ONNX Runtime; print a summary (per-task "
-        "accuracy before and after) and the HTML report's path; stop the daemon. "
-        "--base embedded:minilm runs it on real text (news topics, then emotions). Use it to "
-        "see the whole loop work on this machine before feeding it your own data.",
+        help="the whole loop on real text in a few minutes (what `make run` runs)",
+        description="Start the daemon (embedded Redis, an embedded base) in "
+        "STATE_DIR/demo-minilm, or STATE_DIR/demo for --base embedded:tiny (wiped first; each "
+        "keeps the other's), push feedback for a task (or two), then another, then a poisoned "
+        "batch (a known task with flipped labels); wait for two promotions and a rejection; "
+        "pull the latest bundle over HTTP and answer with ONNX Runtime; print a summary "
+        "(the gate's figures, per-task accuracy before and after) and the HTML report's path; "
+        "stop the daemon. On embedded:minilm (the default) it learns real text: news topics, "
+        "then emotions; --base embedded:tiny (`make run-tiny`) learns character puzzles. Use "
+        "it to see the whole loop work on this machine before feeding it your own data.",
     )
     p.add_argument(
         "--base",
-        choices=("embedded:tiny", "embedded:minilm"),
-        default="embedded:tiny",
-        help="embedded:tiny (character puzzles, ~2 min) or embedded:minilm (real text)",
+        choices=("embedded:minilm", "embedded:tiny"),
+        default="embedded:minilm",
+        help="embedded:minilm (real text, the default, ~2 min on 2 cores) or embedded:tiny "
+        "(character puzzles, ~2 min)",
     )
     p.add_argument(
         "--timeout", type=float, default=300.0, help="seconds to wait for each step (default 300)"
