@@ -94,3 +94,31 @@ def test_prototypes_answer_a_task_whose_answer_texts_mean_nothing() -> None:
     by_prototype = accuracy(answer_set(answers, train, template))
     assert by_prototype >= 0.7, (by_prototype, by_text)  # the frozen encoder, no training
     assert by_prototype >= by_text + 0.3, (by_prototype, by_text)
+
+
+def test_a_later_tasks_version_keeps_the_prototypes_of_the_tasks_before_it(tmp_path: Path) -> None:
+    """Continual: the version trained on a second task still carries the first task's
+    exemplars (its bundle anchors both tasks at their prototypes), drawn from the store."""
+    from aftertune.daemon.specs import default_specs
+    from aftertune.learners.base_model import EMBEDDED_MINILM, load_tokenizer
+    from aftertune.learners.kinds.ranking.kind import Ranking
+    from aftertune.store.examples import ExampleStore
+    from aftertune.store.records import record_from_obj
+
+    def rows(task: str, n: int) -> list[Any]:
+        lines = (DEMO / f"{task}.train.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+        return [record_from_obj({**json.loads(line), "split": "train"}) for line in lines]
+
+    specs = default_specs()
+    with ExampleStore(tmp_path / "examples.sqlite3") as store:
+        store.add(rows("agnews", 20))  # the first cycle's task
+        first = store.max_seq()
+        store.add(rows("sni_emotion", 20))  # the next cycle's
+        kind = Ranking()
+        sets = kind.answer_sets(store, None, store.max_seq(), specs).sets
+        before = kind.answer_sets(store, None, first, specs).sets
+    kind.objective(load_tokenizer(EMBEDDED_MINILM), sets, specs).save_beside(tmp_path)
+    kept = load_exemplars(tmp_path)
+    assert sorted(kept) == ["agnews", "sni_emotion"]
+    assert sum(map(len, kept["agnews"].values())) == 20  # every agnews record, as before
+    assert kept["agnews"] == {a: list(p) for a, p in before["agnews"].exemplars.items() if p}

@@ -11,6 +11,7 @@ from aftertune.learners.errors import LearnerError
 from aftertune.learners.evaluate import TaskScore
 from aftertune.learners.export import ExportResult
 from aftertune.learners.kinds.ranking.candidates import (
+    AnswerSet,
     answer_set,
     candidates_of,
     load_candidates,
@@ -44,7 +45,11 @@ class Ranking:
         return family_of(config) == RANKING
 
     def objective(self, tokenizer: Any, sets: AnswerSets, specs: LearningSpecs) -> Objective:
-        candidates = {t: list(s) for t, s in sets.items() if s is not None}
+        # An AnswerSet goes through whole: a plain list of it would drop the exemplars, and
+        # the version would then train against its answer texts and save no prototypes.
+        candidates = {
+            t: s if isinstance(s, AnswerSet) else list(s) for t, s in sets.items() if s is not None
+        }
         return RankingObjective(
             tokenizer,
             candidates,
