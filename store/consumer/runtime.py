@@ -144,7 +144,7 @@ def onnx_session(model: Path) -> Any:
     options.log_severity_level = 3
     # No spinning: ONNX Runtime's idle pool threads otherwise spin for work and take the
     # cores from the calls of other requests (and from whatever else runs on the host). With
-    # 4 callers on a shared 2-core host, MiniLM answered 10-15 records/s spinning, 41 without
+    # 4 callers on a shared 2-core host, MiniLM answered 25.4 records/s spinning, 46.2 without
     # (docs/benchmarks.md, "Answer server vs raw ONNX Runtime"). An idle, dedicated host may
     # answer a lone call slightly later; not measured here.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
