@@ -11,7 +11,7 @@ from aftertune.store.consumer.runtime import onnx_session
 
 
 def test_a_consumer_session_does_not_spin_for_work(tmp_path: Path) -> None:
-    # Spinning pool threads took the cores from concurrent calls: 3-4x fewer MiniLM answers
+    # Spinning pool threads took the cores from concurrent calls: 1.8x fewer MiniLM answers
     # a second on a shared 2-core host (docs/benchmarks.md).
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
