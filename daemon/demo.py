@@ -53,7 +53,7 @@ class Scenario:
     # what `make run` left (its report above all), and the other way round.
     folder: str = "demo"
     # torch threads of the daemon unless OMP_NUM_THREADS is set; None: torch's default
-    # (every core)
+    # (every core). The tiny demo keeps 1, as its figures in docs/benchmarks.md were taken.
     threads: int | None = 1
 
 
@@ -187,6 +187,10 @@ class Demo:
         }
         if threads is not None:
             env.setdefault("OMP_NUM_THREADS", str(threads))
+        # Waiting threads sleep instead of spinning: with another job on one of 2 cores, a
+        # MiniLM training step at 2 threads took 1.3 to 5.2 s spinning, 0.5 to 0.6 s passive
+        # (1 thread: 0.4 to 0.6 s; docs/benchmarks.md)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env.pop("AFTERTUNE_REDIS__URL", None)  # the demo runs on the embedded Redis
         log = open(self.state / "daemon.log", "wb")  # noqa: SIM115  closed with the process
         self.daemon = subprocess.Popen(
