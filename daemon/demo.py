@@ -86,11 +86,12 @@ def _rows(task: str, folder: str = "", train: int | None = None) -> list[dict[st
 
 
 # The real-text demo's sizes, to fit `make run` (install included) in 3 minutes on 2 cores
-# (docs/benchmarks.md): 100 train records a task, a cycle of 25 steps, are enough for MiniLM
-# to learn agnews and sni_emotion; every held-out line (100 a task) is pushed, so the gate
-# judges on as many records as the files have.
-REAL_TRAIN = 100  # agnews and sni_emotion train records pushed; the poison follows them
-REAL_POISON = 80  # fresh agnews records with flipped labels (one in ten held out)
+# (docs/benchmarks.md): 80 train records a task (a first cycle of 20 steps) are enough for
+# MiniLM to learn agnews and sni_emotion (100 a task cost the demo 16 % more CPU); every
+# held-out line (100 a task) is pushed, so the gate judges on as many records as the files
+# have. 54 poisoned train records against 80 clean ones cost agnews 18 points.
+REAL_TRAIN = 80  # agnews and sni_emotion train records pushed; the poison follows them
+REAL_POISON = 60  # fresh agnews records with flipped labels (one in ten held out)
 
 
 def _real_poison() -> list[dict[str, Any]]:
