@@ -55,6 +55,7 @@ class Scenario:
     # torch threads of the daemon unless OMP_NUM_THREADS is set; None: torch's default
     # (every core). The tiny demo keeps 1, as its figures in docs/benchmarks.md were taken.
     threads: int | None = 1
+    note: str = ""  # said at the start: where the demo's settings differ from a daemon's
 
 
 # Steps: (what the user sees, files to push, poisoned?)
@@ -86,12 +87,21 @@ def _rows(task: str, folder: str = "", train: int | None = None) -> list[dict[st
 
 
 # The real-text demo's sizes, to fit `make run` (install included) in 3 minutes on 2 cores
-# (docs/benchmarks.md): 80 train records a task (a first cycle of 20 steps) are enough for
-# MiniLM to learn agnews and sni_emotion (100 a task cost the demo 16 % more CPU); every
-# held-out line (100 a task) is pushed, so the gate judges on as many records as the files
-# have. 54 poisoned train records against 80 clean ones cost agnews 18 points.
+# (docs/benchmarks.md): 80 train records a task are enough for MiniLM to learn agnews and
+# sni_emotion; every held-out line (100 a task) is pushed, so the gate judges on as many
+# records as the files have; 54 poisoned train records against 80 clean ones cost agnews
+# 13 to 18 points. 100 and 80 cost the demo 16 % more CPU, 64 and 50 saved 10 % and lost
+# answers.
 REAL_TRAIN = 80  # agnews and sni_emotion train records pushed; the poison follows them
 REAL_POISON = 60  # fresh agnews records with flipped labels (one in ten held out)
+# The demo's own cycle settings, beside the product's defaults (2 passes, a Fisher of 64): on
+# the idle 2-core machine they took the demo from 140 to 103 s, sni_emotion learned 40 -> 51 %
+# instead of 39 -> 58 %.
+REAL_CYCLE = {
+    "AFTERTUNE_TRAIN__EPOCHS": "1",
+    "AFTERTUNE_EWC__FISHER_SAMPLES": "32",
+    "AFTERTUNE_EXPORT__PARITY_PROMPTS": "16",
+}
 
 
 def _real_poison() -> list[dict[str, Any]]:
@@ -154,10 +164,12 @@ def scenario(base: str) -> Scenario:
             env={
                 "AFTERTUNE_MODEL__BASE": base,
                 "AFTERTUNE_CYCLE__MIN_NEW_EXAMPLES": str(REAL_POISON * 9 // 10),
-                "AFTERTUNE_EXPORT__PARITY_PROMPTS": "16",
+                **REAL_CYCLE,
             },
             folder="demo-minilm",
             threads=None,
+            note="to fit in 3 minutes, this demo trains one pass over each batch (the kind's"
+            " default: train.epochs 2) and estimates EWC's Fisher on 32 examples (default 64)",
         )
     raise DaemonError(f"the demo runs on embedded:tiny or embedded:minilm, not {base!r}")
 
@@ -270,6 +282,8 @@ def run_demo(settings: Settings, *, timeout_s: float = 300.0, base: str = "embed
     timings: dict[int, float] = {}
     try:
         demo.start_daemon(plan.threads, **plan.env)
+        if plan.note:
+            demo.say(plan.note)
         for number, (what, tasks, poisoned) in enumerate(plan.steps, start=1):
             rows = plan.poison() if poisoned else [r for t in tasks for r in plan.rows(t)]
             demo.say(f"push {len(rows)} records: {what}")

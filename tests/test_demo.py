@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_make_run_learns_real_text_and_make_run_tiny_the_puzzles() -> None:
     assert build_parser().parse_args(["demo"]).base == "embedded:minilm"
     recipes = (REPO / "Makefile").read_text(encoding="utf-8")
-    assert "\nrun: $(VENV)\n\t$(BIN)/aftertune demo\n" in recipes
-    assert "\nrun-tiny: $(VENV)\n\t$(BIN)/aftertune demo --base embedded:tiny\n" in recipes
+    assert "\nrun: $(STAMP)\n\t$(BIN)/aftertune demo\n" in recipes
+    assert "\nrun-tiny: $(STAMP)\n\t$(BIN)/aftertune demo --base embedded:tiny\n" in recipes
 
 
 def test_each_real_task_push_is_one_cycle_with_every_held_out_line() -> None:
@@ -68,3 +68,14 @@ def test_a_promotion_shows_the_gate_figures_and_a_rejection_its_reasons() -> Non
     assert _why(_version(VersionState.RETIRED, gate)) == [chance]  # promoted, then replaced
     rejected = {"reasons": ["agnews: accuracy ... fell by 16.0 points"], "checks": []}
     assert _why(_version(VersionState.REJECTED, rejected)) == rejected["reasons"]
+
+
+def test_the_demo_says_which_defaults_it_departs_from_and_names_them_right() -> None:
+    from aftertune.learners.kinds.ranking.kind import Ranking
+    from aftertune.learners.training_specs import EwcSpec
+
+    plan = scenario("embedded:minilm")
+    assert plan.env["AFTERTUNE_TRAIN__EPOCHS"] == "1"
+    assert f"train.epochs {Ranking.train_defaults['epochs']})" in plan.note
+    assert f"Fisher on {plan.env['AFTERTUNE_EWC__FISHER_SAMPLES']} examples" in plan.note
+    assert f"(default {EwcSpec().fisher_samples})" in plan.note
