@@ -172,8 +172,8 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
         "--base",
         choices=("embedded:minilm", "embedded:tiny"),
         default="embedded:minilm",
-        help="embedded:minilm (real text, the default, ~2 min on 2 cores) or embedded:tiny "
-        "(character puzzles, ~2 min)",
+        help="embedded:minilm (real text, the default) or embedded:tiny (character "
+        "puzzles); each under 2 min on 2 idle cores",
     )
     p.add_argument(
         "--timeout", type=float, default=300.0, help="seconds to wait for each step (default 300)"
