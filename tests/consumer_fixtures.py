@@ -38,8 +38,9 @@ def export_published_state(state: Path) -> Path:
     return state
 
 
-def republish(bundles: Path, version: int) -> Path:
-    """v1's files published again as ``version`` (its own manifest), made latest: a promotion."""
+def install_copy_of_v1(bundles: Path, version: int, **manifest: object) -> Path:
+    """v1's files installed as ``version`` with their own manifest (``manifest`` overrides
+    fields, e.g. ``prompt``); ``latest`` is not moved."""
     staging = new_staging_dir(bundles, version)
     for path in (bundles / "v1").iterdir():
         if path.name != MANIFEST:
@@ -49,8 +50,13 @@ def republish(bundles: Path, version: int) -> Path:
         for k, v in read_manifest(bundles / "v1").items()
         if k not in ("schema", "created_at", "files")
     }
-    write_manifest(staging, {**fields, "version": version})
-    final = install(staging, bundles, version)
+    write_manifest(staging, {**fields, "version": version, **manifest})
+    return install(staging, bundles, version)
+
+
+def republish(bundles: Path, version: int) -> Path:
+    """v1's files published again as ``version`` (its own manifest), made latest: a promotion."""
+    final = install_copy_of_v1(bundles, version)
     set_latest(bundles, version)
     return final
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import prometheus_client
 import pytest
 import redis
-from consumer_fixtures import eventually, export_published_state
+from consumer_fixtures import eventually, export_published_state, install_copy_of_v1
 from test_answer_server import Client
 
 from aftertune.daemon.answer_feedback import StreamSink
@@ -30,9 +30,7 @@ from aftertune.daemon.embedded_redis import free_port
 from aftertune.daemon.hot_swap import BundleSlot
 from aftertune.daemon.server import HttpServer, build_app
 from aftertune.daemon.shadow import Shadow, ShadowMetrics, ShadowSpec
-from aftertune.store.bundles import install, new_staging_dir
 from aftertune.store.consumer import Bundle
-from aftertune.store.consumer.format import MANIFEST, read_manifest, write_manifest
 from aftertune.store.consumer.pull import DirSource, pull
 from aftertune.store.shadow import parse_report
 
@@ -54,17 +52,7 @@ QUESTIONS = [
 
 def publish_challenger(bundles: Path, version: int) -> Path:
     """v1's files as ``version`` with ``OTHER_PROMPT``: installed, not made latest."""
-    staging = new_staging_dir(bundles, version)
-    for path in (bundles / "v1").iterdir():
-        if path.name != MANIFEST:
-            shutil.copy2(path, staging / path.name)
-    fields = {
-        k: v
-        for k, v in read_manifest(bundles / "v1").items()
-        if k not in ("schema", "created_at", "files")
-    }
-    write_manifest(staging, {**fields, "version": version, "prompt": OTHER_PROMPT})
-    return install(staging, bundles, version)
+    return install_copy_of_v1(bundles, version, prompt=OTHER_PROMPT)
 
 
 @pytest.fixture(scope="module")
