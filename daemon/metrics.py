@@ -7,6 +7,7 @@ touches Redis or SQLite from the server's thread.
 
 from __future__ import annotations
 
+import math
 import platform
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -15,6 +16,7 @@ from typing import Any
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Enum,
     Gauge,
     Histogram,
     Info,
@@ -22,6 +24,9 @@ from prometheus_client import (
 )
 
 from aftertune.daemon.ingest import IngestStats
+from aftertune.daemon.shadow_judge import ShadowJudgment
+
+SHADOW_STATES = ["none", "waiting", "passed", "failed", "timed_out"]
 
 
 class DaemonMetrics:
@@ -84,6 +89,40 @@ class DaemonMetrics:
             registry=r,
         )
         self.ready = Gauge("aftertune_ready", "1 once Redis, store and server are up", registry=r)
+        # Shadow evaluation (gate.shadow_requests): the figures of the last version judged on
+        # live traffic, refreshed each time the daemon tallies the answer servers' reports.
+        self.shadow_version = Gauge(
+            "aftertune_shadow_version",
+            "Version in shadow evaluation on live traffic (0 = none)",
+            registry=r,
+        )
+        self.shadow_status = Enum(
+            "aftertune_shadow_status",
+            "Verdict on the last version judged on live traffic",
+            states=SHADOW_STATES,
+            registry=r,
+        )
+        self.shadow_compared = Gauge(
+            "aftertune_shadow_compared",
+            "Live records the last shadowed version answered beside the champion",
+            registry=r,
+        )
+        self.shadow_feedback = Gauge(
+            "aftertune_shadow_feedback",
+            "Feedback received on answers the last shadowed version also gave",
+            registry=r,
+        )
+        self.shadow_agreement = Gauge(
+            "aftertune_shadow_agreement_ratio",
+            "Share of the last shadowed version's answers that agree (NaN before the first)",
+            ["against"],
+            registry=r,
+        )
+        self.shadow_servers = Gauge(
+            "aftertune_shadow_servers",
+            "Answer servers that reported on the last shadowed version",
+            registry=r,
+        )
 
     def count_ingest(self, stats: IngestStats) -> None:
         self.ingested.inc(stats.stored)
@@ -106,6 +145,22 @@ class DaemonMetrics:
                 for metric, value in entry.get(model, {}).items():
                     if metric != "n":
                         self.gate_metric.labels(task, metric, model).set(float(value))
+
+    def record_shadow(self, judgment: ShadowJudgment | None) -> None:
+        """The daemon's latest look at shadow evaluation; None: no version is in it now (the
+        last one's figures stay)."""
+        if judgment is None:
+            self.shadow_version.set(0)
+            return
+        waiting = judgment.status in ("waiting", "timed_out")
+        self.shadow_version.set(judgment.version if waiting else 0)
+        self.shadow_status.state(judgment.status)
+        t = judgment.tally
+        self.shadow_compared.set(t.compared)
+        self.shadow_feedback.set(t.feedback)
+        self.shadow_servers.set(t.servers)
+        for against, share in (("champion", t.champion_share), ("feedback", t.feedback_share)):
+            self.shadow_agreement.labels(against).set(math.nan if share is None else share)
 
 
 def _aftertune_version() -> str:

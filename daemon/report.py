@@ -158,6 +158,7 @@ def render_report(registry: Registry, version: int | None = None) -> str:
         summary=_state_summary(versions),
         generated=time.time(),
         checks=_failures_first(selected.gate.get("checks", [])),
+        shadow=_shadow(selected.gate.get("shadow")),
         scores=_score_rows(selected),
         legend=[(i / 4, score_colour(i / 4)) for i in range(5)],
         heatmap=_heatmap(versions, points, selected.version) if points else None,
@@ -228,6 +229,40 @@ def _state_summary(versions: Sequence[Version]) -> str:
 
 def _failures_first(checks: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return sorted(checks, key=lambda c: c.get("passed") is not False)  # stable: order kept
+
+
+def _shadow(section: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A version's shadow evaluation on live traffic (gate report section ``shadow``), with
+    each agreement as a share; None when it had none."""
+    if not isinstance(section, Mapping):
+        return None
+    counts = section.get("tally") or {}
+
+    def count(name: str) -> int:
+        value = counts.get(name, 0)
+        return value if isinstance(value, int) else 0
+
+    def share(part: int, whole: int) -> float | None:
+        return part / whole if whole else None
+
+    compared, feedback = count("compared"), count("feedback")
+    return {
+        "status": str(section.get("status", "?")),
+        "since": _finite(section.get("since")),
+        "judged_on": section.get("judged_on"),
+        "reason": str(section.get("reason", "")),
+        "rows": [
+            ("the champion's answer", count("agreed"), compared, share(count("agreed"), compared)),
+            (
+                "feedback",
+                count("feedback_agreed"),
+                feedback,
+                share(count("feedback_agreed"), feedback),
+            ),
+        ],
+        "servers": count("servers"),
+        "ignored": count("ignored"),
+    }
 
 
 def _score_rows(version: Version) -> list[dict[str, Any]]:

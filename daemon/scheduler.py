@@ -183,6 +183,8 @@ class CycleScheduler:
     def _check_shadow(self) -> None:
         if candidate_version(self._settings()) is not None:
             self._begin(SHADOW)
+        else:  # approved or rejected by a person meanwhile, or never any
+            self._metrics.record_shadow(None)
 
     def _begin(self, reason: str) -> None:
         with self._guard:
@@ -221,7 +223,9 @@ class CycleScheduler:
             self._announce_latest(settings)
             if reason == SHADOW:
                 outcome = "skipped"  # not a cycle: cycles_total counts none
-                if judge_shadow(settings, self._client) == "passed":
+                judgment = judge_shadow(settings, self._client)
+                self._metrics.record_shadow(judgment)
+                if judgment is not None and judgment.status == "passed":
                     self._attempted_seq = 0
                     self._announce_latest(settings)
                 return

@@ -13,19 +13,29 @@ not judge.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from aftertune.daemon.settings import Settings
 from aftertune.store.registry import Registry
-from aftertune.store.shadow import shadow_candidate, stream_id_since, tally
+from aftertune.store.shadow import ShadowTally, shadow_candidate, stream_id_since, tally
 
 log = logging.getLogger(__name__)
 
 PAGE = 1000  # entries per XRANGE
 MAX_ENTRIES = 200_000  # read at most this many reports per judgment (answer servers cap the
 # stream at about 10,000)
+
+
+@dataclass(frozen=True)
+class ShadowJudgment:
+    """One look at the version in shadow evaluation: the verdict and what it was judged on."""
+
+    version: int
+    status: str  # 'waiting', 'passed', 'failed' or 'timed_out'
+    tally: ShadowTally
 
 
 def candidate_version(settings: Settings) -> int | None:
@@ -49,10 +59,9 @@ def read_reports(client: redis.Redis, stream: str, since: float) -> list[dict[An
     return out
 
 
-def judge_shadow(settings: Settings, client: redis.Redis) -> str | None:
+def judge_shadow(settings: Settings, client: redis.Redis) -> ShadowJudgment | None:
     """Tally the reports on the version in shadow evaluation and let the gate act on them.
-    Returns the verdict ('waiting', 'passed', 'failed', 'timed_out'), or None when no
-    version is in shadow evaluation. Runs in the cycle thread (it may promote)."""
+    None when no version is in shadow evaluation. Runs in the cycle thread (it may promote)."""
     from aftertune.daemon.learning import workspace
     from aftertune.learners.shadow_gate import SHADOW, settle_shadow
 
@@ -63,13 +72,13 @@ def judge_shadow(settings: Settings, client: redis.Redis) -> str | None:
             return None
         publication = registry.publication(version.version)
         if publication is None:  # exported before the registry recorded it: nothing to count
-            return "waiting"
+            return ShadowJudgment(version.version, "waiting", ShadowTally())
         since = float(version.gate[SHADOW].get("since", 0.0))
         try:
             entries = read_reports(client, settings.redis.shadow_stream, since)
         except redis.RedisError as exc:
             log.warning("shadow reports not read (%s); judged again later", exc)
-            return "waiting"
+            return ShadowJudgment(version.version, "waiting", ShadowTally())
         counted = tally(entries, version.version, publication.manifest_sha256)
         verdict, _ = settle_shadow(ws.state, version, counted)
-    return verdict.status.value
+    return ShadowJudgment(version.version, verdict.status.value, counted)

@@ -143,7 +143,7 @@ def shadow_lines(section: Mapping[str, Any] | None) -> list[str]:
     feedback, fb_agreed = int(counts.get("feedback", 0)), int(counts.get("feedback_agreed", 0))
     lines = [
         f"live traffic (shadow): {section.get('status', '?')}, since "
-        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(float(section.get('since', 0))))}",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(float(section.get('since', 0))))}",
         f"  with the champion: {agreed} of {compared} shadowed answers agree"
         + (f" ({100 * agreed / compared:.1f}%)" if compared else ""),
         f"  with feedback: {fb_agreed} of {feedback} agree"

@@ -21,7 +21,11 @@ import redis
 from conftest import cli_json, ingest, parity_rows, run_cli
 from consumer_fixtures import export_published_state
 
+from prometheus_client import generate_latest
+
 from aftertune.daemon.learning import workspace
+from aftertune.daemon.metrics import DaemonMetrics
+from aftertune.daemon.report import render_report
 from aftertune.daemon.settings import Settings, load_settings
 from aftertune.daemon.shadow_judge import candidate_version, judge_shadow
 from aftertune.learners.gate import Decision, GateReport
@@ -168,6 +172,12 @@ def waiting(
     yield Waiting(settings, sha)
 
 
+def _judged(settings: Settings, client: redis.Redis) -> str:
+    judgment = judge_shadow(settings, client)
+    assert judgment is not None and judgment.version == 1
+    return judgment.status
+
+
 def _state(settings: Settings) -> tuple[VersionState, dict[str, object]]:
     with Registry(settings.state_dir) as registry:
         found = registry.get(1)
@@ -187,7 +197,7 @@ def test_the_gate_waits_ignores_forged_reports_then_promotes(
     redis_client.xadd(STREAM, _report("f" * 64, "y", compared=1000, agreed=1000))
     redis_client.xadd(STREAM, {**_report(sha, "z"), "compared": "-5"})
     redis_client.xadd(STREAM, _report(sha, "answers-a", compared=6, agreed=6))
-    assert judge_shadow(settings, redis_client) == "waiting"
+    assert _judged(settings, redis_client) == "waiting"
     state, shadow = _state(settings)
     assert state is VersionState.AWAITING_APPROVAL
     assert shadow["tally"] == {
@@ -199,6 +209,20 @@ def test_the_gate_waits_ignores_forged_reports_then_promotes(
         "ignored": 3,
     }
     assert "10 are needed (gate.shadow_requests)" in str(shadow["reason"])
+    # The daemon's /metrics and the HTML report show the same figures while it waits.
+    metrics = DaemonMetrics()
+    metrics.record_shadow(judge_shadow(settings, redis_client))
+    scraped = generate_latest(metrics.registry).decode()
+    assert "aftertune_shadow_version 1.0" in scraped
+    assert 'aftertune_shadow_status{aftertune_shadow_status="waiting"} 1.0' in scraped
+    assert "aftertune_shadow_compared 6.0" in scraped
+    assert 'aftertune_shadow_agreement_ratio{against="champion"} 1.0' in scraped
+    assert 'aftertune_shadow_agreement_ratio{against="feedback"} NaN' in scraped
+    with Registry(settings.state_dir) as registry:
+        page = render_report(registry, 1)
+    assert "Live traffic (shadow evaluation)" in page
+    assert '<td class="num">6</td><td class="num">6</td><td class="num">100.0</td>' in page
+    assert "3 reports on other bundles or malformed, not counted" in page
 
     # Two answer servers together pass: 9 of 12 agree with the champion (75 %), but 3 of 3
     # feedback agrees with the challenger, and feedback is judged first.
@@ -206,7 +230,7 @@ def test_the_gate_waits_ignores_forged_reports_then_promotes(
     redis_client.xadd(
         STREAM, _report(sha, "answers-b", compared=4, agreed=3, feedback=3, feedback_agreed=3)
     )
-    assert judge_shadow(settings, redis_client) == "passed"
+    assert _judged(settings, redis_client) == "passed"
     with Registry(settings.state_dir) as registry:
         champion = registry.champion()
         promoted = registry.get(1)
@@ -216,6 +240,8 @@ def test_the_gate_waits_ignores_forged_reports_then_promotes(
     assert latest_version(settings.state_dir / "bundles") == 1
     assert manifest_sha256(settings.state_dir / "bundles" / "v1") == sha  # the shadowed one
     assert candidate_version(settings) is None
+    metrics.record_shadow(None)  # the scheduler's check finds none in shadow evaluation now
+    assert "aftertune_shadow_version 0.0" in generate_latest(metrics.registry).decode()
 
     shown = run_cli("models", "show", "1", env={"AFTERTUNE_STATE_DIR": str(settings.state_dir)})
     assert shown.returncode == 0, shown.stderr
@@ -228,7 +254,7 @@ def test_too_little_agreement_rejects_and_quarantines_its_batch(
 ) -> None:
     settings, sha = waiting.settings, waiting.sha
     redis_client.xadd(STREAM, _report(sha, compared=10, agreed=5))
-    assert judge_shadow(settings, redis_client) == "failed"
+    assert _judged(settings, redis_client) == "failed"
     state, shadow = _state(settings)
     assert state is VersionState.REJECTED
     assert "is under the 80.0% needed (gate.min_shadow_agreement)" in str(shadow["reason"])
@@ -246,9 +272,9 @@ def test_no_traffic_within_the_timeout_leaves_it_to_a_person(
     settings, sha = waiting.settings, waiting.sha
     redis_client.xadd(STREAM, _report(sha, compared=3, agreed=3))
     time.sleep(0.6)
-    assert judge_shadow(settings, redis_client) == "timed_out"
+    assert _judged(settings, redis_client) == "timed_out"
     redis_client.xadd(STREAM, _report(sha, compared=50, agreed=50))  # too late: a person decides
-    assert judge_shadow(settings, redis_client) == "timed_out"
+    assert _judged(settings, redis_client) == "timed_out"
     state, shadow = _state(settings)
     assert state is VersionState.AWAITING_APPROVAL
     assert shadow["status"] == "timed_out" and shadow["tally"]["compared"] == 50  # type: ignore[index]
