@@ -6,16 +6,13 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import textwrap
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import redis
@@ -25,6 +22,7 @@ from aftertune.daemon.cli_deploy import register_deploy_commands
 from aftertune.daemon.cli_models import EXIT_CODES_HELP, register_model_commands
 from aftertune.daemon.cli_quarantine import register_quarantine_commands
 from aftertune.daemon.errors import DaemonError, RedisUnavailable
+from aftertune.daemon.interrupt import interrupt_flag
 from aftertune.daemon.settings import Settings, load_settings
 from aftertune.learners.errors import LearnerError
 from aftertune.store.errors import StoreError
@@ -399,7 +397,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             status = gather_status(client, store, registry, settings)
             print(json.dumps(status, indent=2) if args.json else render_status(status))
             return 0
-        with _interrupt_flag() as interrupted:
+        with interrupt_flag() as interrupted:
             try:
                 while not interrupted.seen:
                     status = gather_status(client, store, registry, settings)
@@ -413,29 +411,6 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             except KeyboardInterrupt:  # how a watch ends
                 pass
         return 0
-
-
-@dataclass
-class _Interrupted:
-    seen: bool = False  # a plain attribute: a signal handler must not take a lock
-
-
-@contextmanager
-def _interrupt_flag() -> Iterator[_Interrupted]:
-    """Ctrl-C (SIGINT) raises KeyboardInterrupt as usual and also sets the flag yielded: an
-    interrupt Python swallows (raised inside a finalizer, where it is only printed) still
-    ends a loop that checks the flag."""
-    flag = _Interrupted()
-
-    def interrupted(signum: int, frame: FrameType | None) -> None:
-        flag.seen = True
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, interrupted)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _redraw(text: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aftertune.daemon.cli_versions import metrics_table, register_version_commands, version_arg
+from aftertune.daemon.interrupt import interrupt_flag
 from aftertune.daemon.settings import Settings
 from aftertune.daemon.tables import nats, percent, seconds, table
 from aftertune.store.layout import StateLayout
@@ -309,12 +310,31 @@ def cmd_base_build(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_cycle(args: argparse.Namespace, settings: Settings) -> int:
     from aftertune.daemon.learning import run_cycle_once
     from aftertune.daemon.running_cycle import running_cycle
-    from aftertune.learners.errors import CycleBlocked, DataRejected, NothingToTrain
+    from aftertune.learners.errors import (
+        CycleBlocked,
+        DataRejected,
+        NothingToTrain,
+        TrainingInterrupted,
+    )
 
     try:
         # `aftertune status` in another shell shows this cycle, its phase and start time.
-        with running_cycle(settings.state_dir, "aftertune cycle") as progress:
-            result = run_cycle_once(settings, actor=_actor(), should_stop=progress)
+        # Ctrl-C raises KeyboardInterrupt; should an interrupt be swallowed on its way (in a
+        # finalizer, a callback from C), training still stops at its next step.
+        with (
+            interrupt_flag() as interrupted,
+            running_cycle(settings.state_dir, "aftertune cycle") as progress,
+        ):
+
+            def should_stop(step: int, total_steps: int) -> bool:
+                return progress(step, total_steps) or interrupted.seen
+
+            result = run_cycle_once(settings, actor=_actor(), should_stop=should_stop)
+    except TrainingInterrupted as exc:
+        if not interrupted.seen:
+            raise
+        print(f"aftertune: interrupted: {exc}", file=sys.stderr)
+        return 130  # as a shell reports SIGINT, and as a KeyboardInterrupt ends it
     except DataRejected as exc:  # no version: the data checks rejected it before training
         return _no_cycle(args, "rejected", exc.reasons, CycleExit.REJECTED)
     except NothingToTrain as exc:
