@@ -2,11 +2,12 @@
 bundle, in one run, and failed requests across swaps under load.
 
     .venv/bin/python bench/answer_server.py [--bundle DIR | --kind generative|ranking]
-        [--clients 4] [--seconds 5] [--rounds 1] [--batch 16] [--swaps 10]
+        [--clients 4] [--seconds 5] [--rounds 1] [--batch 16] [--swaps 10] [--scale 1]
         [--server-args "OPTIONS"] [--json FILE]
 
 --bundle: a published bundle (any format); without it a bundle of --kind is exported into a
-temporary directory first: generative, the embedded tiny base (genai, fp32); ranking, the
+temporary directory first: generative, the embedded tiny base (genai, fp32; with --scale N,
+its architecture N times as wide with random weights, for a bigger model's cost); ranking, the
 frozen embedded MiniLM (onnx-ranking) with agnews's four answers, each anchored on the
 prototype of its bench/data train prompts. A task of the bundle that bench/data holds is
 asked with that task's test records (real text), any other with short made-up inputs. The
@@ -114,15 +115,38 @@ def publish(state: Path, source: Path, version: int) -> None:
     set_latest(bundles, version)
 
 
-def export_tiny(out: Path) -> Path:
+def widened_tiny(out: Path, scale: int) -> Path:
+    """The tiny base's architecture ``scale`` times as wide (hidden size, MLP, heads), with
+    random weights and the tiny's byte tokenizer: the cost of a bigger model per token, not
+    its answers (random weights rarely stop early, so most answers run to ANSWER_TOKENS)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from aftertune.learners.base_model import EMBEDDED_TINY, resolve_base
+
+    tiny = resolve_base(EMBEDDED_TINY)
+    config = AutoConfig.from_pretrained(tiny)
+    config.hidden_size *= scale
+    config.intermediate_size *= scale
+    config.num_attention_heads *= scale
+    config.num_key_value_heads *= scale
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy2(tiny / name, out / name)
+    return out
+
+
+def export_tiny(out: Path, scale: int = 1) -> Path:
     from aftertune.daemon.specs import default_specs
     from aftertune.learners.base_model import EMBEDDED_TINY, resolve_base
     from aftertune.learners.curriculum import sample
     from aftertune.learners.kinds.generative.export import export_bundle
 
     rng = random.Random(11)
+    base = resolve_base(EMBEDDED_TINY) if scale == 1 else widened_tiny(out.parent / "base", scale)
     export_bundle(
-        resolve_base(EMBEDDED_TINY),
+        base,
         out,
         replace(default_specs().export, method="genai", parity_prompts=4),
         [sample(rng).prompt for _ in range(4)],
@@ -220,13 +244,24 @@ def main() -> None:
     ap.add_argument("--server-args", default="", help="more answer-server options")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--swaps", type=int, default=10)
+    ap.add_argument(
+        "--scale",
+        type=int,
+        default=1,
+        help="generative: the tiny base this many times as wide, random weights (a bigger "
+        "model's cost per answer)",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-answer-"))
     try:
-        export = export_minilm if args.kind == "ranking" else export_tiny
-        source = args.bundle or export(work / "exported")
+        if args.bundle is not None:
+            source = args.bundle
+        elif args.kind == "ranking":
+            source = export_minilm(work / "exported")
+        else:
+            source = export_tiny(work / "exported", args.scale)
         state = work / "state"
         publish(state, Path(source), 1)
         consumer = work / "consumer"
@@ -246,6 +281,7 @@ def measure(args: argparse.Namespace, state: Path, consumer: Path) -> dict[str, 
     as_tuple = [(q["task"], q["instruction"], q["input"]) for q in asked]
     results: dict[str, Any] = {
         "bundle_format": bundle.format,
+        "scale": args.scale,
         "clients": args.clients,
         "batch": args.batch,
         "seconds_per_phase": args.seconds,

@@ -65,3 +65,20 @@ def test_ranking_bench_runs_a_cycle_and_the_consumer_answers_as_torch(tmp_path: 
     assert consumer["prompts"] == 24 and consumer["same_answers"] == 24
     assert consumer["ratio"] == pytest.approx(consumer["onnx_per_s"] / consumer["torch_per_s"])
     assert re.search(r'^consumer: \{"prompts": 24', done.stdout, re.M), done.stdout
+
+
+def test_answer_server_bench_measures_a_widened_base_and_its_swaps(tmp_path: Path) -> None:
+    out = tmp_path / "answer.json"
+    done = _bench(
+        "bench/answer_server.py", "--kind", "generative", "--scale", "2", "--seconds", "0.5",
+        "--swaps", "2", "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["bundle_format"] == "onnxruntime-genai" and report["scale"] == 2
+    assert report["swap_failed"] == 0 and report["swap_versions_seen"][-1] == 3
+    for kind in ("single", "batch"):
+        assert report[f"server_{kind}_records_per_s"] > 0 and report[f"server_{kind}_failed"] == 0
+        ratio = report[f"server_{kind}_records_per_s"] / report[f"raw_{kind}_records_per_s"]
+        assert report[f"{kind}_ratio"] == pytest.approx(ratio, abs=0.002)
+    assert re.search(r"^single: server/raw \d", done.stdout, re.M), done.stdout

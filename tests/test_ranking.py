@@ -189,6 +189,7 @@ def test_consumer_ranks_without_torch(cycled: dict[str, Any]) -> None:
 @pytest.mark.slow
 def test_embed_groups_by_length_and_keeps_the_callers_order(cycled: dict[str, Any]) -> None:
     bundle = Bundle.open(cycled["bundle"])
+    assert not bundle.holds_gil  # ONNX Runtime releases it: the answer server uses threads
     texts = ["a much longer prompt about the markets and the rates of the central bank", "hi"]
     texts += ["a middling prompt on football", "x y z", "the longest of them all " * 6]
     grouped = bundle.embed(texts, batch_size=2)  # lengths differ, so the order is shuffled

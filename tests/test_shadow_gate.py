@@ -20,7 +20,6 @@ import pytest
 import redis
 from conftest import cli_json, ingest, parity_rows, run_cli
 from consumer_fixtures import export_published_state
-
 from prometheus_client import generate_latest
 
 from aftertune.daemon.learning import workspace

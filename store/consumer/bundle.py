@@ -99,6 +99,13 @@ class Bundle:
         """Tokens a generative model sees, prompt and answer (0: unknown or not generative)."""
         return int(getattr(self.runtime, "context_length", 0) or 0)
 
+    @property
+    def holds_gil(self) -> bool:
+        """The runtime keeps Python's GIL while it answers (onnxruntime-genai): other
+        threads of the process wait meanwhile, so answering on a worker thread gains no
+        overlap. False for ONNX Runtime sessions, which release it."""
+        return bool(getattr(self.runtime, "holds_gil", False))
+
     def encode(self, text: str) -> list[int]:
         """The prompt's ids, special tokens (BOS) included exactly as training added them:
         the export's parity check compares these ids with the training tokenizer's."""

@@ -25,6 +25,10 @@ class GenaiRuntime:
     """An ``onnxruntime-genai`` bundle, answering by greedy decoding."""
 
     candidates: Mapping[str, list[str]] = MappingProxyType({})  # it generates; no candidates
+    # onnxruntime-genai keeps the GIL while it runs (measured: two generators on two threads
+    # decode no faster than one; docs/benchmarks.md), so a thread of its own buys a caller
+    # nothing but the hand-off.
+    holds_gil = True
 
     def __init__(self, path: Path, manifest: Mapping[str, Any]) -> None:
         import onnxruntime_genai as og
