@@ -228,7 +228,11 @@ class _CycleRun:
         """Score both, judge per task, then promote, wait for approval, retry or reject."""
         state = self.state
         by_suite, sets, chance = self.suites_of(challenger)
-        champion_scores = self.score(self.champion, by_suite, sets)
+        # The champion as deployed: for the ranking kind, its own prototypes, not ones drawn
+        # from the batch being judged.
+        champion_dir = self.champion.adapter_dir if self.champion is not None else None
+        champion_sets = state.kind.as_deployed(champion_dir, sets)
+        champion_scores = self.score(self.champion, by_suite, champion_sets)
         failpoint("cycle.during_eval")
         challenger_scores = self.score(challenger, by_suite, sets)
         gate = self.judge(challenger, champion_scores, challenger_scores, chance["gain"])

@@ -8,6 +8,8 @@ and nothing else:
 - ``answer_sets``: per task, what an answer is judged against (label set / candidates), and
   the tasks this kind refuses with the reason;
 - ``score``: per-task scores on held-out examples (the one scoring path);
+- ``as_deployed``: the answer sets a trained version answers with as deployed (the gate
+  scores the champion so, not with sets drawn from the batch being judged);
 - ``export``: the champion as a parity-checked bundle;
 - ``train_defaults``: ``train.lr`` and ``train.epochs`` when the settings leave them unset;
 - ``trains_in_processes``: whether ``train.processes`` > 1 may run its training under torchrun;
@@ -75,6 +77,12 @@ class ModelKind(Protocol):
         sets: AnswerSets,
         specs: LearningSpecs,
     ) -> dict[str, TaskScore]: ...
+
+    def as_deployed(self, adapter_dir: Path | None, sets: AnswerSets) -> AnswerSets:
+        """``sets`` as the version trained into ``adapter_dir`` (None: the base) answers
+        them once deployed: a kind whose answers depend on data the version keeps (the
+        ranking kind's exemplars) swaps in what it kept; others return ``sets``."""
+        ...
 
     def export(
         self,

@@ -340,3 +340,25 @@ def test_a_ranking_bundle_says_it_does_not_generate(cycled: dict[str, Any]) -> N
         bundle.generate(instruction="Topic?", input="Title: Yankees win the World Series")
     with pytest.raises(BundleError, match="exposes no logits"):
         bundle.logits([1, 2])
+
+
+def test_the_champion_is_judged_with_the_prototypes_it_was_deployed_with(
+    cycled: dict[str, Any],
+) -> None:
+    from aftertune.learners.kinds.ranking.candidates import AnswerSet
+    from aftertune.learners.kinds.ranking.kind import Ranking
+    from aftertune.store.registry import Registry
+
+    with Registry(Path(cycled["env"]["AFTERTUNE_STATE_DIR"])) as registry:
+        champion = registry.champion()
+    assert champion is not None
+    answers = sorted(Bundle.open(cycled["bundle"]).candidates["agnews"])
+    # The sets a cycle draws with a batch under judgment: the same answers, other exemplars.
+    drawn = AnswerSet(answers, {a: (f"poisoned {a}",) for a in answers})
+    sets = {"agnews": drawn, "newtask": ["x", "y"], "refused": None}
+    deployed = Ranking().as_deployed(champion.adapter_dir, sets)
+    kept = deployed["agnews"]
+    assert isinstance(kept, AnswerSet) and list(kept) == answers
+    assert all(kept.exemplars[a] and "poisoned" not in kept.exemplars[a][0] for a in answers)
+    assert deployed["newtask"] == ["x", "y"] and deployed["refused"] is None  # new to it
+    assert Ranking().as_deployed(None, sets) is sets  # the base keeps nothing

@@ -55,6 +55,9 @@ class Generative:
         labels = {t: (set(s) if s is not None else None) for t, s in sets.items()}
         return score(model, tokenizer, by_task, labels, specs.eval)
 
+    def as_deployed(self, adapter_dir: Path | None, sets: AnswerSets) -> AnswerSets:
+        return sets  # the label sets are the data's; nothing of them is kept in a version
+
     def export(
         self,
         model_dir: Path,

@@ -91,6 +91,20 @@ class Ranking:
     ) -> dict[str, TaskScore]:
         return rank_scores(model, tokenizer, by_task, sets, specs.eval, specs.ranking)
 
+    def as_deployed(self, adapter_dir: Path | None, sets: AnswerSets) -> AnswerSets:
+        """Each task the version was trained on, answered among its own candidates and
+        prototypes (the ones its bundle carries), not those drawn from data it never saw:
+        the batch under judgment would otherwise move the champion's prototypes too (a
+        label-flipped batch took a champion from 86 % to 70 % on its own held-out records).
+        Tasks new to it, and the base, keep ``sets``."""
+        if adapter_dir is None:
+            return sets
+        try:
+            kept = with_exemplars(load_candidates(adapter_dir), load_exemplars(adapter_dir))
+        except LearnerError:  # a version saved before it kept them: as before
+            return sets
+        return {t: (kept[t] if t in kept and s is not None else s) for t, s in sets.items()}
+
     def export(
         self,
         model_dir: Path,
