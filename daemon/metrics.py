@@ -89,8 +89,11 @@ class DaemonMetrics:
             registry=r,
         )
         self.ready = Gauge("aftertune_ready", "1 once Redis, store and server are up", registry=r)
-        # Shadow evaluation (gate.shadow_requests): the figures of the last version judged on
-        # live traffic, refreshed each time the daemon tallies the answer servers' reports.
+        self._add_shadow_metrics(r)
+
+    def _add_shadow_metrics(self, r: CollectorRegistry) -> None:
+        """Shadow evaluation (gate.shadow_requests): the figures of the last version judged on
+        live traffic, refreshed each time the daemon tallies the answer servers' reports."""
         self.shadow_version = Gauge(
             "aftertune_shadow_version",
             "Version in shadow evaluation on live traffic (0 = none)",
