@@ -168,14 +168,23 @@ class ModelSettings(_Section):
 
 
 class PromptSettings(_Section):
-    """The prompt template: training, evaluation, export and consumers all render this one."""
+    """The prompt template: training, evaluation, export and consumers all render this one.
+    Unset, each is the model kind's default (the generative kind: ``Instruction: ...``; the
+    ranking kind: ``{input} [SEP] {instruction}``, see docs/configuration.md)."""
 
-    with_input: str = Field(default=DEFAULT_TEMPLATE, description="needs {instruction}, {input}")
-    without_input: str = Field(default=DEFAULT_TEMPLATE_NO_INPUT, description="needs {instruction}")
+    with_input: str | None = Field(
+        default=None, description="needs {instruction}, {input}; unset: the model kind's"
+    )
+    without_input: str | None = Field(
+        default=None, description="needs {instruction}; unset: the model kind's"
+    )
 
     @model_validator(mode="after")
     def _placeholders(self) -> PromptSettings:
-        PromptTemplate(self.with_input, self.without_input)  # ValueError names what is missing
+        # ValueError names what is missing; an unset one is checked against a stand-in
+        PromptTemplate(
+            self.with_input or DEFAULT_TEMPLATE, self.without_input or DEFAULT_TEMPLATE_NO_INPUT
+        )
         return self
 
 

@@ -40,9 +40,18 @@ def _by_kind(settings: Settings) -> dict[str, Any]:
     return {"lr": train.lr or defaults["lr"], "epochs": train.epochs or defaults["epochs"]}
 
 
+def _template(settings: Settings) -> PromptTemplate:
+    """[prompt] as set, else the default of ``model.base``'s kind."""
+    default = kind_for(settings.model.base).default_prompt(settings.model.base)
+    return PromptTemplate(
+        settings.prompt.with_input or default.with_input,
+        settings.prompt.without_input or default.without_input,
+    )
+
+
 def specs_from(settings: Settings) -> LearningSpecs:
     """Every spec a learning cycle takes, from ``settings`` (the learners never see them)."""
-    template = PromptTemplate(**settings.prompt.model_dump())
+    template = _template(settings)
     gate = settings.gate
     rules = GateRules(
         **_part(GateOptions, gate),

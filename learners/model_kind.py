@@ -12,6 +12,7 @@ and nothing else:
   scores the champion so, not with sets drawn from the batch being judged);
 - ``export``: the champion as a parity-checked bundle;
 - ``train_defaults``: ``train.lr`` and ``train.epochs`` when the settings leave them unset;
+- ``default_prompt``: the prompt template when the settings leave ``[prompt]`` unset;
 - ``trains_in_processes``: whether ``train.processes`` > 1 may run its training under torchrun;
 - ``judged_metrics``: the metrics the gate's rules watch for this kind (the ranking kind is
   judged on accuracy: the NLL of its sharpened softmax says how confident it is, not what a
@@ -32,6 +33,7 @@ from aftertune.learners.export import ExportResult
 from aftertune.learners.objective import Objective
 from aftertune.learners.specs import LearningSpecs
 from aftertune.store.examples import Example, ExampleStore
+from aftertune.store.prompt import PromptTemplate
 
 AnswerSets = Mapping[str, Collection[str] | None]
 
@@ -52,6 +54,10 @@ class ModelKind(Protocol):
 
     def accepts(self, config: Mapping[str, Any]) -> bool:
         """Whether a base with this ``config.json`` is of this kind."""
+        ...
+
+    def default_prompt(self, base: str) -> PromptTemplate:
+        """The prompt template of a base of this kind when ``[prompt]`` is unset."""
         ...
 
     def objective(self, tokenizer: Any, sets: AnswerSets, specs: LearningSpecs) -> Objective:

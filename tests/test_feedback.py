@@ -151,7 +151,7 @@ def test_a_thumbs_down_on_a_ranking_answer_pushes_that_candidate_down_for_that_i
 
     from aftertune.learners.base_model import EMBEDDED_MINILM, load_base
     from aftertune.learners.kinds.generative.objective import ResponseObjective
-    from aftertune.learners.kinds.ranking.encoder import embed_ids, pad_token
+    from aftertune.learners.kinds.ranking.encoder import embed_ids, pad_token, sep_token
     from aftertune.learners.kinds.ranking.objective import RankingObjective
     from aftertune.learners.specs import RankingSpec
     from aftertune.store.prompt import DEFAULT_PROMPT
@@ -187,8 +187,8 @@ def test_a_thumbs_down_on_a_ranking_answer_pushes_that_candidate_down_for_that_i
         def p() -> float:
             with torch.no_grad():
                 pad = pad_token(tokenizer)
-                prompt = embed_ids(model, [encoded[0].input_ids], pad, "cpu")
-                answers = embed_ids(model, objective._ids["news"], pad, "cpu")
+                prompt = embed_ids(model, [encoded[0].input_ids], pad, "cpu", sep_token(tokenizer))
+                answers = embed_ids(model, objective._ids["news"], pad, "cpu", sep_token(tokenizer))
                 logits = prompt @ answers.T / RankingSpec().temperature
                 return float(logits.softmax(-1)[0, 0])
 

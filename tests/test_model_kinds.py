@@ -25,6 +25,7 @@ from aftertune.learners.objective import Objective
 from aftertune.learners.specs import LearningSpecs
 from aftertune.learners.workspace import Workspace
 from aftertune.store.examples import Example, ExampleStore
+from aftertune.store.prompt import DEFAULT_PROMPT, PromptTemplate
 from aftertune.store.records import record_from_obj
 from aftertune.store.registry import Registry
 
@@ -45,6 +46,9 @@ class FirstLetter:
 
     def accepts(self, config: Mapping[str, Any]) -> bool:
         return config.get("aftertune_kind") == self.name
+
+    def default_prompt(self, base: str) -> PromptTemplate:
+        return DEFAULT_PROMPT
 
     def objective(self, tokenizer: Any, sets: AnswerSets, specs: LearningSpecs) -> Objective:
         self.calls.append("objective")

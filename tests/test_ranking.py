@@ -96,6 +96,40 @@ def test_embedded_minilm_is_a_ranking_base_found_in_its_package() -> None:
     assert model_kind(EMBEDDED_MINILM) == RANKING
 
 
+def test_a_two_segment_prompt_is_pooled_over_its_first_segment_alone() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from aftertune.learners.base_model import load_base
+    from aftertune.learners.kinds.ranking.encoder import embed_texts, sep_token
+
+    model, tokenizer = load_base(EMBEDDED_MINILM)
+    texts = ["a fine film [SEP] say if the review is positive", "a fine film"]
+    got = embed_texts(model, tokenizer, texts, max_length=64)
+    with torch.no_grad():
+        enc = tokenizer(texts[0], return_tensors="pt")
+        hidden = model(**enc)[0][0]
+    first = enc["input_ids"][0].tolist().index(sep_token(tokenizer)) + 1  # [CLS] a fine film [SEP]
+    assert first == 5 < len(enc["input_ids"][0])
+    assert torch.allclose(got[0], F.normalize(hidden[:first].mean(0), dim=-1), atol=1e-5)
+    # the instruction is context, not pooled: another one moves the embedding less than it
+    # moves the same prompt pooled whole
+    other = "a fine film [SEP] name the topic"
+    seg = embed_texts(model, tokenizer, [texts[0], other], max_length=64)
+    whole = embed_texts(
+        model,
+        tokenizer,
+        [texts[0].replace(" [SEP]", "."), other.replace(" [SEP]", ".")],
+        max_length=64,
+    )
+    assert float(seg[0] @ seg[1]) > float(whole[0] @ whole[1])
+    # one segment (the final [SEP] only): pooled whole, as sentence-transformers does
+    with torch.no_grad():
+        enc = tokenizer(texts[1], return_tensors="pt")
+        hidden = model(**enc)[0][0]
+    assert torch.allclose(got[1], F.normalize(hidden.mean(0), dim=-1), atol=1e-5)
+
+
 def test_candidates_are_the_distinct_outputs_and_free_text_is_refused() -> None:
     assert candidates_of(["b", "a", "b ", "a"], 4) == ["a", "b"]
     assert candidates_of([f"x{i}" for i in range(5)], 4) is None
@@ -115,6 +149,11 @@ def test_cycle_promotes_a_parity_checked_ranking_bundle(cycled: dict[str, Any]) 
     parity = manifest["parity"]
     assert parity["identical"] == parity["prompts"] > 0
     assert parity["embedding_max_abs_diff"] <= 1e-4
+    # The ranking kind's own layout, carried to the consumer: the input, then the instruction
+    assert manifest["prompt"]["with_input"] == "{input} [SEP] {instruction}"
+    bundle = Bundle.open(cycled["bundle"])
+    ids = bundle.encode(bundle.render("Topic?", "Yankees win"))
+    assert ids.count(bundle.runtime.tokenizer.token_to_id("[SEP]")) == 2
 
 
 @pytest.mark.slow

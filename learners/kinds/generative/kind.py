@@ -17,6 +17,7 @@ from aftertune.learners.model_kind import AnswerSets, Judged
 from aftertune.learners.objective import Objective
 from aftertune.learners.specs import LearningSpecs
 from aftertune.store.examples import Example, ExampleStore
+from aftertune.store.prompt import DEFAULT_PROMPT, PromptTemplate
 
 
 class Generative:
@@ -30,6 +31,9 @@ class Generative:
 
     def accepts(self, config: Mapping[str, Any]) -> bool:
         return family_of(config) == GENERATIVE
+
+    def default_prompt(self, base: str) -> PromptTemplate:
+        return DEFAULT_PROMPT  # the layout the shipped base was pretrained on
 
     def objective(self, tokenizer: Any, sets: AnswerSets, specs: LearningSpecs) -> Objective:
         return ResponseObjective(tokenizer)

@@ -1,8 +1,9 @@
 """The ranking model kind: a sentence encoder whose answer is the nearest known output.
 
-A ranking task's **candidates** are its distinct train outputs. The prompt (instruction +
-input, rendered by the same template as the generative kind) and every candidate are
-embedded by the encoder (mean pooling over the attention mask, L2-normalised, as
+A ranking task's **candidates** are its distinct train outputs. The prompt (by default
+``{input} [SEP] {instruction}``, ``Ranking.default_prompt``) and every candidate are
+embedded by the encoder (mean pooling over the prompt's first segment, the input read in the
+context of the instruction, L2-normalised; a one-segment text is pooled whole, as
 sentence-transformers' all-MiniLM-L6-v2 does); the answer is the candidate with the highest
 cosine similarity. Training is contrastive over the task's candidates: cross-entropy of
 ``cosine / temperature`` against the reference, both sides through the same LoRA-adapted

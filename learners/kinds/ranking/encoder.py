@@ -1,7 +1,8 @@
 """The encoder side of the ranking kind: sentence embeddings and cosine ranking.
 
-Mean pooling over the attention mask, L2-normalised (as sentence-transformers'
-all-MiniLM-L6-v2 does); ``anchors`` gives each candidate's point in that space (its class
+Mean pooling over the prompt's first segment (up to its first ``[SEP]``: the input of
+``{input} [SEP] {instruction}``; a one-segment text is pooled whole, as sentence-transformers'
+all-MiniLM-L6-v2 does), L2-normalised; ``anchors`` gives each candidate's point in that space (its class
 prototype, see ``candidates.py``) and ``rank`` every prompt's cosine to every anchor.
 """
 
@@ -15,8 +16,20 @@ import torch
 import torch.nn.functional as F
 
 
+def first_segment(input_ids: torch.Tensor, mask: torch.Tensor, sep: int | None) -> torch.Tensor:
+    """``mask`` cut after the first separator token (``sep``, the tokenizer's ``[SEP]``): the
+    tokens the embedding is pooled over. A prompt with one segment (a single ``[SEP]``, at
+    its end) keeps its whole mask; ``{input} [SEP] {instruction}`` is pooled over its input
+    alone, read in the context of the instruction."""
+    if sep is None:
+        return mask
+    seps = (input_ids == sep).to(mask.dtype) * mask
+    before = torch.cumsum(seps, dim=1) - seps  # separators strictly before each token
+    return mask * (before == 0).to(mask.dtype)
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the token states under the attention mask, L2-normalised (sentence embedding)."""
+    """Mean of the token states under ``mask``, L2-normalised (sentence embedding)."""
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
     return F.normalize(pooled.float(), dim=-1)
@@ -25,13 +38,13 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class Embedder(torch.nn.Module):
     """``input_ids``, ``attention_mask`` → normalised embedding: what the bundle exports."""
 
-    def __init__(self, encoder: Any) -> None:
+    def __init__(self, encoder: Any, sep: int | None) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.sep = encoder, sep
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
-        return mean_pool(hidden, attention_mask)
+        return mean_pool(hidden, first_segment(input_ids, attention_mask, self.sep))
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -53,15 +66,25 @@ def pad_rows(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
 
 
 def embed_ids(
-    model: Any, rows: Sequence[Sequence[int]], pad: int, device: torch.device | str
+    model: Any,
+    rows: Sequence[Sequence[int]],
+    pad: int,
+    device: torch.device | str,
+    sep: int | None = None,
 ) -> torch.Tensor:
     ids, mask = pad_rows(rows, pad)
     ids, mask = ids.to(device), mask.to(device)
-    return mean_pool(model(input_ids=ids, attention_mask=mask)[0], mask)
+    return mean_pool(model(input_ids=ids, attention_mask=mask)[0], first_segment(ids, mask, sep))
 
 
 def pad_token(tokenizer: Any) -> int:
     return int(tokenizer.pad_token_id or 0)
+
+
+def sep_token(tokenizer: Any) -> int | None:
+    """The id that ends a segment (``[SEP]``), or None for a tokenizer without one."""
+    found = getattr(tokenizer, "sep_token_id", None)
+    return None if found is None else int(found)
 
 
 # --- scoring -----------------------------------------------------------------------------------
@@ -79,7 +102,7 @@ def embed_texts(
 ) -> torch.Tensor:
     """Normalised embeddings of ``texts`` in eval mode, [texts, width] float on CPU; batches
     grouped by length (less padding), rows in the caller's order."""
-    pad = pad_token(tokenizer)
+    pad, sep = pad_token(tokenizer), sep_token(tokenizer)
     rows = tokenize(tokenizer, texts, max_length)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     was_training = model.training
@@ -88,7 +111,7 @@ def embed_texts(
         out: torch.Tensor | None = None
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            vecs = embed_ids(model, [rows[i] for i in idx], pad, device).float().cpu()
+            vecs = embed_ids(model, [rows[i] for i in idx], pad, device, sep).float().cpu()
             if out is None:
                 out = torch.zeros(len(rows), vecs.shape[1])
             out[idx] = vecs

@@ -30,7 +30,13 @@ from aftertune.learners.base_model import load_base
 from aftertune.learners.errors import ExportError
 from aftertune.learners.export import ExportResult, ExportSpec
 from aftertune.learners.kinds.ranking.candidates import exemplars_of
-from aftertune.learners.kinds.ranking.encoder import Embedder, anchors, pad_rows, tokenize
+from aftertune.learners.kinds.ranking.encoder import (
+    Embedder,
+    anchors,
+    pad_rows,
+    sep_token,
+    tokenize,
+)
 from aftertune.store.consumer import Bundle
 from aftertune.store.consumer.format import FORMAT_RANKING, write_manifest
 
@@ -100,7 +106,7 @@ def _onnx_encoder(model: Any, tokenizer: Any, path: Path) -> None:
     ids = torch.tensor(tokenize(tokenizer, ["an example prompt", "another"], 16)[0:1] * 2)
     try:
         torch.onnx.export(
-            Embedder(model).eval(),
+            Embedder(model, sep_token(tokenizer)).eval(),
             (ids, torch.ones_like(ids)),
             str(path),
             dynamo=False,
@@ -167,7 +173,8 @@ def check_ranking_parity(
         raise ExportError("parity: the bundle's tokenizer does not reproduce the training ids")
     got = bundle.embed(texts)
     with torch.no_grad():
-        want = Embedder(model).eval()(*pad_rows(rows, bundle.pad_token_id)).numpy()
+        embedder = Embedder(model, sep_token(tokenizer)).eval()
+        want = embedder(*pad_rows(rows, bundle.pad_token_id)).numpy()
     diff = float(np.abs(got - want).max())
     if diff > spec.embedding_atol:
         raise ExportError(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from aftertune.learners.base_model import RANKING, family_of
+from aftertune.learners.base_model import RANKING, family_of, resolve_base
 from aftertune.learners.errors import LearnerError
 from aftertune.learners.evaluate import TaskScore
 from aftertune.learners.export import ExportResult
@@ -26,6 +28,7 @@ from aftertune.learners.model_kind import AnswerSets, Judged
 from aftertune.learners.objective import Objective
 from aftertune.learners.specs import LearningSpecs
 from aftertune.store.examples import Example, ExampleStore
+from aftertune.store.prompt import DEFAULT_PROMPT, PromptTemplate
 
 
 class Ranking:
@@ -43,6 +46,18 @@ class Ranking:
 
     def accepts(self, config: Mapping[str, Any]) -> bool:
         return family_of(config) == RANKING
+
+    def default_prompt(self, base: str) -> PromptTemplate:
+        """``{input} [SEP] {instruction}`` (the base tokenizer's separator): the embedding is
+        pooled over the input alone, read in the context of the instruction, and a long
+        prompt is cut in its instruction, not its input. Pooled over the whole prompt, the
+        task's constant instruction made up most of every embedding: on 800 held-out
+        records, sni_sst2 71.0 % -> 74.3 %, sni_sentiment140 74.0 % -> 76.4 % (docs/benchmarks.md). A
+        tokenizer without a separator keeps the generic layout, pooled whole."""
+        sep = separator(resolve_base(base))
+        if sep is None:
+            return DEFAULT_PROMPT
+        return PromptTemplate(f"{{input}} {sep} {{instruction}}", "{instruction}")
 
     def objective(self, tokenizer: Any, sets: AnswerSets, specs: LearningSpecs) -> Objective:
         # An AnswerSet goes through whole: a plain list of it would drop the exemplars, and
@@ -127,3 +142,18 @@ class Ranking:
             prompts=prompts,
             manifest_fields=fields,
         )
+
+
+@functools.lru_cache(maxsize=16)
+def separator(model_dir: Path) -> str | None:
+    """The text of the tokenizer's separator token (``[SEP]``), from its saved config."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            found = json.loads((model_dir / name).read_text(encoding="utf-8")).get("sep_token")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(found, dict):
+            found = found.get("content")
+        if isinstance(found, str) and found:
+            return found
+    return None

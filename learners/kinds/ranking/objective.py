@@ -37,7 +37,13 @@ from aftertune.learners.kinds.ranking.candidates import (
     save_candidates,
     save_exemplars,
 )
-from aftertune.learners.kinds.ranking.encoder import anchors, embed_ids, pad_token, tokenize
+from aftertune.learners.kinds.ranking.encoder import (
+    anchors,
+    embed_ids,
+    pad_token,
+    sep_token,
+    tokenize,
+)
 from aftertune.learners.kinds.ranking.fisher import ranking_fisher
 from aftertune.learners.objective import ExampleT
 from aftertune.learners.specs import RankingSpec
@@ -123,11 +129,11 @@ class RankingObjective:
             by_task[e.task].append(e)
         total = torch.zeros((), device=device)
         tokens = 0
-        pad = pad_token(self.tokenizer)
+        pad, sep = pad_token(self.tokenizer), sep_token(self.tokenizer)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             for task, group in sorted(by_task.items()):
                 answers = self._anchor_vecs(model, task, len(group), device)
-                prompts = embed_ids(model, [e.input_ids for e in group], pad, device)
+                prompts = embed_ids(model, [e.input_ids for e in group], pad, device, sep)
                 logits = prompts @ answers.T / self.spec.temperature
                 target = torch.tensor([e.labels[0] for e in group], device=device)
                 chosen = F.log_softmax(logits.float(), -1).gather(1, target[:, None])[:, 0]
@@ -147,7 +153,9 @@ class RankingObjective:
         """The task's anchors for a group of ``examples``: its prototypes (rebuilt once the
         task has trained on as many examples as it has exemplars), else its answer texts."""
         if task not in self._sets:
-            return embed_ids(model, self._ids[task], pad_token(self.tokenizer), device)
+            return embed_ids(
+                model, self._ids[task], pad_token(self.tokenizer), device, sep_token(self.tokenizer)
+            )
         exemplars = sum(len(p) for p in self._sets[task].exemplars.values())
         if task not in self._anchors or self._seen[task] >= exemplars:
             self._anchors[task] = anchors(
