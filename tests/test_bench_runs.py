@@ -1,6 +1,6 @@
-"""bench/gate.py and bench/ranking.py run end to end on small inputs (a bench that no longer
-runs is found here, not by the next person measuring): each writes the JSON it documents,
-and what it prints agrees with it."""
+"""bench/gate.py, ranking.py, product.py and answer_server.py run end to end on small inputs
+(a bench that no longer runs is found here, not by the next person measuring): each writes the
+JSON it documents, and what it prints agrees with it."""
 
 from __future__ import annotations
 
@@ -65,6 +65,21 @@ def test_ranking_bench_runs_a_cycle_and_the_consumer_answers_as_torch(tmp_path: 
     assert consumer["prompts"] == 24 and consumer["same_answers"] == 24
     assert consumer["ratio"] == pytest.approx(consumer["onnx_per_s"] / consumer["torch_per_s"])
     assert re.search(r'^consumer: \{"prompts": 24', done.stdout, re.M), done.stdout
+
+
+def test_product_bench_pushes_cycles_pulls_and_answers_through_the_cli(tmp_path: Path) -> None:
+    out = tmp_path / "product.json"
+    done = _bench(
+        "bench/product.py", "--data", "daemon/demo_data/real", "--tasks", "agnews",
+        "--train", "40", "--test", "24", "--more-test", "16", "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    row = json.loads(out.read_text())["agnews"]
+    assert row["decision"] == "promoted", row  # MiniLM's topic prototypes beat chance at once
+    assert row["held_out"] == 24 + 16 and row["cycle_s"] > 0
+    # answered by the pulled bundle: far above the 25-35 % of one topic
+    assert 0.5 < row["accuracy"] <= 1.0
+    assert re.search(r"^\| agnews \| promoted \| 40 \| \d+\.\d % \|", done.stdout, re.M)
 
 
 def test_answer_server_bench_measures_a_widened_base_and_its_swaps(tmp_path: Path) -> None:
