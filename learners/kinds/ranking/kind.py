@@ -52,8 +52,9 @@ class Ranking:
         pooled over the input alone, read in the context of the instruction, and a long
         prompt is cut in its instruction, not its input. Pooled over the whole prompt, the
         task's constant instruction made up most of every embedding: on 800 held-out
-        records, sni_sst2 71.0 % -> 74.3 %, sni_sentiment140 74.0 % -> 76.4 % (docs/benchmarks.md). A
-        tokenizer without a separator keeps the generic layout, pooled whole."""
+        records, sni_sst2 71.0 % -> 74.3 %, sni_sentiment140 74.0 % -> 76.4 %
+        (docs/benchmarks.md). A tokenizer without a separator keeps the generic layout,
+        pooled whole."""
         sep = separator(resolve_base(base))
         if sep is None:
             return DEFAULT_PROMPT
