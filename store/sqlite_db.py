@@ -6,6 +6,7 @@ import contextlib
 import errno
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -78,6 +79,25 @@ class SQLiteDatabase:
             self.connection.close()
 
 
+BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for another's lock
+
+
+def _wal(db: sqlite3.Connection) -> None:
+    """``PRAGMA journal_mode=WAL``. On a new file that another process is converting at the
+    same moment, SQLite answers 'database is locked' at once, without its busy handler (seen
+    about once in 60 starts of six openers together), so it is tried again until the busy
+    timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def connect(path: Path, plan: SchemaPlan) -> tuple[sqlite3.Connection, list[str]]:
     """A connection shared by the threads of one process (callers hold their own lock).
 
@@ -89,9 +109,9 @@ def connect(path: Path, plan: SchemaPlan) -> tuple[sqlite3.Connection, list[str]
     """
     try:
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        _wal(db)
         db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=10000")
         db.execute("PRAGMA cache_size=-65536")
         migrated = migrate_sqlite(db, plan, path)
     except (sqlite3.Error, OSError) as exc:
