@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -104,6 +105,41 @@ def test_a_configured_prompt_reaches_training_evaluation_and_export() -> None:
     assert specs.export is not None
     assert specs.train.template == specs.eval.template == specs.export.template == template
     assert specs.train.schedule == "linear"
+
+
+def test_an_unset_prompt_is_the_model_kinds_and_a_configured_half_still_wins() -> None:
+    from aftertune.store.prompt import DEFAULT_PROMPT
+
+    assert specs_from(load_settings()).train.template == DEFAULT_PROMPT  # generative base
+    ranking = {"model": {"base": "embedded:minilm"}}
+    specs = specs_from(load_settings(overrides=ranking))
+    segmented = PromptTemplate("{input} [SEP] {instruction}", "{instruction}")
+    assert specs.train.template == specs.eval.template == segmented
+    assert specs.export is not None and specs.export.template == segmented
+    custom = {**ranking, "prompt": {"with_input": "Q: {instruction} [{input}]"}}
+    mixed = specs_from(load_settings(overrides=custom)).train.template
+    assert mixed == PromptTemplate("Q: {instruction} [{input}]", "{instruction}")
+    from aftertune.daemon.errors import SettingsError
+
+    wrong = "invalid setting prompt: prompt template 'with_input' must contain '{input}'"
+    with pytest.raises(SettingsError, match=re.escape(wrong)):
+        load_settings(overrides={**ranking, "prompt": {"with_input": "{instruction} only"}})
+
+
+def test_a_ranking_base_without_a_separator_keeps_the_generic_layout(tmp_path: Path) -> None:
+    import json
+
+    from aftertune.learners.kinds.ranking.kind import separator
+
+    roberta = tmp_path / "roberta"
+    roberta.mkdir()
+    (roberta / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512}))
+    (roberta / "special_tokens_map.json").write_text(json.dumps({"sep_token": {"content": "</s>"}}))
+    assert separator(roberta) == "</s>"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "tokenizer_config.json").write_text("not json")
+    assert separator(bare) is None
 
 
 def test_per_task_gate_overrides_and_disabled_export_map_through() -> None:

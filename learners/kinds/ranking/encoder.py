@@ -1,9 +1,10 @@
 """The encoder side of the ranking kind: sentence embeddings and cosine ranking.
 
 Mean pooling over the prompt's first segment (up to its first ``[SEP]``: the input of
-``{input} [SEP] {instruction}``; a one-segment text is pooled whole, as sentence-transformers'
-all-MiniLM-L6-v2 does), L2-normalised; ``anchors`` gives each candidate's point in that space (its class
-prototype, see ``candidates.py``) and ``rank`` every prompt's cosine to every anchor.
+``{input} [SEP] {instruction}``; a one-segment text is pooled whole, as
+sentence-transformers' all-MiniLM-L6-v2 does), L2-normalised; ``anchors`` gives each
+candidate's point in that space (its class prototype, see ``candidates.py``) and ``rank``
+every prompt's cosine to every anchor.
 """
 
 from __future__ import annotations
